@@ -1,0 +1,197 @@
+"""Data sets for the pipeline: scikit-learn's digits (the default) or an image folder (one folder per class),
+from a local path or an S3 prefix, split deterministically into train/val/test and saved as one ``.npz``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.contract import Preprocessing
+from edge_runtime.errors import ConfigError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".webp"}
+
+
+@dataclass
+class DatasetSplits:
+    """Preprocessed float32 NCHW inputs and int64 labels for each split, plus what a client must know."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    labels: list[str]
+    preprocessing: Preprocessing
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. ``(1, 8, 8)``."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.labels)
+
+    def fingerprint(self) -> str:
+        """sha256 over every array and the labels: equal data gives an equal fingerprint."""
+        digest = hashlib.sha256()
+        for array in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
+            digest.update(str(array.shape).encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(json.dumps(self.labels).encode())
+        return digest.hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        """Write one ``.npz`` (no pickles)."""
+        meta = {
+            "labels": self.labels,
+            "preprocessing": self.preprocessing.model_dump(mode="json"),
+            "source": self.source,
+            "extra": self.extra,
+        }
+        with open(path, "wb") as fh:
+            np.savez(
+                fh,
+                x_train=self.x_train,
+                y_train=self.y_train,
+                x_val=self.x_val,
+                y_val=self.y_val,
+                x_test=self.x_test,
+                y_test=self.y_test,
+                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            )
+
+    @classmethod
+    def load(cls, path: str | Path) -> DatasetSplits:
+        """Read what :meth:`save` wrote."""
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(npz["meta"].tobytes().decode())
+            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        return cls(
+            **arrays,
+            labels=meta["labels"],
+            preprocessing=Preprocessing.model_validate(meta["preprocessing"]),
+            source=meta["source"],
+            extra=meta.get("extra", {}),
+        )
+
+
+def split_dataset(
+    x: np.ndarray, y: np.ndarray, *, seed: int, val_fraction: float, test_fraction: float
+) -> tuple[np.ndarray, ...]:
+    """Stratified, seeded split into ``(x_train, y_train, x_val, y_val, x_test, y_test)``."""
+    from sklearn.model_selection import train_test_split
+
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    val_share = val_fraction / (1.0 - test_fraction)
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest, y_rest, test_size=val_share, random_state=seed + 1, stratify=y_rest
+    )
+    return x_train, y_train, x_val, y_val, x_test, y_test
+
+
+def load_digits_dataset(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.2) -> DatasetSplits:
+    """scikit-learn's 8x8 handwritten digits (1,797 real images, 10 classes), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = digits.target.astype(np.int64)
+    parts = split_dataset(x, y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    return DatasetSplits(
+        *parts,
+        labels=[str(d) for d in range(10)],
+        preprocessing=Preprocessing(kind="image", layout="NCHW", scale=1 / 16, mean=[0.0], std=[1.0],
+                                    params={"raw_range": "0..16 grey levels", "height": 8, "width": 8}),
+        source="sklearn:digits",
+    )
+
+
+def _read_image_folder(root: Path, image_size: int, channels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise ConfigError(f"{root}: an image-folder data set needs at least two class folders, found {classes}")
+    images, targets = [], []
+    mode = "L" if channels == 1 else "RGB"
+    for index, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ConfigError(f"{root / name}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for file in files:
+            try:
+                with Image.open(file) as img:
+                    img = img.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
+                    array = np.asarray(img, dtype=np.float32)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise ConfigError(f"{file}: not a readable image ({exc})") from exc
+            images.append(array[None, :, :] if channels == 1 else array.transpose(2, 0, 1))
+            targets.append(index)
+    return np.stack(images) / 255.0, np.asarray(targets, dtype=np.int64), classes
+
+
+def load_image_folder(
+    uri: str,
+    *,
+    image_size: int = 32,
+    channels: int = 1,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+) -> DatasetSplits:
+    """An image folder, ``<root>/<class>/<image>``, from a local path or ``s3://bucket/prefix``.
+
+    Images are resized to ``image_size`` squared, converted to ``channels`` (1 or 3) and scaled to [0, 1].
+    S3 uses boto3's usual configuration (``AWS_ENDPOINT_URL_S3`` for a non-AWS endpoint).
+    """
+    if channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 or 3, got {channels}")
+    if uri.startswith("s3://"):
+        from edge_runtime.store import ObjectStore
+
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        store = ObjectStore(bucket)
+        keys = [k for k in store.list_keys(prefix) if Path(k).suffix.lower() in IMAGE_SUFFIXES]
+        if not keys:
+            raise ConfigError(f"{uri}: no images under that prefix")
+        with tempfile.TemporaryDirectory(prefix="edgeloop-images-") as tmp:
+            for key in keys:
+                store.download_file(key, Path(tmp) / key[len(prefix) :])
+            x, y, classes = _read_image_folder(Path(tmp), image_size, channels)
+    else:
+        root = Path(uri.removeprefix("file://")).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"{uri}: not a directory")
+        x, y, classes = _read_image_folder(root, image_size, channels)
+    parts = split_dataset(x, y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    return DatasetSplits(
+        *parts,
+        labels=classes,
+        preprocessing=Preprocessing(
+            kind="image", layout="NCHW", scale=1 / 255, mean=[0.0] * channels, std=[1.0] * channels,
+            params={"height": image_size, "width": image_size, "resize": "bilinear"},
+        ),
+        source=uri,
+    )
+
+
+def load_dataset(uri: str, *, seed: int = 0, image_size: int = 32, channels: int = 1) -> DatasetSplits:
+    """Dispatch on ``uri``: ``digits`` (or ``sklearn:digits``), a local folder, ``file://...`` or ``s3://...``."""
+    if uri in ("digits", "sklearn:digits"):
+        return load_digits_dataset(seed=seed)
+    return load_image_folder(uri, image_size=image_size, channels=channels, seed=seed)

@@ -1,0 +1,194 @@
+"""Export every variant to ONNX with a dynamic batch axis, check it, and compare it with PyTorch.
+
+Variants (see ``VARIANTS``):
+
+* ``fp32-dense``  the unpruned FP32 baseline (kept for comparison and as a fallback);
+* ``fp32``        the pruned model;
+* ``fp16``        the pruned model with FP16 weights and math (inputs/outputs stay FP32);
+* ``int8-qdq``    the QAT model as QuantizeLinear/DequantizeLinear pairs, for TensorRT;
+* ``int8-ort``    the pruned model quantized by ONNX Runtime's static quantizer (QDQ, per-channel), for CPUs,
+                  whose kernels ONNX Runtime fuses into real INT8 (it does not fuse Model Optimizer's graph).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_runtime.errors import ContractError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """What the exporter knows about one variant; the manifest's ``Variant`` is built from it."""
+
+    name: str
+    file: str
+    precision: str
+    quantization: str
+    backends: tuple[str, ...]
+    pruned: bool
+    params: int
+    flops: int
+    max_abs_diff: float
+    top1_agreement: float
+
+
+VARIANTS = ("fp32-dense", "fp32", "fp16", "int8-qdq", "int8-ort")
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]) -> Path:
+    """TorchScript-based ONNX export (``dynamo=False``, which Model Optimizer's Q/DQ export needs), dynamic batch."""
+    path = Path(path)
+    model.eval()
+    dummy = torch.zeros(2, *input_shape)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return path
+
+
+def convert_fp16(src: str | Path, dst: str | Path) -> Path:
+    """FP16 weights and math; FP32 inputs and outputs so clients need not change."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    converted = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
+    converted.topological_sort()  # the converter appends its input casts after their consumers
+    onnx.save(converted.model, str(dst))
+    return Path(dst)
+
+
+class _Calibration:
+    """ONNX Runtime calibration reader over a numpy array."""
+
+    def __init__(self, x: np.ndarray, batch: int = 32) -> None:
+        self._batches = iter([{INPUT_NAME: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray) -> Path:
+    """ONNX Runtime static quantization: QDQ format, per-channel INT8 weights, UINT8 activations (MinMax)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    dst = Path(dst)
+    prepared = dst.with_suffix(".prep.onnx")
+    try:
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(dst),
+            _Calibration(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+    return dst
+
+
+def run_onnx(path: str | Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Outputs of an ONNX model on ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return np.concatenate(
+        [session.run(None, {INPUT_NAME: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    )
+
+
+def check_against_torch(
+    path: str | Path, reference: np.ndarray, x: np.ndarray, *, min_agreement: float, max_abs_diff: float | None
+) -> tuple[float, float]:
+    """``onnx.checker`` the file, run it, and compare with the PyTorch logits ``reference`` of ``x``.
+
+    Returns ``(max |diff|, top-1 agreement)``; raises :class:`ContractError` when a bound is not met.
+    """
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+    got = run_onnx(path, x)
+    diff = float(np.abs(got - reference).max())
+    agreement = float((got.argmax(1) == reference.argmax(1)).mean())
+    name = Path(path).name
+    if max_abs_diff is not None and diff > max_abs_diff:
+        raise ContractError(f"{name}: ONNX output differs from PyTorch by {diff:.3g} (> {max_abs_diff})")
+    if agreement < min_agreement:
+        raise ContractError(f"{name}: top-1 agreement with PyTorch {agreement:.3f} < {min_agreement}")
+    return diff, agreement
+
+
+def export_variants(
+    dense: nn.Module,
+    pruned: nn.Module,
+    quantized: nn.Module,
+    *,
+    x_check: np.ndarray,
+    x_calibration: np.ndarray,
+    out_dir: str | Path,
+) -> list[VariantInfo]:
+    """Export every variant into ``out_dir`` (``<variant>.onnx``) and write ``variants.json`` describing them."""
+    from components.models import count_flops, count_params
+    from components.train import predict
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = tuple(x_check.shape[1:])
+    dense_flops, pruned_flops = count_flops(dense, shape), count_flops(pruned, shape)
+    ref_dense, ref_pruned, ref_quant = predict(dense, x_check), predict(pruned, x_check), predict(quantized, x_check)
+    infos: list[VariantInfo] = []
+
+    def add(name: str, precision: str, quantization: str, backends: tuple[str, ...], pruned_flag: bool,
+            model: nn.Module, flops: int, reference: np.ndarray, min_agreement: float,
+            max_diff: float | None) -> None:
+        path = out / f"{name}.onnx"
+        diff, agreement = check_against_torch(path, reference, x_check, min_agreement=min_agreement,
+                                              max_abs_diff=max_diff)
+        infos.append(VariantInfo(name, path.name, precision, quantization, backends, pruned_flag,
+                                 count_params(model), flops, diff, agreement))
+
+    export_onnx(dense, out / "fp32-dense.onnx", shape)
+    add("fp32-dense", "fp32", "none", ("tensorrt", "onnxruntime"), False, dense, dense_flops, ref_dense, 1.0, 1e-3)
+    export_onnx(pruned, out / "fp32.onnx", shape)
+    add("fp32", "fp32", "none", ("tensorrt", "onnxruntime"), True, pruned, pruned_flops, ref_pruned, 1.0, 1e-3)
+    convert_fp16(out / "fp32.onnx", out / "fp16.onnx")
+    add("fp16", "fp16", "none", ("tensorrt", "onnxruntime"), True, pruned, pruned_flops, ref_pruned, 0.99, 5e-2)
+    export_onnx(quantized, out / "int8-qdq.onnx", shape)
+    add("int8-qdq", "int8", "modelopt-qdq", ("tensorrt",), True, quantized, pruned_flops, ref_quant, 0.98, None)
+    quantize_ort_int8(out / "fp32.onnx", out / "int8-ort.onnx", x_calibration)
+    add("int8-ort", "int8", "ort-qdq", ("onnxruntime",), True, pruned, pruned_flops, ref_pruned, 0.95, None)
+    (out / "variants.json").write_text(json.dumps([asdict(i) for i in infos], indent=2))
+    return infos
+
+
+def load_variant_infos(out_dir: str | Path) -> list[VariantInfo]:
+    """Read ``variants.json`` written by :func:`export_variants`."""
+    raw = json.loads((Path(out_dir) / "variants.json").read_text())
+    return [VariantInfo(**{**item, "backends": tuple(item["backends"])}) for item in raw]

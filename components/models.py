@@ -1,0 +1,166 @@
+"""The model architectures the pipeline trains: a small CNN (the default) and a small vision transformer.
+
+Layer widths are multiples of 16 so that Model Optimizer's FastNAS, which prunes channels in steps of its
+``channel_divisor``, has room to cut FLOPs without touching depth.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edge_runtime.errors import ConfigError
+
+ARCHITECTURES = ("cnn", "vit")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild an architecture before loading its weights."""
+
+    arch: str
+    in_channels: int
+    image_size: int
+    num_classes: int
+
+    def save(self, path: str | Path) -> None:
+        """Write as JSON."""
+        Path(path).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelSpec:
+        """Read what :meth:`save` wrote."""
+        return cls(**json.loads(Path(path).read_text()))
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks (64, 128, 128 channels) and a 128-wide classifier head."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.Conv2d(64, 128, 3, padding=1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(128, 128, 3, padding=1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(128 * 4, 128),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention written with plain Linear layers (quantizable, exports to plain ONNX ops)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding (conv with stride = patch), learned position embeddings, a transformer encoder, mean pool."""
+
+    def __init__(
+        self, in_channels: int, image_size: int, num_classes: int, patch: int = 2, dim: int = 64, depth: int = 2,
+        heads: int = 4, mlp_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ConfigError(f"image_size {image_size} is not a multiple of the patch size {patch}")
+        self.embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*(_Block(dim, heads, mlp_dim) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """A freshly initialised model for ``spec``."""
+    if spec.arch == "cnn":
+        return SmallCNN(spec.in_channels, spec.image_size, spec.num_classes)
+    if spec.arch == "vit":
+        return TinyViT(spec.in_channels, spec.image_size, spec.num_classes)
+    raise ConfigError(f"unknown architecture {spec.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Inference FLOPs of one sample, as Model Optimizer counts them for its pruning constraint."""
+    from modelopt.torch.nas.utils import inference_flops
+
+    was_training = model.training
+    model.eval()
+    try:
+        return int(inference_flops(model, dummy_input=torch.zeros(1, *input_shape), unit=1))
+    finally:
+        model.train(was_training)
+
+
+def save_checkpoint(model: nn.Module, spec: ModelSpec, directory: str | Path) -> None:
+    """Save ``spec.json`` and ``model.pth`` (Model Optimizer's format: architecture changes and quantizers too)."""
+    import modelopt.torch.opt as mto
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    spec.save(directory / "spec.json")
+    mto.save(model, directory / "model.pth")
+
+
+def load_checkpoint(directory: str | Path) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the model saved by :func:`save_checkpoint` (pruned or quantized ones included), in eval mode."""
+    import modelopt.torch.opt as mto
+
+    directory = Path(directory)
+    spec = ModelSpec.load(directory / "spec.json")
+    model = mto.restore(build_model(spec), directory / "model.pth")
+    return model.eval(), spec

@@ -1,0 +1,232 @@
+"""Publish an immutable, signed version to S3: files first, the signed manifest last, then the channel pointer."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from components.data import DatasetSplits
+from components.evaluate import Evaluation
+from components.export import INPUT_NAME, OUTPUT_NAME, VariantInfo
+from edge_runtime.contract import (
+    ArtifactLayout,
+    FileRef,
+    Manifest,
+    TensorSpec,
+    Validation,
+    Variant,
+    sha256_file,
+    sign_manifest,
+)
+from edge_runtime.errors import StoreError, VersionExists
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edge_runtime.store import ObjectStore
+
+VALIDATION_FILE = "validation.npz"
+REPORT_FILE = "report.html"
+
+
+def new_version(now: datetime | None = None) -> str:
+    """A fresh, sortable version name: ``v<UTC date>-<UTC time>-<4 hex>``."""
+    now = now or datetime.now(timezone.utc)
+    return f"v{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def write_validation_set(data: DatasetSplits, path: str | Path) -> Path:
+    """The held-out test split as ``inputs`` (float32, preprocessed) and ``labels`` (int64)."""
+    with open(path, "wb") as fh:
+        np.savez(fh, inputs=data.x_test.astype(np.float32), labels=data.y_test.astype(np.int64))
+    return Path(path)
+
+
+def _file_ref(directory: Path, name: str) -> dict[str, Any]:
+    digest, size = sha256_file(directory / name)
+    return {"file": name, "sha256": digest, "size_bytes": size}
+
+
+def build_manifest(
+    *,
+    name: str,
+    version: str,
+    staging: Path,
+    data: DatasetSplits,
+    infos: Sequence[VariantInfo],
+    evaluation: Evaluation,
+    tolerance_points: float,
+    pipeline_run: dict[str, Any],
+    training: dict[str, Any],
+) -> Manifest:
+    """The unsigned manifest of the files in ``staging`` (variants, validation set, report)."""
+    variants = [
+        Variant(
+            **_file_ref(staging, info.file),
+            name=info.name,
+            precision=info.precision,  # type: ignore[arg-type]
+            quantization=info.quantization,  # type: ignore[arg-type]
+            backends=list(info.backends),  # type: ignore[arg-type]
+            pruned=info.pruned,
+            accuracy=evaluation.variant(info.name).accuracy,
+            params=info.params,
+            flops=info.flops,
+        )
+        for info in infos
+    ]
+    report = FileRef(**_file_ref(staging, REPORT_FILE)) if (staging / REPORT_FILE).exists() else None
+    return Manifest(
+        name=name,
+        version=version,
+        created_at=datetime.now(timezone.utc),
+        pipeline_run=pipeline_run,
+        training=training,
+        inputs=[TensorSpec(name=INPUT_NAME, datatype="FP32", shape=[-1, *data.input_shape])],
+        outputs=[TensorSpec(name=OUTPUT_NAME, datatype="FP32", shape=[-1, data.num_classes])],
+        preprocessing=data.preprocessing,
+        labels=data.labels,
+        variants=variants,
+        validation=Validation(
+            **_file_ref(staging, VALIDATION_FILE),
+            metric="top1_accuracy",
+            num_samples=len(data.y_test),
+            reference={v.name: v.accuracy for v in evaluation.variants},
+            tolerance=tolerance_points / 100.0,
+        ),
+        report=report,
+    )
+
+
+def publish_version(
+    store: ObjectStore,
+    manifest: Manifest,
+    staging: str | Path,
+    signing_key: Ed25519PrivateKey,
+    *,
+    layout: ArtifactLayout,
+    channel: str | None = None,
+) -> Manifest:
+    """Upload every file the manifest names from ``staging``, then the signed manifest, then move ``channel``.
+
+    Refuses (:class:`VersionExists`) when anything already exists under the version's prefix; the manifest
+    itself is written with ``If-None-Match: *`` so two racing publishers cannot both win. If an upload fails,
+    the files already uploaded are removed: without a manifest the version never existed.
+    """
+    staging = Path(staging)
+    prefix = layout.version_prefix(manifest.name, manifest.version)
+    if store.list_keys(prefix):
+        raise VersionExists(
+            f"s3://{store.bucket}/{prefix} already has objects: versions are immutable, publish a new version"
+        )
+    signed = sign_manifest(manifest, signing_key)
+    uploaded: list[str] = []
+    try:
+        for ref in signed.files():
+            key = layout.file_key(signed.name, signed.version, ref.file)
+            store.put_file(key, staging / ref.file)
+            uploaded.append(key)
+        store.put_bytes(
+            layout.manifest_key(signed.name, signed.version),
+            signed.to_json().encode(),
+            content_type="application/json",
+            if_absent=True,
+        )
+    except StoreError:
+        for key in uploaded:
+            try:
+                store.client.delete_object(Bucket=store.bucket, Key=key)
+            except Exception:  # noqa: BLE001,S110 - best-effort cleanup, the original error matters
+                pass
+        raise
+    if channel:
+        pointer = {"version": signed.version, "updated_at": datetime.now(timezone.utc).isoformat()}
+        store.put_bytes(layout.channel_key(signed.name, channel), json.dumps(pointer).encode(),
+                        content_type="application/json")
+    return signed
+
+
+def read_channel(store: ObjectStore, layout: ArtifactLayout, name: str, channel: str) -> str | None:
+    """The version a channel points at, or ``None`` when the channel does not exist yet."""
+    from edge_runtime.errors import ObjectNotFound
+
+    try:
+        return json.loads(store.get_bytes(layout.channel_key(name, channel)))["version"]
+    except ObjectNotFound:
+        return None
+
+
+def publish_from_paths(
+    *,
+    dataset_path: str,
+    onnx_dir: str,
+    evaluation_path: str,
+    report_path: str,
+    model_name: str,
+    bucket: str,
+    prefix: str,
+    channel: str,
+    s3_endpoint: str,
+    tolerance_points: float,
+    plan_path: str,
+    manifest_out: str,
+    manifest_meta: dict[str, Any] | None = None,
+    signing_key_path: str | None = None,
+) -> str:
+    """The publish step over the artifacts earlier steps wrote; returns the new version.
+
+    The signing key comes from the environment (``EDGELOOP_SIGNING_KEY`` or ``EDGELOOP_SIGNING_KEY_FILE``);
+    S3 credentials from boto3's usual chain.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from components.export import load_variant_infos
+    from components.plan import Plan
+    from edge_runtime.contract import load_signing_key
+    from edge_runtime.store import ObjectStore
+
+    signing_key = load_signing_key(signing_key_path)
+    data = DatasetSplits.load(dataset_path)
+    evaluation = Evaluation.load(evaluation_path)
+    infos = load_variant_infos(onnx_dir)
+    plan = Plan.load(plan_path)
+    version = new_version()
+    with tempfile.TemporaryDirectory(prefix="edgeloop-publish-") as tmp:
+        staging = Path(tmp)
+        for info in infos:
+            shutil.copyfile(Path(onnx_dir) / info.file, staging / info.file)
+        write_validation_set(data, staging / VALIDATION_FILE)
+        shutil.copyfile(report_path, staging / REPORT_FILE)
+        manifest = build_manifest(
+            name=model_name,
+            version=version,
+            staging=staging,
+            data=data,
+            infos=infos,
+            evaluation=evaluation,
+            tolerance_points=tolerance_points,
+            pipeline_run={
+                "pipeline": "edgeloop-retraining",
+                "run_id": os.environ.get("KFP_RUN_ID", ""),
+                "data_uri": data.source,
+            },
+            training={"fingerprint": plan.fingerprint, "config": asdict(plan.config)},
+        )
+        store = ObjectStore(bucket, endpoint_url=s3_endpoint or None)
+        signed = publish_version(store, manifest, staging, signing_key, layout=ArtifactLayout(prefix),
+                                 channel=channel or None)
+    Path(manifest_out).write_text(signed.to_json())
+    if manifest_meta is not None:
+        manifest_meta.update({
+            "uri": f"s3://{bucket}/{ArtifactLayout(prefix).manifest_key(model_name, version)}",
+            "version": version,
+        })
+    return version

@@ -1,0 +1,183 @@
+"""KFP v2 components: thin wrappers that turn artifacts into paths, call one plain function, and log metrics.
+
+Each runs in ``COMPONENT_IMAGE`` on a cluster (built from ``dockerfiles/cloud.Dockerfile``, which installs this
+project), and in this Python environment under ``kfp.local``'s SubprocessRunner. Imports live inside the
+functions because KFP ships each function's source on its own.
+"""
+
+# No `from __future__ import annotations` here: KFP reads the real annotations of each component.
+import os
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+COMPONENT_IMAGE = os.environ.get("EDGELOOP_COMPONENT_IMAGE", "ghcr.io/edgeloop/edgeloop-cloud:0.1.0")
+"""The one place that names the image every step runs in (override with ``EDGELOOP_COMPONENT_IMAGE``)."""
+
+component = dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+
+
+@component
+def load_data(data_uri: str, seed: int, image_size: int, channels: int, dataset: Output[Dataset]):
+    """Load ``data_uri`` (``digits``, a folder or ``s3://`` prefix) and split it deterministically."""
+    from components.data import load_dataset
+
+    splits = load_dataset(data_uri, seed=seed, image_size=image_size, channels=channels)
+    splits.save(dataset.path)
+    dataset.metadata.update({
+        "source": splits.source, "fingerprint": splits.fingerprint(), "classes": splits.num_classes,
+        "train": len(splits.y_train), "val": len(splits.y_val), "test": len(splits.y_test),
+    })
+
+
+@component
+def plan(
+    dataset: Input[Dataset], model_name: str, bucket: str, prefix: str, channel: str, s3_endpoint: str,
+    arch: str, epochs: int, lr: float, seed: int, prune_constraint: str, prune_keep_fraction: float,
+    prune_finetune_epochs: int, qat_epochs: int, tolerance_points: float, force_retrain: bool,
+    plan_info: Output[Artifact],
+) -> str:
+    """``train``, or ``skip`` when the channel's version was trained on the same data and config (unless forced).
+
+    ``plan_info`` (JSON: fingerprint, config) goes to publish; the decision is the single ``Output`` because
+    ``dsl.If`` under ``kfp.local`` resolves only that name.
+    """
+    from components.plan import TrainingConfig, decide
+
+    config = TrainingConfig(arch=arch, epochs=epochs, lr=lr, seed=seed, prune_constraint=prune_constraint,
+                            prune_keep_fraction=prune_keep_fraction, prune_finetune_epochs=prune_finetune_epochs,
+                            qat_epochs=qat_epochs, tolerance_points=tolerance_points)
+    result = decide(dataset.path, config, model_name=model_name, bucket=bucket, prefix=prefix, channel=channel,
+                    s3_endpoint=s3_endpoint, force_retrain=force_retrain)
+    result.save(plan_info.path)
+    plan_info.metadata.update({"decision": result.decision, "fingerprint": result.fingerprint})
+    return result.decision
+
+
+@component
+def train(dataset: Input[Dataset], arch: str, epochs: int, lr: float, seed: int, model: Output[Model],
+          metrics: Output[Metrics]):
+    """Train the FP32 baseline."""
+    from components.data import DatasetSplits
+    from components.models import count_flops, count_params, save_checkpoint
+    from components.train import accuracy, train_model
+
+    data = DatasetSplits.load(dataset.path)
+    net, spec, history = train_model(data, arch=arch, epochs=epochs, lr=lr, seed=seed)
+    save_checkpoint(net, spec, model.path)
+    for row in history.epochs:
+        metrics.log_metric(f"val_accuracy_epoch_{int(row['epoch']):02d}", row["val_accuracy"])
+    metrics.log_metric("val_accuracy", history.final_val_accuracy)
+    metrics.log_metric("test_accuracy", accuracy(net, data.x_test, data.y_test))
+    metrics.log_metric("params", count_params(net))
+    metrics.log_metric("flops", count_flops(net, data.input_shape))
+    model.metadata.update({"arch": arch, "framework": "pytorch"})
+
+
+@component
+def prune(dataset: Input[Dataset], model: Input[Model], constraint: str, keep_fraction: float,
+          finetune_epochs: int, seed: int, pruned_model: Output[Model], metrics: Output[Metrics]):
+    """Structured pruning (Model Optimizer FastNAS) to ``keep_fraction`` of the FLOPs or params, then fine-tune."""
+    from components.data import DatasetSplits
+    from components.models import load_checkpoint, save_checkpoint
+    from components.prune import prune_model
+    from components.train import accuracy
+
+    data = DatasetSplits.load(dataset.path)
+    net, spec = load_checkpoint(model.path)
+    net, result = prune_model(net, data, constraint=constraint, keep_fraction=keep_fraction,
+                              finetune_epochs=finetune_epochs, seed=seed)
+    save_checkpoint(net, spec, pruned_model.path)
+    metrics.log_metric("flops_before", result.flops_before)
+    metrics.log_metric("flops_after", result.flops_after)
+    metrics.log_metric("flops_reduction", result.flops_reduction)
+    metrics.log_metric("params_after", result.params_after)
+    metrics.log_metric("test_accuracy", accuracy(net, data.x_test, data.y_test))
+
+
+@component
+def qat(dataset: Input[Dataset], model: Input[Model], epochs: int, seed: int, qat_model: Output[Model],
+        metrics: Output[Metrics]):
+    """INT8 quantization-aware training (Model Optimizer): calibrate, then fine-tune."""
+    from components.data import DatasetSplits
+    from components.models import load_checkpoint, save_checkpoint
+    from components.qat import quantize_aware_train
+    from components.train import accuracy
+
+    data = DatasetSplits.load(dataset.path)
+    net, spec = load_checkpoint(model.path)
+    net, history = quantize_aware_train(net, data, epochs=epochs, seed=seed)
+    save_checkpoint(net, spec, qat_model.path)
+    metrics.log_metric("val_accuracy", history.final_val_accuracy)
+    metrics.log_metric("test_accuracy", accuracy(net, data.x_test, data.y_test))
+
+
+@component
+def export(dataset: Input[Dataset], dense_model: Input[Model], pruned_model: Input[Model],
+           qat_model: Input[Model], onnx_models: Output[Model]):
+    """Export FP32 (dense and pruned), FP16, INT8 Q/DQ (TensorRT) and INT8 ORT (CPU) ONNX, checked against PyTorch."""
+    from components.data import DatasetSplits
+    from components.export import export_variants
+    from components.models import load_checkpoint
+
+    data = DatasetSplits.load(dataset.path)
+    dense, _ = load_checkpoint(dense_model.path)
+    pruned, _ = load_checkpoint(pruned_model.path)
+    quantized, _ = load_checkpoint(qat_model.path)
+    infos = export_variants(dense, pruned, quantized, x_check=data.x_test, x_calibration=data.x_train[:512],
+                            out_dir=onnx_models.path)
+    onnx_models.metadata.update({"variants": [i.name for i in infos], "format": "onnx"})
+
+
+@component
+def evaluate(dataset: Input[Dataset], onnx_models: Input[Model], tolerance_points: float,
+             evaluation: Output[Artifact], metrics: Output[Metrics]):
+    """Accuracy, size and ORT CPU latency of every variant; fail the run when the INT8 gate does not pass."""
+    from components.data import DatasetSplits
+    from components.evaluate import enforce_gate, evaluate_variants
+    from components.export import load_variant_infos
+
+    data = DatasetSplits.load(dataset.path)
+    result = evaluate_variants(onnx_models.path, load_variant_infos(onnx_models.path), data.x_test, data.y_test,
+                               data.num_classes, tolerance_points=tolerance_points)
+    result.save(evaluation.path)
+    for v in result.variants:
+        metrics.log_metric(f"{v.name}_accuracy", v.accuracy)
+        metrics.log_metric(f"{v.name}_size_bytes", v.size_bytes)
+        metrics.log_metric(f"{v.name}_latency_ms_b1", v.latency_ms_b1)
+        metrics.log_metric(f"{v.name}_latency_ms_b16", v.latency_ms_b16)
+    evaluation.metadata.update({"passed": result.passed, "failures": result.failures})
+    enforce_gate(result)
+
+
+@component
+def report(dataset: Input[Dataset], evaluation: Input[Artifact], model_name: str, report_html: Output[HTML],
+           metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
+    """HTML report with plots, KFP metrics, and the confusion matrix of the TensorRT INT8 variant."""
+    from components.data import DatasetSplits
+    from components.evaluate import Evaluation
+    from components.report import write_report
+
+    data = DatasetSplits.load(dataset.path)
+    result = Evaluation.load(evaluation.path)
+    write_report(result, data.labels, report_html.path, title=f"edgeloop: {model_name}",
+                 details={"data": data.source, "test samples": str(len(data.y_test))})
+    for v in result.variants:
+        metrics.log_metric(f"{v.name}_accuracy", v.accuracy)
+        metrics.log_metric(f"{v.name}_drop_points", v.drop_points)
+    confusion.log_confusion_matrix(data.labels, result.variant("int8-qdq").confusion)
+
+
+@component
+def publish(dataset: Input[Dataset], onnx_models: Input[Model], evaluation: Input[Artifact],
+            report_html: Input[HTML], model_name: str, bucket: str, prefix: str, channel: str, s3_endpoint: str,
+            tolerance_points: float, plan_info: Input[Artifact], manifest: Output[Artifact]) -> str:
+    """Publish a new immutable version (files, signed manifest, channel pointer); returns the version."""
+    from components.publish import publish_from_paths
+
+    return publish_from_paths(
+        dataset_path=dataset.path, onnx_dir=onnx_models.path, evaluation_path=evaluation.path,
+        report_path=report_html.path, model_name=model_name, bucket=bucket, prefix=prefix, channel=channel,
+        s3_endpoint=s3_endpoint, tolerance_points=tolerance_points, plan_path=plan_info.path,
+        manifest_out=manifest.path, manifest_meta=manifest.metadata,
+    )

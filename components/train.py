@@ -1,0 +1,113 @@
+"""Training: the FP32 baseline, and the fine-tuning loop that pruning and QAT reuse."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from components.data import DatasetSplits
+from components.models import ModelSpec, build_model
+from edge_runtime.errors import ConfigError
+
+
+@dataclass
+class TrainHistory:
+    """Per-epoch metrics of one :func:`fit` call."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def final_val_accuracy(self) -> float:
+        """Validation accuracy after the last epoch (0 when nothing ran)."""
+        return self.epochs[-1]["val_accuracy"] if self.epochs else 0.0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy; single-threaded-deterministic enough for CPU runs."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits of ``model`` (eval mode) for the numpy batch ``x``."""
+    was_training = model.training
+    model.eval()
+    outputs = [model(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return np.concatenate(outputs)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    return float((predict(model, x).argmax(axis=1) == y).mean())
+
+
+def fit(
+    model: nn.Module,
+    data: DatasetSplits,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainHistory:
+    """Train ``model`` in place with AdamW and a cosine schedule; log loss and accuracy per epoch."""
+    if epochs < 0 or lr <= 0 or batch_size <= 0:
+        raise ConfigError(f"need epochs >= 0, lr > 0 and batch_size > 0 (got {epochs}, {lr}, {batch_size})")
+    history = TrainHistory()
+    if epochs == 0:
+        return history
+    generator = torch.Generator().manual_seed(seed)
+    x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, unit="epoch")
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        total, seen = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x_train[idx]), y_train[idx])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        metrics = {
+            "epoch": float(epoch + 1),
+            "train_loss": total / seen,
+            "val_accuracy": accuracy(model, data.x_val, data.y_val),
+        }
+        history.epochs.append(metrics)
+        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_accuracy']:.3f}")
+    model.eval()
+    return history
+
+
+def train_model(
+    data: DatasetSplits, *, arch: str = "cnn", epochs: int = 15, lr: float = 3e-3, seed: int = 0,
+    progress: bool = True,
+) -> tuple[nn.Module, ModelSpec, TrainHistory]:
+    """Train the FP32 baseline of ``arch`` on ``data``."""
+    seed_everything(seed)
+    channels, height, width = data.input_shape
+    if height != width:
+        raise ConfigError(f"square images expected, got {height}x{width}")
+    spec = ModelSpec(arch=arch, in_channels=channels, image_size=height, num_classes=data.num_classes)
+    model = build_model(spec)
+    history = fit(model, data, epochs=epochs, lr=lr, seed=seed, desc=f"train {arch}", progress=progress)
+    return model, spec, history

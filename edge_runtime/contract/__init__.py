@@ -1,0 +1,48 @@
+"""The artifact contract between the pipeline and the edge: manifest schema, S3 layout, target keys, digests,
+signatures. Importable without torch, on Python 3.10+."""
+
+from edge_runtime.contract.digest import sha256_bytes, sha256_file, verify_file
+from edge_runtime.contract.layout import ArtifactLayout
+from edge_runtime.contract.manifest import (
+    SCHEMA_VERSION,
+    EngineRef,
+    FileRef,
+    Manifest,
+    Preprocessing,
+    Signature,
+    TensorSpec,
+    Validation,
+    Variant,
+)
+from edge_runtime.contract.signing import (
+    generate_signing_key,
+    key_id,
+    load_signing_key,
+    load_verify_key,
+    sign_manifest,
+    verify_manifest,
+)
+from edge_runtime.contract.target import TargetKey
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ArtifactLayout",
+    "EngineRef",
+    "FileRef",
+    "Manifest",
+    "Preprocessing",
+    "Signature",
+    "TargetKey",
+    "TensorSpec",
+    "Validation",
+    "Variant",
+    "generate_signing_key",
+    "key_id",
+    "load_signing_key",
+    "load_verify_key",
+    "sha256_bytes",
+    "sha256_file",
+    "sign_manifest",
+    "verify_file",
+    "verify_manifest",
+]

@@ -1,0 +1,70 @@
+"""The one exception tree of edgeloop.
+
+Every error we raise on purpose is an :class:`EdgeloopError`; third-party errors (boto3, ONNX Runtime, TensorRT)
+are wrapped at the boundary with ``raise ... from exc`` so the cause is kept and the message says what to do next.
+
+::
+
+    EdgeloopError
+    ├── ConfigError                  bad settings or arguments (the user can fix them)
+    ├── ContractError                an artifact does not honour the contract
+    │   ├── ManifestInvalid          manifest.json does not parse or fails the schema
+    │   ├── SignatureInvalid         missing, unknown-key or wrong ed25519 signature
+    │   └── DigestMismatch           a file's sha256 or size differs from the manifest
+    ├── StoreError                   the object store (S3) failed us
+    │   ├── StoreUnavailable         endpoint unreachable or credentials refused
+    │   ├── BucketNotFound           the bucket does not exist at that endpoint
+    │   ├── ObjectNotFound           a key does not exist
+    │   └── VersionExists            publish refused: versions are immutable
+    └── GateFailed                   a variant failed the pipeline's quality gate
+"""
+
+from __future__ import annotations
+
+
+class EdgeloopError(Exception):
+    """Base of every error edgeloop raises on purpose; ``str(exc)`` is one readable line for the user."""
+
+
+class ConfigError(EdgeloopError):
+    """Settings or arguments that cannot work; the message names the setting to change."""
+
+
+class ContractError(EdgeloopError):
+    """An artifact that does not honour the artifact contract."""
+
+
+class ManifestInvalid(ContractError):
+    """``manifest.json`` does not parse or does not match the schema."""
+
+
+class SignatureInvalid(ContractError):
+    """The manifest's ed25519 signature is missing, made with an untrusted key, or does not match."""
+
+
+class DigestMismatch(ContractError):
+    """A file's sha256 digest or size differs from what the manifest records."""
+
+
+class StoreError(EdgeloopError):
+    """The object store failed an operation."""
+
+
+class StoreUnavailable(StoreError):
+    """The S3 endpoint cannot be reached or refused our credentials."""
+
+
+class BucketNotFound(StoreError):
+    """The configured bucket does not exist at the configured endpoint."""
+
+
+class ObjectNotFound(StoreError):
+    """A key does not exist in the bucket."""
+
+
+class VersionExists(StoreError):
+    """A publish would overwrite an existing version; versions are immutable."""
+
+
+class GateFailed(EdgeloopError):
+    """A model variant failed the pipeline's quality gate (accuracy drop beyond the tolerance)."""

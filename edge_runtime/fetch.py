@@ -1,0 +1,76 @@
+"""Fetch step of the edge life cycle: read a version's manifest, check its signature, download and verify files.
+
+(The device's resumable, cached fetch builds on these; the pipeline's tests and ``edgeloop pipeline verify`` use
+them to check a published version end to end.)
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edge_runtime.contract import ArtifactLayout, Manifest, verify_file, verify_manifest
+from edge_runtime.errors import ManifestInvalid, ObjectNotFound
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from edge_runtime.store import ObjectStore
+
+
+def resolve_version(store: ObjectStore, layout: ArtifactLayout, name: str, version_or_channel: str) -> str:
+    """A concrete version: ``version_or_channel`` itself if it is a version, else what the channel points at."""
+    if store.exists(layout.manifest_key(name, version_or_channel)):
+        return version_or_channel
+    try:
+        pointer = json.loads(store.get_bytes(layout.channel_key(name, version_or_channel)))
+    except ObjectNotFound:
+        raise ObjectNotFound(
+            f"model {name!r} has neither a version nor a channel called {version_or_channel!r} in "
+            f"s3://{store.bucket}/{layout.model_prefix(name)}"
+        ) from None
+    except ValueError as exc:
+        raise ManifestInvalid(f"channel {version_or_channel!r} of {name!r} is not valid JSON") from exc
+    return str(pointer["version"])
+
+
+def read_manifest(
+    store: ObjectStore,
+    layout: ArtifactLayout,
+    name: str,
+    version: str,
+    trusted: Ed25519PublicKey | Iterable[Ed25519PublicKey],
+) -> Manifest:
+    """Download, parse and signature-check a version's manifest; refuse one that names another version."""
+    manifest = Manifest.from_json(store.get_bytes(layout.manifest_key(name, version)))
+    if (manifest.name, manifest.version) != (name, version):
+        raise ManifestInvalid(
+            f"manifest at {name}/{version} describes {manifest.name}/{manifest.version}: refusing it"
+        )
+    verify_manifest(manifest, trusted)
+    return manifest
+
+
+def verify_published(
+    store: ObjectStore,
+    layout: ArtifactLayout,
+    name: str,
+    version: str,
+    trusted: Ed25519PublicKey | Iterable[Ed25519PublicKey],
+    workdir: str | Path | None = None,
+) -> Manifest:
+    """Check a whole published version: signed manifest, and every file's size and sha256.
+
+    Files are downloaded into ``workdir`` (a temporary folder, removed afterwards, when ``None``).
+    """
+    manifest = read_manifest(store, layout, name, version, trusted)
+    with tempfile.TemporaryDirectory(prefix="edgeloop-verify-") as tmp:
+        root = Path(workdir) if workdir is not None else Path(tmp)
+        for ref in manifest.files():
+            local = store.download_file(layout.file_key(name, version, ref.file), root / ref.file)
+            verify_file(local, ref)
+    return manifest

@@ -1,0 +1,59 @@
+"""The ``edgeloop`` command. Sub-commands whose dependencies are not installed (an edge image has no kfp) are
+left out rather than failing the whole command."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from edge_runtime.errors import EdgeloopError
+
+app = typer.Typer(help="edgeloop: train, publish, deploy and serve models on Jetson fleets.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+try:
+    from pipelines.cli import app as pipeline_app
+except ImportError:  # the cloud extra (kfp) is not installed here
+    pipeline_app = None
+if pipeline_app is not None:
+    app.add_typer(pipeline_app, name="pipeline")
+
+
+@app.command("keys")
+def keys_command(
+    out: str = typer.Option(..., help="folder for signing-key.pem (private, 0600) and verify-key.pem"),
+) -> None:
+    """Generate an ed25519 key pair for signing manifests."""
+    from edge_runtime.contract import generate_signing_key
+
+    private, public = generate_signing_key(out)
+    Console().print(f"wrote {private} (keep secret) and {public} (give to devices)")
+
+
+@app.command("demo")
+def demo_command(
+    workdir: str = typer.Option(".demo", help="where the demo keeps its S3 data, keys and runs"),
+) -> None:
+    """The whole loop on this machine (see `make demo`)."""
+    from edgeloop.demo import run_demo
+
+    run_demo(workdir)
+
+
+def main() -> None:
+    """Entry point: our errors become one readable line and exit code 1, never a traceback."""
+    try:
+        app()
+    except EdgeloopError as exc:
+        err = Console(stderr=True, soft_wrap=True, highlight=False)
+        log_path = getattr(exc, "log_path", None)
+        tail = f" (full log: {log_path})" if log_path else ""
+        err.print(f"[red]error:[/red] {escape(str(exc))}{escape(tail)}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

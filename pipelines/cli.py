@@ -1,0 +1,154 @@
+"""``edgeloop pipeline ...``: run locally (kfp.local), compile, submit to a cluster, schedule, verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from components.evaluate import Evaluation
+
+app = typer.Typer(help="The retraining pipeline: run it here, or compile/submit/schedule it on Kubeflow.",
+                  no_args_is_help=True)
+console = Console()
+if not console.is_terminal:  # logs and CI: wide enough for the variants table
+    console = Console(width=140)
+
+ParamOption = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", help="pipeline parameter NAME=VALUE (repeatable); see `edgeloop pipeline params`"),
+]
+
+
+def variants_table(evaluation: Evaluation, title: str = "variants") -> Table:
+    """The variants as a rich table: params, FLOPs, size, accuracy, drop, ORT CPU latency at batch 1 and 16."""
+    table = Table(title=title)
+    for column in ("variant", "precision", "pruned", "params", "MFLOPs", "size KiB", "accuracy %", "drop pts",
+                   "ORT ms b1", "ORT ms b16"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for v in evaluation.variants:
+        table.add_row(
+            v.name, v.precision, "yes" if v.pruned else "no", f"{v.params:,}", f"{v.flops / 1e6:.2f}",
+            f"{v.size_bytes / 1024:.1f}", f"{v.accuracy * 100:.2f}", f"{v.drop_points:+.2f}",
+            f"{v.latency_ms_b1:.3f}", f"{v.latency_ms_b16:.3f}",
+        )
+    return table
+
+
+@app.command("params")
+def params_command() -> None:
+    """List the pipeline's parameters and their defaults."""
+    from pipelines.local_run import pipeline_parameters
+
+    table = Table(title="pipeline parameters")
+    table.add_column("name")
+    table.add_column("type")
+    table.add_column("default")
+    for name, param in pipeline_parameters().items():
+        kind = getattr(param.annotation, "__name__", str(param.annotation))
+        table.add_row(name, kind, repr(param.default))
+    console.print(table)
+
+
+@app.command("run")
+def run_command(
+    param: ParamOption = None,
+    runs_dir: Annotated[Path, typer.Option(help="where each local run keeps its outputs and log")] = Path(
+        ".edgeloop/runs"),
+    verbose: Annotated[bool, typer.Option(help="stream the components' output instead of logging to a file")] = False,
+) -> None:
+    """Run the pipeline on this machine through kfp.local (S3 and signing key from the environment)."""
+    from pipelines.local_run import parse_parameters, run_local
+
+    values = parse_parameters(param or [])
+    with console.status("running the pipeline through kfp.local ..."):
+        result = run_local(values, runs_dir=runs_dir, log_to_file=not verbose)
+    print_result(result)
+
+
+def print_result(result) -> None:  # noqa: ANN001 - LocalRunResult, imported lazily
+    """The table of variants and where the version went."""
+    if result.decision == "skip":
+        console.print("nothing changed since the channel's version (same data and config): skipped training; "
+                      "pass -p force_retrain=true to retrain anyway")
+        return
+    evaluation = result.evaluation()
+    if evaluation is not None:
+        console.print(variants_table(evaluation))
+    if result.manifest is not None:
+        console.print(f"published [bold]{result.manifest.name}/{result.manifest.version}[/bold] "
+                      f"({len(result.manifest.files())} files, signed by key {result.manifest.signature.key_id})")
+    if result.log_path:
+        console.print(f"log: {result.log_path}")
+
+
+@app.command("compile")
+def compile_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="YAML file to write")] = Path("pipeline.yaml"),
+) -> None:
+    """Compile the pipeline to KFP IR YAML for a Kubeflow cluster."""
+    from pipelines.cluster import compile_pipeline
+
+    console.print(f"wrote {compile_pipeline(output)}")
+
+
+@app.command("submit")
+def submit_command(
+    host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")],
+    param: ParamOption = None,
+    experiment: Annotated[str, typer.Option(help="experiment name")] = "edgeloop",
+    run_name: Annotated[str | None, typer.Option(help="display name of the run")] = None,
+    namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace")] = None,
+) -> None:
+    """Submit one run to a Kubeflow Pipelines cluster."""
+    from pipelines.cluster import submit_run
+    from pipelines.local_run import parse_parameters
+
+    run_id = submit_run(host, parse_parameters(param or []), experiment=experiment, run_name=run_name,
+                        namespace=namespace)
+    console.print(f"submitted run {run_id}")
+
+
+@app.command("schedule")
+def schedule_command(
+    host: Annotated[str, typer.Option(help="KFP API endpoint")],
+    cron: Annotated[str, typer.Option(help="cron expression, e.g. '0 3 * * 1' (Mondays 03:00)")],
+    name: Annotated[str, typer.Option(help="recurring run name; an existing one of that name is replaced")] = (
+        "edgeloop-retraining"),
+    param: ParamOption = None,
+    experiment: Annotated[str, typer.Option(help="experiment name")] = "edgeloop",
+    namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace")] = None,
+) -> None:
+    """Create or update (never duplicate) a recurring run of the pipeline."""
+    from pipelines.cluster import connect, upsert_recurring_run
+    from pipelines.local_run import parse_parameters
+
+    run = upsert_recurring_run(connect(host, namespace), name=name, cron=cron,
+                               parameters=parse_parameters(param or []), experiment=experiment, namespace=namespace)
+    console.print(f"recurring run {name!r} scheduled ({getattr(run, 'recurring_run_id', '')})")
+
+
+@app.command("verify")
+def verify_command(
+    model: Annotated[str, typer.Argument(help="model name")],
+    version: Annotated[str, typer.Argument(help="version or channel")] = "stable",
+    bucket: Annotated[str, typer.Option(envvar="EDGELOOP_S3_BUCKET", help="bucket")] = "edgeloop",
+    prefix: Annotated[str, typer.Option(envvar="EDGELOOP_S3_PREFIX", help="key prefix before models/")] = "",
+    endpoint: Annotated[str | None, typer.Option(envvar="AWS_ENDPOINT_URL_S3", help="S3 endpoint URL")] = None,
+    verify_key: Annotated[
+        Path | None, typer.Option(help="PEM public key (default: EDGELOOP_VERIFY_KEY[_FILE])")
+    ] = None,
+) -> None:
+    """Check a published version: signature and every file's sha256."""
+    from edge_runtime.contract import ArtifactLayout, load_verify_key
+    from edge_runtime.fetch import resolve_version, verify_published
+    from edge_runtime.store import ObjectStore
+
+    store, layout = ObjectStore(bucket, endpoint_url=endpoint), ArtifactLayout(prefix)
+    resolved = resolve_version(store, layout, model, version)
+    manifest = verify_published(store, layout, model, resolved, load_verify_key(verify_key))
+    console.print(f"{model}/{resolved}: signature and {len(manifest.files())} files verified")

@@ -1,0 +1,179 @@
+"""The artifact contract: manifest schema, signatures, digests, target keys, S3 layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.contract import (
+    ArtifactLayout,
+    Manifest,
+    TargetKey,
+    generate_signing_key,
+    load_verify_key,
+    sign_manifest,
+    verify_file,
+    verify_manifest,
+)
+from edge_runtime.errors import ConfigError, DigestMismatch, ManifestInvalid, SignatureInvalid
+from tests.conftest import make_staged_version
+
+
+def test_signed_manifest_round_trips_through_json_and_verifies(tmp_path, signing_key, verify_key):
+    signed = sign_manifest(make_staged_version(tmp_path), signing_key)
+    parsed = Manifest.from_json(signed.to_json())
+    verify_manifest(parsed, verify_key)
+    assert parsed == signed
+    assert [f.file for f in parsed.files()] == ["fp32.onnx", "int8-ort.onnx", "validation.npz", "report.html"]
+
+
+def test_tampered_manifest_fails_verification(tmp_path, signing_key, verify_key):
+    signed = sign_manifest(make_staged_version(tmp_path), signing_key)
+    raw = json.loads(signed.to_json())
+    raw["validation"]["tolerance"] = 0.5  # loosen the on-device gate
+    tampered = Manifest.from_json(json.dumps(raw))
+    with pytest.raises(SignatureInvalid) as info:
+        verify_manifest(tampered, verify_key)
+    assert "does not match" in str(info.value)
+
+
+def test_unsigned_and_untrusted_manifests_are_refused(tmp_path, signing_key):
+    manifest = make_staged_version(tmp_path)
+    with pytest.raises(SignatureInvalid) as unsigned:
+        verify_manifest(manifest, load_verify_key(_other_key_dir(tmp_path) / "verify-key.pem"))
+    assert "not signed" in str(unsigned.value)
+    signed = sign_manifest(manifest, signing_key)
+    with pytest.raises(SignatureInvalid) as untrusted:
+        verify_manifest(signed, load_verify_key(tmp_path / "other" / "verify-key.pem"))
+    assert "not trusted" in str(untrusted.value)
+
+
+def _other_key_dir(tmp_path: Path) -> Path:
+    generate_signing_key(tmp_path / "other")
+    return tmp_path / "other"
+
+
+def test_file_digest_and_size_are_checked(tmp_path):
+    manifest = make_staged_version(tmp_path)
+    ref = manifest.variant("int8-ort")
+    verify_file(tmp_path / ref.file, ref)
+    data = bytearray((tmp_path / ref.file).read_bytes())
+    data[10] ^= 0xFF
+    (tmp_path / ref.file).write_bytes(bytes(data))
+    with pytest.raises(DigestMismatch) as flipped:
+        verify_file(tmp_path / ref.file, ref)
+    assert "sha256" in str(flipped.value)
+    (tmp_path / ref.file).write_bytes(bytes(data[:-1]))
+    with pytest.raises(DigestMismatch) as truncated:
+        verify_file(tmp_path / ref.file, ref)
+    assert "size" in str(truncated.value)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where"),
+    [
+        (lambda m: m.update(schema_version=99), "newer"),
+        (lambda m: m["variants"][0].update(sha256="abc"), "variants.0.sha256"),
+        (lambda m: m["variants"][0].update(file="../../etc/passwd"), "variants.0.file"),
+        (lambda m: m.update(name="Bad Name"), "name"),
+        (lambda m: m["validation"]["reference"].update(ghost=0.5), "unknown variants"),
+        (lambda m: m.update(unexpected=True), "unexpected"),
+    ],
+)
+def test_invalid_manifests_give_one_readable_line(tmp_path, mutate, where):
+    raw = json.loads(make_staged_version(tmp_path).to_json())
+    mutate(raw)
+    with pytest.raises(ManifestInvalid) as info:
+        Manifest.from_json(json.dumps(raw))
+    message = str(info.value)
+    assert where in message
+    assert "\n" not in message
+
+
+def test_garbage_is_not_a_manifest():
+    with pytest.raises(ManifestInvalid):
+        Manifest.from_json(b"\x00not json")
+
+
+def test_signing_key_never_overwritten_and_private_key_is_private(tmp_path):
+    private, public = generate_signing_key(tmp_path)
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert public.read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    with pytest.raises(ConfigError):
+        generate_signing_key(tmp_path)
+
+
+def test_keys_from_environment(tmp_path, monkeypatch):
+    from edge_runtime.contract import key_id, load_signing_key
+
+    private, public = generate_signing_key(tmp_path)
+    monkeypatch.delenv("EDGELOOP_SIGNING_KEY_FILE", raising=False)
+    monkeypatch.setenv("EDGELOOP_SIGNING_KEY", private.read_text())
+    monkeypatch.setenv("EDGELOOP_VERIFY_KEY_FILE", str(public))
+    assert key_id(load_signing_key().public_key()) == key_id(load_verify_key())
+    monkeypatch.delenv("EDGELOOP_SIGNING_KEY")
+    with pytest.raises(ConfigError) as info:
+        load_signing_key()
+    assert "EDGELOOP_SIGNING_KEY" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["trt10.3-sm87-l4t36.4-int8-b1x16x32", "trt11.0-sm90-fp16-b1x8x64", "ort1.31-cpu-x86_64-int8",
+     "ort1.20-cuda-aarch64-fp32"],
+)
+def test_target_keys_round_trip(text):
+    assert str(TargetKey.parse(text)) == text
+
+
+def test_target_key_fields_and_normalised_versions():
+    key = TargetKey(backend="tensorrt", backend_version="10.3.0.30", precision="int8", compute_capability="87",
+                    l4t_release="36.4", batch_profile=(1, 16, 32), device="trt", arch="aarch64")
+    assert str(key) == "trt10.3-sm87-l4t36.4-int8-b1x16x32"
+    parsed = TargetKey.parse(str(key))
+    assert parsed.batch_profile == (1, 16, 32)
+    assert parsed.l4t_release == "36.4"
+
+
+@pytest.mark.parametrize("text", ["", "trt10-sm87-int8-b1x16x32", "trt10.3-sm87-int4-b1x1x1",
+                                  "trt10.3-sm87-int8-b16x1x32", "onnx-cpu"])
+def test_bad_target_keys_are_config_errors(text):
+    with pytest.raises(ConfigError):
+        TargetKey.parse(text)
+
+
+def test_layout_keys():
+    layout = ArtifactLayout("/fleet/prod/")
+    assert layout.manifest_key("m", "v1") == "fleet/prod/models/m/v1/manifest.json"
+    assert layout.engine_key("m", "v1", "trt10.3-sm87-int8-b1x1x1") == (
+        "fleet/prod/models/m/v1/engines/trt10.3-sm87-int8-b1x1x1/engine.plan")
+    assert layout.channel_key("m", "stable") == "fleet/prod/models/m/channels/stable.json"
+    assert ArtifactLayout().version_prefix("m", "v2") == "models/m/v2/"
+
+
+def test_edge_runtime_imports_without_torch():
+    """Every edge_runtime module imports while torch (and kfp, modelopt) cannot be imported at all."""
+    code = """
+import importlib, pkgutil, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'modelopt', 'kfp', 'components', 'pipelines'):
+            raise ImportError(f'{name} is blocked: the edge must not need it')
+sys.meta_path.insert(0, Block())
+import edge_runtime
+names = [m.name for m in pkgutil.walk_packages(edge_runtime.__path__, 'edge_runtime.')]
+for name in names:
+    importlib.import_module(name)
+assert 'torch' not in sys.modules
+print(len(names))
+"""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, check=False)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.strip()) >= 8

@@ -1,0 +1,104 @@
+"""The retraining pipeline through kfp.local (SubprocessRunner) against the real SeaweedFS S3 server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_runtime.contract import ArtifactLayout, sha256_bytes
+from edge_runtime.fetch import verify_published
+from pipelines.local_run import PipelineFailed, run_local
+
+pytestmark = pytest.mark.integration
+
+MODEL = "digits-cnn"
+QUICK = {"epochs": 3, "prune_finetune_epochs": 1, "qat_epochs": 1, "tolerance_points": 100.0}
+"""Short schedules for runs that test the plumbing, not accuracy (hence the wide gate)."""
+
+
+@pytest.fixture(scope="module")
+def pipeline_env(local_s3, key_dir, tmp_path_factory):
+    """Environment for components (S3 credentials and endpoint, signing key) and one bucket for this module."""
+    mp = pytest.MonkeyPatch()
+    for name, value in local_s3.env().items():
+        mp.setenv(name, value)
+    mp.setenv("EDGELOOP_SIGNING_KEY_FILE", str(key_dir / "signing-key.pem"))
+    store = local_s3.store("pipeline-tests")
+    yield store, tmp_path_factory.mktemp("runs")
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def default_run(pipeline_env, local_s3):
+    """One run with the default parameters: the numbers the README promises come from it."""
+    store, runs = pipeline_env
+    result = run_local({"model_name": MODEL, "bucket": store.bucket, "s3_endpoint": local_s3.endpoint_url},
+                       runs_dir=runs)
+    return result
+
+
+def test_default_run_publishes_a_complete_signed_version(default_run, pipeline_env, verify_key, tmp_path):
+    store, _ = pipeline_env
+    layout = ArtifactLayout()
+    assert default_run.decision == "train" and default_run.version
+    manifest = verify_published(store, layout, MODEL, default_run.version, verify_key, workdir=tmp_path)
+    for ref in manifest.files():  # every sha256 matches the bytes in the bucket, independently of verify_published
+        assert sha256_bytes(store.get_bytes(layout.file_key(MODEL, manifest.version, ref.file))) == ref.sha256
+    assert {v.name for v in manifest.variants} == {"fp32-dense", "fp32", "fp16", "int8-qdq", "int8-ort"}
+    assert manifest.inputs[0].shape == [-1, 1, 8, 8] and manifest.outputs[0].shape == [-1, 10]
+    assert manifest.validation.num_samples == 360 and manifest.validation.tolerance == pytest.approx(0.01)
+    assert manifest.training["config"]["arch"] == "cnn" and len(manifest.training["fingerprint"]) == 64
+    pointer = json.loads(store.get_bytes(layout.channel_key(MODEL, "stable")))
+    assert pointer["version"] == manifest.version
+    report = store.get_bytes(layout.file_key(MODEL, manifest.version, "report.html")).decode()
+    assert report.count("data:image/png;base64,") == 3
+
+
+def test_default_model_meets_the_accuracy_and_pruning_targets(default_run):
+    evaluation = default_run.evaluation()
+    dense, pruned, qat = (evaluation.variant(n) for n in ("fp32-dense", "fp32", "int8-qdq"))
+    assert dense.accuracy >= 0.95
+    assert qat.drop_points <= 1.0
+    assert pruned.flops <= 0.7 * dense.flops  # at least 30% fewer FLOPs
+    assert pruned.drop_points <= 1.0
+    assert evaluation.variant("int8-ort").drop_points <= 1.0
+    for v in evaluation.variants:
+        assert v.params > 0 and v.size_bytes > 0 and v.latency_ms_b1 > 0 and v.latency_ms_b16 > 0
+
+
+def test_unchanged_data_and_config_skip_training(default_run, pipeline_env, local_s3):
+    store, runs = pipeline_env
+    result = run_local({"model_name": MODEL, "bucket": store.bucket, "s3_endpoint": local_s3.endpoint_url},
+                       runs_dir=runs)
+    assert result.decision == "skip" and result.version is None
+    versions = [v for v in store.list_prefixes(f"models/{MODEL}/") if v != "channels"]
+    assert versions == [default_run.version]
+
+
+def test_second_run_publishes_a_new_version_without_touching_the_first(default_run, pipeline_env, local_s3,
+                                                                       verify_key):
+    store, runs = pipeline_env
+    layout = ArtifactLayout()
+    first_prefix = layout.version_prefix(MODEL, default_run.version)
+    before = {k: store.get_bytes(k) for k in store.list_keys(first_prefix)}
+    result = run_local({"model_name": MODEL, "bucket": store.bucket, "s3_endpoint": local_s3.endpoint_url,
+                        "force_retrain": True, **QUICK}, runs_dir=runs)
+    assert result.version and result.version != default_run.version
+    assert {k: store.get_bytes(k) for k in store.list_keys(first_prefix)} == before
+    verify_published(store, layout, MODEL, result.version, verify_key)
+    verify_published(store, layout, MODEL, default_run.version, verify_key)
+    assert json.loads(store.get_bytes(layout.channel_key(MODEL, "stable")))["version"] == result.version
+
+
+def test_gate_fails_the_run_and_nothing_is_published(pipeline_env, local_s3):
+    store, runs = pipeline_env
+    layout = ArtifactLayout()
+    model = "gated-cnn"
+    with pytest.raises(PipelineFailed) as info:
+        # a negative tolerance sits below any measured drop: INT8 would have to gain accuracy to pass
+        run_local({"model_name": model, "bucket": store.bucket, "s3_endpoint": local_s3.endpoint_url,
+                   **QUICK, "tolerance_points": -50.0}, runs_dir=runs)
+    assert "GateFailed" in str(info.value) and "tolerance" in str(info.value)
+    assert info.value.log_path is not None and info.value.log_path.exists()
+    assert store.list_keys(layout.model_prefix(model)) == []
