@@ -10,7 +10,6 @@ import os
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from edge_runtime.contract import ArtifactLayout, generate_signing_key, load_verify_key
@@ -24,10 +23,9 @@ CHANNEL = "stable"
 
 def run_demo(workdir: str | Path = ".demo") -> None:
     """Start S3, run the pipeline (always retraining), verify what it published, list versions, stop S3."""
-    from pipelines.cli import print_result
+    from pipelines.cli import console, print_result
     from pipelines.local_run import run_local
 
-    console = Console()
     root = Path(workdir).resolve()
     keys = root / "keys"
     if not (keys / "signing-key.pem").exists():

@@ -52,11 +52,12 @@ def test_errors_are_ours_with_next_steps(store, local_s3, tmp_path):
     assert store.get_bytes("once") == b"1"
 
 
-def test_wrong_credentials_and_dead_endpoint(local_s3, monkeypatch):
+def test_wrong_credentials_and_dead_endpoint(store, local_s3, monkeypatch):
+    store.put_bytes("k", b"secret data")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     with pytest.raises(StoreUnavailable) as denied:
-        ObjectStore("edgeloop", endpoint_url=local_s3.endpoint_url).get_bytes("k")
+        ObjectStore(store.bucket, endpoint_url=local_s3.endpoint_url).get_bytes("k")
     assert "AWS_ACCESS_KEY_ID" in str(denied.value)
     assert "wrong-secret" not in str(denied.value)
     dead = ObjectStore("edgeloop", endpoint_url="http://127.0.0.1:9")
