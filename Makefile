@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 READY  := $(VENV)/.ready
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint protos clean
 
 venv: $(READY)
 
@@ -15,7 +15,7 @@ $(READY): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[cloud,edge,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[cloud,edge,hub,dev]"
 	# Model Optimizer's FLOPs-constrained pruning needs torchprofile 0.0.4, whose declared deps pull torchvision.
 	$(BIN)/python -m pip install --quiet --no-deps torchprofile==0.0.4
 	touch $@
@@ -28,6 +28,9 @@ test: $(READY)
 
 lint: $(READY)
 	$(BIN)/ruff check .
+
+protos: $(READY)
+	$(BIN)/python scripts/generate_protos.py
 
 clean:
 	rm -rf $(VENV) .demo .edgeloop .pytest_cache

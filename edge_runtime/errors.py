@@ -16,7 +16,13 @@ are wrapped at the boundary with ``raise ... from exc`` so the cause is kept and
     │   ├── BucketNotFound           the bucket does not exist at that endpoint
     │   ├── ObjectNotFound           a key does not exist
     │   └── VersionExists            publish refused: versions are immutable
-    └── GateFailed                   a variant failed the pipeline's quality gate
+    ├── GateFailed                   a variant failed the pipeline's quality gate
+    ├── InvalidInput                 a request we cannot run (dtype, shape, byte count, names)   → INVALID_ARGUMENT
+    ├── ModelNotFound                no such model on this server                                → NOT_FOUND
+    ├── NotReady                     nothing validated is serving yet (or it is building)        → UNAVAILABLE
+    ├── ValidationFailed             a version failed on-device validation                       → FAILED_PRECONDITION
+    ├── EngineError                  building or running an engine failed                        → INTERNAL
+    └── HubAuthError                 a device token was missing or wrong                         → UNAUTHENTICATED
 """
 
 from __future__ import annotations
@@ -68,3 +74,27 @@ class VersionExists(StoreError):
 
 class GateFailed(EdgeloopError):
     """A model variant failed the pipeline's quality gate (accuracy drop beyond the tolerance)."""
+
+
+class InvalidInput(EdgeloopError):
+    """An inference request that cannot run: wrong datatype, shape, byte count, tensor names, or too large."""
+
+
+class ModelNotFound(EdgeloopError):
+    """The request names a model (or version) this server does not have."""
+
+
+class NotReady(EdgeloopError):
+    """No validated model is serving yet, or the requested one is still being fetched, built or validated."""
+
+
+class ValidationFailed(EdgeloopError):
+    """A version's accuracy (or latency) on this device missed what its manifest requires."""
+
+
+class EngineError(EdgeloopError):
+    """Building or running an engine (TensorRT, ONNX Runtime) failed."""
+
+
+class HubAuthError(EdgeloopError):
+    """A device presented no token, or one the hub does not know."""

@@ -44,7 +44,8 @@ class ObjectStore:
         self.bucket = bucket
         self.endpoint_url = endpoint_url or None
         self._where = f"bucket {bucket!r} at {self.endpoint_url or 'AWS S3'}"
-        self.client = client or boto3.client(
+        # A session of its own: boto3's default session caches the credentials it resolved first.
+        self.client = client or boto3.session.Session().client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -122,6 +123,12 @@ class ObjectStore:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
                 names.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
         return names
+
+    def open_range(self, key: str, offset: int = 0) -> Any:
+        """A streaming body of ``key`` from byte ``offset`` on (a ranged GET, for resumable downloads)."""
+        extra = {"Range": f"bytes={offset}-"} if offset else {}
+        with self._errors(key):
+            return self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
 
     def get_bytes(self, key: str) -> bytes:
         """The whole object (for small objects: manifests, channel pointers)."""

@@ -1,0 +1,130 @@
+"""``edgeloop edge serve``: wire settings, device facts, the life cycle, the gRPC server, metrics and telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.device import DeviceFacts, detect
+from edge_runtime.lifecycle import ModelRuntime
+from edge_runtime.metrics import RuntimeMetrics
+from edge_runtime.serve.server import start_server
+from edge_runtime.settings import EdgeSettings
+from edge_runtime.telemetry import Outbox, TelemetrySender
+
+log = logging.getLogger("edgeloop.edge")
+
+
+@dataclass
+class EdgeApp:
+    """Everything one device runs. ``start()`` returns once the gRPC server listens (the model may still load)."""
+
+    settings: EdgeSettings
+    facts: DeviceFacts | None = None
+    store: Any = None
+    grpc_port: int = 0
+    runtime: ModelRuntime | None = None
+    outbox: Outbox | None = None
+    sender: TelemetrySender | None = None
+    metrics: RuntimeMetrics = field(default_factory=RuntimeMetrics)
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=4096))
+    _server: Any = None
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    def report(self, kind: str, payload: dict[str, Any]) -> None:
+        """Queue a telemetry event (and log it)."""
+        log.info("%s %s", kind, payload)
+        assert self.outbox is not None
+        self.outbox.add(kind, {"model_name": self.settings.model_name, **payload})
+        if self.sender is not None:
+            self.sender.wake()
+
+    def _on_result(self, method: str, code: str, seconds: float) -> None:
+        if method.endswith("/ModelInfer"):
+            self.metrics.requests.labels(code).inc()
+            if code == "OK":
+                self.metrics.latency.observe(seconds)
+                self.latencies_ms.append(seconds * 1e3)
+
+    def _on_change(self) -> None:
+        assert self.runtime is not None
+        validation = self.runtime.last_validation
+        self.metrics.set_state(self.runtime.state, self.runtime.ready(), validation.value if validation else None)
+
+    async def start(self) -> None:
+        self.facts = self.facts or detect()
+        self.outbox = Outbox(self.settings.cache_dir / "telemetry-outbox.sqlite", self.settings.device_id)
+        if self.settings.hub_address:
+            token = self.settings.hub_token.get_secret_value() if self.settings.hub_token else None
+            self.sender = TelemetrySender(self.outbox, self.settings.hub_address, token,
+                                          interval_s=self.settings.telemetry_interval_s)
+        self.runtime = ModelRuntime(self.settings, self.facts, store=self.store, report=self.report,
+                                    on_batch=self.metrics.observe_batch)
+        self.runtime.on_change(self._on_change)
+        self.report("facts", {"facts": self.facts.to_dict()})
+        self._server, self.grpc_port = await start_server(
+            self.runtime, bind_address=self.settings.bind_address, port=self.settings.grpc_port,
+            max_batch_size=self.settings.max_batch_size, max_message_bytes=self.settings.max_message_bytes,
+            on_result=self._on_result)
+        if self.settings.metrics_port:
+            self.metrics.serve(self.settings.bind_address, self.settings.metrics_port)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.runtime.run_forever(), name="edgeloop-lifecycle"))
+        self._tasks.append(loop.create_task(self._stats_forever(), name="edgeloop-stats"))
+        if self.sender is not None:
+            self._tasks.append(loop.create_task(self.sender.run_forever(), name="edgeloop-telemetry"))
+
+    def stats(self) -> dict[str, Any]:
+        """Request latency percentiles since the last stats event, and the runtime's status."""
+        assert self.runtime is not None
+        values = np.array(self.latencies_ms) if self.latencies_ms else None
+        self.latencies_ms.clear()
+        return {
+            **self.runtime.status(),
+            "requests": 0 if values is None else int(values.size),
+            "p50_ms": None if values is None else round(float(np.percentile(values, 50)), 3),
+            "p99_ms": None if values is None else round(float(np.percentile(values, 99)), 3),
+        }
+
+    async def _stats_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.telemetry_interval_s)
+            self.report("stats", self.stats())
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, finish in-flight requests, flush telemetry once, release everything."""
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.runtime is not None:
+            await self.runtime.close()
+        if self.sender is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.sender.flush(), timeout=3)
+            await self.sender.close()
+        if self.outbox is not None:
+            self.outbox.close()
+
+
+async def serve(settings: EdgeSettings) -> None:
+    """Run until SIGINT/SIGTERM."""
+    app = EdgeApp(settings)
+    await app.start()
+    log.info("serving the Open Inference Protocol on %s:%d", settings.bind_address, app.grpc_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app.stop()

@@ -1,0 +1,10 @@
+"""Engines that run a model on this device: TensorRT on a GPU, ONNX Runtime elsewhere.
+
+``select_backend`` picks one from the device's facts and the manifest; ``build_engine`` builds (or loads the cached
+build for this target key) and returns something with ``infer``.
+"""
+
+from edge_runtime.engines.base import Engine, TensorInfo
+from edge_runtime.engines.select import EnginePlan, build_engine, plan_engine
+
+__all__ = ["Engine", "EnginePlan", "TensorInfo", "build_engine", "plan_engine"]

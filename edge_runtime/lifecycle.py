@@ -1,0 +1,275 @@
+"""One model's life on the device: desired → fetch → build → validate → serve (atomic swap) → report.
+
+A failure at any step keeps the last good version serving, is reported, and is retried with back-off. The loop
+re-reads the desired version (the settings file that Helm mounts, and the channel pointer) every poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.cache import ArtifactCache
+from edge_runtime.contract import ArtifactLayout, Manifest, load_verify_key, verify_manifest
+from edge_runtime.device import DeviceFacts
+from edge_runtime.engines import EnginePlan, build_engine, plan_engine
+from edge_runtime.engines.base import Engine
+from edge_runtime.errors import EdgeloopError, ModelNotFound, NotReady
+from edge_runtime.fetch import read_manifest, resolve_version
+from edge_runtime.serve.batching import DynamicBatcher
+from edge_runtime.settings import EdgeSettings, read_settings_file
+from edge_runtime.store import ObjectStore
+from edge_runtime.validate import ValidationResult, require_passed, validate
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[str, dict[str, Any]], None]
+"""``report(kind, payload)``: telemetry events (fetched, built, validated, failed, serving, ...)."""
+
+
+@dataclass
+class ServingModel:
+    """A validated model that answers requests."""
+
+    name: str
+    version: str
+    manifest: Manifest
+    plan: EnginePlan
+    engine: Engine
+    batcher: DynamicBatcher
+    validation: ValidationResult
+
+
+@dataclass
+class CycleResult:
+    """What one reconcile cycle did."""
+
+    version: str
+    changed: bool
+    downloaded_bytes: int = 0
+    built: bool = False
+
+
+class ModelRuntime:
+    """Holds the serving model and drives the life cycle. All public coroutines run on one event loop."""
+
+    def __init__(self, settings: EdgeSettings, facts: DeviceFacts, *, store: ObjectStore | None = None,
+                 report: Reporter | None = None, on_batch: Callable[[int, float], None] | None = None) -> None:
+        self.settings = settings
+        self.facts = facts
+        self.store = store or ObjectStore(settings.s3_bucket, endpoint_url=settings.s3_endpoint_url)
+        self.layout = ArtifactLayout(settings.s3_prefix)
+        self.cache = ArtifactCache(settings.cache_dir, settings.cache_max_bytes)
+        self.trusted = [load_verify_key(settings.verify_key_file)]
+        self._report = report or (lambda kind, payload: None)
+        self._on_batch = on_batch
+        self.serving: ServingModel | None = None
+        self.desired: tuple[str, str] = (settings.model_name, settings.model_version)
+        self.desired_version: str | None = None
+        self.state = "starting"
+        self.last_error = ""
+        self.last_validation: ValidationResult | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self.paused = False
+        """Set by an unload request: the loop leaves the model unloaded until a load request."""
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def ready(self) -> bool:
+        """Readiness: the desired version is validated and serving."""
+        return self.serving is not None and self.serving.version == self.desired_version
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every state change (health status, metrics)."""
+        self._listeners.append(listener)
+
+    def _set_state(self, state: str, error: str = "") -> None:
+        self.state, self.last_error = state, error
+        for listener in self._listeners:
+            listener()
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for telemetry and the CLI."""
+        serving = self.serving
+        return {
+            "model_name": self.desired[0],
+            "desired": self.desired[1],
+            "desired_version": self.desired_version,
+            "serving_version": serving.version if serving else None,
+            "variant": serving.plan.variant.name if serving else None,
+            "target_key": str(serving.plan.target_key) if serving else None,
+            "state": self.state,
+            "ready": self.ready(),
+            "error": self.last_error,
+            "validation": self.last_validation.summary() if self.last_validation else "",
+        }
+
+    # --- serving ---------------------------------------------------------------------------------------------
+    def model(self, name: str, version: str = "") -> ServingModel:
+        """The serving model called ``name`` (and ``version`` when given), or the right error."""
+        serving = self.serving
+        if name != self.desired[0] and (serving is None or serving.name != name):
+            raise ModelNotFound(f"model {name!r} is not served here (this device serves {self.desired[0]!r})")
+        if serving is None:
+            raise NotReady(f"model {name!r} is not ready yet ({self.state})")
+        if version and version != serving.version:
+            raise ModelNotFound(f"version {version!r} of {name!r} is not served here (serving {serving.version})")
+        return serving
+
+    async def infer(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, Any]]:
+        """Run a request through the serving model's batcher; returns ``(version, outputs)``."""
+        serving = self.model(name, version)
+        return serving.version, await serving.batcher.infer(inputs)
+
+    # --- the life cycle ----------------------------------------------------------------------------------------
+    def read_desired(self) -> tuple[str, str]:
+        """The model name and version/channel from the desired file (when set), else from the settings."""
+        name, version = self.settings.model_name, self.settings.model_version
+        if self.settings.desired_file is not None and Path(self.settings.desired_file).exists():
+            data = read_settings_file(Path(self.settings.desired_file))
+            name, version = str(data.get("model_name", name)), str(data.get("model_version", version))
+        return name, version
+
+    async def reconcile(self) -> CycleResult:
+        """One cycle: bring the serving model to the desired version, or raise and keep the old one."""
+        async with self._lock:
+            self.desired = self.read_desired()
+            name, wanted = self.desired
+            try:
+                version = await asyncio.to_thread(resolve_version, self.store, self.layout, name, wanted)
+            except EdgeloopError:
+                state = self.cache.load_state()
+                if self.serving is not None or not state or state.get("name") != name or state.get("desired") != wanted:
+                    raise
+                version = state["version"]  # S3 unreachable at start-up: the cache knows what we served last
+                log.warning("S3 unreachable; starting from the cached version %s", version)
+            self.desired_version = version
+            if self.serving is not None and self.serving.version == version and self.serving.name == name:
+                self._set_state("serving")
+                return CycleResult(version, changed=False)
+            try:
+                return await self._bring_up(name, version)
+            except EdgeloopError as exc:
+                self._set_state("failed", str(exc))
+                self._report("failed", {"version": version, "error": str(exc)})
+                raise
+
+    async def _bring_up(self, name: str, version: str) -> CycleResult:
+        started = time.monotonic()
+        self._set_state("fetching")
+        manifest = self.cache.cached_manifest(name, version)
+        if manifest is not None:
+            verify_manifest(manifest, self.trusted)
+        else:
+            manifest = await asyncio.to_thread(read_manifest, self.store, self.layout, name, version, self.trusted)
+        plan = plan_engine(manifest, self.facts, backend=self.settings.backend, variant=self.settings.variant,
+                           max_batch_size=self.settings.max_batch_size, opt_batch_size=self.settings.opt_batch_size)
+        refs = [plan.variant, manifest.validation]
+        paths, downloaded = await asyncio.to_thread(self.cache.fetch, self.store, self.layout, manifest, refs,
+                                                    attempts=self.settings.fetch_attempts)
+        self._report("fetched", {"version": version, "variant": plan.variant.name, "bytes": downloaded})
+
+        self._set_state("building")
+        engine_path = self.cache.engine_path(name, version, str(plan.target_key), plan.engine_file)
+        prebuilt = manifest.engines.get(str(plan.target_key))
+        if prebuilt is not None and not engine_path.exists():
+            from edge_runtime.cache import download_resumable
+
+            await asyncio.to_thread(download_resumable, self.store,
+                                    self.layout.file_key(name, version, prebuilt.file), engine_path, prebuilt)
+        build_started = time.monotonic()
+        engine, built = await asyncio.to_thread(build_engine, plan, paths[plan.variant.file], engine_path,
+                                                max_batch_size=self.settings.max_batch_size)
+        self._report("built", {"version": version, "target_key": str(plan.target_key), "built": built,
+                               "seconds": round(time.monotonic() - build_started, 3)})
+        if built and self.settings.share_engines and plan.backend == "tensorrt":
+            await asyncio.to_thread(self.store.put_file, self.layout.engine_key(name, version, str(plan.target_key)),
+                                    engine_path)
+
+        self._set_state("validating")
+        result = await asyncio.to_thread(validate, engine, paths[manifest.validation.file], manifest,
+                                         plan.variant.name, latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
+        self.last_validation = result
+        self._report("validated", {"version": version, **result.to_dict()})
+        if not result.passed:
+            engine.close()
+            require_passed(result, f"{name}/{version} ({plan.variant.name} on {plan.target_key})")
+
+        batcher = DynamicBatcher(engine, max_batch_size=self.settings.max_batch_size,
+                                 max_queue_delay_us=self.settings.max_queue_delay_us, on_batch=self._on_batch)
+        old, self.serving = self.serving, ServingModel(name, version, manifest, plan, engine, batcher, result)
+        self._set_state("serving")
+        self._report("serving", {"version": version, "variant": plan.variant.name, "target_key": str(plan.target_key),
+                                 "previous": old.version if old else None,
+                                 "seconds": round(time.monotonic() - started, 3)})
+        self.cache.save_state({"name": name, "desired": self.desired[1], "version": version})
+        if old is not None:
+            await old.batcher.close()  # requests already queued on the old model finish there
+            old.engine.close()
+        keep = {(name, version)} | ({(old.name, old.version)} if old else set())
+        await asyncio.to_thread(self.cache.evict, keep)
+        return CycleResult(version, changed=True, downloaded_bytes=downloaded, built=built)
+
+    def wake(self) -> None:
+        """Run the next cycle now (a changed desired file)."""
+        self._wake.set()
+
+    async def load(self, name: str, version: str | None = None) -> CycleResult:
+        """Repository extension: serve ``name`` (at ``version`` or channel, default the configured one) now."""
+        if name != self.settings.model_name:
+            raise ModelNotFound(f"model {name!r} is not configured on this device ({self.settings.model_name!r} is)")
+        if version:
+            self.settings = self.settings.model_copy(update={"model_version": version})
+        self.paused = False
+        return await self.reconcile()
+
+    async def run_forever(self) -> None:
+        """Reconcile every poll interval; after a failure back off exponentially up to ``retry_max_s``."""
+        delay = self.settings.retry_initial_s
+        desired_mtime = None
+        while True:
+            try:
+                if not self.paused:
+                    await self.reconcile()
+                delay = self.settings.retry_initial_s
+                wait = self.settings.poll_interval_s
+            except EdgeloopError as exc:
+                log.warning("cycle failed: %s (retry in %.0fs)", exc, delay)
+                wait, delay = delay, min(delay * 2, self.settings.retry_max_s)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:  # also wake when the desired file changes
+                path = self.settings.desired_file
+                mtime = Path(path).stat().st_mtime if path and Path(path).exists() else None
+                if desired_mtime is not None and mtime != desired_mtime:
+                    desired_mtime = mtime
+                    break
+                desired_mtime = mtime
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                    self._wake.clear()
+                    break
+                except (asyncio.TimeoutError, TimeoutError):
+                    continue
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name`` (repository extension); the loop loads it again only on a load request."""
+        serving = self.model(name)
+        self.serving, self.paused = None, True
+        self._set_state("unloaded")
+        await serving.batcher.close()
+        serving.engine.close()
+
+    async def close(self) -> None:
+        """Drain and release the serving model."""
+        if self.serving is not None:
+            serving, self.serving = self.serving, None
+            await serving.batcher.close()
+            serving.engine.close()

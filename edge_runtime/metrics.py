@@ -1,0 +1,46 @@
+"""Prometheus metrics of the edge runtime, on their own port (``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STATES = ("starting", "fetching", "building", "validating", "serving", "failed", "unloaded")
+
+
+class RuntimeMetrics:
+    """One registry per runtime (tests run several in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("edgeloop_requests", "Inference requests by gRPC status code", ["code"],
+                                registry=self.registry)
+        self.latency = Histogram("edgeloop_request_latency_seconds", "ModelInfer latency seconds",
+                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                                 registry=self.registry)
+        self.batch_size = Histogram("edgeloop_batch_size", "Samples per engine run (dynamic batching)",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.batch_seconds = Histogram("edgeloop_batch_seconds", "Engine run time per batch, seconds",
+                                       registry=self.registry)
+        self.state = Gauge("edgeloop_model_state", "1 for the current life-cycle state", ["state"],
+                           registry=self.registry)
+        self.ready = Gauge("edgeloop_ready", "1 when the desired version is validated and serving",
+                           registry=self.registry)
+        self.validation = Gauge("edgeloop_validation_value", "Last on-device validation metric value",
+                                registry=self.registry)
+
+    def observe_batch(self, rows: int, seconds: float) -> None:
+        """Called by the batcher after each engine run."""
+        self.batch_size.observe(rows)
+        self.batch_seconds.observe(seconds)
+
+    def set_state(self, state: str, ready: bool, validation: float | None) -> None:
+        """Mirror the runtime's state."""
+        for name in STATES:
+            self.state.labels(name).set(1.0 if name == state else 0.0)
+        self.ready.set(1.0 if ready else 0.0)
+        if validation is not None:
+            self.validation.set(validation)
+
+    def serve(self, address: str, port: int) -> None:
+        """Start the HTTP exporter thread."""
+        start_http_server(port, addr=address, registry=self.registry)

@@ -1,0 +1,73 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Event(_message.Message):
+    __slots__ = ("id", "device_id", "kind", "timestamp_ms", "payload_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    device_id: str
+    kind: str
+    timestamp_ms: int
+    payload_json: str
+    def __init__(self, id: _Optional[str] = ..., device_id: _Optional[str] = ..., kind: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., payload_json: _Optional[str] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("device_id", "events")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, device_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class ReportResponse(_message.Message):
+    __slots__ = ("acknowledged_ids", "duplicates")
+    ACKNOWLEDGED_IDS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    acknowledged_ids: _containers.RepeatedScalarFieldContainer[str]
+    duplicates: int
+    def __init__(self, acknowledged_ids: _Optional[_Iterable[str]] = ..., duplicates: _Optional[int] = ...) -> None: ...
+
+class FleetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeviceStatus(_message.Message):
+    __slots__ = ("device_id", "model_name", "target_key", "desired_version", "serving_version", "state", "validation_result", "p50_ms", "p99_ms", "last_seen_ms", "facts_json")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_KEY_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_RESULT_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_MS_FIELD_NUMBER: _ClassVar[int]
+    FACTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    model_name: str
+    target_key: str
+    desired_version: str
+    serving_version: str
+    state: str
+    validation_result: str
+    p50_ms: float
+    p99_ms: float
+    last_seen_ms: int
+    facts_json: str
+    def __init__(self, device_id: _Optional[str] = ..., model_name: _Optional[str] = ..., target_key: _Optional[str] = ..., desired_version: _Optional[str] = ..., serving_version: _Optional[str] = ..., state: _Optional[str] = ..., validation_result: _Optional[str] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., last_seen_ms: _Optional[int] = ..., facts_json: _Optional[str] = ...) -> None: ...
+
+class FleetStatusResponse(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ...) -> None: ...

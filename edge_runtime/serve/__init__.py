@@ -1,0 +1,1 @@
+"""Serve step: the Open Inference Protocol over gRPC (grpc.aio), health, reflection, dynamic batching."""

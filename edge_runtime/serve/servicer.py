@@ -1,0 +1,80 @@
+"""``inference.GRPCInferenceService``: each RPC turns the request into domain values, calls the runtime once,
+and turns the result back. Errors are raised as ours and mapped by :mod:`edge_runtime.serve.errors`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+
+from edge_runtime import __version__
+from edge_runtime.errors import ModelNotFound
+from edge_runtime.protos import inference_pb2 as pb
+from edge_runtime.protos import inference_pb2_grpc
+from edge_runtime.serve.converters import outputs_to_response, request_to_inputs, requested_outputs, tensor_metadata
+
+if TYPE_CHECKING:
+    from edge_runtime.lifecycle import ModelRuntime
+
+EXTENSIONS = ["model_repository", "health", "dynamic_batching"]
+
+
+class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    """Open Inference Protocol v2 over :class:`~edge_runtime.lifecycle.ModelRuntime`."""
+
+    def __init__(self, runtime: ModelRuntime, max_batch_size: int) -> None:
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:  # noqa: N802,E501
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:  # noqa: N802,E501
+        return pb.ServerReadyResponse(ready=self.runtime.ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:  # noqa: N802,E501
+        try:
+            self.runtime.model(request.name, request.version)
+        except ModelNotFound:
+            raise
+        except Exception:  # noqa: BLE001 - not ready is an answer here, not an error
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:  # noqa: N802,E501
+        return pb.ServerMetadataResponse(name="edgeloop", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:  # noqa: N802,E501
+        model = self.runtime.model(request.name, request.version)
+        return pb.ModelMetadataResponse(
+            name=model.name, versions=[model.version], platform=model.engine.platform,
+            inputs=tensor_metadata(model.engine.inputs), outputs=tensor_metadata(model.engine.outputs),
+        )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:  # noqa: N802,E501
+        model = self.runtime.model(request.model_name, request.model_version)
+        inputs = request_to_inputs(request, model.engine.inputs, self.max_batch_size)
+        names = requested_outputs(request, model.engine.outputs)
+        version, outputs = await self.runtime.infer(request.model_name, request.model_version, inputs)
+        return outputs_to_response(request, version, outputs, names)
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:  # noqa: N802,E501
+        status = self.runtime.status()
+        ready = status["ready"] or status["serving_version"] is not None
+        entry = pb.RepositoryIndexResponse.ModelIndex(
+            name=status["model_name"], version=status["serving_version"] or "",
+            state="READY" if ready else ("LOADING" if status["state"] in ("fetching", "building", "validating")
+                                         else "UNAVAILABLE"),
+            reason=status["error"],
+        )
+        models = [entry] if (ready or not request.ready) else []
+        return pb.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:  # noqa: N802,E501
+        version = request.parameters["version"].string_param if "version" in request.parameters else None
+        await self.runtime.load(request.model_name, version)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:  # noqa: N802,E501
+        await self.runtime.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()

@@ -1,0 +1,102 @@
+"""The edge runtime's settings: one object, from (lowest to highest) defaults, an optional file, ``EDGE_*``
+environment variables, and command-line flags (applied in ``main()`` only)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from edge_runtime.errors import ConfigError
+
+
+class EdgeSettings(BaseSettings):
+    """Settings of ``edgeloop edge serve``. Every field reads ``EDGE_<NAME>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGE_", extra="forbid")
+
+    # --- what to serve
+    model_name: str = Field("digits-cnn", description="model name under models/ in the bucket")
+    model_version: str = Field("stable", description="a version (v2026...) or a channel name (stable, canary)")
+    desired_file: Path | None = Field(
+        None, description="JSON/YAML file with model_name/model_version, watched for changes (a Helm ConfigMap)")
+
+    # --- where artifacts come from (credentials: boto3's chain, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint; unset for AWS S3")
+    s3_bucket: str = Field("edgeloop", description="bucket")
+    s3_prefix: str = Field("", description="key prefix before models/")
+    verify_key_file: Path | None = Field(
+        None, description="ed25519 public key (PEM) trusted for manifests; else EDGELOOP_VERIFY_KEY[_FILE]")
+
+    # --- local cache
+    cache_dir: Path = Field(Path("/var/cache/edgeloop"), description="artifact and engine cache (survives restarts)")
+    cache_max_bytes: int = Field(4 << 30, gt=0, description="cache size cap in bytes; least recently used out first")
+
+    # --- engines
+    backend: Literal["auto", "tensorrt", "onnxruntime"] = Field("auto", description="engine backend")
+    variant: str | None = Field(None, description="force a manifest variant (default: best for the backend)")
+    share_engines: bool = Field(False, description="upload engines this device built to S3 for identical devices")
+    opt_batch_size: int = Field(8, gt=0, description="TensorRT optimization-profile opt batch")
+
+    # --- validation
+    latency_budget_p99_ms: float | None = Field(None, gt=0, description="fail validation above this batch-1 p99")
+
+    # --- serving
+    bind_address: str = Field("127.0.0.1", description="address the gRPC and metrics servers bind to")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="Open Inference Protocol gRPC port (0: pick one)")
+    metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus /metrics port (0: disabled)")
+    max_batch_size: int = Field(16, gt=0, description="dynamic batching: most samples merged into one run")
+    max_queue_delay_us: int = Field(2000, ge=0, description="dynamic batching: longest wait for more requests, µs")
+    max_message_bytes: int = Field(16 << 20, gt=0, description="gRPC max receive/send message size, bytes")
+
+    # --- the life cycle loop
+    poll_interval_s: float = Field(30.0, gt=0, description="how often the channel pointer is re-read, seconds")
+    retry_initial_s: float = Field(2.0, gt=0, description="first back-off after a failure, seconds")
+    retry_max_s: float = Field(300.0, gt=0, description="back-off cap, seconds")
+    fetch_attempts: int = Field(8, gt=0, description="attempts per file download before the cycle fails")
+
+    # --- identity and telemetry
+    device_id: str = Field(default_factory=socket.gethostname, description="device id (default: host name)")
+    hub_address: str | None = Field(None, description="telemetry hub host:port; unset: telemetry stays in the outbox")
+    hub_token: SecretStr | None = Field(None, description="device token for the hub")
+    telemetry_interval_s: float = Field(30.0, gt=0, description="period of stats events and outbox flushes, seconds")
+
+    @classmethod
+    def load(cls, file: Path | None = None, **overrides: Any) -> EdgeSettings:
+        """Defaults < ``file`` (JSON or YAML) < ``EDGE_*`` environment < ``overrides`` (CLI flags; ``None`` skipped)."""
+        try:
+            from_env = cls()
+            merged = {
+                **(read_settings_file(file) if file is not None else {}),
+                **{name: getattr(from_env, name) for name in from_env.model_fields_set},
+                **{k: v for k, v in overrides.items() if v is not None},
+            }
+            return cls(**merged)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"setting {where}: {first['msg']}") from exc
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """A flat mapping of setting names from a JSON or YAML file; a bad file is a ConfigError."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from exc
+    try:
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text or "{}")
+    except ValueError as exc:
+        raise ConfigError(f"{path} does not parse: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of setting names to values")
+    return data

@@ -1,0 +1,80 @@
+"""Validate before serving: the version's held-out set through the engine this device built, against the
+manifest's reference accuracy (minus tolerance) and, when configured, a batch-1 p99 latency budget."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.contract import Manifest
+from edge_runtime.engines.base import Engine
+from edge_runtime.errors import ValidationFailed
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """What validation measured and decided."""
+
+    variant: str
+    metric: str
+    value: float
+    reference: float
+    tolerance: float
+    samples: int
+    p50_ms: float
+    p99_ms: float
+    latency_budget_p99_ms: float | None
+    passed: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: ``passed top1_accuracy 0.9944 >= 0.9844 (p99 0.21 ms)``."""
+        verdict = "passed" if self.passed else "failed"
+        return (f"{verdict} {self.metric} {self.value:.4f} >= {self.reference - self.tolerance:.4f}"
+                if self.passed else f"{verdict}: {self.reason}") + f" (p99 {self.p99_ms:.2f} ms)"
+
+
+def validate(engine: Engine, validation_path: Path, manifest: Manifest, variant: str, *,
+             latency_budget_p99_ms: float | None = None, latency_runs: int = 100) -> ValidationResult:
+    """Run the validation set; ``passed`` only if accuracy and (when set) latency are within bounds."""
+    spec = manifest.validation
+    with np.load(validation_path, allow_pickle=False) as npz:
+        inputs, labels = npz["inputs"], npz["labels"]
+    name = engine.inputs[0].name
+    step = max(1, engine.max_batch_size)
+    predictions = []
+    for start in range(0, len(inputs), step):
+        (logits,) = engine.infer({name: inputs[start : start + step]}).values()
+        predictions.append(np.asarray(logits).argmax(axis=1))
+    value = float((np.concatenate(predictions) == labels).mean())
+    reference = spec.reference.get(variant, max(spec.reference.values()))
+    times = []
+    for i in range(min(latency_runs, len(inputs)) or 1):
+        sample = inputs[i % len(inputs)][None]
+        begin = time.perf_counter()
+        engine.infer({name: sample})
+        times.append((time.perf_counter() - begin) * 1e3)
+    p50, p99 = float(np.percentile(times, 50)), float(np.percentile(times, 99))
+    reasons = []
+    if value < reference - spec.tolerance - 1e-9:
+        reasons.append(f"{spec.metric} {value:.4f} below {reference:.4f} - {spec.tolerance:.4f}")
+    if latency_budget_p99_ms is not None and p99 > latency_budget_p99_ms:
+        reasons.append(f"batch-1 p99 {p99:.2f} ms over the {latency_budget_p99_ms:.2f} ms budget")
+    return ValidationResult(variant=variant, metric=spec.metric, value=value, reference=reference,
+                            tolerance=spec.tolerance, samples=len(labels), p50_ms=p50, p99_ms=p99,
+                            latency_budget_p99_ms=latency_budget_p99_ms, passed=not reasons,
+                            reason="; ".join(reasons))
+
+
+def require_passed(result: ValidationResult, where: str) -> None:
+    """Raise :class:`ValidationFailed` naming ``where`` when ``result`` did not pass."""
+    if not result.passed:
+        raise ValidationFailed(f"{where} failed validation on this device: {result.reason}")

@@ -1,0 +1,199 @@
+"""The edge runtime end to end on loopback: SeaweedFS → fetch → build (ONNX Runtime) → validate → gRPC, with
+tritonclient (from PyPI) as the client."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from edge_runtime.errors import DigestMismatch, ValidationFailed
+from edge_runtime.protos import inference_pb2 as pb
+from edge_runtime.protos import inference_pb2_grpc
+from tests.edge_runtime.conftest import RunningEdge, move_channel, publish_model
+
+pytestmark = pytest.mark.integration
+MODEL = "digits-cnn"
+
+
+def triton_predict(client: triton.InferenceServerClient, x: np.ndarray) -> tuple[np.ndarray, str]:
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x.astype(np.float32))
+    result = client.infer(MODEL, [tensor], outputs=[triton.InferRequestedOutput("logits")])
+    return result.as_numpy("logits"), result.get_response().model_version
+
+
+@pytest.fixture
+def served(store, signing_key, trained, edge_settings):
+    publish_model(store, signing_key, trained, "v1")
+    edge = RunningEdge(edge_settings(store.bucket), store=None)
+    edge.wait_ready()
+    yield edge, store
+    edge.stop()
+
+
+def test_tritonclient_gets_liveness_metadata_and_correct_predictions(served, trained):
+    edge, _ = served
+    client = triton.InferenceServerClient(edge.address)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    meta = client.get_server_metadata()
+    assert meta.name == "edgeloop" and "model_repository" in meta.extensions
+    model = client.get_model_metadata(MODEL)
+    assert model.platform == "onnxruntime_onnx" and list(model.versions) == ["v1"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("input", "FP32", [-1, 1, 8, 8])]
+    predictions = np.concatenate([triton_predict(client, trained.x_val[i : i + 16])[0].argmax(1)
+                                  for i in range(0, len(trained.x_val), 16)])
+    assert (predictions == trained.y_val).mean() >= 0.9
+    index = client.get_model_repository_index()
+    assert [(m.name, m.version, m.state) for m in index.models] == [(MODEL, "v1", "READY")]
+    assert edge.app.runtime.serving.plan.variant.name == "int8-ort"  # the CPU variant was chosen
+    validated = edge.events("validated")[-1]
+    assert validated["passed"] and validated["samples"] == len(trained.y_val)
+
+
+def test_health_and_reflection(served):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    edge, _ = served
+    with grpc.insecure_channel(edge.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code", "needle"),
+    [
+        (lambda r: setattr(r.inputs[0], "datatype", "FP64"), grpc.StatusCode.INVALID_ARGUMENT, "datatype"),
+        (lambda r: r.inputs[0].shape.__setitem__(2, 9), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+        (lambda r: r.raw_input_contents.__setitem__(0, b"\x00" * 7), grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+        (lambda r: setattr(r, "model_name", "nope"), grpc.StatusCode.NOT_FOUND, "not served"),
+        (lambda r: (r.ClearField("inputs"), r.ClearField("raw_input_contents")), grpc.StatusCode.INVALID_ARGUMENT,
+         "no inputs"),
+        (lambda r: setattr(r.inputs[0], "name", "pixels"), grpc.StatusCode.INVALID_ARGUMENT, "unknown input"),
+        (lambda r: r.outputs.add(name="probabilities"), grpc.StatusCode.INVALID_ARGUMENT, "unknown outputs"),
+        (lambda r: setattr(r, "model_version", "v0"), grpc.StatusCode.NOT_FOUND, "version"),
+    ],
+)
+def test_malformed_requests_get_the_right_code_and_the_server_keeps_serving(served, trained, mutate, code, needle):
+    edge, _ = served
+    x = trained.x_val[:2].astype(np.float32)
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    mutate(request)
+    with grpc.insecure_channel(edge.address) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, timeout=10)
+        good = pb.ModelInferRequest(model_name=MODEL)
+        good.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+        good.raw_input_contents.append(x.tobytes())
+        after = stub.ModelInfer(good, timeout=10)
+    assert info.value.code() == code
+    assert needle in info.value.details()
+    assert after.outputs[0].shape == [2, 10]
+
+
+def test_oversized_and_too_large_batches(served, edge_settings, trained):
+    edge, _ = served
+    client = triton.InferenceServerClient(edge.address)
+    big = np.zeros((17, 1, 8, 8), np.float32)  # more than max_batch_size (16)
+    with pytest.raises(InferenceServerException) as batch:
+        triton_predict(client, big)
+    assert "outside 1..16" in str(batch.value)
+    huge = np.zeros((16, 1, 256, 1024), np.float32)  # 16 MiB of payload: beyond max_message_bytes
+    tensor = triton.InferInput("input", list(huge.shape), "FP32")
+    tensor.set_data_from_numpy(huge)
+    with pytest.raises(InferenceServerException) as oversized:
+        client.infer(MODEL, [tensor])
+    assert "RESOURCE_EXHAUSTED" in str(oversized.value.status())
+    assert triton_predict(client, trained.x_val[:1])[0].shape == (1, 10)
+
+
+def test_new_version_swaps_in_without_a_failed_request(served, trained, signing_key):
+    edge, store = served
+    client = triton.InferenceServerClient(edge.address)
+    failures, versions, stop = [], [], threading.Event()
+
+    def keep_sending() -> None:
+        worker = triton.InferenceServerClient(edge.address)
+        i = 0
+        while not stop.is_set():
+            try:
+                _, version = triton_predict(worker, trained.x_val[i % 300 : i % 300 + 4])
+                versions.append(version)
+            except Exception as exc:  # noqa: BLE001 - counted, asserted below
+                failures.append(exc)
+            i += 1
+
+    senders = [threading.Thread(target=keep_sending) for _ in range(3)]
+    for t in senders:
+        t.start()
+    try:
+        publish_model(store, signing_key, trained, "v2")  # moves the stable channel
+        result = edge.call(edge.app.runtime.reconcile())
+        assert result.changed and result.version == "v2"
+        before = len(versions)
+        while len(versions) < before + 30:
+            pass
+    finally:
+        stop.set()
+        for t in senders:
+            t.join(30)
+    assert failures == []
+    assert versions[0] == "v1" and versions[-1] == "v2" and client.is_server_ready()
+    assert edge.events("serving")[-1]["previous"] == "v1"
+
+
+def test_version_below_its_reference_is_refused_and_the_old_one_keeps_serving(served, trained, signing_key):
+    edge, store = served
+    publish_model(store, signing_key, trained, "v3-bad", files=trained.untrained)
+    with pytest.raises(ValidationFailed) as info:
+        edge.call(edge.app.runtime.reconcile())
+    assert "below" in str(info.value)
+    client = triton.InferenceServerClient(edge.address)
+    assert triton_predict(client, trained.x_val[:4])[1] == "v1"
+    assert not client.is_server_ready()  # the desired version is not the one serving: the rollout must stop
+    failed = edge.events("failed")[-1]
+    assert failed["version"] == "v3-bad"
+    move_channel(store, "v1")
+    edge.call(edge.app.runtime.reconcile())
+    assert client.is_server_ready()
+
+
+def test_tampered_file_is_refused(served, trained, signing_key):
+    edge, store = served
+    publish_model(store, signing_key, trained, "v4")
+    store.put_bytes("models/digits-cnn/v4/int8-ort.onnx", trained.untrained["int8-ort"].read_bytes())
+    with pytest.raises(DigestMismatch):
+        edge.call(edge.app.runtime.reconcile())
+    assert edge.app.runtime.serving.version == "v1"
+    assert not (edge.app.settings.cache_dir / "artifacts" / MODEL / "v4" / "int8-ort.onnx").exists()
+
+
+def test_restart_with_a_warm_cache_needs_no_download_or_build(served, edge_settings, trained):
+    edge, store = served
+    first_fetch = edge.events("fetched")[-1]
+    assert first_fetch["bytes"] > 0
+    edge.stop()
+    again = RunningEdge(edge_settings(store.bucket))
+    try:
+        again.wait_ready()
+        assert again.events("fetched")[-1]["bytes"] == 0
+        assert again.events("built")[-1]["built"] is False
+        client = triton.InferenceServerClient(again.address)
+        assert triton_predict(client, trained.x_val[:2])[1] == "v1"
+    finally:
+        again.stop()
+        edge.stop = lambda: None  # already stopped
