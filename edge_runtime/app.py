@@ -128,3 +128,16 @@ async def serve(settings: EdgeSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await app.stop()
+
+
+async def wait_until_ready(app: EdgeApp, timeout_s: float = 120.0) -> None:
+    """Wait until the runtime serves its desired version; :class:`NotReady` with the last error after ``timeout_s``."""
+    from edge_runtime.errors import NotReady
+
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while app.runtime is None or not app.runtime.ready():
+        if asyncio.get_running_loop().time() > deadline:
+            status = app.runtime.status() if app.runtime else {}
+            raise NotReady(f"the runtime did not become ready within {timeout_s:.0f}s: {status.get('state')} "
+                           f"{status.get('error', '')}")
+        await asyncio.sleep(0.1)

@@ -50,7 +50,7 @@ class EdgeSettings(BaseSettings):
     grpc_port: int = Field(8001, ge=0, le=65535, description="Open Inference Protocol gRPC port (0: pick one)")
     metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus /metrics port (0: disabled)")
     max_batch_size: int = Field(16, gt=0, description="dynamic batching: most samples merged into one run")
-    max_queue_delay_us: int = Field(2000, ge=0, description="dynamic batching: longest wait for more requests, µs")
+    max_queue_delay_us: int = Field(500, ge=0, description="dynamic batching: longest wait for more requests, µs")
     max_message_bytes: int = Field(16 << 20, gt=0, description="gRPC max receive/send message size, bytes")
 
     # --- the life cycle loop

@@ -21,6 +21,17 @@ except ImportError:  # the cloud extra (kfp) is not installed here
 if pipeline_app is not None:
     app.add_typer(pipeline_app, name="pipeline")
 
+from edge_runtime.cli import app as edge_app  # noqa: E402 - after the optional cloud part on purpose
+
+app.add_typer(edge_app, name="edge")
+try:
+    from telemetry_hub.cli import fleet_app, hub_app
+except ImportError:  # the hub extra (SQLAlchemy) is not installed here
+    hub_app = fleet_app = None
+if hub_app is not None and fleet_app is not None:
+    app.add_typer(hub_app, name="hub")
+    app.add_typer(fleet_app, name="fleet")
+
 
 @app.command("keys")
 def keys_command(

@@ -1,15 +1,24 @@
-"""``make demo``: the loop on one machine — a real S3 server, the pipeline through kfp.local, a verified version.
+"""``make demo``: the whole loop on one machine.
+
+1. a real S3 server (SeaweedFS) on loopback;  2. the retraining pipeline through kfp.local, publishing a signed
+version;  3. the telemetry hub;  4. the edge runtime (fetch → build → validate → serve gRPC);  5. a client sends the
+held-out set through the Open Inference Protocol;  6. ``fleet status`` from the hub. Everything is stopped at the end.
 
 Everything lives under one work folder (``.demo/`` by default): the SeaweedFS data, the signing keys (generated on
-the first run, never in the repo) and each run's outputs. A second run publishes a new version next to the first.
+the first run, never in the repo), the device cache and each run's outputs. A second run publishes a new version
+next to the first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from rich.table import Table
 
 from edge_runtime.contract import ArtifactLayout, generate_signing_key, load_verify_key
@@ -21,44 +30,125 @@ MODEL = "digits-cnn"
 CHANNEL = "stable"
 
 
+class _LoopThread:
+    """An event loop in a background thread (the hub and the device run on it)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="demo-loop")
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 300.0):  # noqa: ANN001,ANN201
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 def run_demo(workdir: str | Path = ".demo") -> None:
-    """Start S3, run the pipeline (always retraining), verify what it published, list versions, stop S3."""
+    """Run every step; stop every server even when a step fails."""
+    from edge_runtime.app import EdgeApp, wait_until_ready
+    from edge_runtime.cli import send_dataset
+    from edge_runtime.settings import EdgeSettings
     from pipelines.cli import console, print_result
     from pipelines.local_run import run_local
+    from telemetry_hub.cli import fleet_table
+    from telemetry_hub.server import HubSettings, fleet_status, start_hub
 
     root = Path(workdir).resolve()
     keys = root / "keys"
     if not (keys / "signing-key.pem").exists():
         generate_signing_key(keys)
     started = time.monotonic()
-    with LocalS3(root / "s3") as s3:
-        store = s3.store(BUCKET)
-        console.print(f"[bold]1.[/bold] SeaweedFS S3 on {s3.endpoint_url}, bucket {BUCKET!r} (data in {root / 's3'})")
-        os.environ.update(s3.env())
-        os.environ["EDGELOOP_SIGNING_KEY_FILE"] = str(keys / "signing-key.pem")
-        console.print("[bold]2.[/bold] retraining pipeline through kfp.local: "
-                      "load digits → train → prune → QAT → export → evaluate (gate) → report → publish")
-        result = run_local(
-            {"model_name": MODEL, "bucket": BUCKET, "channel": CHANNEL, "s3_endpoint": s3.endpoint_url,
-             "force_retrain": True},
-            runs_dir=root / "runs",
-        )
-        print_result(result)
-        layout = ArtifactLayout()
-        assert result.version is not None
-        manifest = verify_published(store, layout, MODEL, result.version, load_verify_key(keys / "verify-key.pem"))
-        console.print(f"[bold]3.[/bold] verified s3://{BUCKET}/{layout.version_prefix(MODEL, result.version)}: "
-                      f"ed25519 signature and sha256 of {len(manifest.files())} files")
-        table = Table(title=f"versions of {MODEL} in s3://{BUCKET}")
-        for column in ("version", "complete (manifest)", "files", f"channel {CHANNEL!r}"):
-            table.add_column(column)
-        pointer = store.get_bytes(layout.channel_key(MODEL, CHANNEL)).decode()
-        for version in sorted(store.list_prefixes(layout.model_prefix(MODEL))):
-            if version == "channels":
-                continue
-            keys_under = store.list_keys(layout.version_prefix(MODEL, version))
-            complete = layout.manifest_key(MODEL, version) in keys_under
-            table.add_row(version, "yes" if complete else "no", str(len(keys_under)),
-                          "◀" if f'"{version}"' in pointer else "")
-        console.print(table)
-    console.print(f"done in {time.monotonic() - started:.0f}s; S3 stopped. Run `make demo` again for a new version.")
+    loop = _LoopThread()
+    hub = edge = None
+    try:
+        with LocalS3(root / "s3") as s3:
+            store = s3.store(BUCKET)
+            console.print(f"[bold]1.[/bold] SeaweedFS S3 on {s3.endpoint_url}, bucket {BUCKET!r}")
+            os.environ.update(s3.env())
+            os.environ["EDGELOOP_SIGNING_KEY_FILE"] = str(keys / "signing-key.pem")
+            console.print("[bold]2.[/bold] retraining pipeline through kfp.local: "
+                          "load digits → train → prune → QAT → export → evaluate (gate) → report → publish")
+            result = run_local(
+                {"model_name": MODEL, "bucket": BUCKET, "channel": CHANNEL, "s3_endpoint": s3.endpoint_url,
+                 "force_retrain": True},
+                runs_dir=root / "runs",
+            )
+            print_result(result)
+            layout = ArtifactLayout()
+            assert result.version is not None
+            manifest = verify_published(store, layout, MODEL, result.version,
+                                        load_verify_key(keys / "verify-key.pem"), workdir=root / "verified")
+            console.print(f"    verified s3://{BUCKET}/{layout.version_prefix(MODEL, result.version)}: "
+                          f"signature and sha256 of {len(manifest.files())} files")
+            _print_versions(console, store, layout)
+
+            token = secrets.token_hex(16)
+            hub_settings = HubSettings(database_url=f"sqlite:///{root / 'hub.sqlite'}", port=0,
+                                       tokens=f"demo-jetson:{token}")
+            hub, hub_port, _ = loop.run(start_hub(hub_settings))
+            console.print(f"[bold]3.[/bold] telemetry hub on 127.0.0.1:{hub_port} (SQLite {root / 'hub.sqlite'})")
+
+            settings = EdgeSettings(
+                model_name=MODEL, model_version=CHANNEL, s3_endpoint_url=s3.endpoint_url, s3_bucket=BUCKET,
+                verify_key_file=keys / "verify-key.pem", cache_dir=root / "device-cache", grpc_port=0,
+                metrics_port=0, hub_address=f"127.0.0.1:{hub_port}", hub_token=token, device_id="demo-jetson",
+                telemetry_interval_s=1.0,
+            )
+            edge = EdgeApp(settings, store=store)
+            loop.run(edge.start())
+            loop.run(wait_until_ready(edge, timeout_s=120))
+            status = edge.runtime.status()
+            console.print(f"[bold]4.[/bold] edge runtime on 127.0.0.1:{edge.grpc_port}: serving {MODEL}/"
+                          f"{status['serving_version']} as {status['variant']} on {status['target_key']}; "
+                          f"on-device validation {status['validation']}")
+
+            with np.load(root / "verified" / "validation.npz") as npz:
+                x, y = npz["inputs"], npz["labels"]
+            address = f"127.0.0.1:{edge.grpc_port}"
+            single = send_dataset(address, MODEL, x, y, batch_size=1)
+            batched = send_dataset(address, MODEL, x, y, batch_size=16)
+            table = Table(title=f"client → {address} (Open Inference Protocol, {len(y)} held-out images)")
+            for column in ("batch", "accuracy %", "p50 ms", "p99 ms", "images/s"):
+                table.add_column(column, justify="right")
+            for batch, r in ((1, single), (16, batched)):
+                table.add_row(str(batch), f"{r['accuracy'] * 100:.2f}", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                              f"{r['samples_per_s']:.0f}")
+            console.print("[bold]5.[/bold] client")
+            console.print(table)
+
+            edge.report("stats", edge.stats())
+            deadline = time.monotonic() + 30
+            while edge.outbox.count() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            console.print("[bold]6.[/bold] edgeloop fleet status")
+            console.print(fleet_table(loop.run(fleet_status(f"127.0.0.1:{hub_port}", token))))
+            loop.run(edge.stop())
+            edge = None
+            loop.run(hub.stop(1))
+            hub = None
+    finally:
+        if edge is not None:
+            loop.run(edge.stop())
+        if hub is not None:
+            loop.run(hub.stop(0))
+        loop.close()
+    console.print(f"done in {time.monotonic() - started:.0f}s; everything stopped. "
+                  "Run `make demo` again for a new version.")
+
+
+def _print_versions(console, store, layout: ArtifactLayout) -> None:  # noqa: ANN001
+    table = Table(title=f"versions of {MODEL} in s3://{BUCKET}")
+    for column in ("version", "complete (manifest)", "files", f"channel {CHANNEL!r}"):
+        table.add_column(column)
+    pointer = store.get_bytes(layout.channel_key(MODEL, CHANNEL)).decode()
+    for version in sorted(store.list_prefixes(layout.model_prefix(MODEL))):
+        if version == "channels":
+            continue
+        keys_under = store.list_keys(layout.version_prefix(MODEL, version))
+        complete = layout.manifest_key(MODEL, version) in keys_under
+        table.add_row(version, "yes" if complete else "no", str(len(keys_under)),
+                      "◀" if f'"{version}"' in pointer else "")
+    console.print(table)

@@ -1,0 +1,104 @@
+"""``edgeloop edge ...``: serve on this device, or send a quick check to a running server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="The edge runtime: fetch, build, validate and serve a model over gRPC.", no_args_is_help=True)
+console = Console()
+
+
+@app.command("serve")
+def serve_command(
+    config: Annotated[Path | None, typer.Option(help="settings file (JSON/YAML); EDGE_* variables override it")] = None,
+    model: Annotated[str | None, typer.Option(help="model name")] = None,
+    version: Annotated[str | None, typer.Option(help="version or channel")] = None,
+    s3_endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL")] = None,
+    bucket: Annotated[str | None, typer.Option(help="S3 bucket")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="artifact and engine cache")] = None,
+    bind: Annotated[str | None, typer.Option(help="bind address for gRPC and metrics")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto, tensorrt or onnxruntime")] = None,
+    hub: Annotated[str | None, typer.Option(help="telemetry hub host:port")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Serve the Open Inference Protocol on this device until SIGTERM."""
+    from edge_runtime.app import serve
+    from edge_runtime.settings import EdgeSettings
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = EdgeSettings.load(config, model_name=model, model_version=version, s3_endpoint_url=s3_endpoint,
+                                 s3_bucket=bucket, cache_dir=cache_dir, bind_address=bind, grpc_port=grpc_port,
+                                 metrics_port=metrics_port, backend=backend, hub_address=hub)
+    asyncio.run(serve(settings))
+
+
+def send_dataset(address: str, model: str, inputs: np.ndarray, labels: np.ndarray | None, batch_size: int = 1,
+                 timeout_s: float = 30.0) -> dict[str, float]:
+    """Send ``inputs`` through ``ModelInfer`` (tritonclient-compatible requests); accuracy and latency."""
+    import grpc
+
+    from edge_runtime.errors import NotReady
+    from edge_runtime.protos import inference_pb2 as pb
+    from edge_runtime.protos import inference_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise NotReady(f"{address}: {exc.code().name}: {exc.details()}") from exc
+        name = meta.inputs[0].name
+        predictions, times = [], []
+        started = time.perf_counter()
+        for start in range(0, len(inputs), batch_size):
+            x = np.ascontiguousarray(inputs[start : start + batch_size], dtype=np.float32)
+            request = pb.ModelInferRequest(model_name=model)
+            request.inputs.add(name=name, datatype="FP32", shape=list(x.shape))
+            request.raw_input_contents.append(x.tobytes())
+            begin = time.perf_counter()
+            reply = stub.ModelInfer(request, timeout=timeout_s)
+            times.append((time.perf_counter() - begin) * 1e3)
+            shape = tuple(reply.outputs[0].shape)
+            logits = np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).reshape(shape)
+            predictions.append(logits.argmax(axis=1))
+        elapsed = time.perf_counter() - started
+    result = {"samples": float(len(inputs)), "p50_ms": float(np.percentile(times, 50)),
+              "p99_ms": float(np.percentile(times, 99)), "samples_per_s": len(inputs) / elapsed,
+              "version": reply.model_version}
+    if labels is not None:
+        result["accuracy"] = float((np.concatenate(predictions) == labels).mean())
+    return result
+
+
+@app.command("infer")
+def infer_command(
+    inputs: Annotated[Path, typer.Argument(help=".npz with `inputs` (and optional `labels`), e.g. validation.npz")],
+    address: Annotated[str, typer.Option(help="host:port of the runtime")] = "127.0.0.1:8001",
+    model: Annotated[str, typer.Option(help="model name")] = "digits-cnn",
+    batch_size: Annotated[int, typer.Option(help="samples per request")] = 1,
+) -> None:
+    """Send a data set to a running runtime and print accuracy (when labelled) and latency."""
+    from edge_runtime.errors import ConfigError
+
+    try:
+        with np.load(inputs, allow_pickle=False) as npz:
+            x, y = npz["inputs"], (npz["labels"] if "labels" in npz else None)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(f"{inputs}: not an .npz with an `inputs` array") from exc
+    result = send_dataset(address, model, x, y, batch_size)
+    table = Table(title=f"{model} at {address} (version {result['version']})")
+    for key in ("samples", "accuracy", "p50_ms", "p99_ms", "samples_per_s"):
+        if key in result:
+            table.add_row(key, f"{result[key]:.4f}" if key == "accuracy" else f"{result[key]:.2f}")
+    console.print(table)

@@ -1,0 +1,2 @@
+"""The telemetry hub: receives device events over gRPC, stores them (SQLite by default, PostgreSQL at scale) and
+answers fleet queries (``edgeloop fleet status``)."""

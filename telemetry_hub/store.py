@@ -1,0 +1,150 @@
+"""Event and device-state storage through SQLAlchemy: ``sqlite:///hub.sqlite`` by default, or a PostgreSQL URL
+(``postgresql+psycopg://user:pass@host/db``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from edge_runtime.errors import ConfigError, StoreUnavailable
+
+metadata = MetaData()
+events = Table(
+    "events", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("device_id", String(128), nullable=False, index=True),
+    Column("kind", String(32), nullable=False),
+    Column("ts_ms", BigInteger, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("received_ms", BigInteger, nullable=False),
+)
+devices = Table(
+    "devices", metadata,
+    Column("device_id", String(128), primary_key=True),
+    Column("model_name", String(128), default=""),
+    Column("target_key", String(128), default=""),
+    Column("desired_version", String(128), default=""),
+    Column("serving_version", String(128), default=""),
+    Column("state", String(32), default=""),
+    Column("validation_result", Text, default=""),
+    Column("p50_ms", Float, nullable=True),
+    Column("p99_ms", Float, nullable=True),
+    Column("last_seen_ms", BigInteger, default=0),
+    Column("facts_json", Text, default="{}"),
+)
+
+
+@dataclass(frozen=True)
+class IncomingEvent:
+    """One event as received."""
+
+    id: str
+    kind: str
+    timestamp_ms: int
+    payload_json: str
+
+
+def _device_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """How an event of ``kind`` changes the device's row."""
+    changes: dict[str, Any] = {}
+    if payload.get("model_name"):
+        changes["model_name"] = payload["model_name"]
+    if kind == "facts":
+        changes["facts_json"] = json.dumps(payload.get("facts", {}))
+    elif kind == "serving":
+        changes.update(serving_version=payload.get("version", ""), state="serving",
+                       target_key=payload.get("target_key", ""))
+    elif kind == "built":
+        changes["target_key"] = payload.get("target_key", "")
+    elif kind == "validated":
+        verdict = "passed" if payload.get("passed") else "failed"
+        changes["validation_result"] = (f"{verdict} {payload.get('metric', '')} {payload.get('value', 0):.4f} "
+                                        f"(ref {payload.get('reference', 0):.4f} ± {payload.get('tolerance', 0):.4f})")
+        changes["desired_version"] = payload.get("version", "")
+    elif kind == "failed":
+        changes.update(state="failed", desired_version=payload.get("version", ""))
+    elif kind == "stats":
+        for field in ("desired_version", "serving_version", "state", "target_key"):
+            if payload.get(field):
+                changes[field] = payload[field]
+        for field in ("p50_ms", "p99_ms"):
+            if payload.get(field) is not None:
+                changes[field] = float(payload[field])
+    return changes
+
+
+class HubStore:
+    """Tables are created on first use."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            self.engine = create_engine(url)
+            metadata.create_all(self.engine)
+        except ImportError as exc:
+            raise ConfigError(f"no database driver for {url.split(':', 1)[0]}: pip install 'edgeloop[hub]'") from exc
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"cannot open the hub database: {exc.__class__.__name__}") from exc
+
+    def ingest(self, device_id: str, batch: Iterable[IncomingEvent]) -> tuple[list[str], int]:
+        """Store events not seen before (by id) and update the device row; returns ``(acknowledged ids,
+        duplicates)``. Every id in ``batch`` is acknowledged: new ones are stored, old ones were already."""
+        batch = list(batch)
+        ids = [e.id for e in batch]
+        now = int(time.time() * 1000)
+        with self.engine.begin() as conn:
+            seen = set(conn.execute(select(events.c.id).where(events.c.id.in_(ids))).scalars()) if ids else set()
+            fresh = [e for e in batch if e.id not in seen]
+            if fresh:
+                conn.execute(insert(events), [
+                    {"id": e.id, "device_id": device_id, "kind": e.kind, "ts_ms": e.timestamp_ms,
+                     "payload": e.payload_json, "received_ms": now} for e in fresh])
+            changes: dict[str, Any] = {}
+            for event in sorted(fresh, key=lambda e: e.timestamp_ms):
+                try:
+                    payload = json.loads(event.payload_json or "{}")
+                except ValueError:
+                    payload = {}
+                changes.update(_device_changes(event.kind, payload if isinstance(payload, dict) else {}))
+            if batch:
+                changes["last_seen_ms"] = max(e.timestamp_ms for e in batch)
+            exists = conn.execute(select(devices.c.device_id).where(devices.c.device_id == device_id)).first()
+            if exists:
+                if changes:
+                    conn.execute(update(devices).where(devices.c.device_id == device_id).values(**changes))
+            else:
+                conn.execute(insert(devices).values(device_id=device_id, **changes))
+        return ids, len(seen)
+
+    def fleet(self) -> list[dict[str, Any]]:
+        """Every device's latest state, by device id."""
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(select(devices).order_by(devices.c.device_id))]
+
+    def count_events(self, device_id: str | None = None, kind: str | None = None) -> int:
+        """Stored events (optionally of one device and kind)."""
+        query = select(func.count()).select_from(events)
+        if device_id:
+            query = query.where(events.c.device_id == device_id)
+        if kind:
+            query = query.where(events.c.kind == kind)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())

@@ -1,0 +1,113 @@
+"""Engine selection and target keys, one conformance test over every backend, and dynamic batching."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from edge_runtime.device import DeviceFacts, detect, parse_l4t_release
+from edge_runtime.engines import build_engine, plan_engine
+from edge_runtime.errors import ConfigError
+from edge_runtime.serve.batching import DynamicBatcher
+from tests.conftest import make_staged_version
+
+CPU = DeviceFacts(arch="x86_64", ort_version="1.31.1", ort_providers=("CPUExecutionProvider",))
+ORIN = DeviceFacts(arch="aarch64", ort_version="1.20.0", ort_providers=("CPUExecutionProvider",),
+                   trt_version="10.3.0.30", gpu_name="Orin", compute_capability="87", l4t_release="36.4")
+
+
+def test_l4t_release_is_read_from_nv_tegra_release(tmp_path):
+    line = "# R36 (release), REVISION: 4.0, GCID: 37537400, BOARD: generic, EABI: aarch64, DATE: ...\n"
+    assert parse_l4t_release(line) == "36.4"
+    (tmp_path / "nv_tegra_release").write_text(line)
+    facts = detect(tmp_path / "nv_tegra_release")
+    assert facts.l4t_release == "36.4" and facts.ort_version and "CPUExecutionProvider" in facts.ort_providers
+
+
+def test_variant_and_target_key_per_device(tmp_path):
+    manifest = make_staged_version(tmp_path)
+    cpu = plan_engine(manifest, CPU)
+    assert (cpu.backend, cpu.variant.name) == ("onnxruntime", "int8-ort")
+    assert str(cpu.target_key) == "ort1.31-cpu-x86_64-int8"
+    orin = plan_engine(manifest, ORIN, max_batch_size=32, opt_batch_size=16)
+    assert (orin.backend, orin.variant.name) == ("tensorrt", "fp32")  # the staged version has no int8-qdq
+    assert str(orin.target_key) == "trt10.3-sm87-l4t36.4-fp32-b1x16x32"
+    forced = plan_engine(manifest, ORIN, backend="onnxruntime", variant="fp32")
+    assert str(forced.target_key) == "ort1.20-cpu-aarch64-fp32"
+    with pytest.raises(ConfigError):
+        plan_engine(manifest, CPU, backend="tensorrt")
+    with pytest.raises(ConfigError):
+        plan_engine(manifest, CPU, variant="int4")
+
+
+BACKENDS = [
+    pytest.param("onnxruntime", id="onnxruntime-cpu"),
+    pytest.param("tensorrt", id="tensorrt", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_conformance(backend, trained, tmp_path):
+    """Every backend builds from the published ONNX, caches the build, and matches ONNX Runtime's reference."""
+    facts = detect()
+    if backend == "tensorrt" and not facts.has_tensorrt:
+        pytest.skip("TensorRT and a CUDA GPU are needed; this machine has " + (facts.notes[-1] if facts.notes else
+                                                                               "neither"))
+    from tests.edge_runtime.conftest import accuracy_of
+
+    manifest_like = make_staged_version(tmp_path / "m")
+    plan = plan_engine(manifest_like, facts, backend=backend, variant="fp32")
+    path = tmp_path / "engine" / plan.engine_file
+    engine, built = build_engine(plan, trained.good["fp32"], path, max_batch_size=16)
+    assert built and path.exists()
+    again, built_again = build_engine(plan, trained.good["fp32"], path, max_batch_size=16)
+    assert not built_again
+    x = trained.x_val[:16].astype(np.float32)
+    (logits,) = again.infer({engine.inputs[0].name: x}).values()
+    reference = accuracy_of(trained.good["fp32"], trained.x_val[:16], trained.y_val[:16])
+    assert float((logits.argmax(1) == trained.y_val[:16]).mean()) == pytest.approx(reference, abs=1 / 16)
+    engine.close()
+    again.close()
+
+
+def test_dynamic_batching_merges_concurrent_requests(trained, tmp_path):
+    from edge_runtime.engines.onnxruntime import OrtEngine
+
+    engine = OrtEngine(trained.good["fp32"], max_batch_size=16)
+    runs: list[int] = []
+
+    async def scenario():
+        batcher = DynamicBatcher(engine, max_batch_size=16, max_queue_delay_us=50_000,
+                                 on_batch=lambda rows, _: runs.append(rows))
+        x = trained.x_val[:40].astype(np.float32)
+        results = await asyncio.gather(*(batcher.infer({"input": x[i : i + 2]}) for i in range(0, 40, 2)))
+        await batcher.close()
+        return x, results
+
+    x, results = asyncio.run(scenario())
+    expected = engine.infer({"input": x})["logits"]
+    np.testing.assert_allclose(np.concatenate([r["logits"] for r in results]), expected, rtol=1e-5, atol=1e-5)
+    assert sum(runs) == 40 and max(runs) == 16 and len(runs) < 20  # merged, never above the limit
+
+
+def test_batcher_close_finishes_queued_requests(trained):
+    from edge_runtime.engines.onnxruntime import OrtEngine
+
+    engine = OrtEngine(trained.good["fp32"], max_batch_size=4)
+
+    async def scenario():
+        batcher = DynamicBatcher(engine, max_batch_size=4, max_queue_delay_us=100_000)
+        pending = [asyncio.ensure_future(batcher.infer({"input": trained.x_val[i : i + 1].astype(np.float32)}))
+                   for i in range(10)]
+        await asyncio.sleep(0)
+        await batcher.close()
+        return [p.result()["logits"].shape for p in pending]
+
+    assert asyncio.run(scenario()) == [(1, 10)] * 10
+
+
+def test_facts_are_plain_data():
+    assert replace(CPU, dla_cores=2).to_dict()["dla_cores"] == 2

@@ -1,0 +1,155 @@
+"""The telemetry hub: storage on SQLite (always) and PostgreSQL (when one is reachable), authentication, and no
+event lost while the hub is down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import uuid
+
+import grpc
+import pytest
+
+from edge_runtime.errors import HubAuthError
+from edge_runtime.protos import telemetry_pb2 as pb
+from edge_runtime.protos import telemetry_pb2_grpc
+from edge_runtime.telemetry import Outbox, TelemetrySender
+from telemetry_hub.server import HubSettings, fleet_status, load_tokens, start_hub
+from telemetry_hub.store import HubStore, IncomingEvent
+
+POSTGRES_URL = os.environ.get("EDGELOOP_TEST_POSTGRES_URL",
+                              "postgresql+psycopg://edgeloop:edgeloop@127.0.0.1:5432/edgeloop")
+
+
+def _postgres_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            pass
+        HubStore(POSTGRES_URL).count_events()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not here
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_store(request, tmp_path):
+    if request.param == "sqlite":
+        return HubStore(f"sqlite:///{tmp_path / 'hub.sqlite'}")
+    if not _postgres_reachable():
+        pytest.skip(f"no PostgreSQL reachable at {POSTGRES_URL.split('@')[-1]} (.ci/run starts one)")
+    store = HubStore(POSTGRES_URL)
+    with store.engine.begin() as conn:  # a clean slate for this test
+        from telemetry_hub.store import devices, events
+
+        conn.execute(events.delete())
+        conn.execute(devices.delete())
+    return store
+
+
+def event(kind: str, ts: int, **payload) -> IncomingEvent:
+    return IncomingEvent(str(uuid.uuid4()), kind, ts, json.dumps({"model_name": "digits-cnn", **payload}))
+
+
+def test_ingest_deduplicates_and_builds_the_fleet_view(hub_store):
+    first = [event("facts", 1, facts={"arch": "aarch64"}),
+             event("validated", 2, version="v2", passed=True, metric="top1_accuracy", value=0.99, reference=0.995,
+                   tolerance=0.01),
+             event("serving", 3, version="v2", target_key="ort1.31-cpu-aarch64-int8"),
+             event("stats", 4, desired_version="v2", serving_version="v2", state="serving", p50_ms=0.4, p99_ms=1.2)]
+    ids, duplicates = hub_store.ingest("jetson-1", first)
+    assert ids == [e.id for e in first] and duplicates == 0
+    again, duplicates = hub_store.ingest("jetson-1", first[1:3])  # a resend after a lost acknowledgement
+    assert duplicates == 2 and again == [e.id for e in first[1:3]]
+    assert hub_store.count_events("jetson-1") == 4
+    hub_store.ingest("jetson-2", [event("failed", 5, version="v3", error="validation failed")])
+    fleet = {row["device_id"]: row for row in hub_store.fleet()}
+    one = fleet["jetson-1"]
+    assert (one["serving_version"], one["state"], one["target_key"]) == ("v2", "serving", "ort1.31-cpu-aarch64-int8")
+    assert one["validation_result"].startswith("passed top1_accuracy 0.9900")
+    assert one["p99_ms"] == pytest.approx(1.2) and json.loads(one["facts_json"]) == {"arch": "aarch64"}
+    assert (fleet["jetson-2"]["state"], fleet["jetson-2"]["desired_version"]) == ("failed", "v3")
+
+
+def test_tokens_are_required_and_may_be_bound_to_a_device(tmp_path):
+    with pytest.raises(Exception) as none:
+        load_tokens(HubSettings())
+    assert "HUB_TOKENS" in str(none.value)
+    (tmp_path / "tokens").write_text("# devices\njetson-1:s3cret\nshared-token\n")
+    assert load_tokens(HubSettings(tokens_file=tmp_path / "tokens")) == {"s3cret": "jetson-1", "shared-token": None}
+
+
+async def _report(port: int, token: str | None, device: str) -> pb.ReportResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        return await telemetry_pb2_grpc.TelemetryHubStub(channel).Report(
+            pb.ReportRequest(device_id=device, events=[pb.Event(id=str(uuid.uuid4()), device_id=device, kind="stats",
+                                                                 timestamp_ms=1, payload_json="{}")]),
+            metadata=metadata, timeout=5)
+
+
+def test_hub_rejects_bad_tokens(tmp_path):
+    async def scenario():
+        settings = HubSettings(database_url=f"sqlite:///{tmp_path / 'h.sqlite'}", port=0,
+                               tokens="jetson-1:s3cret")
+        server, port, store = await start_hub(settings)
+        try:
+            assert len((await _report(port, "s3cret", "jetson-1")).acknowledged_ids) == 1
+            codes = []
+            for token, device in ((None, "jetson-1"), ("wrong", "jetson-1"), ("s3cret", "jetson-9")):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await _report(port, token, device)
+                codes.append(info.value.code())
+            assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3
+            assert store.count_events() == 1
+            with pytest.raises(HubAuthError):
+                await fleet_status(f"127.0.0.1:{port}", "wrong")
+            (device,) = await fleet_status(f"127.0.0.1:{port}", "s3cret")
+            assert device.device_id == "jetson-1"
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_no_event_is_lost_while_the_hub_is_down(tmp_path):
+    """Events written while the hub is down (and across an outbox reopen) all arrive, each exactly once."""
+
+    async def scenario():
+        db = f"sqlite:///{tmp_path / 'hub.sqlite'}"
+        settings = HubSettings(database_url=db, port=0, tokens="tok")
+        server, port, store = await start_hub(settings)
+        outbox = Outbox(tmp_path / "outbox.sqlite", "jetson-1")
+        sender = TelemetrySender(outbox, f"127.0.0.1:{port}", "tok", interval_s=0.2, backoff_max_s=0.5)
+        task = asyncio.get_running_loop().create_task(sender.run_forever())
+        written = []
+        for i in range(5):
+            written.append(outbox.add("stats", {"i": i}))
+            sender.wake()
+        for _ in range(100):
+            if store.count_events("jetson-1") == 5:
+                break
+            await asyncio.sleep(0.05)
+        await server.stop(0)  # the uplink goes down
+        for i in range(5, 25):
+            written.append(outbox.add("stats", {"i": i}))
+            sender.wake()
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # the sender fails and backs off meanwhile
+        assert outbox.count() == 20
+        task.cancel()
+        await sender.close()
+        outbox.close()  # the device restarts: the outbox is reopened from disk
+        outbox = Outbox(tmp_path / "outbox.sqlite", "jetson-1")
+        assert outbox.count() == 20
+        server, port2, store = await start_hub(settings.model_copy(update={"port": port}))
+        sender = TelemetrySender(outbox, f"127.0.0.1:{port2}", "tok", interval_s=0.2)
+        assert await sender.flush() == 20
+        await sender.close()
+        await server.stop(0)
+        assert outbox.count() == 0
+        assert store.count_events("jetson-1") == 25  # every event, none twice
+        outbox.close()
+
+    asyncio.run(scenario())
