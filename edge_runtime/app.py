@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.device import DeviceFacts, detect
+from edge_runtime.jetson import Tegrastats
 from edge_runtime.lifecycle import ModelRuntime
 from edge_runtime.metrics import RuntimeMetrics
 from edge_runtime.serve.server import start_server
@@ -35,6 +36,7 @@ class EdgeApp:
     sender: TelemetrySender | None = None
     metrics: RuntimeMetrics = field(default_factory=RuntimeMetrics)
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=4096))
+    tegra: Tegrastats = field(default_factory=Tegrastats)
     _server: Any = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -78,6 +80,8 @@ class EdgeApp:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.runtime.run_forever(), name="edgeloop-lifecycle"))
         self._tasks.append(loop.create_task(self._stats_forever(), name="edgeloop-stats"))
+        if self.tegra.available:
+            self._tasks.append(loop.create_task(self.tegra.run_forever(), name="edgeloop-tegrastats"))
         if self.sender is not None:
             self._tasks.append(loop.create_task(self.sender.run_forever(), name="edgeloop-telemetry"))
 
@@ -86,8 +90,11 @@ class EdgeApp:
         assert self.runtime is not None
         values = np.array(self.latencies_ms) if self.latencies_ms else None
         self.latencies_ms.clear()
+        if self.tegra.latest is not None:
+            self.metrics.observe_tegra(self.tegra.latest)
         return {
             **self.runtime.status(),
+            "jetson": self.tegra.latest.to_dict() if self.tegra.latest is not None else None,
             "requests": 0 if values is None else int(values.size),
             "p50_ms": None if values is None else round(float(np.percentile(values, 50)), 3),
             "p99_ms": None if values is None else round(float(np.percentile(values, 99)), 3),

@@ -15,6 +15,8 @@ from rich.table import Table
 
 app = typer.Typer(help="The edge runtime: fetch, build, validate and serve a model over gRPC.", no_args_is_help=True)
 console = Console()
+if not console.is_terminal:  # logs and CI: wide enough for our tables
+    console = Console(width=140)
 
 
 @app.command("serve")
@@ -97,7 +99,8 @@ def infer_command(
     except (OSError, KeyError, ValueError) as exc:
         raise ConfigError(f"{inputs}: not an .npz with an `inputs` array") from exc
     result = send_dataset(address, model, x, y, batch_size)
-    table = Table(title=f"{model} at {address} (version {result['version']})")
+    console.print(f"{model} at {address}, version {result['version']}")
+    table = Table("measure", "value")
     for key in ("samples", "accuracy", "p50_ms", "p99_ms", "samples_per_s"):
         if key in result:
             table.add_row(key, f"{result[key]:.4f}" if key == "accuracy" else f"{result[key]:.2f}")

@@ -178,21 +178,10 @@ class ModelRuntime:
         self._report("fetched", {"version": version, "variant": plan.variant.name, "bytes": downloaded})
 
         self._set_state("building")
-        engine_path = self.cache.engine_path(name, version, str(plan.target_key), plan.engine_file)
-        prebuilt = manifest.engines.get(str(plan.target_key))
-        if prebuilt is not None and not engine_path.exists():
-            from edge_runtime.cache import download_resumable
-
-            await asyncio.to_thread(download_resumable, self.store,
-                                    self.layout.file_key(name, version, prebuilt.file), engine_path, prebuilt)
         build_started = time.monotonic()
-        engine, built = await asyncio.to_thread(build_engine, plan, paths[plan.variant.file], engine_path,
-                                                max_batch_size=self.settings.max_batch_size)
-        self._report("built", {"version": version, "target_key": str(plan.target_key), "built": built,
-                               "seconds": round(time.monotonic() - build_started, 3)})
-        if built and self.settings.share_engines and plan.backend == "tensorrt":
-            await asyncio.to_thread(self.store.put_file, self.layout.engine_key(name, version, str(plan.target_key)),
-                                    engine_path)
+        engine, source = await asyncio.to_thread(self._obtain_engine, manifest, plan, paths[plan.variant.file])
+        self._report("built", {"version": version, "target_key": str(plan.target_key), "built": source == "built",
+                               "source": source, "seconds": round(time.monotonic() - build_started, 3)})
 
         self._set_state("validating")
         result = await asyncio.to_thread(validate, engine, paths[manifest.validation.file], manifest,
@@ -216,7 +205,44 @@ class ModelRuntime:
             old.engine.close()
         keep = {(name, version)} | ({(old.name, old.version)} if old else set())
         await asyncio.to_thread(self.cache.evict, keep)
-        return CycleResult(version, changed=True, downloaded_bytes=downloaded, built=built)
+        return CycleResult(version, changed=True, downloaded_bytes=downloaded, built=source == "built")
+
+    def _obtain_engine(self, manifest: Manifest, plan: EnginePlan, model_path: Path) -> tuple[Engine, str]:
+        """The engine for ``plan.target_key``, from the first place that has it: the local cache, a prebuilt
+        engine the signed manifest lists, an engine an identical device shared (``share_engines``), or a build
+        here (shared back when ``share_engines``). Returns ``(engine, source)``.
+
+        A shared engine is checked against the sha256 its builder recorded (integrity); it is not covered by the
+        manifest's signature, which is why sharing is opt-in and why on-device validation still runs after.
+        """
+        from edge_runtime.cache import download_resumable
+        from edge_runtime.contract import EngineRef, sha256_file
+
+        name, version, target = manifest.name, manifest.version, str(plan.target_key)
+        engine_path = self.cache.engine_path(name, version, target, plan.engine_file)
+        source = "cache"
+        if not engine_path.exists() and (prebuilt := manifest.engines.get(target)) is not None:
+            download_resumable(self.store, self.layout.file_key(name, version, prebuilt.file), engine_path, prebuilt)
+            source = "manifest"
+        sidecar_key = self.layout.engine_key(name, version, target, "engine.json")
+        if not engine_path.exists() and self.settings.share_engines:
+            try:
+                ref = EngineRef.model_validate_json(self.store.get_bytes(sidecar_key))
+                download_resumable(self.store, self.layout.engine_key(name, version, target, plan.engine_file),
+                                   engine_path, ref, attempts=self.settings.fetch_attempts)
+                source = "shared"
+            except EdgeloopError as exc:
+                log.info("no usable shared engine for %s (%s): building", target, exc)
+        engine, built = build_engine(plan, model_path, engine_path, max_batch_size=self.settings.max_batch_size)
+        if built:
+            source = "built"
+            if self.settings.share_engines:
+                digest, size = sha256_file(engine_path)
+                ref = EngineRef(file=f"engines/{target}/{plan.engine_file}", sha256=digest, size_bytes=size,
+                                built_by=self.settings.device_id)
+                self.store.put_file(self.layout.engine_key(name, version, target, plan.engine_file), engine_path)
+                self.store.put_bytes(sidecar_key, ref.model_dump_json().encode(), content_type="application/json")
+        return engine, source
 
     def wake(self) -> None:
         """Run the next cycle now (a changed desired file)."""

@@ -28,6 +28,26 @@ class RuntimeMetrics:
         self.validation = Gauge("edgeloop_validation_value", "Last on-device validation metric value",
                                 registry=self.registry)
 
+        self.jetson_gpu = Gauge("edgeloop_jetson_gpu_utilization_percent", "GR3D load from tegrastats",
+                                registry=self.registry)
+        self.jetson_ram = Gauge("edgeloop_jetson_ram_used_megabytes", "RAM in use from tegrastats",
+                                registry=self.registry)
+        self.jetson_temp = Gauge("edgeloop_jetson_temperature_celsius", "Thermal zones from tegrastats", ["zone"],
+                                 registry=self.registry)
+        self.jetson_power = Gauge("edgeloop_jetson_power_milliwatts", "Power rails from tegrastats", ["rail"],
+                                  registry=self.registry)
+
+    def observe_tegra(self, sample) -> None:  # noqa: ANN001 - edge_runtime.jetson.TegraSample
+        """Mirror the latest tegrastats sample."""
+        if sample.gpu_utilization_pct is not None:
+            self.jetson_gpu.set(sample.gpu_utilization_pct)
+        if sample.ram_used_mb is not None:
+            self.jetson_ram.set(sample.ram_used_mb)
+        for zone, celsius in sample.temperatures_c.items():
+            self.jetson_temp.labels(zone).set(celsius)
+        for rail, milliwatts in sample.power_mw.items():
+            self.jetson_power.labels(rail).set(milliwatts)
+
     def observe_batch(self, rows: int, seconds: float) -> None:
         """Called by the batcher after each engine run."""
         self.batch_size.observe(rows)

@@ -6,17 +6,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from edge_runtime.cli import console
 
 if TYPE_CHECKING:
     from components.evaluate import Evaluation
 
 app = typer.Typer(help="The retraining pipeline: run it here, or compile/submit/schedule it on Kubeflow.",
                   no_args_is_help=True)
-console = Console()
-if not console.is_terminal:  # logs and CI: wide enough for the variants table
-    console = Console(width=140)
 
 ParamOption = Annotated[
     list[str] | None,

@@ -10,12 +10,12 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from edge_runtime.cli import console
 
 hub_app = typer.Typer(help="The telemetry hub that devices report to.", no_args_is_help=True)
 fleet_app = typer.Typer(help="The fleet as the hub sees it.", no_args_is_help=True)
-console = Console()
 
 
 @hub_app.command("serve")

@@ -40,9 +40,9 @@ class ArtifactLayout:
         """Key of a version's manifest."""
         return self.file_key(name, version, MANIFEST_FILE)
 
-    def engine_key(self, name: str, version: str, target_key: str) -> str:
-        """Key of a TensorRT engine built for ``target_key``."""
-        return self.file_key(name, version, f"engines/{target_key}/{ENGINE_FILE}")
+    def engine_key(self, name: str, version: str, target_key: str, file: str = ENGINE_FILE) -> str:
+        """Key of an engine built for ``target_key`` (a TensorRT plan by default)."""
+        return self.file_key(name, version, f"engines/{target_key}/{file}")
 
     def channel_key(self, name: str, channel: str) -> str:
         """Key of a channel pointer such as ``stable`` or ``canary``."""

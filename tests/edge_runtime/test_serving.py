@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 from edge_runtime.errors import DigestMismatch, ValidationFailed
 from edge_runtime.protos import inference_pb2 as pb
 from edge_runtime.protos import inference_pb2_grpc
-from tests.edge_runtime.conftest import RunningEdge, move_channel, publish_model
+from tests.edge_runtime.conftest import RunningEdge, move_channel, publish_model, wait_until
 
 pytestmark = pytest.mark.integration
 MODEL = "digits-cnn"
@@ -28,9 +28,10 @@ def triton_predict(client: triton.InferenceServerClient, x: np.ndarray) -> tuple
 
 
 @pytest.fixture
-def served(store, signing_key, trained, edge_settings):
+def served(store, signing_key, trained, edge_settings, request):
     publish_model(store, signing_key, trained, "v1")
-    edge = RunningEdge(edge_settings(store.bucket), store=None)
+    overrides = getattr(request, "param", {})
+    edge = RunningEdge(edge_settings(store.bucket, **overrides), store=None)
     edge.wait_ready()
     yield edge, store
     edge.stop()
@@ -121,7 +122,8 @@ def test_oversized_and_too_large_batches(served, edge_settings, trained):
     assert triton_predict(client, trained.x_val[:1])[0].shape == (1, 10)
 
 
-def test_new_version_swaps_in_without_a_failed_request(served, trained, signing_key):
+@pytest.mark.parametrize("served", [{"poll_interval_s": 0.3}], indirect=True)
+def test_new_version_is_picked_up_and_swapped_in_without_a_failed_request(served, trained, signing_key):
     edge, store = served
     client = triton.InferenceServerClient(edge.address)
     failures, versions, stop = [], [], threading.Event()
@@ -141,12 +143,10 @@ def test_new_version_swaps_in_without_a_failed_request(served, trained, signing_
     for t in senders:
         t.start()
     try:
-        publish_model(store, signing_key, trained, "v2")  # moves the stable channel
-        result = edge.call(edge.app.runtime.reconcile())
-        assert result.changed and result.version == "v2"
+        publish_model(store, signing_key, trained, "v2")  # moves the stable channel; the poll loop notices
+        wait_until(lambda: edge.app.runtime.serving.version == "v2", timeout=60)
         before = len(versions)
-        while len(versions) < before + 30:
-            pass
+        wait_until(lambda: len(versions) >= before + 30, timeout=30)
     finally:
         stop.set()
         for t in senders:
@@ -197,3 +197,56 @@ def test_restart_with_a_warm_cache_needs_no_download_or_build(served, edge_setti
     finally:
         again.stop()
         edge.stop = lambda: None  # already stopped
+
+
+def test_desired_file_change_rolls_to_the_version_it_names(store, signing_key, trained, edge_settings, tmp_path):
+    """Helm mounts the desired model as a file; editing it (a `helm upgrade`) moves the device."""
+    import json
+
+    publish_model(store, signing_key, trained, "v1")
+    publish_model(store, signing_key, trained, "v2", channel=None)
+    desired = tmp_path / "desired.json"
+    desired.write_text(json.dumps({"model_name": MODEL, "model_version": "v1"}))
+    edge = RunningEdge(edge_settings(store.bucket, desired_file=desired, poll_interval_s=3600))
+    try:
+        edge.wait_ready()
+        assert edge.app.runtime.serving.version == "v1"
+        desired.write_text(json.dumps({"model_name": MODEL, "model_version": "v2"}))
+        wait_until(lambda: edge.app.runtime.serving is not None and edge.app.runtime.serving.version == "v2",
+                   timeout=30)
+        assert edge.app.runtime.ready()
+    finally:
+        edge.stop()
+
+
+def test_repository_extension_unload_and_load(served):
+    edge, _ = served
+    client = triton.InferenceServerClient(edge.address)
+    client.unload_model(MODEL)
+    assert not client.is_model_ready(MODEL)
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_metadata(MODEL)
+    assert "StatusCode.UNAVAILABLE" in str(info.value.status())
+    client.load_model(MODEL)
+    assert client.is_model_ready(MODEL) and client.is_server_ready()
+
+
+def test_identical_devices_share_an_engine(store, signing_key, trained, edge_settings, tmp_path):
+    publish_model(store, signing_key, trained, "v1")
+    first = RunningEdge(edge_settings(store.bucket, share_engines=True, cache_dir=tmp_path / "a"))
+    try:
+        first.wait_ready()
+        assert first.events("built")[-1]["source"] == "built"
+    finally:
+        first.stop()
+    target = first.app.runtime.status()["target_key"] if first.app.runtime.serving else None
+    keys = store.list_keys("models/digits-cnn/v1/engines/")
+    assert any(k.endswith("engine.json") for k in keys) and (target is None or any(target in k for k in keys))
+    second = RunningEdge(edge_settings(store.bucket, share_engines=True, cache_dir=tmp_path / "b",
+                                       device_id="jetson-2"))
+    try:
+        second.wait_ready()
+        assert second.events("built")[-1]["source"] == "shared"
+        assert second.events("validated")[-1]["passed"]  # a shared engine is still validated before serving
+    finally:
+        second.stop()
