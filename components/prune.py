@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from components.data import DatasetSplits
-from components.train import TrainHistory, accuracy, fit, seed_everything
+from components.train import TrainHistory, accuracy, fit, pick_device, seed_everything
 from edge_runtime.errors import ConfigError
 
 CHANNEL_DIVISOR = 16
@@ -59,10 +59,13 @@ def prune_model(
     if not 0.05 <= keep_fraction < 1.0:
         raise ConfigError(f"keep_fraction must be in [0.05, 1), got {keep_fraction}")
     seed_everything(seed)
-    dummy = torch.zeros(1, *data.input_shape)
+    device = pick_device()
+    model.to(device)
+    dummy = torch.zeros(1, *data.input_shape, device=device)
     flops_before, params_before = count_flops(model, data.input_shape), count_params(model)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)),
+        torch.utils.data.TensorDataset(torch.from_numpy(data.x_train).to(device),
+                                       torch.from_numpy(data.y_train).to(device)),
         batch_size=128,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),

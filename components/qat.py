@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from components.data import DatasetSplits
-from components.train import TrainHistory, fit, seed_everything
+from components.train import TrainHistory, fit, pick_device, seed_everything
 
 
 def quantize_aware_train(
@@ -29,7 +29,9 @@ def quantize_aware_train(
     import modelopt.torch.quantization as mtq
 
     seed_everything(seed)
-    calibration = torch.from_numpy(data.x_train[:calibration_samples])
+    device = pick_device()
+    model.to(device)
+    calibration = torch.from_numpy(data.x_train[:calibration_samples]).to(device)
 
     def forward_loop(m: nn.Module) -> None:
         with torch.no_grad():

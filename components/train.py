@@ -27,6 +27,16 @@ class TrainHistory:
         return self.epochs[-1]["val_accuracy"] if self.epochs else 0.0
 
 
+def pick_device() -> torch.device:
+    """CUDA when the step got a GPU (``--train-gpus`` on a cluster), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live."""
+    return next(model.parameters()).device
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch and numpy; single-threaded-deterministic enough for CPU runs."""
     torch.manual_seed(seed)
@@ -38,7 +48,9 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarra
     """Logits of ``model`` (eval mode) for the numpy batch ``x``."""
     was_training = model.training
     model.eval()
-    outputs = [model(torch.from_numpy(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    device = model_device(model)
+    outputs = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy()
+               for i in range(0, len(x), batch_size)]
     model.train(was_training)
     return np.concatenate(outputs)
 
@@ -66,7 +78,9 @@ def fit(
     if epochs == 0:
         return history
     generator = torch.Generator().manual_seed(seed)
-    x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    device = pick_device()
+    model.to(device)
+    x_train, y_train = torch.from_numpy(data.x_train).to(device), torch.from_numpy(data.y_train).to(device)
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -79,7 +93,7 @@ def fit(
         order = torch.randperm(len(x_train), generator=generator)
         total, seen = 0.0, 0
         for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+            idx = order[start : start + batch_size].to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x_train[idx]), y_train[idx])
             loss.backward()

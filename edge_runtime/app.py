@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.device import DeviceFacts, detect
+from edge_runtime.errors import EdgeloopError
 from edge_runtime.jetson import Tegrastats
 from edge_runtime.lifecycle import ModelRuntime
 from edge_runtime.metrics import RuntimeMetrics
@@ -37,8 +38,10 @@ class EdgeApp:
     metrics: RuntimeMetrics = field(default_factory=RuntimeMetrics)
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=4096))
     tegra: Tegrastats = field(default_factory=Tegrastats)
+    node: Any = None
     _server: Any = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
+    _pending: set = field(default_factory=set)
 
     def report(self, kind: str, payload: dict[str, Any]) -> None:
         """Queue a telemetry event (and log it)."""
@@ -60,6 +63,21 @@ class EdgeApp:
         validation = self.runtime.last_validation
         self.metrics.set_state(self.runtime.state, self.runtime.ready(), validation.value if validation else None)
 
+    def _annotate_node(self) -> None:
+        if self.node is None or self.runtime is None:
+            return
+        status = self.runtime.status()
+
+        def annotate() -> None:
+            try:
+                self.node.report(status)
+            except EdgeloopError as exc:
+                log.warning("could not annotate node %s: %s", self.settings.kube_node_name, exc)
+
+        task = asyncio.get_running_loop().run_in_executor(None, annotate)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     async def start(self) -> None:
         self.facts = self.facts or detect()
         self.outbox = Outbox(self.settings.cache_dir / "telemetry-outbox.sqlite", self.settings.device_id)
@@ -70,7 +88,18 @@ class EdgeApp:
         self.runtime = ModelRuntime(self.settings, self.facts, store=self.store, report=self.report,
                                     on_batch=self.metrics.observe_batch)
         self.runtime.on_change(self._on_change)
-        self.report("facts", {"facts": self.facts.to_dict()})
+        labels: dict[str, str] = {}
+        if self.settings.kube_node_name:
+            from edge_runtime.kube import NodeReporter
+
+            try:
+                self.node = await asyncio.to_thread(NodeReporter, self.settings.kube_node_name)
+                labels = await asyncio.to_thread(self.node.labels)
+            except EdgeloopError as exc:  # the runtime serves without Kubernetes; it says so once
+                log.warning("node annotations disabled: %s", exc)
+                self.node = None
+            self.runtime.on_change(self._annotate_node)
+        self.report("facts", {"facts": self.facts.to_dict(), "node_labels": labels})
         self._server, self.grpc_port = await start_server(
             self.runtime, bind_address=self.settings.bind_address, port=self.settings.grpc_port,
             max_batch_size=self.settings.max_batch_size, max_message_bytes=self.settings.max_message_bytes,

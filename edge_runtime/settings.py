@@ -64,6 +64,8 @@ class EdgeSettings(BaseSettings):
     hub_address: str | None = Field(None, description="telemetry hub host:port; unset: telemetry stays in the outbox")
     hub_token: SecretStr | None = Field(None, description="device token for the hub")
     telemetry_interval_s: float = Field(30.0, gt=0, description="period of stats events and outbox flushes, seconds")
+    kube_node_name: str | None = Field(
+        None, description="this pod's node (downward API); set: read its labels, write edgeloop.io/* annotations")
 
     @classmethod
     def load(cls, file: Path | None = None, **overrides: Any) -> EdgeSettings:

@@ -3,6 +3,7 @@ left out rather than failing the whole command."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import typer
@@ -14,10 +15,9 @@ from edge_runtime.errors import EdgeloopError
 app = typer.Typer(help="edgeloop: train, publish, deploy and serve models on Jetson fleets.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 
-try:
+pipeline_app = None
+if importlib.util.find_spec("kfp") is not None:  # the cloud extra is installed (not on edge images)
     from pipelines.cli import app as pipeline_app
-except ImportError:  # the cloud extra (kfp) is not installed here
-    pipeline_app = None
 if pipeline_app is not None:
     app.add_typer(pipeline_app, name="pipeline")
 

@@ -22,6 +22,17 @@ ParamOption = Annotated[
 ]
 
 
+S3SecretOption = Annotated[str | None, typer.Option(
+    help="Kubernetes Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for the S3 steps")]
+SigningSecretOption = Annotated[str | None, typer.Option(
+    help="Kubernetes Secret with signing-key.pem, mounted into the publish step")]
+TrainGpusOption = Annotated[int, typer.Option(help="nvidia.com/gpu for train, prune and QAT (0: CPU)")]
+
+
+def _cluster(s3_secret: str | None, signing_secret: str | None, train_gpus: int) -> dict:
+    return {"s3_secret": s3_secret, "signing_secret": signing_secret, "train_gpus": train_gpus}
+
+
 def variants_table(evaluation: Evaluation, title: str = "variants") -> Table:
     """The variants as a rich table: params, FLOPs, size, accuracy, drop, ORT CPU latency at batch 1 and 16."""
     table = Table(title=title)
@@ -87,11 +98,14 @@ def print_result(result) -> None:  # noqa: ANN001 - LocalRunResult, imported laz
 @app.command("compile")
 def compile_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="YAML file to write")] = Path("pipeline.yaml"),
+    s3_secret: S3SecretOption = None,
+    signing_secret: SigningSecretOption = None,
+    train_gpus: TrainGpusOption = 0,
 ) -> None:
     """Compile the pipeline to KFP IR YAML for a Kubeflow cluster."""
     from pipelines.cluster import compile_pipeline
 
-    console.print(f"wrote {compile_pipeline(output)}")
+    console.print(f"wrote {compile_pipeline(output, **_cluster(s3_secret, signing_secret, train_gpus))}")
 
 
 @app.command("submit")
@@ -101,13 +115,16 @@ def submit_command(
     experiment: Annotated[str, typer.Option(help="experiment name")] = "edgeloop",
     run_name: Annotated[str | None, typer.Option(help="display name of the run")] = None,
     namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace")] = None,
+    s3_secret: S3SecretOption = None,
+    signing_secret: SigningSecretOption = None,
+    train_gpus: TrainGpusOption = 0,
 ) -> None:
     """Submit one run to a Kubeflow Pipelines cluster."""
     from pipelines.cluster import submit_run
     from pipelines.local_run import parse_parameters
 
     run_id = submit_run(host, parse_parameters(param or []), experiment=experiment, run_name=run_name,
-                        namespace=namespace)
+                        namespace=namespace, cluster=_cluster(s3_secret, signing_secret, train_gpus))
     console.print(f"submitted run {run_id}")
 
 
@@ -120,13 +137,17 @@ def schedule_command(
     param: ParamOption = None,
     experiment: Annotated[str, typer.Option(help="experiment name")] = "edgeloop",
     namespace: Annotated[str | None, typer.Option(help="Kubeflow profile namespace")] = None,
+    s3_secret: S3SecretOption = None,
+    signing_secret: SigningSecretOption = None,
+    train_gpus: TrainGpusOption = 0,
 ) -> None:
     """Create or update (never duplicate) a recurring run of the pipeline."""
     from pipelines.cluster import connect, upsert_recurring_run
     from pipelines.local_run import parse_parameters
 
     run = upsert_recurring_run(connect(host, namespace), name=name, cron=cron,
-                               parameters=parse_parameters(param or []), experiment=experiment, namespace=namespace)
+                               parameters=parse_parameters(param or []), experiment=experiment, namespace=namespace,
+                               cluster=_cluster(s3_secret, signing_secret, train_gpus))
     console.print(f"recurring run {name!r} scheduled ({getattr(run, 'recurring_run_id', '')})")
 
 

@@ -9,15 +9,19 @@ from typing import Any, Protocol
 from edge_runtime.errors import ConfigError
 
 
-def compile_pipeline(output: str | Path) -> Path:
-    """Write the pipeline's IR YAML (what the KFP UI, ``kfp run`` and ``Client`` upload)."""
+def compile_pipeline(output: str | Path, **cluster: Any) -> Path:
+    """Write the pipeline's IR YAML (what the KFP UI, ``kfp run`` and ``Client`` upload).
+
+    ``cluster`` takes :func:`pipelines.retraining.build_pipeline`'s options (``s3_secret``, ``signing_secret``,
+    ``train_gpus``).
+    """
     from kfp import compiler
 
-    from pipelines.retraining import retraining_pipeline
+    from pipelines.retraining import build_pipeline
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(retraining_pipeline, package_path=str(output))
+    compiler.Compiler().compile(build_pipeline(**cluster), package_path=str(output))
     return output
 
 
@@ -49,6 +53,7 @@ def upsert_recurring_run(
     experiment: str = "edgeloop",
     namespace: str | None = None,
     max_concurrency: int = 1,
+    cluster: dict[str, Any] | None = None,
 ) -> Any:
     """Create the recurring run ``name``, replacing an existing one of that name (never a duplicate).
 
@@ -67,7 +72,7 @@ def upsert_recurring_run(
     for run in existing:
         client.delete_recurring_run(run.recurring_run_id)
     with tempfile.TemporaryDirectory(prefix="edgeloop-kfp-") as tmp:
-        package = compile_pipeline(Path(tmp) / "pipeline.yaml")
+        package = compile_pipeline(Path(tmp) / "pipeline.yaml", **(cluster or {}))
         return client.create_recurring_run(
             experiment_id=experiment_id,
             job_name=name,
@@ -89,13 +94,13 @@ def connect(host: str, namespace: str | None = None) -> Any:
 
 
 def submit_run(host: str, parameters: dict[str, Any], *, experiment: str = "edgeloop", run_name: str | None = None,
-               namespace: str | None = None) -> str:
+               namespace: str | None = None, cluster: dict[str, Any] | None = None) -> str:
     """Submit one run to the cluster at ``host``; returns the run id."""
-    from pipelines.retraining import retraining_pipeline
+    from pipelines.retraining import build_pipeline
 
     client = connect(host, namespace)
     result = client.create_run_from_pipeline_func(
-        retraining_pipeline, arguments=parameters, experiment_name=experiment, run_name=run_name,
+        build_pipeline(**(cluster or {})), arguments=parameters, experiment_name=experiment, run_name=run_name,
         namespace=namespace,
     )
     return str(result.run_id)

@@ -58,16 +58,65 @@ def fleet_table(devices) -> Table:  # noqa: ANN001 - telemetry DeviceStatus mess
     return table
 
 
+def kube_tables(namespace: str) -> tuple[Table, Table]:
+    """Nodes with their edgeloop annotations, and the DaemonSets' rollout state, from the Kubernetes API."""
+    from edge_runtime.kube import core_api, daemonset_rollouts, fleet_nodes
+
+    core = core_api()
+    nodes = Table(title="nodes (edgeloop.io/* annotations)")
+    for column in ("node", "class", "ring", "ready", "state", "desired", "serving", "target key", "validation",
+                   "updated"):
+        nodes.add_column(column)
+    for n in fleet_nodes(core):
+        nodes.add_row(n.name, n.device_class, n.ring, "yes" if n.ready else "no", n.get("state"),
+                      n.get("desired-version"), n.get("serving-version"), n.get("target-key"), n.get("validation"),
+                      n.get("updated-at"))
+    rollouts = Table(title=f"edge-runtime DaemonSets in {namespace}")
+    for column in ("daemonset", "desired", "updated", "ready", "unavailable"):
+        rollouts.add_column(column)
+    for d in daemonset_rollouts(core.api_client, namespace):
+        rollouts.add_row(d["name"], str(d["desired"]), str(d["updated"]), str(d["ready"]), str(d["unavailable"]))
+    return nodes, rollouts
+
+
 @fleet_app.command("status")
 def status_command(
     hub: Annotated[str, typer.Option(envvar="EDGE_HUB_ADDRESS", help="hub host:port")] = "127.0.0.1:50052",
     token: Annotated[str | None, typer.Option(envvar="EDGE_HUB_TOKEN", help="a token the hub accepts")] = None,
+    kube: Annotated[bool, typer.Option("--kube", help="ask the Kubernetes API (node annotations) instead")] = False,
+    namespace: Annotated[
+        str, typer.Option("--namespace", "-n", help="namespace of the edge-runtime releases (--kube)")
+    ] = "edgeloop",
 ) -> None:
     """Print every device: target key, desired and serving version, validation result, p50/p99, last seen."""
     from edge_runtime.errors import ConfigError
     from telemetry_hub.server import fleet_status
 
+    if kube:
+        for table in kube_tables(namespace):
+            console.print(table)
+        return
     token = token or os.environ.get("HUB_TOKEN")
     if not token:
         raise ConfigError("no token: pass --token or set EDGE_HUB_TOKEN")
     console.print(fleet_table(asyncio.run(fleet_status(hub, token))))
+
+
+@fleet_app.command("rollout")
+def rollout_command(
+    release: Annotated[str, typer.Argument(help="Helm release of the ring, e.g. edge-canary")],
+    chart: Annotated[str, typer.Option(help="chart path or reference")] = "helm/edge-runtime",
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="namespace")] = "edgeloop",
+    values: Annotated[list[str] | None, typer.Option("--values", "-f", help="values file (repeatable)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="value override, e.g. model.version=v2")] = None,
+    ring: Annotated[str | None, typer.Option(help="watch only nodes of this ring")] = None,
+    timeout: Annotated[int, typer.Option(help="seconds before the rollout counts as failed")] = 900,
+    helm: Annotated[str, typer.Option(help="helm binary")] = "helm",
+) -> None:
+    """helm upgrade --wait a ring; roll back when a device reports a failed validation or the rollout times out."""
+    from edge_runtime.kube import core_api, rollout
+
+    nodes = rollout(release, chart, namespace=namespace, api=core_api(), helm=helm, values=values or [],
+                    sets=set_ or [], timeout_s=timeout, ring=ring)
+    console.print(f"{release}: rolled out to {len(nodes)} nodes: " +
+                  ", ".join(f"{n.name}={n.get('serving-version')}" for n in nodes))

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from edge_runtime.lifecycle import ModelRuntime
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+LIVENESS_SERVICE = "edgeloop.liveness"
+"""Health-service name the livenessProbe asks; SERVING whenever the process answers."""
 
 
 def _share_with_reflection(file_descriptor) -> None:  # noqa: ANN001 - protobuf FileDescriptor
@@ -63,6 +65,8 @@ async def start_server(runtime: ModelRuntime, *, bind_address: str, port: int, m
 
     runtime.on_change(on_change)
     await publish_health()
+    # Liveness is "the process answers", not readiness: a long TensorRT build must not get the pod killed.
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     _share_with_reflection(health_pb2.DESCRIPTOR)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server,

@@ -63,7 +63,7 @@ def test_health_and_reflection(served):
     edge, _ = served
     with grpc.insecure_channel(edge.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "inference.GRPCInferenceService"):
+        for service in ("", "inference.GRPCInferenceService", "edgeloop.liveness"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)

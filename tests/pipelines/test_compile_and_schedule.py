@@ -89,3 +89,22 @@ def test_schedule_creates_then_updates_without_duplicates():
     assert latest["cron_expression"] == "0 0 4 * * *" and latest["params"] == {"epochs": 8}
     assert latest["max_concurrency"] == 1 and latest["no_catchup"] is True
     assert latest["pipeline_name"] == "edgeloop-retraining"
+
+
+def test_cluster_wiring_secrets_and_gpus(tmp_path):
+    path = compile_pipeline(tmp_path / "p.yaml", s3_secret="edgeloop-s3", signing_secret="edgeloop-signing",
+                            train_gpus=1)
+    spec, platform = yaml.safe_load_all(path.read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    for step in ("exec-train", "exec-prune", "exec-qat"):
+        assert executors[step]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert "resources" not in executors["exec-export"]["container"]
+    kube = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for step in ("exec-load-data", "exec-plan", "exec-publish"):
+        env = {k["envVar"] for s in kube[step]["secretAsEnv"] for k in s["keyToEnv"]}
+        assert env == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert kube[step]["secretAsEnv"][0]["secretName"] == "edgeloop-s3"
+    assert kube["exec-publish"]["secretAsVolume"][0]["mountPath"] == "/etc/edgeloop/signing"
+    publish_env = {e["name"]: e["value"] for e in executors["exec-publish"]["container"].get("env", [])}
+    assert publish_env["EDGELOOP_SIGNING_KEY_FILE"] == "/etc/edgeloop/signing/signing-key.pem"
+    assert components.load_component_from_file(str(path)).name == "edgeloop-retraining"

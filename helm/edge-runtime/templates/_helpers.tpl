@@ -1,0 +1,41 @@
+{{/* Chart name. */}}
+{{- define "edge-runtime.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name. */}}
+{{- define "edge-runtime.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels: never change for the life of a release. */}}
+{{- define "edge-runtime.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "edge-runtime.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Common labels for object metadata (not the pod template: a chart bump must not restart every Jetson). */}}
+{{- define "edge-runtime.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "edge-runtime.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: edgeloop
+{{- end }}
+
+{{- define "edge-runtime.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "edge-runtime.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* What the device should serve; its checksum on the pod template rolls the fleet when it changes. */}}
+{{- define "edge-runtime.desired" -}}
+{"model_name": {{ .Values.model.name | quote }}, "model_version": {{ .Values.model.version | quote }}}
+{{- end }}
