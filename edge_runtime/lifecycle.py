@@ -79,6 +79,8 @@ class ModelRuntime:
         self._listeners: list[Callable[[], None]] = []
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self.batching: tuple[int, int] = (settings.max_batch_size, settings.max_queue_delay_us)
+        """(max batch size, max queue delay µs) the serving batcher uses; tuned per device when configured."""
         self.paused = False
         """Set by an unload request: the loop leaves the model unloaded until a load request."""
 
@@ -110,6 +112,7 @@ class ModelRuntime:
             "ready": self.ready(),
             "error": self.last_error,
             "validation": self.last_validation.summary() if self.last_validation else "",
+            "batching": {"max_batch_size": self.batching[0], "max_queue_delay_us": self.batching[1]},
         }
 
     # --- serving ---------------------------------------------------------------------------------------------
@@ -192,8 +195,13 @@ class ModelRuntime:
             engine.close()
             require_passed(result, f"{name}/{version} ({plan.variant.name} on {plan.target_key})")
 
-        batcher = DynamicBatcher(engine, max_batch_size=self.settings.max_batch_size,
-                                 max_queue_delay_us=self.settings.max_queue_delay_us, on_batch=self._on_batch)
+        max_batch, delay_us = self.settings.max_batch_size, self.settings.max_queue_delay_us
+        if self.settings.batching_budget_ms is not None:
+            choice = await asyncio.to_thread(self._tune, engine, paths[manifest.validation.file], version)
+            max_batch, delay_us = choice.max_batch_size, choice.max_queue_delay_us
+        self.batching = (max_batch, delay_us)
+        batcher = DynamicBatcher(engine, max_batch_size=max_batch, max_queue_delay_us=delay_us,
+                                 on_batch=self._on_batch)
         old, self.serving = self.serving, ServingModel(name, version, manifest, plan, engine, batcher, result)
         self._set_state("serving")
         self._report("serving", {"version": version, "variant": plan.variant.name, "target_key": str(plan.target_key),
@@ -206,6 +214,19 @@ class ModelRuntime:
         keep = {(name, version)} | ({(old.name, old.version)} if old else set())
         await asyncio.to_thread(self.cache.evict, keep)
         return CycleResult(version, changed=True, downloaded_bytes=downloaded, built=source == "built")
+
+    def _tune(self, engine: Engine, validation_path: Path, version: str):  # noqa: ANN202 - BatchingChoice
+        """Sweep batch sizes on this device and choose the batcher's limits (reported as ``batch_sweep``)."""
+        from edge_runtime.tuning import choose, sweep
+
+        with np.load(validation_path, allow_pickle=False) as npz:
+            sample = npz["inputs"][0]
+        points = sweep(engine, sample, self.settings.max_batch_size)
+        assert self.settings.batching_budget_ms is not None
+        choice = choose(points, self.settings.batching_budget_ms, self.settings.max_queue_delay_us)
+        self._report("batch_sweep", {"version": version, "points": [p.__dict__ for p in points],
+                                     "chosen": choice.to_dict()})
+        return choice
 
     def _obtain_engine(self, manifest: Manifest, plan: EnginePlan, model_path: Path) -> tuple[Engine, str]:
         """The engine for ``plan.target_key``, from the first place that has it: the local cache, a prebuilt

@@ -52,6 +52,8 @@ class EdgeSettings(BaseSettings):
     max_batch_size: int = Field(16, gt=0, description="dynamic batching: most samples merged into one run")
     max_queue_delay_us: int = Field(500, ge=0, description="dynamic batching: longest wait for more requests, µs")
     max_message_bytes: int = Field(16 << 20, gt=0, description="gRPC max receive/send message size, bytes")
+    batching_budget_ms: float | None = Field(
+        None, gt=0, description="after validation, sweep batch sizes and pick batching limits within this latency, ms")
 
     # --- the life cycle loop
     poll_interval_s: float = Field(30.0, gt=0, description="how often the channel pointer is re-read, seconds")

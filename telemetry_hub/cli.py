@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -48,13 +49,17 @@ def fleet_table(devices) -> Table:  # noqa: ANN001 - telemetry DeviceStatus mess
     """device, target key, desired and serving version, state, validation, p50/p99, last seen."""
     table = Table(title="fleet")
     for column in ("device", "target key", "desired", "serving", "state", "validation", "p50 ms", "p99 ms",
-                   "last seen (UTC)"):
+                   "batching", "last seen (UTC)"):
         table.add_column(column)
     for d in devices:
+        batching = ""
+        if d.batching_json:
+            chosen = json.loads(d.batching_json).get("chosen") or {}
+            batching = f"≤{chosen.get('max_batch_size')} / {chosen.get('max_queue_delay_us')} µs"
         seen = datetime.fromtimestamp(d.last_seen_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S") \
             if d.last_seen_ms else ""
         table.add_row(d.device_id, d.target_key, d.desired_version, d.serving_version, d.state, d.validation_result,
-                      f"{d.p50_ms:.2f}" if d.p50_ms else "", f"{d.p99_ms:.2f}" if d.p99_ms else "", seen)
+                      f"{d.p50_ms:.2f}" if d.p50_ms else "", f"{d.p99_ms:.2f}" if d.p99_ms else "", batching, seen)
     return table
 
 

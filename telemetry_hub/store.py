@@ -20,7 +20,9 @@ from sqlalchemy import (
     create_engine,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
@@ -50,6 +52,7 @@ devices = Table(
     Column("p99_ms", Float, nullable=True),
     Column("last_seen_ms", BigInteger, default=0),
     Column("facts_json", Text, default="{}"),
+    Column("batching_json", Text, default=""),
 )
 
 
@@ -82,6 +85,8 @@ def _device_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         changes["desired_version"] = payload.get("version", "")
     elif kind == "failed":
         changes.update(state="failed", desired_version=payload.get("version", ""))
+    elif kind == "batch_sweep":
+        changes["batching_json"] = json.dumps({"chosen": payload.get("chosen"), "points": payload.get("points")})
     elif kind == "stats":
         for field in ("desired_version", "serving_version", "state", "target_key"):
             if payload.get(field):
@@ -99,10 +104,22 @@ class HubStore:
         try:
             self.engine = create_engine(url)
             metadata.create_all(self.engine)
+            self._add_missing_columns()
         except ImportError as exc:
             raise ConfigError(f"no database driver for {url.split(':', 1)[0]}: pip install 'edgeloop[hub]'") from exc
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"cannot open the hub database: {exc.__class__.__name__}") from exc
+
+    def _add_missing_columns(self) -> None:
+        """Additive schema changes for a database an older hub created (new columns are nullable)."""
+        existing = inspect(self.engine)
+        with self.engine.begin() as conn:
+            for table in metadata.sorted_tables:
+                have = {c["name"] for c in existing.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in have:
+                        kind = column.type.compile(dialect=self.engine.dialect)
+                        conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
     def ingest(self, device_id: str, batch: Iterable[IncomingEvent]) -> tuple[list[str], int]:
         """Store events not seen before (by id) and update the device row; returns ``(acknowledged ids,

@@ -153,3 +153,19 @@ def test_no_event_is_lost_while_the_hub_is_down(tmp_path):
         outbox.close()
 
     asyncio.run(scenario())
+
+
+def test_a_database_from_an_older_hub_gains_new_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the devices table as the first hub release created it
+        db.execute("CREATE TABLE devices (device_id VARCHAR(128) PRIMARY KEY, model_name VARCHAR(128), "
+                   "target_key VARCHAR(128), desired_version VARCHAR(128), serving_version VARCHAR(128), "
+                   "state VARCHAR(32), validation_result TEXT, p50_ms FLOAT, p99_ms FLOAT, last_seen_ms BIGINT, "
+                   "facts_json TEXT)")
+        db.execute("INSERT INTO devices (device_id, state) VALUES ('jetson-0', 'serving')")
+    store = HubStore(f"sqlite:///{path}")
+    store.ingest("jetson-0", [event("batch_sweep", 9, chosen={"max_batch_size": 8}, points=[])])
+    (row,) = store.fleet()
+    assert row["state"] == "serving" and json.loads(row["batching_json"])["chosen"]["max_batch_size"] == 8
