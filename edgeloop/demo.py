@@ -95,15 +95,18 @@ def run_demo(workdir: str | Path = ".demo") -> None:
                 model_name=MODEL, model_version=CHANNEL, s3_endpoint_url=s3.endpoint_url, s3_bucket=BUCKET,
                 verify_key_file=keys / "verify-key.pem", cache_dir=root / "device-cache", grpc_port=0,
                 metrics_port=0, hub_address=f"127.0.0.1:{hub_port}", hub_token=token, device_id="demo-jetson",
-                telemetry_interval_s=1.0,
+                telemetry_interval_s=1.0, batching_budget_ms=5.0,
             )
             edge = EdgeApp(settings, store=store)
             loop.run(edge.start())
             loop.run(wait_until_ready(edge, timeout_s=120))
             status = edge.runtime.status()
+            batching = status["batching"]
             console.print(f"[bold]4.[/bold] edge runtime on 127.0.0.1:{edge.grpc_port}: serving {MODEL}/"
                           f"{status['serving_version']} as {status['variant']} on {status['target_key']}; "
-                          f"on-device validation {status['validation']}")
+                          f"on-device validation {status['validation']}; batching tuned to "
+                          f"{batching['max_batch_size']} samples / {batching['max_queue_delay_us']} µs "
+                          "for a 5 ms budget")
 
             with np.load(root / "verified" / "validation.npz") as npz:
                 x, y = npz["inputs"], npz["labels"]
