@@ -17,6 +17,8 @@ are wrapped at the boundary with ``raise ... from exc`` so the cause is kept and
     │   ├── ObjectNotFound           a key does not exist
     │   └── VersionExists            publish refused: versions are immutable
     ├── GateFailed                   a variant failed the pipeline's quality gate
+    ├── PipelineFailed               a local pipeline run ended with a failed step (carries the log's path)
+    ├── RolloutFailed                a fleet rollout was rolled back
     ├── InvalidInput                 a request we cannot run (dtype, shape, byte count, names)   → INVALID_ARGUMENT
     ├── ModelNotFound                no such model on this server                                → NOT_FOUND
     ├── NotReady                     nothing validated is serving yet (or it is building)        → UNAVAILABLE
@@ -26,6 +28,8 @@ are wrapped at the boundary with ``raise ... from exc`` so the cause is kept and
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class EdgeloopError(Exception):
@@ -74,6 +78,18 @@ class VersionExists(StoreError):
 
 class GateFailed(EdgeloopError):
     """A model variant failed the pipeline's quality gate (accuracy drop beyond the tolerance)."""
+
+
+class PipelineFailed(EdgeloopError):
+    """A local pipeline run ended with a failed task; ``str()`` says which and why, ``log_path`` has the rest."""
+
+    def __init__(self, message: str, log_path: Path | None = None) -> None:
+        super().__init__(message)
+        self.log_path = log_path
+
+
+class RolloutFailed(EdgeloopError):
+    """A rollout was rolled back: a device failed validation, or the rollout timed out."""
 
 
 class InvalidInput(EdgeloopError):

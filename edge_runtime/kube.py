@@ -4,17 +4,18 @@ fleet; ``edgeloop fleet rollout`` drives ``helm upgrade`` and rolls back when a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from edge_runtime.errors import ConfigError, EdgeloopError, StoreUnavailable
+from edge_runtime.errors import ConfigError, RolloutFailed, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +40,18 @@ def core_api(api_client: Any = None) -> Any:
     return client.CoreV1Api(api_client)
 
 
-def _api_errors(what: str) -> Any:
+@contextlib.contextmanager
+def _api_errors(what: str) -> Iterator[None]:
+    """Kubernetes client and connection errors become ours, with the cause kept."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    class _Wrap:
-        def __enter__(self) -> None:
-            return None
-
-        def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-            if isinstance(exc, ApiException):
-                raise StoreUnavailable(f"Kubernetes API refused {what}: {exc.status} {exc.reason}") from exc
-            if isinstance(exc, HTTPError):
-                raise StoreUnavailable(f"cannot reach the Kubernetes API for {what}") from exc
-            return False
-
-    return _Wrap()
+    try:
+        yield
+    except ApiException as exc:
+        raise StoreUnavailable(f"Kubernetes API refused {what}: {exc.status} {exc.reason}") from exc
+    except HTTPError as exc:
+        raise StoreUnavailable(f"cannot reach the Kubernetes API for {what}") from exc
 
 
 class NodeReporter:
@@ -124,10 +121,6 @@ def daemonset_rollouts(api_client: Any, namespace: str) -> list[dict[str, Any]]:
     return [{"name": d.metadata.name, "desired": d.status.desired_number_scheduled,
              "updated": d.status.updated_number_scheduled or 0, "ready": d.status.number_ready,
              "unavailable": d.status.number_unavailable or 0} for d in items]
-
-
-class RolloutFailed(EdgeloopError):
-    """A rollout was rolled back (a device failed validation, or the rollout timed out)."""
 
 
 def rollout(

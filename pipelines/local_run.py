@@ -15,15 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.contract import Manifest
-from edge_runtime.errors import ConfigError, EdgeloopError
-
-
-class PipelineFailed(EdgeloopError):
-    """A local pipeline run ended with a failed task; ``str()`` says which and why, ``log_path`` has the rest."""
-
-    def __init__(self, message: str, log_path: Path | None = None) -> None:
-        super().__init__(message)
-        self.log_path = log_path
+from edge_runtime.errors import ConfigError, PipelineFailed
 
 
 @dataclass

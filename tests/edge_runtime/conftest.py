@@ -146,6 +146,8 @@ class RunningEdge:
         return [p for k, p in rows if kind is None or k == kind]
 
     def stop(self) -> None:
+        if not self.thread.is_alive():
+            return  # stopped already (a test that restarts the runtime stops it itself)
         try:
             self.call(self.app.stop(grace_s=1.0))
         finally:

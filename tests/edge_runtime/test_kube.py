@@ -17,7 +17,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from kubernetes import client
 
-from edge_runtime.kube import NodeReporter, RolloutFailed, daemonset_rollouts, fleet_nodes, rollout
+from edge_runtime.errors import RolloutFailed
+from edge_runtime.kube import NodeReporter, daemonset_rollouts, fleet_nodes, rollout
 
 
 def node(name: str, labels: dict[str, str], annotations: dict[str, str] | None = None) -> dict:

@@ -196,7 +196,6 @@ def test_restart_with_a_warm_cache_needs_no_download_or_build(served, edge_setti
         assert triton_predict(client, trained.x_val[:2])[1] == "v1"
     finally:
         again.stop()
-        edge.stop = lambda: None  # already stopped
 
 
 def test_desired_file_change_rolls_to_the_version_it_names(store, signing_key, trained, edge_settings, tmp_path):
