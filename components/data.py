@@ -190,8 +190,94 @@ def load_image_folder(
     )
 
 
+SPEECH_COMMANDS_MARKERS = ("validation_list.txt", "testing_list.txt", "_background_noise_")
+
+
+def is_speech_commands(root: Path) -> bool:
+    """A Google Speech Commands layout: keyword folders of WAVs plus its split lists or noise folder."""
+    return any((root / marker).exists() for marker in SPEECH_COMMANDS_MARKERS)
+
+
+def load_speech_commands(root: str | Path, *, seed: int = 0, noisy_copies: int = 1,
+                         snr_db: tuple[float, float] = (5.0, 20.0)) -> DatasetSplits:
+    """Keyword spotting from the Speech Commands layout (``<word>/<clip>.wav``, 16 kHz mono, 1 s).
+
+    ``validation_list.txt`` and ``testing_list.txt`` (paths relative to ``root``) pick the held-out clips; the rest
+    train. Each training clip is used clean and ``noisy_copies`` times mixed with a random stretch of a
+    ``_background_noise_`` recording at a random SNR. Clips become log-mel spectrograms (:mod:`edge_runtime.features`),
+    normalised with the training set's mean and standard deviation (recorded in the preprocessing).
+    """
+    from edge_runtime.features import MelConfig, fit_length, log_mel, read_wav
+
+    root = Path(root)
+    config = MelConfig()
+    words = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(("_", ".")))
+    if len(words) < 2:
+        raise ConfigError(f"{root}: a Speech Commands folder needs at least two keyword folders, found {words}")
+
+    def listed(name: str) -> set[str]:
+        path = root / name
+        return {line.strip() for line in path.read_text().splitlines() if line.strip()} if path.exists() else set()
+
+    validation, testing = listed("validation_list.txt"), listed("testing_list.txt")
+    noises = [read_wav(p, config) for p in sorted((root / "_background_noise_").glob("*.wav"))]
+    rng = np.random.default_rng(seed)
+    splits: dict[str, tuple[list[np.ndarray], list[int]]] = {"train": ([], []), "val": ([], []), "test": ([], [])}
+    for label, word in enumerate(words):
+        for clip in sorted((root / word).glob("*.wav")):
+            relative = f"{word}/{clip.name}"
+            split = "val" if relative in validation else "test" if relative in testing else "train"
+            samples = fit_length(read_wav(clip, config), config)
+            xs, ys = splits[split]
+            xs.append(log_mel(samples, config))
+            ys.append(label)
+            if split == "train":
+                for _ in range(noisy_copies if noises else 0):
+                    noise = noises[rng.integers(len(noises))]
+                    start = rng.integers(0, max(1, len(noise) - len(samples)))
+                    segment = fit_length(noise[start : start + len(samples)], config)
+                    snr = rng.uniform(*snr_db)
+                    gain = np.sqrt((samples ** 2).mean() / max((segment ** 2).mean(), 1e-12) / 10 ** (snr / 10))
+                    xs.append(log_mel(samples + gain * segment, config))
+                    ys.append(label)
+    if not splits["train"][0] or not splits["test"][0] or not splits["val"][0]:
+        raise ConfigError(f"{root}: need clips in train, validation_list.txt and testing_list.txt")
+    arrays = {k: (np.stack(v[0]).astype(np.float32), np.asarray(v[1], dtype=np.int64)) for k, v in splits.items()}
+    mean, std = float(arrays["train"][0].mean()), float(arrays["train"][0].std() or 1.0)
+    norm = {k: ((x - mean) / std, y) for k, (x, y) in arrays.items()}
+    return DatasetSplits(
+        *norm["train"], *norm["val"], *norm["test"],
+        labels=words,
+        preprocessing=Preprocessing(kind="spectrogram", layout="NCHW", scale=1.0, mean=[mean], std=[std],
+                                    params={**config.to_params(), "features": "log-mel, natural log, +1e-6"}),
+        source=str(root),
+        extra={"noisy_copies": noisy_copies},
+    )
+
+
 def load_dataset(uri: str, *, seed: int = 0, image_size: int = 32, channels: int = 1) -> DatasetSplits:
-    """Dispatch on ``uri``: ``digits`` (or ``sklearn:digits``), a local folder, ``file://...`` or ``s3://...``."""
+    """Dispatch on ``uri``: ``digits`` (or ``sklearn:digits``), a local folder or ``file://...`` (Speech Commands
+    layout, or an image folder), or ``s3://...`` (either, downloaded first)."""
     if uri in ("digits", "sklearn:digits"):
         return load_digits_dataset(seed=seed)
+    if uri.startswith("s3://"):
+        from edge_runtime.store import ObjectStore
+
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        store = ObjectStore(bucket)
+        keys = store.list_keys(prefix)
+        if not keys:
+            raise ConfigError(f"{uri}: nothing under that prefix")
+        with tempfile.TemporaryDirectory(prefix="edgeloop-data-") as tmp:
+            if not any(k[len(prefix):].split("/")[0] in SPEECH_COMMANDS_MARKERS for k in keys):
+                return load_image_folder(uri, image_size=image_size, channels=channels, seed=seed)
+            for key in keys:
+                store.download_file(key, Path(tmp) / key[len(prefix) :])
+            data = load_speech_commands(tmp, seed=seed)
+            data.source = uri
+            return data
+    root = Path(uri.removeprefix("file://")).expanduser()
+    if root.is_dir() and is_speech_commands(root):
+        return load_speech_commands(root, seed=seed)
     return load_image_folder(uri, image_size=image_size, channels=channels, seed=seed)

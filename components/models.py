@@ -15,7 +15,7 @@ from torch import nn
 
 from edge_runtime.errors import ConfigError
 
-ARCHITECTURES = ("cnn", "vit")
+ARCHITECTURES = ("cnn", "vit", "ast")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class ModelSpec:
     in_channels: int
     image_size: int
     num_classes: int
+    width: int | None = None
+    """Input width when it differs from ``image_size`` (spectrograms: mel bins x frames)."""
 
     def save(self, path: str | Path) -> None:
         """Write as JSON."""
@@ -102,14 +104,16 @@ class TinyViT(nn.Module):
     """Patch embedding (conv with stride = patch), learned position embeddings, a transformer encoder, mean pool."""
 
     def __init__(
-        self, in_channels: int, image_size: int, num_classes: int, patch: int = 2, dim: int = 64, depth: int = 2,
-        heads: int = 4, mlp_dim: int = 128,
+        self, in_channels: int, image_size: int, num_classes: int, patch: int | tuple[int, int] = 2, dim: int = 64,
+        depth: int = 2, heads: int = 4, mlp_dim: int = 128, width: int | None = None,
     ) -> None:
         super().__init__()
-        if image_size % patch:
-            raise ConfigError(f"image_size {image_size} is not a multiple of the patch size {patch}")
-        self.embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
-        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
+        height, width = image_size, width or image_size
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        if height % ph or width % pw:
+            raise ConfigError(f"input {height}x{width} is not a multiple of the patch size {ph}x{pw}")
+        self.embed = nn.Conv2d(in_channels, dim, (ph, pw), stride=(ph, pw))
+        self.pos = nn.Parameter(torch.zeros(1, (height // ph) * (width // pw), dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
         self.blocks = nn.Sequential(*(_Block(dim, heads, mlp_dim) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
@@ -120,12 +124,24 @@ class TinyViT(nn.Module):
         return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
 
 
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, limit + 1) if n % d == 0)
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
-    """A freshly initialised model for ``spec``."""
+    """A freshly initialised model for ``spec``.
+
+    ``ast`` is the audio spectrogram transformer: the same encoder as ``vit``, with rectangular patches over the
+    (mel bins x frames) spectrogram, each at most 8x8 and dividing the input exactly (40x98 gives 8x7 patches).
+    """
     if spec.arch == "cnn":
         return SmallCNN(spec.in_channels, spec.image_size, spec.num_classes)
     if spec.arch == "vit":
-        return TinyViT(spec.in_channels, spec.image_size, spec.num_classes)
+        return TinyViT(spec.in_channels, spec.image_size, spec.num_classes, width=spec.width)
+    if spec.arch == "ast":
+        width = spec.width or spec.image_size
+        patch = (_largest_divisor(spec.image_size, 8), _largest_divisor(width, 8))
+        return TinyViT(spec.in_channels, spec.image_size, spec.num_classes, patch=patch, width=width)
     raise ConfigError(f"unknown architecture {spec.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
 
 

@@ -79,18 +79,24 @@ def prune_model(
     })]
     with tempfile.TemporaryDirectory(prefix="edgeloop-prune-") as tmp:
         model.eval()
-        model, _ = mtp.prune(
-            model=model,
-            mode=mode,
-            constraints={constraint: f"{keep_fraction * 100:.0f}%"},
-            dummy_input=dummy,
-            config={
-                "data_loader": loader,
-                "score_func": lambda m: accuracy(m, data.x_val, data.y_val),
-                "checkpoint": str(Path(tmp) / "fastnas_search.pth"),
-                "verbose": False,
-            },
-        )
+        try:
+            model, _ = mtp.prune(
+                model=model,
+                mode=mode,
+                constraints={constraint: f"{keep_fraction * 100:.0f}%"},
+                dummy_input=dummy,
+                config={
+                    "data_loader": loader,
+                    "score_func": lambda m: accuracy(m, data.x_val, data.y_val),
+                    "checkpoint": str(Path(tmp) / "fastnas_search.pth"),
+                    "verbose": False,
+                },
+            )
+        except ValueError as exc:  # Model Optimizer's "no subnet satisfies the constraint" (with a table)
+            raise ConfigError(
+                f"FastNAS found no sub-network within {keep_fraction:.0%} of the {constraint}: raise "
+                "prune_keep_fraction (the log shows the smallest reachable size)"
+            ) from exc
     history = fit(model, data, epochs=finetune_epochs, lr=lr, seed=seed, desc="prune fine-tune", progress=progress)
     result = PruneResult(
         flops_before=flops_before,

@@ -119,9 +119,8 @@ def train_model(
     """Train the FP32 baseline of ``arch`` on ``data``."""
     seed_everything(seed)
     channels, height, width = data.input_shape
-    if height != width:
-        raise ConfigError(f"square images expected, got {height}x{width}")
-    spec = ModelSpec(arch=arch, in_channels=channels, image_size=height, num_classes=data.num_classes)
+    spec = ModelSpec(arch=arch, in_channels=channels, image_size=height, num_classes=data.num_classes,
+                     width=None if width == height else width)
     model = build_model(spec)
     history = fit(model, data, epochs=epochs, lr=lr, seed=seed, desc=f"train {arch}", progress=progress)
     return model, spec, history

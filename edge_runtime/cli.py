@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -46,7 +46,7 @@ def serve_command(
 
 
 def send_dataset(address: str, model: str, inputs: np.ndarray, labels: np.ndarray | None, batch_size: int = 1,
-                 timeout_s: float = 30.0) -> dict[str, float]:
+                 timeout_s: float = 30.0, return_predictions: bool = False) -> dict[str, Any]:
     """Send ``inputs`` through ``ModelInfer`` (tritonclient-compatible requests); accuracy and latency."""
     import grpc
 
@@ -80,19 +80,45 @@ def send_dataset(address: str, model: str, inputs: np.ndarray, labels: np.ndarra
               "version": reply.model_version}
     if labels is not None:
         result["accuracy"] = float((np.concatenate(predictions) == labels).mean())
+    if return_predictions:
+        result["predictions"] = np.concatenate(predictions)
     return result
+
+
+def wav_to_input(wav: Path, manifest_path: Path) -> tuple[np.ndarray, list[str]]:
+    """One WAV → the model's input tensor, with the feature settings and normalisation the manifest records."""
+    from edge_runtime.contract import Manifest
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.features import MelConfig, log_mel, read_wav
+
+    manifest = Manifest.from_json(manifest_path.read_bytes())
+    pre = manifest.preprocessing
+    if pre.kind != "spectrogram":
+        raise ConfigError(f"{manifest.name}/{manifest.version} takes {pre.kind} inputs, not audio")
+    config = MelConfig.from_params(pre.params)
+    features = (log_mel(read_wav(wav, config), config) * pre.scale - pre.mean[0]) / pre.std[0]
+    return features[None].astype(np.float32), manifest.labels
 
 
 @app.command("infer")
 def infer_command(
-    inputs: Annotated[Path, typer.Argument(help=".npz with `inputs` (and optional `labels`), e.g. validation.npz")],
+    inputs: Annotated[Path, typer.Argument(help=".npz with `inputs` (and optional `labels`), or a 16 kHz .wav")],
     address: Annotated[str, typer.Option(help="host:port of the runtime")] = "127.0.0.1:8001",
     model: Annotated[str, typer.Option(help="model name")] = "digits-cnn",
     batch_size: Annotated[int, typer.Option(help="samples per request")] = 1,
+    manifest: Annotated[Path | None, typer.Option(help="the version's manifest.json (for a .wav: features)")] = None,
 ) -> None:
-    """Send a data set to a running runtime and print accuracy (when labelled) and latency."""
+    """Send a data set (or one WAV clip) to a running runtime; print accuracy and latency (or the keyword)."""
     from edge_runtime.errors import ConfigError
 
+    if inputs.suffix.lower() == ".wav":
+        if manifest is None:
+            raise ConfigError("a .wav needs --manifest (the version's manifest.json) for its feature settings")
+        x, labels = wav_to_input(inputs, manifest)
+        result = send_dataset(address, model, x, None, 1, return_predictions=True)
+        console.print(f"{inputs.name}: {labels[int(result['predictions'][0])]} "
+                      f"({model} version {result['version']}, {result['p50_ms']:.2f} ms)")
+        return
     try:
         with np.load(inputs, allow_pickle=False) as npz:
             x, y = npz["inputs"], (npz["labels"] if "labels" in npz else None)
