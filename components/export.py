@@ -80,16 +80,18 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
 
 
 class _Calibration:
-    """ONNX Runtime calibration reader over a numpy array."""
+    """ONNX Runtime calibration reader over a numpy array (the ``input`` tensor) or arrays by input name."""
 
-    def __init__(self, x: np.ndarray, batch: int = 32) -> None:
-        self._batches = iter([{INPUT_NAME: x[i : i + batch]} for i in range(0, len(x), batch)])
+    def __init__(self, x: np.ndarray | dict[str, np.ndarray], batch: int = 32) -> None:
+        inputs = x if isinstance(x, dict) else {INPUT_NAME: x}
+        count = len(next(iter(inputs.values())))
+        self._batches = iter([{k: v[i : i + batch] for k, v in inputs.items()} for i in range(0, count, batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
 
 
-def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray) -> Path:
+def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray | dict[str, np.ndarray]) -> Path:
     """ONNX Runtime static quantization: QDQ format, per-channel INT8 weights, UINT8 activations (MinMax)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process

@@ -181,3 +181,49 @@ def publish(dataset: Input[Dataset], onnx_models: Input[Model], evaluation: Inpu
         s3_endpoint=s3_endpoint, tolerance_points=tolerance_points, plan_path=plan_info.path,
         manifest_out=manifest.path, manifest_meta=manifest.metadata,
     )
+
+
+@component
+def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, onnx_models: Output[Model],
+                holdout: Output[Dataset]):
+    """Bring your own ONNX: FP32 as given, FP16, INT8 Q/DQ (Model Optimizer) and INT8 (ONNX Runtime) variants."""
+    import tempfile
+    from pathlib import Path
+
+    from components.import_onnx import build_variants, fetch_uri, read_calibration, run_all, save_holdout
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = fetch_uri(onnx_uri, Path(tmp) / "model.onnx")
+        calibration, held = read_calibration(fetch_uri(calibration_uri, Path(tmp) / "calibration.npz"),
+                                             holdout_fraction)
+        build_variants(source, calibration, Path(onnx_models.path))
+    save_holdout(Path(holdout.path), held, run_all(Path(onnx_models.path) / "fp32.onnx", held))
+    onnx_models.metadata.update({"source": onnx_uri, "format": "onnx"})
+
+
+@component
+def evaluate_agreement(onnx_models: Input[Model], holdout: Input[Dataset], min_agreement: float,
+                       metrics: Output[Metrics]):
+    """Output agreement of every variant with FP32 on the held-out inputs; fail below ``min_agreement``."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from components.import_onnx import evaluate_agreement as measure
+
+    with np.load(holdout.path) as npz:
+        inputs = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("input:")}
+    for variant in measure(Path(onnx_models.path), inputs, min_agreement):
+        metrics.log_metric(f"{variant.name}_agreement", variant.agreement)
+
+
+@component
+def publish_onnx(onnx_models: Input[Model], holdout: Input[Dataset], gate: Input[Metrics], model_name: str,
+                 bucket: str, prefix: str, channel: str, s3_endpoint: str, tolerance: float,
+                 manifest: Output[Artifact]) -> str:
+    """Publish the imported model (after the agreement gate) as a new signed version."""
+    from components.import_onnx import publish_imported
+
+    return publish_imported(onnx_dir=onnx_models.path, holdout_path=holdout.path, model_name=model_name,
+                            bucket=bucket, prefix=prefix, channel=channel, s3_endpoint=s3_endpoint,
+                            tolerance=tolerance, manifest_out=manifest.path)

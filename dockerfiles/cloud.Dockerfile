@@ -15,7 +15,8 @@ COPY pipelines ./pipelines
 COPY edgeloop ./edgeloop
 COPY telemetry_hub ./telemetry_hub
 RUN /opt/edgeloop/bin/pip install ".[cloud]" \
- && /opt/edgeloop/bin/pip install --no-deps torchprofile==0.0.4
+ && /opt/edgeloop/bin/pip install --no-deps torchprofile==0.0.4 onnx-graphsurgeon==0.6.1 onnxslim==0.1.98 \
+      polygraphy==0.53.6 lief==1.0.0 cppimport==26.4.17 onnxconverter-common==1.16.0
 
 FROM python:3.11.11-slim-bookworm
 COPY --from=build /opt/edgeloop /opt/edgeloop

@@ -42,25 +42,53 @@ class ValidationResult:
                 if self.passed else f"{verdict}: {self.reason}") + f" (p99 {self.p99_ms:.2f} ms)"
 
 
+def output_agreement(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
+    """Mean per-sample cosine similarity over every output (1.0: the same direction as the reference)."""
+    scores = []
+    for name, ref in reference.items():
+        a = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
+        b = np.asarray(got[name], dtype=np.float64).reshape(len(ref), -1)
+        denominator = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        scores.append(np.where(denominator > 0, (a * b).sum(axis=1) / np.maximum(denominator, 1e-30), 1.0))
+    return float(np.mean(np.concatenate(scores)))
+
+
+def _run_batched(engine: Engine, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    count = len(next(iter(inputs.values())))
+    step = max(1, engine.max_batch_size)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, count, step):
+        for name, value in engine.infer({k: v[start : start + step] for k, v in inputs.items()}).items():
+            parts.setdefault(name, []).append(np.asarray(value))
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
 def validate(engine: Engine, validation_path: Path, manifest: Manifest, variant: str, *,
              latency_budget_p99_ms: float | None = None, latency_runs: int = 100) -> ValidationResult:
-    """Run the validation set; ``passed`` only if accuracy and (when set) latency are within bounds."""
+    """Run the validation set; ``passed`` only if the metric and (when set) latency are within bounds.
+
+    ``top1_accuracy``: ``inputs`` and ``labels`` arrays. ``output_agreement`` (imported models): ``input:<name>``
+    arrays for every input and ``reference:<name>`` FP32 outputs, compared by :func:`output_agreement`.
+    """
     spec = manifest.validation
     with np.load(validation_path, allow_pickle=False) as npz:
-        inputs, labels = npz["inputs"], npz["labels"]
-    name = engine.inputs[0].name
-    step = max(1, engine.max_batch_size)
-    predictions = []
-    for start in range(0, len(inputs), step):
-        (logits,) = engine.infer({name: inputs[start : start + step]}).values()
-        predictions.append(np.asarray(logits).argmax(axis=1))
-    value = float((np.concatenate(predictions) == labels).mean())
+        if spec.metric == "output_agreement":
+            inputs = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("input:")}
+            expected = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("reference:")}
+        else:
+            inputs, labels = {engine.inputs[0].name: npz["inputs"]}, npz["labels"]
+    outputs = _run_batched(engine, inputs)
+    if spec.metric == "output_agreement":
+        value = output_agreement(expected, outputs)
+    else:
+        value = float((next(iter(outputs.values())).argmax(axis=1) == labels).mean())
     reference = spec.reference.get(variant, max(spec.reference.values()))
+    count = len(next(iter(inputs.values())))
     times = []
-    for i in range(min(latency_runs, len(inputs)) or 1):
-        sample = inputs[i % len(inputs)][None]
+    for i in range(min(latency_runs, count) or 1):
+        sample = {k: v[i % count][None] for k, v in inputs.items()}
         begin = time.perf_counter()
-        engine.infer({name: sample})
+        engine.infer(sample)
         times.append((time.perf_counter() - begin) * 1e3)
     p50, p99 = float(np.percentile(times, 50)), float(np.percentile(times, 99))
     reasons = []
@@ -69,7 +97,7 @@ def validate(engine: Engine, validation_path: Path, manifest: Manifest, variant:
     if latency_budget_p99_ms is not None and p99 > latency_budget_p99_ms:
         reasons.append(f"batch-1 p99 {p99:.2f} ms over the {latency_budget_p99_ms:.2f} ms budget")
     return ValidationResult(variant=variant, metric=spec.metric, value=value, reference=reference,
-                            tolerance=spec.tolerance, samples=len(labels), p50_ms=p50, p99_ms=p99,
+                            tolerance=spec.tolerance, samples=count, p50_ms=p50, p99_ms=p99,
                             latency_budget_p99_ms=latency_budget_p99_ms, passed=not reasons,
                             reason="; ".join(reasons))
 

@@ -95,6 +95,32 @@ def print_result(result) -> None:  # noqa: ANN001 - LocalRunResult, imported laz
         console.print(f"log: {result.log_path}")
 
 
+@app.command("import-onnx")
+def import_onnx_command(
+    onnx: Annotated[str, typer.Option(help="the model: a path, file:// or s3:// URI")],
+    calibration: Annotated[str, typer.Option(help=".npz with one array per model input (path or s3://)")],
+    model_name: Annotated[str, typer.Option(help="name under models/ in the bucket")],
+    param: ParamOption = None,
+    runs_dir: Annotated[Path, typer.Option(help="where each local run keeps its outputs and log")] = Path(
+        ".edgeloop/runs"),
+) -> None:
+    """Bring your own ONNX: quantize (INT8 Q/DQ and ORT), convert (FP16), gate on output agreement, publish."""
+    from pipelines.import_onnx import import_onnx_pipeline
+    from pipelines.local_run import parse_parameters, run_local
+
+    values = {"onnx_uri": onnx, "calibration_uri": calibration, "model_name": model_name,
+              **parse_parameters(param or [], import_onnx_pipeline)}
+    with console.status("importing through kfp.local ..."):
+        result = run_local(values, runs_dir=runs_dir, pipeline=import_onnx_pipeline)
+    assert result.manifest is not None
+    table = Table(title=f"{result.manifest.name}/{result.manifest.version}")
+    for column in ("variant", "precision", "quantization", "size KiB", "agreement with FP32"):
+        table.add_column(column)
+    for v in result.manifest.variants:
+        table.add_row(v.name, v.precision, v.quantization, f"{v.size_bytes / 1024:.1f}", f"{v.accuracy:.4f}")
+    console.print(table)
+
+
 @app.command("compile")
 def compile_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="YAML file to write")] = Path("pipeline.yaml"),

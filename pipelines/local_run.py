@@ -36,16 +36,16 @@ class LocalRunResult:
         return Evaluation.load(self.evaluation_path) if self.evaluation_path else None
 
 
-def pipeline_parameters() -> dict[str, inspect.Parameter]:
-    """The pipeline's parameters with their defaults and types, by name."""
+def pipeline_parameters(pipeline: Any = None) -> dict[str, inspect.Parameter]:
+    """A pipeline's parameters (the retraining pipeline by default) with their defaults and types, by name."""
     from pipelines.retraining import retraining_pipeline
 
-    return dict(inspect.signature(retraining_pipeline.pipeline_func).parameters)
+    return dict(inspect.signature((pipeline or retraining_pipeline).pipeline_func).parameters)
 
 
-def parse_parameters(pairs: list[str]) -> dict[str, Any]:
+def parse_parameters(pairs: list[str], pipeline: Any = None) -> dict[str, Any]:
     """``["epochs=5", "force_retrain=true"]`` → typed values; unknown names and bad values are a ConfigError."""
-    known = pipeline_parameters()
+    known = pipeline_parameters(pipeline)
     values: dict[str, Any] = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
@@ -114,7 +114,8 @@ def _failure_reason(log_path: Path | None) -> str:
 
 
 def run_local(
-    parameters: dict[str, Any], *, runs_dir: str | Path = ".edgeloop/runs", log_to_file: bool = True
+    parameters: dict[str, Any], *, runs_dir: str | Path = ".edgeloop/runs", log_to_file: bool = True,
+    pipeline: Any = None,
 ) -> LocalRunResult:
     """Run the pipeline through ``kfp.local`` (SubprocessRunner in this environment) with its own pipeline root.
 
@@ -125,6 +126,8 @@ def run_local(
 
     from pipelines.retraining import retraining_pipeline
 
+    pipeline = pipeline or retraining_pipeline
+
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
     run_dir = Path(runs_dir).resolve() / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,13 +137,13 @@ def run_local(
         with _output_to(log_path), warnings.catch_warnings():
             # kfp warns that the component image is not a Python image; locally we run in this environment on purpose
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-            retraining_pipeline(**parameters)
+            pipeline(**parameters)
     except Exception as exc:  # kfp.local raises RuntimeError; a failed task may surface as other errors
         reason = _failure_reason(log_path) or str(exc).splitlines()[0]
         raise PipelineFailed(f"pipeline failed: {reason}", log_path) from exc
     plan_output = _one(run_dir, "*/plan/executor_output.json")
     decision = json.loads(plan_output.read_text())["parameterValues"]["Output"] if plan_output else "train"
-    manifest_path = _one(run_dir, "*/publish/manifest")
+    manifest_path = _one(run_dir, "*/publish*/manifest")
     manifest = Manifest.from_json(manifest_path.read_text()) if manifest_path else None
     return LocalRunResult(
         run_dir=run_dir,

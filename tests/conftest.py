@@ -90,3 +90,22 @@ def make_staged_version(directory: Path, name: str = "demo-model", version: str 
                               tolerance=0.01),
         report=FileRef(**ref("report.html")),
     )
+
+
+@pytest.fixture
+def edge_settings(tmp_path, local_s3, key_dir, monkeypatch):
+    """Settings for a runtime against the session's S3 (bucket created by the test), ports picked freely."""
+    from edge_runtime.settings import EdgeSettings
+
+    for name, value in local_s3.env().items():
+        monkeypatch.setenv(name, value)
+
+    def make(bucket: str, **overrides):
+        values = dict(s3_endpoint_url=local_s3.endpoint_url, s3_bucket=bucket, cache_dir=tmp_path / "cache",
+                      verify_key_file=key_dir / "verify-key.pem", grpc_port=0, metrics_port=0,
+                      poll_interval_s=3600, retry_initial_s=0.2, retry_max_s=1.0, fetch_attempts=2,
+                      telemetry_interval_s=3600, device_id="test-jetson")
+        values.update(overrides)
+        return EdgeSettings(**values)
+
+    return make

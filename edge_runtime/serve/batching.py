@@ -21,6 +21,11 @@ def _rows(item: _Item) -> int:
     return next(iter(item[0].values())).shape[0]
 
 
+def _shapes(item: _Item) -> tuple[tuple[int, ...], ...]:
+    """Non-batch shapes: only requests that agree on them can share a run (dynamic axes)."""
+    return tuple(value.shape[1:] for value in item[0].values())
+
+
 class DynamicBatcher:
     """One worker task per engine. :meth:`close` finishes every request already queued before it returns."""
 
@@ -70,7 +75,7 @@ class DynamicBatcher:
                 if item is _STOP:
                     stopping = True
                     break
-                if rows + _rows(item) > self.max_batch_size:
+                if rows + _rows(item) > self.max_batch_size or _shapes(item) != _shapes(first):
                     self._carry.append(item)
                     break
                 batch.append(item)

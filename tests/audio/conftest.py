@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.edge_runtime.conftest import edge_settings  # noqa: F401 - the runtime fixture, shared
-
 WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 VOICES = ("en+m1", "en+m3", "en+f1", "en+f3", "en-us+m2", "en-us+f2")
 SPEEDS = (130, 165, 200)

@@ -1,0 +1,187 @@
+"""Bring your own ONNX: a model trained elsewhere enters at the quantize step.
+
+Post-training INT8 (Q/DQ for TensorRT with Model Optimizer's ONNX quantizer on the CPU, and ONNX Runtime's static
+quantizer for CPUs), FP16, evaluation by output agreement with the FP32 model (no labels needed), and the same
+publish and on-device validation as trained models. Every input and output, with its dynamic axes, passes through.
+
+Output agreement: for each output, the cosine similarity between a variant's and the FP32 model's values, per
+sample (flattened); the metric is the mean over samples and outputs (1.0 = identical direction).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.contract import Manifest, Preprocessing, TensorSpec, Validation, Variant, sha256_file
+from edge_runtime.errors import ConfigError, GateFailed
+from edge_runtime.validate import output_agreement
+
+_ONNX_TO_DATATYPE = {1: "FP32", 10: "FP16", 11: "FP64", 7: "INT64", 6: "INT32", 3: "INT8", 2: "UINT8", 9: "BOOL"}
+VARIANTS = ("fp32", "fp16", "int8-qdq", "int8-ort")
+
+
+def fetch_uri(uri: str, dest: Path) -> Path:
+    """A local path, ``file://`` or ``s3://bucket/key`` (boto3's configuration) made local at ``dest``."""
+    if uri.startswith("s3://"):
+        from edge_runtime.store import ObjectStore
+
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        return ObjectStore(bucket).download_file(key, dest)
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{uri}: no such file")
+    shutil.copyfile(path, dest)
+    return dest
+
+
+def tensor_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX graph; every symbolic or unknown dimension becomes -1."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def spec(value: Any) -> TensorSpec:
+        kind = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
+        return TensorSpec(name=value.name, datatype=_ONNX_TO_DATATYPE.get(kind.elem_type, "FP32"), shape=shape)
+
+    return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
+
+
+def run_all(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of an ONNX model on ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, inputs), strict=True))
+
+
+@dataclass
+class ImportedVariant:
+    """One variant of the imported model and its agreement with FP32 on the held-out inputs."""
+
+    name: str
+    file: str
+    precision: str
+    quantization: str
+    backends: list[str]
+    agreement: float = 1.0
+
+
+def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Path) -> list[ImportedVariant]:
+    """FP32 (as given), FP16, INT8 Q/DQ (Model Optimizer, for TensorRT) and INT8 (ONNX Runtime, for CPUs)."""
+    from modelopt.onnx.quantization import quantize
+
+    from components.export import convert_fp16, quantize_ort_int8
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, out_dir / "fp32.onnx")
+    convert_fp16(out_dir / "fp32.onnx", out_dir / "fp16.onnx")
+    quantize_ort_int8(out_dir / "fp32.onnx", out_dir / "int8-ort.onnx", calibration)
+    with tempfile.TemporaryDirectory(prefix="edgeloop-modelopt-") as tmp:
+        # Model Optimizer works on (and next to) its input: give it a copy, and copies of the calibration arrays
+        work = Path(tmp) / "model.onnx"
+        shutil.copyfile(source, work)
+        quantize(str(work), quantize_mode="int8", calibration_data={k: v.copy() for k, v in calibration.items()},
+                 calibration_method="max", calibration_eps=["cpu"], high_precision_dtype="fp32",
+                 output_path=str(out_dir / "int8-qdq.onnx"))
+    variants = [
+        ImportedVariant("fp32", "fp32.onnx", "fp32", "none", ["tensorrt", "onnxruntime"]),
+        ImportedVariant("fp16", "fp16.onnx", "fp16", "none", ["tensorrt", "onnxruntime"]),
+        ImportedVariant("int8-qdq", "int8-qdq.onnx", "int8", "modelopt-qdq", ["tensorrt"]),
+        ImportedVariant("int8-ort", "int8-ort.onnx", "int8", "ort-qdq", ["onnxruntime"]),
+    ]
+    (out_dir / "variants.json").write_text(json.dumps([asdict(v) for v in variants]))
+    return variants
+
+
+def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreement: float) -> list[ImportedVariant]:
+    """Each variant's agreement with FP32 on ``holdout``; :class:`GateFailed` when one falls below
+    ``min_agreement``. Rewrites ``variants.json`` with the figures."""
+    variants = [ImportedVariant(**v) for v in json.loads((out_dir / "variants.json").read_text())]
+    reference = run_all(out_dir / "fp32.onnx", holdout)
+    for variant in variants:
+        variant.agreement = output_agreement(reference, run_all(out_dir / variant.file, holdout))
+    (out_dir / "variants.json").write_text(json.dumps([asdict(v) for v in variants]))
+    failing = [f"{v.name} agrees {v.agreement:.4f} < {min_agreement:.4f}" for v in variants
+               if v.agreement < min_agreement]
+    if failing:
+        raise GateFailed("quality gate failed: " + "; ".join(failing))
+    return variants
+
+
+def import_manifest(name: str, version: str, staging: Path, variants: list[ImportedVariant],
+                    tolerance: float, samples: int) -> Manifest:
+    """The unsigned manifest of an imported model (validation by output agreement)."""
+    inputs, outputs = tensor_specs(staging / "fp32.onnx")
+
+    def ref(file: str) -> dict[str, Any]:
+        digest, size = sha256_file(staging / file)
+        return {"file": file, "sha256": digest, "size_bytes": size}
+
+    return Manifest(
+        name=name, version=version, created_at=datetime.now(timezone.utc),
+        pipeline_run={"pipeline": "edgeloop-import-onnx"},
+        inputs=inputs, outputs=outputs, preprocessing=Preprocessing(kind="none", layout="as exported"),
+        variants=[Variant(**ref(v.file), name=v.name, precision=v.precision, quantization=v.quantization,
+                          backends=v.backends, accuracy=v.agreement) for v in variants],  # type: ignore[arg-type]
+        validation=Validation(**ref("validation.npz"), metric="output_agreement", num_samples=samples,
+                              reference={v.name: v.agreement for v in variants}, tolerance=tolerance),
+        report=None,
+    )
+
+
+def save_holdout(path: Path, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
+    """validation.npz for output agreement: ``input:<name>`` and ``reference:<output>`` arrays."""
+    arrays = {f"input:{k}": v for k, v in inputs.items()} | {f"reference:{k}": v for k, v in reference.items()}
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def read_calibration(path: Path, holdout_fraction: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """An .npz whose arrays are named after the model's inputs → (calibration, held-out) slices."""
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    if not arrays:
+        raise ConfigError(f"{path}: the calibration set has no arrays")
+    count = len(next(iter(arrays.values())))
+    cut = max(1, int(round(count * (1.0 - holdout_fraction))))
+    if cut >= count:
+        raise ConfigError(f"{path}: {count} samples leave nothing to hold out")
+    return {k: v[:cut] for k, v in arrays.items()}, {k: v[cut:] for k, v in arrays.items()}
+
+
+def publish_imported(*, onnx_dir: str, holdout_path: str, model_name: str, bucket: str, prefix: str, channel: str,
+                     s3_endpoint: str, tolerance: float, manifest_out: str) -> str:
+    """Publish an imported model's variants and its output-agreement validation set; returns the version."""
+    from components.publish import new_version, publish_version
+    from edge_runtime.contract import ArtifactLayout, load_signing_key
+    from edge_runtime.store import ObjectStore
+
+    variants = [ImportedVariant(**v) for v in json.loads((Path(onnx_dir) / "variants.json").read_text())]
+    version = new_version()
+    with tempfile.TemporaryDirectory(prefix="edgeloop-import-") as tmp:
+        staging = Path(tmp)
+        for v in variants:
+            shutil.copyfile(Path(onnx_dir) / v.file, staging / v.file)
+        shutil.copyfile(holdout_path, staging / "validation.npz")
+        with np.load(staging / "validation.npz") as npz:
+            samples = len(npz[npz.files[0]])
+        manifest = import_manifest(model_name, version, staging, variants, tolerance, samples)
+        signed = publish_version(ObjectStore(bucket, endpoint_url=s3_endpoint or None), manifest, staging,
+                                 load_signing_key(), layout=ArtifactLayout(prefix), channel=channel or None)
+    Path(manifest_out).write_text(signed.to_json())
+    return version
+

@@ -1,0 +1,33 @@
+"""Bring your own ONNX: import → quantize/convert → agreement gate → publish (the same contract and edge)."""
+
+from kfp import dsl
+
+from components import steps
+
+PIPELINE_NAME = "edgeloop-import-onnx"
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Quantize an existing ONNX model, gate on output agreement, publish.")
+def import_onnx_pipeline(
+    onnx_uri: str,
+    calibration_uri: str,
+    model_name: str,
+    holdout_fraction: float = 0.25,
+    min_agreement: float = 0.98,
+    tolerance: float = 0.01,
+    bucket: str = "edgeloop",
+    prefix: str = "",
+    channel: str = "stable",
+    s3_endpoint: str = "",
+):
+    imported = steps.import_onnx(onnx_uri=onnx_uri, calibration_uri=calibration_uri,
+                                 holdout_fraction=holdout_fraction)
+    imported.set_caching_options(False)
+    gate = steps.evaluate_agreement(onnx_models=imported.outputs["onnx_models"], holdout=imported.outputs["holdout"],
+                                    min_agreement=min_agreement)
+    published = steps.publish_onnx(
+        onnx_models=imported.outputs["onnx_models"], holdout=imported.outputs["holdout"],
+        gate=gate.outputs["metrics"], model_name=model_name, bucket=bucket, prefix=prefix, channel=channel,
+        s3_endpoint=s3_endpoint, tolerance=tolerance,
+    )
+    published.set_caching_options(False)
