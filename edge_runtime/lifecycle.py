@@ -81,6 +81,7 @@ class ModelRuntime:
         self._wake = asyncio.Event()
         self.batching: tuple[int, int] = (settings.max_batch_size, settings.max_queue_delay_us)
         """(max batch size, max queue delay µs) the serving batcher uses; tuned per device when configured."""
+        self._desired_seen: int | None = None
         self.paused = False
         """Set by an unload request: the loop leaves the model unloaded until a load request."""
 
@@ -133,6 +134,10 @@ class ModelRuntime:
         return serving.version, await serving.batcher.infer(inputs)
 
     # --- the life cycle ----------------------------------------------------------------------------------------
+    def _desired_file_mtime(self) -> int | None:
+        path = self.settings.desired_file
+        return Path(path).stat().st_mtime_ns if path and Path(path).exists() else None
+
     def read_desired(self) -> tuple[str, str]:
         """The model name and version/channel from the desired file (when set), else from the settings."""
         name, version = self.settings.model_name, self.settings.model_version
@@ -144,6 +149,7 @@ class ModelRuntime:
     async def reconcile(self) -> CycleResult:
         """One cycle: bring the serving model to the desired version, or raise and keep the old one."""
         async with self._lock:
+            self._desired_seen = self._desired_file_mtime()  # before reading: a later edit wakes the loop again
             self.desired = self.read_desired()
             name, wanted = self.desired
             try:
@@ -281,10 +287,11 @@ class ModelRuntime:
     async def run_forever(self) -> None:
         """Reconcile every poll interval; after a failure back off exponentially up to ``retry_max_s``."""
         delay = self.settings.retry_initial_s
-        desired_mtime = None
         while True:
             try:
-                if not self.paused:
+                if self.paused:  # unloaded: a desired-file edit must not spin the loop
+                    self._desired_seen = self._desired_file_mtime()
+                else:
                     await self.reconcile()
                 delay = self.settings.retry_initial_s
                 wait = self.settings.poll_interval_s
@@ -292,13 +299,9 @@ class ModelRuntime:
                 log.warning("cycle failed: %s (retry in %.0fs)", exc, delay)
                 wait, delay = delay, min(delay * 2, self.settings.retry_max_s)
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:  # also wake when the desired file changes
-                path = self.settings.desired_file
-                mtime = Path(path).stat().st_mtime if path and Path(path).exists() else None
-                if desired_mtime is not None and mtime != desired_mtime:
-                    desired_mtime = mtime
+            while time.monotonic() < deadline:  # also wake when the desired file changed since the last read
+                if self._desired_file_mtime() != self._desired_seen:
                     break
-                desired_mtime = mtime
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
                     self._wake.clear()
