@@ -3,9 +3,11 @@ from a local path or an S3 prefix, split deterministically into train/val/test a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +146,48 @@ def _read_image_folder(root: Path, image_size: int, channels: int) -> tuple[np.n
     return np.stack(images) / 255.0, np.asarray(targets, dtype=np.int64), classes
 
 
+@contextlib.contextmanager
+def local_folder(uri: str, suffixes: set[str] | None = None) -> Iterator[Path]:
+    """A local folder for ``uri``: the folder itself (path or ``file://``), or ``s3://bucket/prefix`` downloaded
+    into a temporary folder (only files ending in ``suffixes`` when given) that is removed afterwards.
+
+    S3 uses boto3's usual configuration (``AWS_ENDPOINT_URL_S3`` for a non-AWS endpoint).
+    """
+    if not uri.startswith("s3://"):
+        root = Path(uri.removeprefix("file://")).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"{uri}: not a directory")
+        yield root
+        return
+    from edge_runtime.store import ObjectStore
+
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    store = ObjectStore(bucket)
+    keys = [k for k in store.list_keys(prefix) if suffixes is None or Path(k).suffix.lower() in suffixes]
+    if not keys:
+        raise ConfigError(f"{uri}: no {'matching files' if suffixes else 'objects'} under that prefix")
+    with tempfile.TemporaryDirectory(prefix="edgeloop-data-") as tmp:
+        for key in keys:
+            store.download_file(key, Path(tmp) / key[len(prefix) :])
+        yield Path(tmp)
+
+
+def _image_folder_splits(root: Path, source: str, *, image_size: int, channels: int, seed: int,
+                         val_fraction: float, test_fraction: float) -> DatasetSplits:
+    x, y, classes = _read_image_folder(root, image_size, channels)
+    parts = split_dataset(x, y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    return DatasetSplits(
+        *parts,
+        labels=classes,
+        preprocessing=Preprocessing(
+            kind="image", layout="NCHW", scale=1 / 255, mean=[0.0] * channels, std=[1.0] * channels,
+            params={"height": image_size, "width": image_size, "resize": "bilinear"},
+        ),
+        source=source,
+    )
+
+
 def load_image_folder(
     uri: str,
     *,
@@ -156,38 +200,12 @@ def load_image_folder(
     """An image folder, ``<root>/<class>/<image>``, from a local path or ``s3://bucket/prefix``.
 
     Images are resized to ``image_size`` squared, converted to ``channels`` (1 or 3) and scaled to [0, 1].
-    S3 uses boto3's usual configuration (``AWS_ENDPOINT_URL_S3`` for a non-AWS endpoint).
     """
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 or 3, got {channels}")
-    if uri.startswith("s3://"):
-        from edge_runtime.store import ObjectStore
-
-        bucket, _, prefix = uri[len("s3://") :].partition("/")
-        prefix = prefix.rstrip("/") + "/" if prefix else ""
-        store = ObjectStore(bucket)
-        keys = [k for k in store.list_keys(prefix) if Path(k).suffix.lower() in IMAGE_SUFFIXES]
-        if not keys:
-            raise ConfigError(f"{uri}: no images under that prefix")
-        with tempfile.TemporaryDirectory(prefix="edgeloop-images-") as tmp:
-            for key in keys:
-                store.download_file(key, Path(tmp) / key[len(prefix) :])
-            x, y, classes = _read_image_folder(Path(tmp), image_size, channels)
-    else:
-        root = Path(uri.removeprefix("file://")).expanduser()
-        if not root.is_dir():
-            raise ConfigError(f"{uri}: not a directory")
-        x, y, classes = _read_image_folder(root, image_size, channels)
-    parts = split_dataset(x, y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    return DatasetSplits(
-        *parts,
-        labels=classes,
-        preprocessing=Preprocessing(
-            kind="image", layout="NCHW", scale=1 / 255, mean=[0.0] * channels, std=[1.0] * channels,
-            params={"height": image_size, "width": image_size, "resize": "bilinear"},
-        ),
-        source=uri,
-    )
+    with local_folder(uri, IMAGE_SUFFIXES) as root:
+        return _image_folder_splits(root, uri, image_size=image_size, channels=channels, seed=seed,
+                                    val_fraction=val_fraction, test_fraction=test_fraction)
 
 
 SPEECH_COMMANDS_MARKERS = ("validation_list.txt", "testing_list.txt", "_background_noise_")
@@ -256,28 +274,16 @@ def load_speech_commands(root: str | Path, *, seed: int = 0, noisy_copies: int =
 
 
 def load_dataset(uri: str, *, seed: int = 0, image_size: int = 32, channels: int = 1) -> DatasetSplits:
-    """Dispatch on ``uri``: ``digits`` (or ``sklearn:digits``), a local folder or ``file://...`` (Speech Commands
-    layout, or an image folder), or ``s3://...`` (either, downloaded first)."""
+    """Dispatch on ``uri``: ``digits`` (or ``sklearn:digits``); otherwise a folder — local, ``file://...`` or an
+    ``s3://`` prefix (downloaded once) — in the Speech Commands layout or an image folder."""
     if uri in ("digits", "sklearn:digits"):
         return load_digits_dataset(seed=seed)
-    if uri.startswith("s3://"):
-        from edge_runtime.store import ObjectStore
-
-        bucket, _, prefix = uri[len("s3://") :].partition("/")
-        prefix = prefix.rstrip("/") + "/" if prefix else ""
-        store = ObjectStore(bucket)
-        keys = store.list_keys(prefix)
-        if not keys:
-            raise ConfigError(f"{uri}: nothing under that prefix")
-        with tempfile.TemporaryDirectory(prefix="edgeloop-data-") as tmp:
-            if not any(k[len(prefix):].split("/")[0] in SPEECH_COMMANDS_MARKERS for k in keys):
-                return load_image_folder(uri, image_size=image_size, channels=channels, seed=seed)
-            for key in keys:
-                store.download_file(key, Path(tmp) / key[len(prefix) :])
-            data = load_speech_commands(tmp, seed=seed)
+    if channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 or 3, got {channels}")
+    with local_folder(uri) as root:
+        if is_speech_commands(root):
+            data = load_speech_commands(root, seed=seed)
             data.source = uri
             return data
-    root = Path(uri.removeprefix("file://")).expanduser()
-    if root.is_dir() and is_speech_commands(root):
-        return load_speech_commands(root, seed=seed)
-    return load_image_folder(uri, image_size=image_size, channels=channels, seed=seed)
+        return _image_folder_splits(root, uri, image_size=image_size, channels=channels, seed=seed,
+                                    val_fraction=0.15, test_fraction=0.2)

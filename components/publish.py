@@ -152,16 +152,6 @@ def publish_version(
     return signed
 
 
-def read_channel(store: ObjectStore, layout: ArtifactLayout, name: str, channel: str) -> str | None:
-    """The version a channel points at, or ``None`` when the channel does not exist yet."""
-    from edge_runtime.errors import ObjectNotFound
-
-    try:
-        return json.loads(store.get_bytes(layout.channel_key(name, channel)))["version"]
-    except ObjectNotFound:
-        return None
-
-
 def publish_from_paths(
     *,
     dataset_path: str,

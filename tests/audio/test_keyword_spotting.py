@@ -131,3 +131,13 @@ def test_keyword_spotting_through_pipeline_s3_runtime_and_tritonclient(speech_co
             assert out.startswith(f"{Path(clip).name}: {expected} ")
     finally:
         edge.stop()
+
+
+@pytest.mark.integration
+def test_speech_commands_from_an_s3_prefix(speech_commands, store, s3_env):
+    for path in sorted(p for p in speech_commands.rglob("*") if p.is_file()):
+        store.put_file(f"datasets/kws/{path.relative_to(speech_commands)}", path)
+    from_s3 = load_dataset(f"s3://{store.bucket}/datasets/kws")
+    from_disk = load_dataset(str(speech_commands))
+    assert from_s3.fingerprint() == from_disk.fingerprint()
+    assert from_s3.source == f"s3://{store.bucket}/datasets/kws"
