@@ -287,3 +287,47 @@ def load_dataset(uri: str, *, seed: int = 0, image_size: int = 32, channels: int
             return data
         return _image_folder_splits(root, uri, image_size=image_size, channels=channels, seed=seed,
                                     val_fraction=0.15, test_fraction=0.2)
+
+
+def calibration_indices(labels: np.ndarray | None, count: int, *, seed: int = 0,
+                        total: int | None = None) -> np.ndarray:
+    """Indices of a calibration sample of at most ``count`` rows that represents the data.
+
+    With ``labels``: stratified, each class in proportion to its share of the rows, and every class at least once
+    when ``count`` allows (a training split ordered by class must not calibrate on one class). Without labels
+    (``total`` rows, unlabelled data): a seeded random sample. The indices come back shuffled, so a calibrator that
+    stops early still sees every class.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(labels) if labels is not None else int(total or 0)
+    if count <= 0:
+        raise ConfigError(f"the calibration sample size must be positive, got {count}")
+    if n == 0:
+        raise ConfigError("there are no rows to calibrate on")
+    if count >= n:
+        return rng.permutation(n)
+    if labels is None:
+        return rng.choice(n, size=count, replace=False)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+    shares = np.array([len(m) for m in members], dtype=np.float64) * count / n
+    quota = np.floor(shares).astype(int)
+    if count >= len(classes):
+        quota = np.maximum(quota, 1)
+    # hand out what rounding left over to the classes with the largest remainders, never past a class's size
+    for c in np.argsort(-(shares - np.floor(shares)), kind="stable"):
+        if quota.sum() >= count:
+            break
+        quota[c] += 1
+    while quota.sum() > count:
+        quota[int(np.argmax(quota))] -= 1
+    quota = np.minimum(quota, [len(m) for m in members])
+    picked = np.concatenate([rng.choice(m, size=q, replace=False)
+                             for m, q in zip(members, quota, strict=True) if q > 0])
+    return rng.permutation(picked)
+
+
+def class_histogram(labels: np.ndarray, names: list[str]) -> dict[str, int]:
+    """Rows per class name (for the report: what the calibration saw)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(names))
+    return {name: int(counts[i]) for i, name in enumerate(names)}

@@ -1,9 +1,14 @@
-"""Evaluate every exported variant on the test set with ONNX Runtime (CPU) and apply the quality gate."""
+"""Evaluate every exported variant on the test set with ONNX Runtime (CPU) and apply the quality gate.
+
+Besides accuracy, size and latency, each variant gets its speed-up against ``fp32-dense`` and ``fp32`` (pruned)
+at batch 1 and 16. A CPU INT8 variant (``ort-qdq``) whose speed-up over ``fp32`` stays below ``min_speedup`` at
+either batch is published as not preferred, with the reason in the report: devices then serve FP32 unless told
+otherwise (and each device measures again on itself before it chooses).
+"""
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,8 +16,13 @@ import numpy as np
 
 from components.export import INPUT_NAME, VariantInfo
 from edge_runtime.errors import ConfigError, GateFailed
+from edge_runtime.timing import time_calls
 
 BASELINE = "fp32-dense"
+PRUNED = "fp32"
+CPU_QUANTIZATIONS = ("ort-qdq",)
+"""Quantizations made for ONNX Runtime on CPUs: the ones this step's CPU timings speak for. (``modelopt-qdq`` is
+for TensorRT, whose speed only a GPU can tell.)"""
 
 
 @dataclass
@@ -32,6 +42,11 @@ class VariantEvaluation:
     drop_points: float = 0.0
     """Accuracy points lost against the baseline (positive = worse)."""
     confusion: list[list[int]] = field(default_factory=list)
+    speedup: dict[str, float] = field(default_factory=dict)
+    """``b1_vs_fp32-dense``, ``b16_vs_fp32-dense``, ``b1_vs_fp32``, ``b16_vs_fp32``: reference ms ÷ this ms."""
+    preferred: bool = True
+    note: str = ""
+    """Why the variant is not preferred (empty when it is)."""
 
 
 @dataclass
@@ -43,6 +58,9 @@ class Evaluation:
     variants: list[VariantEvaluation]
     passed: bool
     failures: list[str]
+    min_speedup: float = 1.0
+    calibration: dict = field(default_factory=dict)
+    """What the INT8 calibration saw: ``samples``, ``seed``, ``histogram`` (rows per class)."""
 
     def variant(self, name: str) -> VariantEvaluation:
         """The evaluation of variant ``name``."""
@@ -74,14 +92,7 @@ def _session(path: Path):  # noqa: ANN202 - onnxruntime has no stubs
 def measure_latency_ms(session, sample: np.ndarray, batch: int, *, runs: int, warmup: int = 10) -> float:  # noqa: ANN001
     """Median wall-clock milliseconds of one ``session.run`` on a batch of ``batch`` copies of ``sample``."""
     x = np.repeat(sample[None], batch, axis=0)
-    for _ in range(warmup):
-        session.run(None, {INPUT_NAME: x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {INPUT_NAME: x})
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    return time_calls(lambda: session.run(None, {INPUT_NAME: x}), runs=runs, warmup=warmup).p50_ms
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> list[list[int]]:
@@ -99,12 +110,15 @@ def evaluate_variants(
     num_classes: int,
     *,
     tolerance_points: float = 1.0,
+    min_speedup: float = 1.0,
     latency_runs: int = 100,
+    calibration: dict | None = None,
 ) -> Evaluation:
-    """Accuracy, size and CPU latency (batch 1 and 16) of each variant, and the gate.
+    """Accuracy, size, CPU latency (batch 1 and 16) and speed-ups of each variant, and the gate.
 
     The gate fails when an INT8 variant loses more than ``tolerance_points`` accuracy points (0..100 scale)
-    against the FP32 baseline.
+    against the FP32 baseline. ``min_speedup`` does not fail the run: it decides which CPU variants are preferred
+    (see the module docstring).
     """
     onnx_dir = Path(onnx_dir)
     names = [i.name for i in infos]
@@ -134,6 +148,7 @@ def evaluate_variants(
             )
         )
     baseline = next(r for r in results if r.name == BASELINE)
+    rank_by_speed(results, min_speedup)
     failures = []
     for result in results:
         result.drop_points = round((baseline.accuracy - result.accuracy) * 100.0, 4)
@@ -142,7 +157,33 @@ def evaluate_variants(
                 f"{result.name} loses {result.drop_points:.2f} accuracy points against {BASELINE} "
                 f"(tolerance {tolerance_points:.2f})"
             )
-    return Evaluation(BASELINE, tolerance_points, results, passed=not failures, failures=failures)
+    return Evaluation(BASELINE, tolerance_points, results, passed=not failures, failures=failures,
+                      min_speedup=min_speedup, calibration=calibration or {})
+
+
+def rank_by_speed(results: list[VariantEvaluation], min_speedup: float) -> None:
+    """Fill in each variant's speed-ups against ``fp32-dense`` and ``fp32``, and mark CPU INT8 variants whose
+    speed-up over ``fp32`` is below ``min_speedup`` at batch 1 or 16 as not preferred, saying why."""
+    if min_speedup <= 0:
+        raise ConfigError(f"min_speedup must be positive, got {min_speedup}")
+    by_name = {r.name: r for r in results}
+    for result in results:
+        for ref_name in (BASELINE, PRUNED):
+            ref = by_name.get(ref_name)
+            if ref is None:
+                continue
+            result.speedup[f"b1_vs_{ref_name}"] = round(ref.latency_ms_b1 / max(result.latency_ms_b1, 1e-9), 3)
+            result.speedup[f"b16_vs_{ref_name}"] = round(ref.latency_ms_b16 / max(result.latency_ms_b16, 1e-9), 3)
+    reference = PRUNED if PRUNED in by_name else BASELINE
+    for result in results:
+        if result.quantization not in CPU_QUANTIZATIONS:
+            continue
+        b1, b16 = result.speedup[f"b1_vs_{reference}"], result.speedup[f"b16_vs_{reference}"]
+        if min(b1, b16) < min_speedup:
+            result.preferred = False
+            result.note = (f"not preferred: {b1:.2f}x at batch 1 and {b16:.2f}x at batch 16 against {reference} "
+                           f"on this CPU, below the required {min_speedup:.2f}x; devices serve {reference} unless "
+                           f"told otherwise")
 
 
 def enforce_gate(evaluation: Evaluation) -> None:

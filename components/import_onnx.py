@@ -151,7 +151,13 @@ def save_holdout(path: Path, inputs: dict[str, np.ndarray], reference: dict[str,
 
 
 def read_calibration(path: Path, holdout_fraction: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """An .npz whose arrays are named after the model's inputs → (calibration, held-out) slices."""
+    """An .npz whose arrays are named after the model's inputs → (calibration, held-out) rows.
+
+    The rows are split at random (seeded), not first/last: calibration files are often written in the order the
+    data was collected (one class, one scene after another), and both parts must represent all of it.
+    """
+    from components.data import calibration_indices
+
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
     if not arrays:
@@ -160,7 +166,9 @@ def read_calibration(path: Path, holdout_fraction: float) -> tuple[dict[str, np.
     cut = max(1, int(round(count * (1.0 - holdout_fraction))))
     if cut >= count:
         raise ConfigError(f"{path}: {count} samples leave nothing to hold out")
-    return {k: v[:cut] for k, v in arrays.items()}, {k: v[cut:] for k, v in arrays.items()}
+    order = calibration_indices(None, count, total=count)
+    calibration, held = np.sort(order[:cut]), np.sort(order[cut:])
+    return {k: v[calibration] for k, v in arrays.items()}, {k: v[held] for k, v in arrays.items()}
 
 
 def publish_imported(*, onnx_dir: str, holdout_path: str, model_name: str, bucket: str, prefix: str, channel: str,

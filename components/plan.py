@@ -27,6 +27,8 @@ class TrainingConfig:
     prune_finetune_epochs: int
     qat_epochs: int
     tolerance_points: float
+    calibration_samples: int = 512
+    min_speedup: float = 1.0
 
     def to_json(self) -> str:
         """Sorted-key JSON."""

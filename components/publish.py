@@ -78,6 +78,8 @@ def build_manifest(
             accuracy=evaluation.variant(info.name).accuracy,
             params=info.params,
             flops=info.flops,
+            preferred=evaluation.variant(info.name).preferred,
+            speedup=evaluation.variant(info.name).speedup,
         )
         for info in infos
     ]

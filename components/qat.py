@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from components.data import DatasetSplits
+from components.data import DatasetSplits, calibration_indices
 from components.train import TrainHistory, fit, pick_device, seed_everything
 
 
@@ -22,7 +22,8 @@ def quantize_aware_train(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[nn.Module, TrainHistory]:
-    """Insert INT8 quantizers (per-channel weights, per-tensor activations), calibrate on training data, fine-tune.
+    """Insert INT8 quantizers (per-channel weights, per-tensor activations), calibrate on a stratified sample of
+    the training data (:func:`components.data.calibration_indices`: every class, in proportion), fine-tune.
 
     Returns the quantized model (in place) and the fine-tuning history.
     """
@@ -31,7 +32,8 @@ def quantize_aware_train(
     seed_everything(seed)
     device = pick_device()
     model.to(device)
-    calibration = torch.from_numpy(data.x_train[:calibration_samples]).to(device)
+    rows = calibration_indices(data.y_train, calibration_samples, seed=seed)
+    calibration = torch.from_numpy(data.x_train[rows]).to(device)
 
     def forward_loop(m: nn.Module) -> None:
         with torch.no_grad():

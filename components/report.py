@@ -69,6 +69,11 @@ def render_plots(evaluation: Evaluation, labels: list[str], primary: str) -> dic
     return plots
 
 
+def _ratio(variant, figure: str) -> str:  # noqa: ANN001 - VariantEvaluation
+    value = variant.speedup.get(figure)
+    return "" if value is None else f"{value:.2f}x"
+
+
 def write_report(
     evaluation: Evaluation, labels: list[str], path: str | Path, *, title: str, primary: str = "int8-qdq",
     details: dict[str, str] | None = None,
@@ -79,9 +84,18 @@ def write_report(
         f"<tr><td>{html.escape(v.name)}</td><td>{v.precision}</td><td>{v.quantization}</td>"
         f"<td>{'yes' if v.pruned else 'no'}</td><td>{v.params:,}</td><td>{v.flops / 1e6:.2f}</td>"
         f"<td>{v.size_bytes / 1024:.1f}</td><td>{v.accuracy * 100:.2f}</td><td>{v.drop_points:+.2f}</td>"
-        f"<td>{v.latency_ms_b1:.3f}</td><td>{v.latency_ms_b16:.3f}</td></tr>"
+        f"<td>{v.latency_ms_b1:.3f}</td><td>{v.latency_ms_b16:.3f}</td>"
+        f"<td>{_ratio(v, 'b1_vs_fp32-dense')}</td><td>{_ratio(v, 'b16_vs_fp32-dense')}</td>"
+        f"<td>{_ratio(v, 'b1_vs_fp32')}</td><td>{_ratio(v, 'b16_vs_fp32')}</td>"
+        f"<td>{'yes' if v.preferred else 'no'}</td></tr>"
         for v in evaluation.variants
     )
+    notes = "".join(f"<li>{html.escape(v.name)}: {html.escape(v.note)}</li>" for v in evaluation.variants if v.note)
+    calibration = evaluation.calibration
+    histogram = ", ".join(f"{html.escape(k)}: {n}" for k, n in calibration.get("histogram", {}).items())
+    calibration_text = (f"<p>INT8 calibration (QAT and ONNX Runtime's quantizer): {calibration.get('samples')} "
+                        f"training rows, stratified by class (seed {calibration.get('seed')}): {histogram}</p>"
+                        if calibration else "")
     verdict = "passed" if evaluation.passed else "FAILED: " + "; ".join(evaluation.failures)
     info = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in (details or {}).items()
@@ -98,8 +112,13 @@ figure{{display:inline-block;margin:.5em}}</style></head><body>
 <p>Gate (INT8 vs {html.escape(evaluation.baseline)}, tolerance {evaluation.tolerance_points:.2f} points):
 <strong>{html.escape(verdict)}</strong></p>
 <table><tr><th>variant</th><th>precision</th><th>quantization</th><th>pruned</th><th>params</th><th>MFLOPs</th>
-<th>size KiB</th><th>accuracy %</th><th>drop pts</th><th>ORT ms b1</th><th>ORT ms b16</th></tr>
+<th>size KiB</th><th>accuracy %</th><th>drop pts</th><th>ORT ms b1</th><th>ORT ms b16</th>
+<th>÷ dense b1</th><th>÷ dense b16</th><th>÷ fp32 b1</th><th>÷ fp32 b16</th><th>preferred</th></tr>
 {rows}</table>
+<p>Speed-ups are the reference's ONNX Runtime CPU latency divided by the variant's (above 1: faster). A CPU INT8
+variant must reach {evaluation.min_speedup:.2f}x over fp32 at batch 1 and 16 to be preferred.</p>
+<ul>{notes}</ul>
+{calibration_text}
 <h2>Plots</h2>{images}
 </body></html>
 """

@@ -34,8 +34,8 @@ def load_data(data_uri: str, seed: int, image_size: int, channels: int, dataset:
 def plan(
     dataset: Input[Dataset], model_name: str, bucket: str, prefix: str, channel: str, s3_endpoint: str,
     arch: str, epochs: int, lr: float, seed: int, prune_constraint: str, prune_keep_fraction: float,
-    prune_finetune_epochs: int, qat_epochs: int, tolerance_points: float, force_retrain: bool,
-    plan_info: Output[Artifact],
+    prune_finetune_epochs: int, qat_epochs: int, tolerance_points: float, calibration_samples: int,
+    min_speedup: float, force_retrain: bool, plan_info: Output[Artifact],
 ) -> str:
     """``train``, or ``skip`` when the channel's version was trained on the same data and config (unless forced).
 
@@ -46,7 +46,8 @@ def plan(
 
     config = TrainingConfig(arch=arch, epochs=epochs, lr=lr, seed=seed, prune_constraint=prune_constraint,
                             prune_keep_fraction=prune_keep_fraction, prune_finetune_epochs=prune_finetune_epochs,
-                            qat_epochs=qat_epochs, tolerance_points=tolerance_points)
+                            qat_epochs=qat_epochs, tolerance_points=tolerance_points,
+                            calibration_samples=calibration_samples, min_speedup=min_speedup)
     result = decide(dataset.path, config, model_name=model_name, bucket=bucket, prefix=prefix, channel=channel,
                     s3_endpoint=s3_endpoint, force_retrain=force_retrain)
     result.save(plan_info.path)
@@ -96,8 +97,8 @@ def prune(dataset: Input[Dataset], model: Input[Model], constraint: str, keep_fr
 
 
 @component
-def qat(dataset: Input[Dataset], model: Input[Model], epochs: int, seed: int, qat_model: Output[Model],
-        metrics: Output[Metrics]):
+def qat(dataset: Input[Dataset], model: Input[Model], epochs: int, seed: int, calibration_samples: int,
+        qat_model: Output[Model], metrics: Output[Metrics]):
     """INT8 quantization-aware training (Model Optimizer): calibrate, then fine-tune."""
     from components.data import DatasetSplits
     from components.models import load_checkpoint, save_checkpoint
@@ -106,7 +107,7 @@ def qat(dataset: Input[Dataset], model: Input[Model], epochs: int, seed: int, qa
 
     data = DatasetSplits.load(dataset.path)
     net, spec = load_checkpoint(model.path)
-    net, history = quantize_aware_train(net, data, epochs=epochs, seed=seed)
+    net, history = quantize_aware_train(net, data, epochs=epochs, seed=seed, calibration_samples=calibration_samples)
     save_checkpoint(net, spec, qat_model.path)
     metrics.log_metric("val_accuracy", history.final_val_accuracy)
     metrics.log_metric("test_accuracy", accuracy(net, data.x_test, data.y_test))
@@ -114,39 +115,49 @@ def qat(dataset: Input[Dataset], model: Input[Model], epochs: int, seed: int, qa
 
 @component
 def export(dataset: Input[Dataset], dense_model: Input[Model], pruned_model: Input[Model],
-           qat_model: Input[Model], onnx_models: Output[Model]):
-    """Export FP32 (dense and pruned), FP16, INT8 Q/DQ (TensorRT) and INT8 ORT (CPU) ONNX, checked against PyTorch."""
-    from components.data import DatasetSplits
-    from components.export import export_variants
+           qat_model: Input[Model], calibration_samples: int, seed: int, onnx_models: Output[Model]):
+    """Export FP32 (dense and pruned), FP16, INT8 Q/DQ (TensorRT) and INT8 ORT (CPU) ONNX, checked against PyTorch.
+
+    ONNX Runtime's quantizer calibrates on the same stratified sample as QAT (same size, same seed)."""
+    from components.data import DatasetSplits, calibration_indices, class_histogram
+    from components.export import export_variants, save_calibration_info
     from components.models import load_checkpoint
 
     data = DatasetSplits.load(dataset.path)
     dense, _ = load_checkpoint(dense_model.path)
     pruned, _ = load_checkpoint(pruned_model.path)
     quantized, _ = load_checkpoint(qat_model.path)
-    infos = export_variants(dense, pruned, quantized, x_check=data.x_test, x_calibration=data.x_train[:512],
+    rows = calibration_indices(data.y_train, calibration_samples, seed=seed)
+    infos = export_variants(dense, pruned, quantized, x_check=data.x_test, x_calibration=data.x_train[rows],
                             out_dir=onnx_models.path)
+    save_calibration_info(onnx_models.path, samples=len(rows), seed=seed,
+                          histogram=class_histogram(data.y_train[rows], data.labels))
     onnx_models.metadata.update({"variants": [i.name for i in infos], "format": "onnx"})
 
 
 @component
-def evaluate(dataset: Input[Dataset], onnx_models: Input[Model], tolerance_points: float,
+def evaluate(dataset: Input[Dataset], onnx_models: Input[Model], tolerance_points: float, min_speedup: float,
              evaluation: Output[Artifact], metrics: Output[Metrics]):
-    """Accuracy, size and ORT CPU latency of every variant; fail the run when the INT8 gate does not pass."""
+    """Accuracy, size, ORT CPU latency and speed-ups of every variant; fail the run when the INT8 gate does not
+    pass; mark CPU INT8 variants below ``min_speedup`` as not preferred."""
     from components.data import DatasetSplits
     from components.evaluate import enforce_gate, evaluate_variants
-    from components.export import load_variant_infos
+    from components.export import load_calibration_info, load_variant_infos
 
     data = DatasetSplits.load(dataset.path)
     result = evaluate_variants(onnx_models.path, load_variant_infos(onnx_models.path), data.x_test, data.y_test,
-                               data.num_classes, tolerance_points=tolerance_points)
+                               data.num_classes, tolerance_points=tolerance_points, min_speedup=min_speedup,
+                               calibration=load_calibration_info(onnx_models.path))
     result.save(evaluation.path)
     for v in result.variants:
         metrics.log_metric(f"{v.name}_accuracy", v.accuracy)
         metrics.log_metric(f"{v.name}_size_bytes", v.size_bytes)
         metrics.log_metric(f"{v.name}_latency_ms_b1", v.latency_ms_b1)
         metrics.log_metric(f"{v.name}_latency_ms_b16", v.latency_ms_b16)
-    evaluation.metadata.update({"passed": result.passed, "failures": result.failures})
+        for figure, value in v.speedup.items():
+            metrics.log_metric(f"{v.name}_speedup_{figure}", value)
+    evaluation.metadata.update({"passed": result.passed, "failures": result.failures,
+                                "not_preferred": {v.name: v.note for v in result.variants if not v.preferred}})
     enforce_gate(result)
 
 

@@ -4,7 +4,8 @@ least-recently-used eviction, and a record of what was last served so a restart 
 Layout under ``root``::
 
     artifacts/<name>/<version>/manifest.json, <files>      verified copies (partial downloads end in .part)
-    engines/<name>/<version>/<target-key>/<engine file>    built engines (TensorRT plans, optimized ONNX)
+    engines/<name>/<version>/<target-key>/<variant>.plan   built engines (TensorRT plans; <variant>.ort.onnx: ORT)
+    engines/<name>/<version>/variant-choice.json           which variant this device chose, and the figures
     engines/<name>/timing.cache                            TensorRT timing cache
     state.json                                             {"name", "version", "variant", "target_key"} last served
 """

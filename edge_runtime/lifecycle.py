@@ -17,16 +17,25 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.cache import ArtifactCache
+from edge_runtime.choice import (
+    VariantChoice,
+    VariantFigures,
+    choose_fastest,
+    load_choice,
+    save_choice,
+    time_variant,
+)
 from edge_runtime.contract import ArtifactLayout, Manifest, load_verify_key, verify_manifest
 from edge_runtime.device import DeviceFacts
-from edge_runtime.engines import EnginePlan, build_engine, plan_engine
+from edge_runtime.engines import EnginePlan, build_engine, candidate_variants, plan_for, resolve_backend
 from edge_runtime.engines.base import Engine
-from edge_runtime.errors import EdgeloopError, ModelNotFound, NotReady
+from edge_runtime.errors import ConfigError, EdgeloopError, ModelNotFound, NotReady, ValidationFailed
 from edge_runtime.fetch import read_manifest, resolve_version
 from edge_runtime.serve.batching import DynamicBatcher
 from edge_runtime.settings import EdgeSettings, read_settings_file
 from edge_runtime.store import ObjectStore
-from edge_runtime.validate import ValidationResult, require_passed, validate
+from edge_runtime.timing import Timing
+from edge_runtime.validate import ValidationResult, read_validation_set, validate
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +85,8 @@ class ModelRuntime:
         self.state = "starting"
         self.last_error = ""
         self.last_validation: ValidationResult | None = None
+        self.choice: VariantChoice | None = None
+        """Which variant serves and why (measured, cached, forced or static)."""
         self._listeners: list[Callable[[], None]] = []
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -114,6 +125,8 @@ class ModelRuntime:
             "error": self.last_error,
             "validation": self.last_validation.summary() if self.last_validation else "",
             "batching": {"max_batch_size": self.batching[0], "max_queue_delay_us": self.batching[1]},
+            "variant_choice": ({"chosen": self.choice.chosen, "mode": self.choice.mode, "reason": self.choice.reason}
+                               if self.choice else None),
         }
 
     # --- serving ---------------------------------------------------------------------------------------------
@@ -179,32 +192,79 @@ class ModelRuntime:
             verify_manifest(manifest, self.trusted)
         else:
             manifest = await asyncio.to_thread(read_manifest, self.store, self.layout, name, version, self.trusted)
-        plan = plan_engine(manifest, self.facts, backend=self.settings.backend, variant=self.settings.variant,
-                           max_batch_size=self.settings.max_batch_size, opt_batch_size=self.settings.opt_batch_size)
-        refs = [plan.variant, manifest.validation]
+        plans = self._candidate_plans(manifest)
+        cached_choice = None
+        if self._measuring(plans):
+            cached_choice = load_choice(self._choice_dir(manifest), self._candidate_keys(plans))
+            if cached_choice is not None:
+                plans = [p for p in plans if p.variant.name == cached_choice.chosen]
+        refs = [*(p.variant for p in plans), manifest.validation]
         paths, downloaded = await asyncio.to_thread(self.cache.fetch, self.store, self.layout, manifest, refs,
                                                     attempts=self.settings.fetch_attempts)
-        self._report("fetched", {"version": version, "variant": plan.variant.name, "bytes": downloaded})
+        self._report("fetched", {"version": version, "variants": [p.variant.name for p in plans],
+                                 "variant": plans[0].variant.name, "bytes": downloaded})
 
-        self._set_state("building")
-        build_started = time.monotonic()
-        engine, source = await asyncio.to_thread(self._obtain_engine, manifest, plan, paths[plan.variant.file])
-        self._report("built", {"version": version, "target_key": str(plan.target_key), "built": source == "built",
-                               "source": source, "seconds": round(time.monotonic() - build_started, 3)})
+        validation_path = paths[manifest.validation.file]
+        candidates: list[tuple[EnginePlan, Engine, ValidationResult, str, float]] = []
+        figures: list[VariantFigures] = []
+        failures: list[str] = []
+        for plan in plans:
+            self._set_state("building")
+            build_started = time.monotonic()
+            try:
+                engine, source = await asyncio.to_thread(self._obtain_engine, manifest, plan,
+                                                         paths[plan.variant.file])
+            except EdgeloopError as exc:
+                if len(plans) == 1:
+                    raise
+                failures.append(f"{plan.variant.name}: {exc}")
+                figures.append(VariantFigures(plan.variant.name, str(plan.target_key), False, reason=str(exc)))
+                continue
+            self._report("built", {"version": version, "variant": plan.variant.name,
+                                   "target_key": str(plan.target_key), "built": source == "built", "source": source,
+                                   "seconds": round(time.monotonic() - build_started, 3)})
+            self._set_state("validating")
+            result = await asyncio.to_thread(validate, engine, validation_path, manifest, plan.variant.name,
+                                             latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
+            self.last_validation = result
+            self._report("validated", {"version": version, **result.to_dict()})
+            if not result.passed:
+                engine.close()
+                failures.append(f"{plan.variant.name}: {result.reason}")
+                figures.append(VariantFigures(plan.variant.name, str(plan.target_key), False, result.value,
+                                              reason=result.reason))
+                continue
+            if len(plans) > 1:
+                b1, batched = await asyncio.to_thread(self._time_variant, engine, validation_path, manifest)
+                figure = VariantFigures(plan.variant.name, str(plan.target_key), True, result.value,
+                                        self.settings.max_batch_size, b1, batched)
+                figures.append(figure)
+                # one engine open at a time besides the fastest so far (device memory on a Jetson is shared)
+                if candidates and figure.score_ms >= candidates[0][4]:
+                    engine.close()
+                    continue
+                for kept in candidates:
+                    kept[1].close()
+                candidates = [(plan, engine, result, source, figure.score_ms)]
+            else:
+                candidates.append((plan, engine, result, source, 0.0))
+        if not candidates:
+            plan = plans[0]
+            raise ValidationFailed(f"{name}/{version} failed validation on this device "
+                                   f"({plan.target_key}): {'; '.join(failures)}")
 
-        self._set_state("validating")
-        result = await asyncio.to_thread(validate, engine, paths[manifest.validation.file], manifest,
-                                         plan.variant.name, latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
-        self.last_validation = result
-        self._report("validated", {"version": version, **result.to_dict()})
-        if not result.passed:
-            engine.close()
-            require_passed(result, f"{name}/{version} ({plan.variant.name} on {plan.target_key})")
+        choice = self._decide(plans, cached_choice, figures)
+        plan, engine, result, source, _ = candidates[0]
+        assert plan.variant.name == choice.chosen
+        self.last_validation, self.choice = result, choice
+        if choice.mode == "measured":
+            save_choice(self._choice_dir(manifest), self._candidate_keys(plans), choice)
+        self._report("variant_choice", {"version": version, "target_key": str(plan.target_key), **choice.to_dict()})
 
         max_batch, delay_us = self.settings.max_batch_size, self.settings.max_queue_delay_us
         if self.settings.batching_budget_ms is not None:
-            choice = await asyncio.to_thread(self._tune, engine, paths[manifest.validation.file], version)
-            max_batch, delay_us = choice.max_batch_size, choice.max_queue_delay_us
+            choice_b = await asyncio.to_thread(self._tune, engine, validation_path, manifest)
+            max_batch, delay_us = choice_b.max_batch_size, choice_b.max_queue_delay_us
         self.batching = (max_batch, delay_us)
         batcher = DynamicBatcher(engine, max_batch_size=max_batch, max_queue_delay_us=delay_us,
                                  on_batch=self._on_batch)
@@ -221,16 +281,63 @@ class ModelRuntime:
         await asyncio.to_thread(self.cache.evict, keep)
         return CycleResult(version, changed=True, downloaded_bytes=downloaded, built=source == "built")
 
-    def _tune(self, engine: Engine, validation_path: Path, version: str):  # noqa: ANN202 - BatchingChoice
+    # --- which variant ---------------------------------------------------------------------------------------
+    def _candidate_plans(self, manifest: Manifest) -> list[EnginePlan]:
+        """The forced variant (``variant`` setting), or every variant this backend runs, in preference order."""
+        backend, device = resolve_backend(self.facts, self.settings.backend)
+        if self.settings.variant is not None:
+            names = [v.name for v in manifest.variants]
+            if self.settings.variant not in names:
+                raise ConfigError(f"variant {self.settings.variant!r} is not in {manifest.name}/{manifest.version} "
+                                  f"(has {names})")
+            variants = [manifest.variant(self.settings.variant)]
+        else:
+            variants = candidate_variants(manifest, backend, device)
+            if self.settings.variant_choice_budget_s <= 0:
+                variants = variants[:1]
+        return [plan_for(manifest, self.facts, v, backend=backend, device=device,
+                         max_batch_size=self.settings.max_batch_size, opt_batch_size=self.settings.opt_batch_size)
+                for v in variants]
+
+    def _measuring(self, plans: list[EnginePlan]) -> bool:
+        return self.settings.variant is None and len(plans) > 1
+
+    @staticmethod
+    def _candidate_keys(plans: list[EnginePlan]) -> dict[str, str]:
+        return {p.variant.name: str(p.target_key) for p in plans}
+
+    def _choice_dir(self, manifest: Manifest) -> Path:
+        return self.cache.root / "engines" / manifest.name / manifest.version
+
+    def _decide(self, plans: list[EnginePlan], cached: VariantChoice | None,
+                figures: list[VariantFigures]) -> VariantChoice:
+        if self.settings.variant is not None:
+            return VariantChoice(self.settings.variant, "forced by the variant setting", "forced")
+        if cached is not None:
+            return cached
+        if len(plans) == 1:
+            why = ("measuring is off (variant_choice_budget_s = 0): the first compatible variant in preference order"
+                   if self.settings.variant_choice_budget_s <= 0 else "the only variant this backend runs")
+            return VariantChoice(plans[0].variant.name, why, "static")
+        choice = choose_fastest(figures)
+        assert choice is not None  # at least one candidate passed, or _bring_up raised
+        return choice
+
+    def _time_variant(self, engine: Engine, validation_path: Path, manifest: Manifest) -> tuple[Timing, Timing]:
+        inputs, _ = read_validation_set(validation_path, manifest, engine)
+        sample = {k: v[:1] for k, v in inputs.items()}
+        return time_variant(engine, sample, self.settings.max_batch_size,
+                            budget_s=self.settings.variant_choice_budget_s)
+
+    def _tune(self, engine: Engine, validation_path: Path, manifest: Manifest):  # noqa: ANN202 - BatchingChoice
         """Sweep batch sizes on this device and choose the batcher's limits (reported as ``batch_sweep``)."""
         from edge_runtime.tuning import choose, sweep
 
-        with np.load(validation_path, allow_pickle=False) as npz:
-            sample = npz["inputs"][0]
-        points = sweep(engine, sample, self.settings.max_batch_size)
+        inputs, _ = read_validation_set(validation_path, manifest, engine)
+        points = sweep(engine, {k: v[:1] for k, v in inputs.items()}, self.settings.max_batch_size)
         assert self.settings.batching_budget_ms is not None
         choice = choose(points, self.settings.batching_budget_ms, self.settings.max_queue_delay_us)
-        self._report("batch_sweep", {"version": version, "points": [p.__dict__ for p in points],
+        self._report("batch_sweep", {"version": manifest.version, "points": [p.__dict__ for p in points],
                                      "chosen": choice.to_dict()})
         return choice
 
@@ -248,10 +355,13 @@ class ModelRuntime:
         name, version, target = manifest.name, manifest.version, str(plan.target_key)
         engine_path = self.cache.engine_path(name, version, target, plan.engine_file)
         source = "cache"
-        if not engine_path.exists() and (prebuilt := manifest.engines.get(target)) is not None:
+        prebuilt = manifest.engines.get(target)
+        if prebuilt is not None and Path(prebuilt.file).name != plan.engine_file:
+            prebuilt = None  # built for another variant of the same precision
+        if not engine_path.exists() and prebuilt is not None:
             download_resumable(self.store, self.layout.file_key(name, version, prebuilt.file), engine_path, prebuilt)
             source = "manifest"
-        sidecar_key = self.layout.engine_key(name, version, target, "engine.json")
+        sidecar_key = self.layout.engine_key(name, version, target, plan.record_file)
         if not engine_path.exists() and self.settings.share_engines:
             try:
                 ref = EngineRef.model_validate_json(self.store.get_bytes(sidecar_key))

@@ -38,7 +38,11 @@ class EdgeSettings(BaseSettings):
 
     # --- engines
     backend: Literal["auto", "tensorrt", "onnxruntime"] = Field("auto", description="engine backend")
-    variant: str | None = Field(None, description="force a manifest variant (default: best for the backend)")
+    variant: str | None = Field(
+        None, description="force a manifest variant (default: the fastest validated one, measured on this device)")
+    variant_choice_budget_s: float = Field(
+        2.0, ge=0, description="seconds of timing per candidate variant when choosing the fastest (0: no measuring, "
+                               "the first compatible variant in preference order)")
     share_engines: bool = Field(False, description="upload engines this device built to S3 for identical devices")
     opt_batch_size: int = Field(8, gt=0, description="TensorRT optimization-profile opt batch")
 

@@ -7,13 +7,13 @@ until memory runs out; the best batch is a property of the device and the model,
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from edge_runtime.engines.base import Engine
 from edge_runtime.errors import ConfigError
+from edge_runtime.timing import repeat_batch, time_calls
 
 
 @dataclass(frozen=True)
@@ -50,21 +50,14 @@ def batch_sizes(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
-def sweep(engine: Engine, sample: np.ndarray, max_batch: int, *, runs: int = 30, warmup: int = 3) -> list[BatchPoint]:
-    """Time ``engine.infer`` on batches of copies of ``sample`` (one input, batch axis first)."""
-    name = engine.inputs[0].name
+def sweep(engine: Engine, sample: dict[str, np.ndarray], max_batch: int, *, runs: int = 30,
+          warmup: int = 3) -> list[BatchPoint]:
+    """Time ``engine.infer`` on batches of copies of ``sample`` (one sample of every input, batch axis first)."""
     points = []
     for batch in batch_sizes(max_batch):
-        x = np.repeat(sample[None], batch, axis=0)
-        for _ in range(warmup):
-            engine.infer({name: x})
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            engine.infer({name: x})
-            times.append(time.perf_counter() - start)
-        p50 = float(np.percentile(times, 50))
-        points.append(BatchPoint(batch, p50 * 1e3, float(np.percentile(times, 99)) * 1e3, batch / p50))
+        x = repeat_batch(sample, batch)
+        timing = time_calls(lambda x=x: engine.infer(x), runs=runs, warmup=warmup)
+        points.append(BatchPoint(batch, timing.p50_ms, timing.p99_ms, batch / (timing.p50_ms / 1e3)))
     return points
 
 

@@ -3,7 +3,7 @@ manifest's reference accuracy (minus tolerance) and, when configured, a batch-1 
 
 from __future__ import annotations
 
-import time
+import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ import numpy as np
 from edge_runtime.contract import Manifest
 from edge_runtime.engines.base import Engine
 from edge_runtime.errors import ValidationFailed
+from edge_runtime.timing import time_calls
 
 
 @dataclass(frozen=True)
@@ -63,34 +64,42 @@ def _run_batched(engine: Engine, inputs: dict[str, np.ndarray]) -> dict[str, np.
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
+def read_validation_set(validation_path: Path, manifest: Manifest,
+                        engine: Engine) -> tuple[dict[str, np.ndarray], np.ndarray | dict[str, np.ndarray]]:
+    """``(inputs by name, expected)`` from a version's ``validation.npz``.
+
+    ``top1_accuracy``: ``inputs`` and ``labels`` arrays (expected = labels). ``output_agreement`` (imported models):
+    ``input:<name>`` arrays for every input and ``reference:<name>`` FP32 outputs (expected = those outputs).
+    """
+    with np.load(validation_path, allow_pickle=False) as npz:
+        if manifest.validation.metric == "output_agreement":
+            inputs = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("input:")}
+            expected: np.ndarray | dict[str, np.ndarray] = {
+                k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("reference:")}
+        else:
+            inputs, expected = {engine.inputs[0].name: npz["inputs"]}, npz["labels"]
+    return inputs, expected
+
+
 def validate(engine: Engine, validation_path: Path, manifest: Manifest, variant: str, *,
              latency_budget_p99_ms: float | None = None, latency_runs: int = 100) -> ValidationResult:
     """Run the validation set; ``passed`` only if the metric and (when set) latency are within bounds.
 
-    ``top1_accuracy``: ``inputs`` and ``labels`` arrays. ``output_agreement`` (imported models): ``input:<name>``
-    arrays for every input and ``reference:<name>`` FP32 outputs, compared by :func:`output_agreement`.
+    The metric is the manifest's (see :func:`read_validation_set`; ``output_agreement`` compares by
+    :func:`output_agreement`). Latency: batch-1 requests cycling through the validation samples.
     """
     spec = manifest.validation
-    with np.load(validation_path, allow_pickle=False) as npz:
-        if spec.metric == "output_agreement":
-            inputs = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("input:")}
-            expected = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("reference:")}
-        else:
-            inputs, labels = {engine.inputs[0].name: npz["inputs"]}, npz["labels"]
+    inputs, expected = read_validation_set(validation_path, manifest, engine)
     outputs = _run_batched(engine, inputs)
-    if spec.metric == "output_agreement":
+    if isinstance(expected, dict):
         value = output_agreement(expected, outputs)
     else:
-        value = float((next(iter(outputs.values())).argmax(axis=1) == labels).mean())
+        value = float((next(iter(outputs.values())).argmax(axis=1) == expected).mean())
     reference = spec.reference.get(variant, max(spec.reference.values()))
     count = len(next(iter(inputs.values())))
-    times = []
-    for i in range(min(latency_runs, count) or 1):
-        sample = {k: v[i % count][None] for k, v in inputs.items()}
-        begin = time.perf_counter()
-        engine.infer(sample)
-        times.append((time.perf_counter() - begin) * 1e3)
-    p50, p99 = float(np.percentile(times, 50)), float(np.percentile(times, 99))
+    samples = itertools.cycle([{k: v[i : i + 1] for k, v in inputs.items()} for i in range(min(count, latency_runs))])
+    timing = time_calls(lambda: engine.infer(next(samples)), runs=max(1, min(latency_runs, count)), warmup=0)
+    p50, p99 = timing.p50_ms, timing.p99_ms
     reasons = []
     if value < reference - spec.tolerance - 1e-9:
         reasons.append(f"{spec.metric} {value:.4f} below {reference:.4f} - {spec.tolerance:.4f}")

@@ -36,6 +36,8 @@ def build_pipeline(*, s3_secret: str | None = None, signing_secret: str | None =
         prune_finetune_epochs: int = 8,
         qat_epochs: int = 3,
         tolerance_points: float = 1.0,
+        calibration_samples: int = 512,
+        min_speedup: float = 1.0,
         bucket: str = "edgeloop",
         prefix: str = "",
         channel: str = "stable",
@@ -48,7 +50,8 @@ def build_pipeline(*, s3_secret: str | None = None, signing_secret: str | None =
             dataset=data.outputs["dataset"], model_name=model_name, bucket=bucket, prefix=prefix, channel=channel,
             s3_endpoint=s3_endpoint, arch=arch, epochs=epochs, lr=lr, seed=seed, prune_constraint=prune_constraint,
             prune_keep_fraction=prune_keep_fraction, prune_finetune_epochs=prune_finetune_epochs, qat_epochs=qat_epochs,
-            tolerance_points=tolerance_points, force_retrain=force_retrain,
+            tolerance_points=tolerance_points, calibration_samples=calibration_samples, min_speedup=min_speedup,
+            force_retrain=force_retrain,
         )
         decision.set_caching_options(False)
         with dsl.If(decision.outputs["Output"] == "train", name="retrain"):
@@ -58,13 +61,14 @@ def build_pipeline(*, s3_secret: str | None = None, signing_secret: str | None =
                 keep_fraction=prune_keep_fraction, finetune_epochs=prune_finetune_epochs, seed=seed,
             )
             quantized = steps.qat(dataset=data.outputs["dataset"], model=pruned.outputs["pruned_model"],
-                                  epochs=qat_epochs, seed=seed)
+                                  epochs=qat_epochs, seed=seed, calibration_samples=calibration_samples)
             onnx = steps.export(
                 dataset=data.outputs["dataset"], dense_model=fp32.outputs["model"],
                 pruned_model=pruned.outputs["pruned_model"], qat_model=quantized.outputs["qat_model"],
+                calibration_samples=calibration_samples, seed=seed,
             )
             evaluated = steps.evaluate(dataset=data.outputs["dataset"], onnx_models=onnx.outputs["onnx_models"],
-                                       tolerance_points=tolerance_points)
+                                       tolerance_points=tolerance_points, min_speedup=min_speedup)
             reported = steps.report(dataset=data.outputs["dataset"], evaluation=evaluated.outputs["evaluation"],
                                     model_name=model_name)
             published = steps.publish(

@@ -48,18 +48,24 @@ def serve_command(
 def fleet_table(devices) -> Table:  # noqa: ANN001 - telemetry DeviceStatus messages
     """device, target key, desired and serving version, state, validation, p50/p99, last seen."""
     table = Table(title="fleet")
-    for column in ("device", "target key", "desired", "serving", "state", "validation", "p50 ms", "p99 ms",
-                   "batching", "last seen (UTC)"):
+    for column in ("device", "target key", "desired", "serving", "state", "validation", "variant", "p50 ms",
+                   "p99 ms", "batching", "last seen (UTC)"):
         table.add_column(column)
     for d in devices:
         batching = ""
         if d.batching_json:
             chosen = json.loads(d.batching_json).get("chosen") or {}
             batching = f"≤{chosen.get('max_batch_size')} / {chosen.get('max_queue_delay_us')} µs"
+        variant = ""
+        if d.variant_json:
+            choice = json.loads(d.variant_json)
+            reason = str(choice.get("reason") or "").split(";")[0]  # the first clause: the deciding figures
+            variant = f"{choice.get('chosen')} ({choice.get('mode')}: {reason})"
         seen = datetime.fromtimestamp(d.last_seen_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S") \
             if d.last_seen_ms else ""
         table.add_row(d.device_id, d.target_key, d.desired_version, d.serving_version, d.state, d.validation_result,
-                      f"{d.p50_ms:.2f}" if d.p50_ms else "", f"{d.p99_ms:.2f}" if d.p99_ms else "", batching, seen)
+                      variant, f"{d.p50_ms:.2f}" if d.p50_ms else "", f"{d.p99_ms:.2f}" if d.p99_ms else "",
+                      batching, seen)
     return table
 
 

@@ -82,7 +82,8 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
                             desired_version=r["desired_version"] or "", serving_version=r["serving_version"] or "",
                             state=r["state"] or "", validation_result=r["validation_result"] or "",
                             p50_ms=r["p50_ms"] or 0.0, p99_ms=r["p99_ms"] or 0.0, last_seen_ms=r["last_seen_ms"] or 0,
-                            facts_json=r["facts_json"] or "{}", batching_json=r["batching_json"] or "")
+                            facts_json=r["facts_json"] or "{}", batching_json=r["batching_json"] or "",
+                            variant_json=r["variant_json"] or "")
             for r in rows])
 
 

@@ -53,6 +53,7 @@ devices = Table(
     Column("last_seen_ms", BigInteger, default=0),
     Column("facts_json", Text, default="{}"),
     Column("batching_json", Text, default=""),
+    Column("variant_json", Text, default=""),
 )
 
 
@@ -87,6 +88,8 @@ def _device_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         changes.update(state="failed", desired_version=payload.get("version", ""))
     elif kind == "batch_sweep":
         changes["batching_json"] = json.dumps({"chosen": payload.get("chosen"), "points": payload.get("points")})
+    elif kind == "variant_choice":
+        changes["variant_json"] = json.dumps({k: payload.get(k) for k in ("chosen", "mode", "reason", "figures")})
     elif kind == "stats":
         for field in ("desired_version", "serving_version", "state", "target_key"):
             if payload.get(field):

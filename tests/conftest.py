@@ -104,7 +104,10 @@ def edge_settings(tmp_path, local_s3, key_dir, monkeypatch):
         values = dict(s3_endpoint_url=local_s3.endpoint_url, s3_bucket=bucket, cache_dir=tmp_path / "cache",
                       verify_key_file=key_dir / "verify-key.pem", grpc_port=0, metrics_port=0,
                       poll_interval_s=3600, retry_initial_s=0.2, retry_max_s=1.0, fetch_attempts=2,
-                      telemetry_interval_s=3600, device_id="test-jetson")
+                      telemetry_interval_s=3600, device_id="test-jetson",
+                      # tests not about the variant choice take the static preference order: what they check must
+                      # not depend on which variant this machine happens to run faster (test_variant_choice measures)
+                      variant_choice_budget_s=0)
         values.update(overrides)
         return EdgeSettings(**values)
 

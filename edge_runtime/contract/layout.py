@@ -2,7 +2,7 @@
 
     <prefix>/models/<name>/<version>/manifest.json       written last: its presence means "complete"
     <prefix>/models/<name>/<version>/<file>              variants, validation.npz, report.html
-    <prefix>/models/<name>/<version>/engines/<target>/engine.plan
+    <prefix>/models/<name>/<version>/engines/<target>/<variant>.plan   (+ <variant>.json, a shared engine's record)
     <prefix>/models/<name>/channels/<channel>.json       {"version": ...}, moved after a version is complete
 """
 

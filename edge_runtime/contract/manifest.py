@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edge_runtime.errors import ManifestInvalid
 
-SCHEMA_VERSION = 1
-"""Bumped on any change the edge must know about; the edge refuses a manifest newer than it understands."""
+SCHEMA_VERSION = 2
+"""Bumped on any change the edge must know about; the edge refuses a manifest newer than it understands.
+2: variants carry ``preferred`` and ``speedup`` (the pipeline's CPU speed-up figures)."""
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 """Model names, versions and channels: lower case, safe in S3 keys, Kubernetes annotations and file names."""
@@ -69,6 +70,13 @@ class Variant(FileRef):
     accuracy: float | None = Field(default=None, description="test-set top-1 accuracy measured in the cloud, 0..1")
     params: int | None = None
     flops: int | None = Field(default=None, description="FLOPs of one sample (2 x MACs)")
+    preferred: bool = Field(
+        default=True,
+        description="false: the pipeline measured no pay-off (below its min_speedup); a device measures it only "
+                    "when nothing preferred is compatible, and never picks it by default")
+    speedup: dict[str, float] = Field(
+        default_factory=dict,
+        description="the pipeline's ONNX Runtime CPU speed-ups, e.g. {'b1_vs_fp32': 1.4, 'b16_vs_fp32-dense': 2.1}")
 
 
 class Validation(FileRef):

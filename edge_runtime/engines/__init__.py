@@ -5,6 +5,14 @@ build for this target key) and returns something with ``infer``.
 """
 
 from edge_runtime.engines.base import Engine, TensorInfo
-from edge_runtime.engines.select import EnginePlan, build_engine, plan_engine
+from edge_runtime.engines.select import (
+    EnginePlan,
+    build_engine,
+    candidate_variants,
+    plan_engine,
+    plan_for,
+    resolve_backend,
+)
 
-__all__ = ["Engine", "EnginePlan", "TensorInfo", "build_engine", "plan_engine"]
+__all__ = ["Engine", "EnginePlan", "TensorInfo", "build_engine", "candidate_variants", "plan_engine", "plan_for",
+           "resolve_backend"]

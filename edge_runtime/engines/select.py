@@ -16,7 +16,8 @@ PREFERENCE = {
     "onnxruntime-cpu": ("int8-ort", "fp32", "fp32-dense"),
     "onnxruntime-cuda": ("fp16", "fp32", "fp32-dense"),
 }
-ENGINE_FILES = {"tensorrt": "engine.plan", "onnxruntime": "model.ort.onnx"}
+ENGINE_FILES = {"tensorrt": ".plan", "onnxruntime": ".ort.onnx"}
+"""Engine file suffix per backend; the file is named after the variant (two fp32 variants share a target key)."""
 
 
 @dataclass(frozen=True)
@@ -30,14 +31,20 @@ class EnginePlan:
 
     @property
     def engine_file(self) -> str:
-        """File name of the built engine in the cache (and in S3 for shared TensorRT engines)."""
-        return ENGINE_FILES[self.backend]
+        """File name of the built engine in the cache (and in S3 for shared engines): ``<variant>.plan`` or
+        ``<variant>.ort.onnx``. The variant is in the name because the target key names the hardware and the
+        precision only: ``fp32`` and ``fp32-dense`` share one."""
+        return f"{self.variant.name}{ENGINE_FILES[self.backend]}"
+
+    @property
+    def record_file(self) -> str:
+        """File name of a shared engine's record (its digest and builder) next to it in S3."""
+        return f"{self.variant.name}.json"
 
 
-def plan_engine(manifest: Manifest, facts: DeviceFacts, *, backend: str = "auto", variant: str | None = None,
-                max_batch_size: int = 16, opt_batch_size: int = 8) -> EnginePlan:
-    """Pick backend and variant: TensorRT with the Q/DQ variant where TensorRT and a GPU exist, else ONNX Runtime
-    with the variant that suits its provider. ``backend`` and ``variant`` override the automatic choice."""
+def resolve_backend(facts: DeviceFacts, backend: str = "auto") -> tuple[str, str]:
+    """``(backend, device)`` for this device: TensorRT where TensorRT and a GPU exist, else ONNX Runtime on CUDA
+    (when its CUDA provider is present) or the CPU. An explicit ``backend`` must be usable here."""
     if backend == "auto":
         backend = "tensorrt" if facts.has_tensorrt else "onnxruntime"
     if backend == "tensorrt" and not facts.has_tensorrt:
@@ -47,27 +54,53 @@ def plan_engine(manifest: Manifest, facts: DeviceFacts, *, backend: str = "auto"
     device = "cpu"
     if backend == "onnxruntime" and "CUDAExecutionProvider" in facts.ort_providers:
         device = "cuda"
+    return backend, device
+
+
+def candidate_variants(manifest: Manifest, backend: str, device: str) -> list[Variant]:
+    """The manifest's variants this backend runs, in preference order: those the pipeline marked preferred
+    first, each group in :data:`PREFERENCE` order. Variants the pipeline found not worth it stay candidates (after
+    the others) so that a device can still measure them, but never come first."""
     preference = PREFERENCE["tensorrt" if backend == "tensorrt" else f"onnxruntime-{device}"]
     names = [v.name for v in manifest.variants]
-    if variant is not None:
-        if variant not in names:
-            raise ConfigError(f"variant {variant!r} is not in {manifest.name}/{manifest.version} (has {names})")
-        chosen = manifest.variant(variant)
-    else:
-        usable = [n for n in preference if n in names and backend in manifest.variant(n).backends]
-        if not usable:
-            raise ConfigError(f"{manifest.name}/{manifest.version} has no variant for {backend} (has {names})")
-        chosen = manifest.variant(usable[0])
+    usable = [manifest.variant(n) for n in preference if n in names and backend in manifest.variant(n).backends]
+    if not usable:
+        raise ConfigError(f"{manifest.name}/{manifest.version} has no variant for {backend} (has {names})")
+    return [v for v in usable if v.preferred] + [v for v in usable if not v.preferred]
+
+
+def plan_for(manifest: Manifest, facts: DeviceFacts, variant: Variant, *, backend: str, device: str,
+             max_batch_size: int = 16, opt_batch_size: int = 8) -> EnginePlan:
+    """The engine plan (and its target key) for one variant on a resolved ``backend``/``device``."""
+    if backend not in variant.backends:
+        raise ConfigError(f"variant {variant.name!r} of {manifest.name}/{manifest.version} is made for "
+                          f"{', '.join(variant.backends)}, not {backend}: choose another variant or backend")
     if backend == "tensorrt":
         assert facts.trt_version is not None
-        key = TargetKey(backend="tensorrt", backend_version=facts.trt_version, precision=chosen.precision,
+        key = TargetKey(backend="tensorrt", backend_version=facts.trt_version, precision=variant.precision,
                         compute_capability=facts.compute_capability, l4t_release=facts.l4t_release,
                         batch_profile=(1, min(opt_batch_size, max_batch_size), max_batch_size), device="trt",
                         arch="aarch64" if facts.arch == "aarch64" else "x86_64")
     else:
-        key = TargetKey(backend="onnxruntime", backend_version=facts.ort_version or "0.0", precision=chosen.precision,
+        key = TargetKey(backend="onnxruntime", backend_version=facts.ort_version or "0.0", precision=variant.precision,
                         device=device, arch="aarch64" if facts.arch == "aarch64" else "x86_64")  # type: ignore[arg-type]
-    return EnginePlan(backend=backend, variant=chosen, target_key=key, device=device)
+    return EnginePlan(backend=backend, variant=variant, target_key=key, device=device)
+
+
+def plan_engine(manifest: Manifest, facts: DeviceFacts, *, backend: str = "auto", variant: str | None = None,
+                max_batch_size: int = 16, opt_batch_size: int = 8) -> EnginePlan:
+    """Pick backend and variant without measuring: the first of :func:`candidate_variants`, or ``variant`` when
+    given (it must exist and suit the backend)."""
+    backend, device = resolve_backend(facts, backend)
+    if variant is not None:
+        names = [v.name for v in manifest.variants]
+        if variant not in names:
+            raise ConfigError(f"variant {variant!r} is not in {manifest.name}/{manifest.version} (has {names})")
+        chosen = manifest.variant(variant)
+    else:
+        chosen = candidate_variants(manifest, backend, device)[0]
+    return plan_for(manifest, facts, chosen, backend=backend, device=device, max_batch_size=max_batch_size,
+                    opt_batch_size=opt_batch_size)
 
 
 def build_engine(plan: EnginePlan, model_path: Path, engine_path: Path, *, max_batch_size: int) -> tuple[Engine, bool]:

@@ -41,7 +41,7 @@ class FleetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DeviceStatus(_message.Message):
-    __slots__ = ("device_id", "model_name", "target_key", "desired_version", "serving_version", "state", "validation_result", "p50_ms", "p99_ms", "last_seen_ms", "facts_json", "batching_json")
+    __slots__ = ("device_id", "model_name", "target_key", "desired_version", "serving_version", "state", "validation_result", "p50_ms", "p99_ms", "last_seen_ms", "facts_json", "batching_json", "variant_json")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TARGET_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class DeviceStatus(_message.Message):
     LAST_SEEN_MS_FIELD_NUMBER: _ClassVar[int]
     FACTS_JSON_FIELD_NUMBER: _ClassVar[int]
     BATCHING_JSON_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_JSON_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     model_name: str
     target_key: str
@@ -66,7 +67,8 @@ class DeviceStatus(_message.Message):
     last_seen_ms: int
     facts_json: str
     batching_json: str
-    def __init__(self, device_id: _Optional[str] = ..., model_name: _Optional[str] = ..., target_key: _Optional[str] = ..., desired_version: _Optional[str] = ..., serving_version: _Optional[str] = ..., state: _Optional[str] = ..., validation_result: _Optional[str] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., last_seen_ms: _Optional[int] = ..., facts_json: _Optional[str] = ..., batching_json: _Optional[str] = ...) -> None: ...
+    variant_json: str
+    def __init__(self, device_id: _Optional[str] = ..., model_name: _Optional[str] = ..., target_key: _Optional[str] = ..., desired_version: _Optional[str] = ..., serving_version: _Optional[str] = ..., state: _Optional[str] = ..., validation_result: _Optional[str] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., last_seen_ms: _Optional[int] = ..., facts_json: _Optional[str] = ..., batching_json: _Optional[str] = ..., variant_json: _Optional[str] = ...) -> None: ...
 
 class FleetStatusResponse(_message.Message):
     __slots__ = ("devices",)

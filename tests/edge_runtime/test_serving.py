@@ -240,7 +240,7 @@ def test_identical_devices_share_an_engine(store, signing_key, trained, edge_set
         first.stop()
     target = first.app.runtime.status()["target_key"] if first.app.runtime.serving else None
     keys = store.list_keys("models/digits-cnn/v1/engines/")
-    assert any(k.endswith("engine.json") for k in keys) and (target is None or any(target in k for k in keys))
+    assert any(k.endswith("int8-ort.json") for k in keys) and (target is None or any(target in k for k in keys))
     second = RunningEdge(edge_settings(store.bucket, share_engines=True, cache_dir=tmp_path / "b",
                                        device_id="jetson-2"))
     try:

@@ -19,7 +19,7 @@ def test_sweep_on_a_real_engine_and_limits_within_the_budget(trained):
     from edge_runtime.engines.onnxruntime import OrtEngine
 
     engine = OrtEngine(trained.good["int8-ort"], max_batch_size=32)
-    points = sweep(engine, trained.x_val[0], 32, runs=15)
+    points = sweep(engine, {"input": trained.x_val[:1]}, 32, runs=15)
     assert [p.batch for p in points] == [1, 2, 4, 8, 16, 32]
     assert all(p.p99_ms >= p.p50_ms > 0 for p in points)
     assert points[-1].samples_per_s > points[0].samples_per_s  # batching pays on this device

@@ -54,6 +54,11 @@ def test_default_run_publishes_a_complete_signed_version(default_run, pipeline_e
     assert pointer["version"] == manifest.version
     report = store.get_bytes(layout.file_key(MODEL, manifest.version, "report.html")).decode()
     assert report.count("data:image/png;base64,") == 3
+    assert "stratified by class" in report and "÷ fp32 b16" in report
+    evaluation = default_run.evaluation()
+    for variant in manifest.variants:  # the manifest carries the evaluation's speed figures and preference
+        assert variant.speedup == evaluation.variant(variant.name).speedup
+        assert variant.preferred == evaluation.variant(variant.name).preferred
 
 
 def test_default_model_meets_the_accuracy_and_pruning_targets(default_run):
@@ -66,6 +71,11 @@ def test_default_model_meets_the_accuracy_and_pruning_targets(default_run):
     assert evaluation.variant("int8-ort").drop_points <= 1.0
     for v in evaluation.variants:
         assert v.params > 0 and v.size_bytes > 0 and v.latency_ms_b1 > 0 and v.latency_ms_b16 > 0
+        assert set(v.speedup) == {"b1_vs_fp32-dense", "b16_vs_fp32-dense", "b1_vs_fp32", "b16_vs_fp32"}
+        assert v.preferred or v.note.startswith("not preferred")
+    # the INT8 calibration saw every digit, in proportion
+    assert evaluation.calibration["samples"] == 512
+    assert len(evaluation.calibration["histogram"]) == 10 and min(evaluation.calibration["histogram"].values()) > 0
 
 
 def test_unchanged_data_and_config_skip_training(default_run, pipeline_env, local_s3):

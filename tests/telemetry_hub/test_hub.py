@@ -169,3 +169,20 @@ def test_a_database_from_an_older_hub_gains_new_columns(tmp_path):
     store.ingest("jetson-0", [event("batch_sweep", 9, chosen={"max_batch_size": 8}, points=[])])
     (row,) = store.fleet()
     assert row["state"] == "serving" and json.loads(row["batching_json"])["chosen"]["max_batch_size"] == 8
+
+
+def test_the_variant_choice_reaches_the_fleet_view_and_table(hub_store):
+    from rich.console import Console
+
+    from telemetry_hub.cli import fleet_table
+
+    reason = "fastest of 2 validated variants: 0.180 ms at batch 1, 2.700 ms at batch 16; 1.14x faster than int8-ort"
+    hub_store.ingest("jetson-1", [event("variant_choice", 1, version="v2", chosen="fp32", mode="measured",
+                                       reason=reason, figures=[{"variant": "fp32", "passed": True}])])
+    row = next(r for r in hub_store.fleet() if r["device_id"] == "jetson-1")
+    assert json.loads(row["variant_json"])["chosen"] == "fp32"
+    status = pb.DeviceStatus(device_id="jetson-1", variant_json=row["variant_json"])
+    console = Console(width=400, record=True)
+    console.print(fleet_table([status]))
+    text = console.export_text()
+    assert "fp32 (measured: fastest of 2 validated variants: 0.180 ms at batch 1, 2.700 ms at batch 16)" in text
