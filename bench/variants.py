@@ -26,7 +26,10 @@ sys.path.insert(0, str(ROOT))
 PARAMETERS = {
     "cnn": {"model_name": "digits-cnn"},
     "ast": {"model_name": "kws-ast", "arch": "ast", "epochs": 30, "lr": 0.002, "prune_keep_fraction": 0.8,
-            "prune_finetune_epochs": 5, "qat_epochs": 2},
+            "prune_finetune_epochs": 5, "qat_epochs": 2,
+            # the spoken test set has 30 clips: one clip is 3.3 accuracy points, so the default 1-point gate would
+            # measure luck (the keyword-spotting test uses no gate at all)
+            "tolerance_points": 7.0},
 }
 
 

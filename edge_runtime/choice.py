@@ -105,8 +105,8 @@ def choose_fastest(figures: list[VariantFigures]) -> VariantChoice | None:
     if others:
         runner_up = min(others, key=lambda f: f.score_ms)
         ratio = runner_up.score_ms / best.score_ms if best.score_ms > 0 else 1.0
-        reason = (f"fastest of {len(passed)} validated variants: {best.b1.p50_ms:.3f} ms at batch 1, "  # type: ignore[union-attr]
-                  f"{best.batched.p50_ms:.3f} ms at batch {best.batch}; {ratio:.2f}x faster than {runner_up.variant}")  # type: ignore[union-attr]
+        reason = (f"{ratio:.2f}x faster than {runner_up.variant}; fastest of {len(passed)} validated variants: "
+                  f"{best.b1.p50_ms:.3f} ms at batch 1, {best.batched.p50_ms:.3f} ms at batch {best.batch}")  # type: ignore[union-attr]
     else:
         reason = "the only variant that passed validation here"
     failed = [f"{f.variant} ({f.reason})" for f in figures if not f.passed]

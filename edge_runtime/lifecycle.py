@@ -271,7 +271,7 @@ class ModelRuntime:
         old, self.serving = self.serving, ServingModel(name, version, manifest, plan, engine, batcher, result)
         self._set_state("serving")
         self._report("serving", {"version": version, "variant": plan.variant.name, "target_key": str(plan.target_key),
-                                 "previous": old.version if old else None,
+                                 "validation": result.to_dict(), "previous": old.version if old else None,
                                  "seconds": round(time.monotonic() - started, 3)})
         self.cache.save_state({"name": name, "desired": self.desired[1], "version": version})
         if old is not None:

@@ -59,7 +59,7 @@ def fleet_table(devices) -> Table:  # noqa: ANN001 - telemetry DeviceStatus mess
         variant = ""
         if d.variant_json:
             choice = json.loads(d.variant_json)
-            reason = str(choice.get("reason") or "").split(";")[0]  # the first clause: the deciding figures
+            reason = str(choice.get("reason") or "").split(";")[0]  # the first clause: "1.21x faster than fp32"
             variant = f"{choice.get('chosen')} ({choice.get('mode')}: {reason})"
         seen = datetime.fromtimestamp(d.last_seen_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S") \
             if d.last_seen_ms else ""

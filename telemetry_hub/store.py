@@ -67,6 +67,14 @@ class IncomingEvent:
     payload_json: str
 
 
+def _validation_line(result: dict[str, Any]) -> str:
+    """``passed top1_accuracy 0.9944 (ref 0.9944 ± 0.0100) int8-ort``: the verdict first, the variant last."""
+    verdict = "passed" if result.get("passed") else "failed"
+    line = (f"{verdict} {result.get('metric', '')} {result.get('value', 0):.4f} "
+            f"(ref {result.get('reference', 0):.4f} ± {result.get('tolerance', 0):.4f})")
+    return f"{line} {result['variant']}" if result.get("variant") else line
+
+
 def _device_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
     """How an event of ``kind`` changes the device's row."""
     changes: dict[str, Any] = {}
@@ -77,12 +85,12 @@ def _device_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
     elif kind == "serving":
         changes.update(serving_version=payload.get("version", ""), state="serving",
                        target_key=payload.get("target_key", ""))
+        if isinstance(payload.get("validation"), dict):  # the served variant's (several may have been validated)
+            changes["validation_result"] = _validation_line(payload["validation"])
     elif kind == "built":
         changes["target_key"] = payload.get("target_key", "")
     elif kind == "validated":
-        verdict = "passed" if payload.get("passed") else "failed"
-        changes["validation_result"] = (f"{verdict} {payload.get('metric', '')} {payload.get('value', 0):.4f} "
-                                        f"(ref {payload.get('reference', 0):.4f} ± {payload.get('tolerance', 0):.4f})")
+        changes["validation_result"] = _validation_line(payload)
         changes["desired_version"] = payload.get("version", "")
     elif kind == "failed":
         changes.update(state="failed", desired_version=payload.get("version", ""))

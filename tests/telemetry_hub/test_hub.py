@@ -176,13 +176,21 @@ def test_the_variant_choice_reaches_the_fleet_view_and_table(hub_store):
 
     from telemetry_hub.cli import fleet_table
 
-    reason = "fastest of 2 validated variants: 0.180 ms at batch 1, 2.700 ms at batch 16; 1.14x faster than int8-ort"
+    reason = "1.14x faster than int8-ort; fastest of 2 validated variants: 0.180 ms at batch 1, 2.700 ms at batch 16"
     hub_store.ingest("jetson-1", [event("variant_choice", 1, version="v2", chosen="fp32", mode="measured",
                                        reason=reason, figures=[{"variant": "fp32", "passed": True}])])
+    # several variants were validated; the fleet view shows the served one's result, from the serving event
+    hub_store.ingest("jetson-1", [
+        event("validated", 2, version="v2", variant="fp32-dense", passed=True, metric="top1_accuracy", value=0.999,
+              reference=0.999, tolerance=0.01),
+        event("serving", 3, version="v2", variant="fp32", target_key="ort1.31-cpu-x86_64-fp32",
+              validation={"variant": "fp32", "passed": True, "metric": "top1_accuracy", "value": 0.99,
+                          "reference": 0.99, "tolerance": 0.01})])
     row = next(r for r in hub_store.fleet() if r["device_id"] == "jetson-1")
     assert json.loads(row["variant_json"])["chosen"] == "fp32"
+    assert row["validation_result"] == "passed top1_accuracy 0.9900 (ref 0.9900 ± 0.0100) fp32"
     status = pb.DeviceStatus(device_id="jetson-1", variant_json=row["variant_json"])
     console = Console(width=400, record=True)
     console.print(fleet_table([status]))
     text = console.export_text()
-    assert "fp32 (measured: fastest of 2 validated variants: 0.180 ms at batch 1, 2.700 ms at batch 16)" in text
+    assert "fp32 (measured: 1.14x faster than int8-ort)" in text
