@@ -91,8 +91,11 @@ class _Calibration:
         return next(self._batches, None)
 
 
-QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
-"""What the CPU INT8 variant quantizes: the weight-bearing ops, the ones INT8 kernels (VNNI) make faster."""
+QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm", "MaxPool", "AveragePool", "GlobalAveragePool", "Relu", "Clip",
+                      "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Gather")
+"""What the CPU INT8 variant quantizes: the weight-bearing ops, which INT8 kernels (VNNI) make faster, and the
+pooling and data-movement ops between them, which ONNX Runtime runs on INT8 tensors as they are (no requantization,
+so a tensor stays INT8 from one convolution to the next)."""
 
 
 def activation_matmuls(model_path: str | Path) -> list[str]:
@@ -114,10 +117,10 @@ def activation_matmuls(model_path: str | Path) -> list[str]:
 def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray | dict[str, np.ndarray]) -> Path:
     """ONNX Runtime static quantization for CPUs: QDQ format, per-channel INT8 weights, UINT8 activations (MinMax).
 
-    Only the weight-bearing ops (:data:`QUANTIZED_OP_TYPES`) are quantized, and of the MatMuls only those with a
-    constant operand (:func:`activation_matmuls`): ONNX Runtime fuses each Q/DQ-wrapped Conv/MatMul into an INT8
-    kernel, while quantized element-wise ops, Softmax and activation-by-activation products only add
-    requantization work on a CPU. Whether the result is faster than FP32 on a given model is measured by the
+    Only the weight-bearing ops and the pooling/data-movement ops between them (:data:`QUANTIZED_OP_TYPES`) are
+    quantized, and of the MatMuls only those with a constant operand (:func:`activation_matmuls`): ONNX Runtime
+    fuses each Q/DQ-wrapped Conv/MatMul into an INT8 kernel, while quantized element-wise ops (Add, Mul,
+    LayerNorm), Softmax and activation-by-activation products only add requantization work on a CPU. Whether the result is faster than FP32 on a given model is measured by the
     evaluation step (``min_speedup``) and again on each device before it serves.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static

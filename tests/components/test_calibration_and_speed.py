@@ -52,12 +52,20 @@ def test_cpu_int8_quantizes_only_weight_bearing_ops(tmp_path):
     x = np.random.default_rng(0).standard_normal((64, 1, 40, 98)).astype(np.float32)
     graph = onnx.load(str(quantize_ort_int8(fp32, tmp_path / "int8.onnx", x))).graph
     quantized_inputs = {i for n in graph.node if n.op_type == "DequantizeLinear" for i in n.output}
+    quantized_outputs = {i for n in graph.node if n.op_type == "QuantizeLinear" for i in n.input}
     softmax_inputs = {i for n in graph.node if n.op_type == "Softmax" for i in n.input}
     assert not softmax_inputs & quantized_inputs  # Softmax runs in float
+    constants = {i.name for i in graph.initializer}
+
+    def quantized(node) -> bool:  # noqa: ANN001 - in QDQ form: every activation input dequantized, output quantized
+        activations = [i for i in node.input if i and i not in constants]
+        return set(activations) <= quantized_inputs and bool(set(node.output) & quantized_outputs)
+
     for node in graph.node:
-        if node.name in attention:  # attention's products stay float
-            assert not set(node.input) & quantized_inputs
-    assert sum(n.op_type == "MatMul" and bool(set(n.input) & quantized_inputs) for n in graph.node) >= 8
+        if node.name in attention or node.op_type in ("Softmax", "LayerNormalization", "Add", "Mul"):
+            assert not quantized(node), node.name  # these run in float
+    weight_matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.name not in attention]
+    assert len(weight_matmuls) >= 8 and all(set(n.input) <= quantized_inputs for n in weight_matmuls)
 
 
 def _evaluation(times: dict[str, tuple[float, float]], quantization: dict[str, str]) -> list[VariantEvaluation]:
