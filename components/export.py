@@ -120,8 +120,9 @@ def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray 
     Only the weight-bearing ops and the pooling/data-movement ops between them (:data:`QUANTIZED_OP_TYPES`) are
     quantized, and of the MatMuls only those with a constant operand (:func:`activation_matmuls`): ONNX Runtime
     fuses each Q/DQ-wrapped Conv/MatMul into an INT8 kernel, while quantized element-wise ops (Add, Mul,
-    LayerNorm), Softmax and activation-by-activation products only add requantization work on a CPU. Whether the result is faster than FP32 on a given model is measured by the
-    evaluation step (``min_speedup``) and again on each device before it serves.
+    LayerNorm), Softmax and activation-by-activation products only add requantization work on a CPU. Whether the
+    result is faster than FP32 on a given model is measured by the evaluation step (``min_speedup``) and again on
+    each device before it serves.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +22,14 @@ from edge_runtime.contract import (
     TensorSpec,
     Validation,
     Variant,
+    check_name,
+    parse_pointer,
     sha256_file,
     sign_manifest,
+    sign_pointer,
 )
-from edge_runtime.errors import StoreError, VersionExists
+from edge_runtime.contract.channel import DEFAULT_TTL, ChannelPointer
+from edge_runtime.errors import ManifestInvalid, ObjectNotFound, StoreError, VersionExists
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -148,10 +152,32 @@ def publish_version(
                 pass
         raise
     if channel:
-        pointer = {"version": signed.version, "updated_at": datetime.now(timezone.utc).isoformat()}
-        store.put_bytes(layout.channel_key(signed.name, channel), json.dumps(pointer).encode(),
-                        content_type="application/json")
+        move_channel(store, layout, signed.name, channel, signed.version, signing_key)
     return signed
+
+
+def move_channel(store: ObjectStore, layout: ArtifactLayout, name: str, channel: str, version: str,
+                 signing_key: Ed25519PrivateKey, *, ttl: timedelta = DEFAULT_TTL) -> ChannelPointer:
+    """Point ``name``'s ``channel`` at ``version`` with a signed pointer whose sequence is above the current one's.
+
+    The version must be complete (its manifest exists). The sequence is the larger of the old pointer's + 1 and
+    the current time in milliseconds, so it grows even when the old pointer is unreadable.
+    """
+    check_name(name, "model name")
+    check_name(channel, "channel")
+    check_name(version, "version")
+    if not store.exists(layout.manifest_key(name, version)):
+        raise ObjectNotFound(f"{name}/{version} has no manifest in s3://{store.bucket}: publish it first")
+    key = layout.channel_key(name, channel)
+    previous = 0
+    try:
+        previous = parse_pointer(store.get_bytes(key), name, channel).sequence
+    except (ObjectNotFound, ManifestInvalid):
+        pass
+    sequence = max(previous + 1, int(time.time() * 1000))
+    pointer = sign_pointer(name, channel, version, sequence, signing_key, ttl=ttl)
+    store.put_bytes(key, pointer.model_dump_json(indent=2).encode(), content_type="application/json")
+    return pointer
 
 
 def publish_from_paths(

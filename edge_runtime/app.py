@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.device import DeviceFacts, detect
-from edge_runtime.errors import EdgeloopError
+from edge_runtime.errors import ConfigError, EdgeloopError
 from edge_runtime.jetson import Tegrastats
 from edge_runtime.lifecycle import ModelRuntime
 from edge_runtime.metrics import RuntimeMetrics
-from edge_runtime.serve.server import start_server
+from edge_runtime.serve.server import TlsFiles, start_server
+from edge_runtime.serve.servicer import RepositoryControl
 from edge_runtime.settings import EdgeSettings
-from edge_runtime.telemetry import Outbox, TelemetrySender
+from edge_runtime.telemetry import HubTls, Outbox, TelemetrySender
 
 log = logging.getLogger("edgeloop.edge")
 
@@ -42,14 +43,28 @@ class EdgeApp:
     _server: Any = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _pending: set = field(default_factory=set)
+    telemetry_errors: int = 0
 
     def report(self, kind: str, payload: dict[str, Any]) -> None:
-        """Queue a telemetry event (and log it)."""
+        """Queue a telemetry event (and log it). Never raises: a full disk or a broken outbox must not stop
+        serving or reconciling; what could not be queued is logged and counted (``telemetry_errors``)."""
         log.info("%s %s", kind, payload)
-        assert self.outbox is not None
-        self.outbox.add(kind, {"model_name": self.settings.model_name, **payload})
-        if self.sender is not None:
-            self.sender.wake()
+        try:
+            assert self.outbox is not None
+            model = self.runtime.desired[0] if self.runtime is not None else self.settings.model_name
+            self.outbox.add(kind, {"model_name": model, **payload})
+            if self.sender is not None:
+                self.sender.wake()
+        except Exception as exc:  # noqa: BLE001 - telemetry is best effort; the device's work is not
+            self.telemetry_errors += 1
+            log.error("could not queue the %s event (%d so far): %s", kind, self.telemetry_errors, exc)
+
+    def alive(self) -> bool:
+        """Liveness: the life-cycle loop is running and not wedged (a dead or stuck loop restarts the pod)."""
+        loop_task = next((t for t in self._tasks if t.get_name() == "edgeloop-lifecycle"), None)
+        if loop_task is not None and loop_task.done():
+            return False
+        return self.runtime is not None and not self.runtime.wedged()
 
     def _on_result(self, method: str, code: str, seconds: float) -> None:
         if method.endswith("/ModelInfer"):
@@ -80,11 +95,14 @@ class EdgeApp:
 
     async def start(self) -> None:
         self.facts = self.facts or detect()
-        self.outbox = Outbox(self.settings.cache_dir / "telemetry-outbox.sqlite", self.settings.device_id)
+        self.outbox = Outbox(self.settings.cache_dir / "telemetry-outbox.sqlite", self.settings.device_id,
+                             max_events=self.settings.outbox_max_events)
         if self.settings.hub_address:
             token = self.settings.hub_token.get_secret_value() if self.settings.hub_token else None
+            tls = HubTls(self.settings.hub_tls_ca_file, self.settings.hub_tls_cert_file,
+                         self.settings.hub_tls_key_file) if self.settings.hub_tls_ca_file else None
             self.sender = TelemetrySender(self.outbox, self.settings.hub_address, token,
-                                          interval_s=self.settings.telemetry_interval_s)
+                                          interval_s=self.settings.telemetry_interval_s, tls=tls)
         self.runtime = ModelRuntime(self.settings, self.facts, store=self.store, report=self.report,
                                     on_batch=self.metrics.observe_batch)
         self.runtime.on_change(self._on_change)
@@ -103,7 +121,10 @@ class EdgeApp:
         self._server, self.grpc_port = await start_server(
             self.runtime, bind_address=self.settings.bind_address, port=self.settings.grpc_port,
             max_batch_size=self.settings.max_batch_size, max_message_bytes=self.settings.max_message_bytes,
-            on_result=self._on_result)
+            on_result=self._on_result, tls=self._tls(), alive=self.alive,
+            control=RepositoryControl(self.settings.repository_control,
+                                      self.settings.control_token.get_secret_value()
+                                      if self.settings.control_token else None))
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.bind_address, self.settings.metrics_port)
         loop = asyncio.get_running_loop()
@@ -113,6 +134,16 @@ class EdgeApp:
             self._tasks.append(loop.create_task(self.tegra.run_forever(), name="edgeloop-tegrastats"))
         if self.sender is not None:
             self._tasks.append(loop.create_task(self.sender.run_forever(), name="edgeloop-telemetry"))
+
+    def _tls(self) -> TlsFiles | None:
+        s = self.settings
+        if s.tls_cert_file is None and s.tls_key_file is None:
+            if s.tls_client_ca_file is not None:
+                raise ConfigError("tls_client_ca_file needs tls_cert_file and tls_key_file (mutual TLS is TLS first)")
+            return None
+        if s.tls_cert_file is None or s.tls_key_file is None:
+            raise ConfigError("set both tls_cert_file and tls_key_file for TLS")
+        return TlsFiles(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
 
     def stats(self) -> dict[str, Any]:
         """Request latency percentiles since the last stats event, and the runtime's status."""
@@ -127,12 +158,17 @@ class EdgeApp:
             "requests": 0 if values is None else int(values.size),
             "p50_ms": None if values is None else round(float(np.percentile(values, 50)), 3),
             "p99_ms": None if values is None else round(float(np.percentile(values, 99)), 3),
+            "telemetry_dropped": self.outbox.dropped() if self.outbox is not None else 0,
+            "telemetry_errors": self.telemetry_errors,
         }
 
     async def _stats_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.telemetry_interval_s)
-            self.report("stats", self.stats())
+            try:
+                self.report("stats", self.stats())
+            except Exception as exc:  # noqa: BLE001 - a stats failure must not end the stats
+                log.error("could not compute stats: %s", exc)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, finish in-flight requests, flush telemetry once, release everything."""

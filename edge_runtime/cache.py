@@ -6,30 +6,42 @@ Layout under ``root``::
     artifacts/<name>/<version>/manifest.json, <files>      verified copies (partial downloads end in .part)
     engines/<name>/<version>/<target-key>/<variant>.plan   built engines (TensorRT plans; <variant>.ort.onnx: ORT)
     engines/<name>/<version>/variant-choice.json           which variant this device chose, and the figures
-    engines/<name>/timing.cache                            TensorRT timing cache
-    state.json                                             {"name", "version", "variant", "target_key"} last served
+    engines/<name>/<version>/<target-key>/<variant>.plan.record.json   the engine's sha256, recorded when it arrived
+    engines/timing/<trt version>-<device>.cache            TensorRT timing cache (per TensorRT build and device)
+    quarantine/<timestamp>-<file>, .reason                  engines set aside: failed their digest, load or validation
+    channels.json                                          the highest channel-pointer sequence accepted, per channel
+    state.json                                             {"name", "desired", "version"} last served (last good)
+
+Every writer goes through :func:`write_atomic` (temp file, fsync, rename, fsync of the folder), so a power cut
+leaves either the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.contract import ArtifactLayout, FileRef, Manifest, verify_file
-from edge_runtime.errors import DigestMismatch, EdgeloopError, StoreError, StoreUnavailable
+from edge_runtime.errors import CacheFull, DigestMismatch, EdgeloopError, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
     from edge_runtime.store import ObjectStore
 
 log = logging.getLogger(__name__)
 _CHUNK_BYTES = 1 << 20
+_HEADROOM_BYTES = 16 << 20
+"""Free disk left after a download: SQLite (the outbox) and the engine build need room to write too."""
+RECORD_SUFFIX = ".record.json"
+"""Next to each engine: the sha256 it had when it was built or verified, re-checked before every load."""
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -40,16 +52,40 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    """Write ``data`` to ``path``: a temporary file in the same folder, fsync, rename over ``path``, fsync of the
+    folder. A full disk raises :class:`CacheFull` and leaves ``path`` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with no_space_is_cache_full(path), os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
+            fh.flush()
+            os.fsync(fh.fileno())
+        place(Path(tmp), path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def place(tmp: Path, path: Path) -> None:
+    """Rename a complete, fsync'ed ``tmp`` over ``path`` and make the rename durable (fsync of the folder)."""
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def no_space_is_cache_full(where: Path) -> Iterator[None]:
+    """Turn ``ENOSPC``/``EDQUOT`` into :class:`CacheFull` (one line that says what to do); other errors pass."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheFull(f"no space left on the device for {where}: free space under the cache folder") from exc
+        raise
 
 
 def download_resumable(
@@ -80,17 +116,19 @@ def download_resumable(
                 offset = 0
             if offset < ref.size_bytes:
                 body = store.open_range(key, offset)
-                with open(part, "ab") as fh:
+                with no_space_is_cache_full(dest), open(part, "ab") as fh:
                     for chunk in body.iter_chunks(_CHUNK_BYTES):
                         fh.write(chunk)
                         if on_chunk is not None:
                             on_chunk(len(chunk))
+                    fh.flush()
+                    os.fsync(fh.fileno())
             try:
                 verify_file(part, ref)
             except DigestMismatch:
                 part.unlink(missing_ok=True)
                 raise
-            os.replace(part, dest)
+            place(part, dest)
             return dest
         except DigestMismatch:
             raise
@@ -168,6 +206,77 @@ class ArtifactCache:
         if directory.exists():
             os.utime(directory)
 
+    def reserve(self, manifest: Manifest, refs: list[FileRef], keep: set[tuple[str, str]]) -> int:
+        """Make room for the files in ``refs`` that are not here yet, before downloading them.
+
+        Evicts least recently used versions (never ``keep``) until the download fits under ``max_bytes``, then
+        checks the disk itself. Raises :class:`CacheFull` with the figures when it cannot fit: nothing is
+        downloaded, the serving version is untouched, and the next cycle tries again (space may be freed
+        meanwhile). Returns the bytes still to download.
+        """
+        directory = self.version_dir(manifest.name, manifest.version)
+        needed = 0
+        for ref in refs:
+            dest, part = directory / ref.file, directory / (ref.file + ".part")
+            if dest.exists() and dest.stat().st_size == ref.size_bytes:
+                continue
+            needed += ref.size_bytes - (part.stat().st_size if part.exists() else 0)
+        if needed <= 0:
+            return 0
+        if self.size_bytes() + needed > self.max_bytes:
+            self.evict(keep, target_bytes=max(0, self.max_bytes - needed))
+        used = self.size_bytes()
+        if used + needed > self.max_bytes:
+            raise CacheFull(
+                f"{manifest.name}/{manifest.version} needs {needed / 2**20:.1f} MiB more, but the cache holds "
+                f"{used / 2**20:.1f} MiB of its {self.max_bytes / 2**20:.1f} MiB cap in versions it must keep or "
+                f"other files: free space under {self.root} or raise EDGE_CACHE_MAX_BYTES")
+        free = shutil.disk_usage(self.root).free
+        if needed + _HEADROOM_BYTES > free:
+            raise CacheFull(
+                f"{manifest.name}/{manifest.version} needs {needed / 2**20:.1f} MiB, but the disk under {self.root} "
+                f"has {free / 2**20:.1f} MiB free: free space on the device")
+        return needed
+
+    def sweep_temporary(self) -> list[Path]:
+        """Remove temporary files a killed process left behind (``.tmp``, ``.build-*``); ``.part`` files stay, they
+        resume downloads. Call at start-up, before anything writes."""
+        removed = []
+        for path in self.root.rglob(".*"):
+            if path.is_file() and (path.name.endswith(".tmp") or path.name.startswith(".build-")):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Set a bad engine (and its digest record) aside with the reason, so it is never loaded again."""
+        folder = self.root / "quarantine"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{path.parent.name}-{path.name}"
+        os.replace(path, target)
+        record = path.with_name(path.name + RECORD_SUFFIX)
+        if record.exists():
+            record.unlink()
+        write_atomic(target.with_name(target.name + ".reason"), reason.encode())
+        log.warning("quarantined %s: %s", path, reason)
+        return target
+
+    def load_sequences(self) -> dict[str, int]:
+        """The highest channel-pointer sequence accepted so far, by ``<name>/<channel>``."""
+        try:
+            data = json.loads((self.root / "channels.json").read_text())
+            return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    def record_sequence(self, name: str, channel: str, sequence: int) -> None:
+        """Remember that ``name``'s ``channel`` reached ``sequence`` (never lowered)."""
+        sequences = self.load_sequences()
+        key = f"{name}/{channel}"
+        if sequence > sequences.get(key, 0):
+            sequences[key] = sequence
+            write_atomic(self.root / "channels.json", json.dumps(sequences, sort_keys=True).encode())
+
     def save_state(self, state: dict[str, Any]) -> None:
         """Remember what is serving, for a restart without network."""
         write_atomic(self.root / "state.json", json.dumps(state).encode())
@@ -183,8 +292,10 @@ class ArtifactCache:
         """Bytes under the cache root."""
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
-    def evict(self, keep: set[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Remove least recently used versions (artifacts and engines) until under the cap; never ``keep``."""
+    def evict(self, keep: set[tuple[str, str]], target_bytes: int | None = None) -> list[tuple[str, str]]:
+        """Remove least recently used versions (artifacts and engines) until under ``target_bytes`` (default: the
+        cap); never ``keep``."""
+        target = self.max_bytes if target_bytes is None else target_bytes
         removed: list[tuple[str, str]] = []
         versions = sorted(
             (d.stat().st_mtime, d.parent.name, d.name)
@@ -192,7 +303,7 @@ class ArtifactCache:
             if d.is_dir()
         )
         for _, name, version in versions:
-            if self.size_bytes() <= self.max_bytes:
+            if self.size_bytes() <= target:
                 break
             if (name, version) in keep:
                 continue

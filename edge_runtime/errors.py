@@ -10,6 +10,8 @@ are wrapped at the boundary with ``raise ... from exc`` so the cause is kept and
     ├── ContractError                an artifact does not honour the contract
     │   ├── ManifestInvalid          manifest.json does not parse or fails the schema
     │   ├── SignatureInvalid         missing, unknown-key or wrong ed25519 signature
+    │   │   ├── ChannelExpired       a channel pointer past its expiry
+    │   │   └── ChannelRollback      a channel pointer older (lower sequence) than one already accepted
     │   └── DigestMismatch           a file's sha256 or size differs from the manifest
     ├── StoreError                   the object store (S3) failed us
     │   ├── StoreUnavailable         endpoint unreachable or credentials refused
@@ -24,7 +26,10 @@ are wrapped at the boundary with ``raise ... from exc`` so the cause is kept and
     ├── NotReady                     nothing validated is serving yet (or it is building)        → UNAVAILABLE
     ├── ValidationFailed             a version failed on-device validation                       → FAILED_PRECONDITION
     ├── EngineError                  building or running an engine failed                        → INTERNAL
-    └── HubAuthError                 a device token was missing or wrong                         → UNAUTHENTICATED
+    ├── CacheFull                    no room in the cache (its cap, or the disk) for a download  → RESOURCE_EXHAUSTED
+    ├── AccessDenied                 authenticated, but not allowed to do this                   → PERMISSION_DENIED
+    └── Unauthenticated              no credentials, or unknown ones                             → UNAUTHENTICATED
+        └── HubAuthError             a device or reader token was missing or wrong
 """
 
 from __future__ import annotations
@@ -112,5 +117,25 @@ class EngineError(EdgeloopError):
     """Building or running an engine (TensorRT, ONNX Runtime) failed."""
 
 
-class HubAuthError(EdgeloopError):
+class ChannelExpired(SignatureInvalid):
+    """A channel pointer whose ``expires`` time has passed (re-sign it: ``edgeloop pipeline promote``)."""
+
+
+class ChannelRollback(SignatureInvalid):
+    """A channel pointer whose sequence is lower than one this device already accepted (a replayed old pointer)."""
+
+
+class CacheFull(EdgeloopError):
+    """The cache cannot hold what a version needs: its size cap, or the disk under it, is full."""
+
+
+class AccessDenied(EdgeloopError):
+    """The caller is known but may not do this (repository control turned off, a device token reading the fleet)."""
+
+
+class Unauthenticated(EdgeloopError):
+    """No credentials were presented, or unknown ones."""
+
+
+class HubAuthError(Unauthenticated):
     """A device presented no token, or one the hub does not know."""

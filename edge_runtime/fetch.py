@@ -6,12 +6,20 @@ them to check a published version end to end.)
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_runtime.contract import ArtifactLayout, Manifest, verify_file, verify_manifest
+from edge_runtime.contract import (
+    ArtifactLayout,
+    ChannelPointer,
+    Manifest,
+    check_name,
+    parse_pointer,
+    verify_file,
+    verify_manifest,
+    verify_pointer,
+)
 from edge_runtime.errors import ManifestInvalid, ObjectNotFound
 
 if TYPE_CHECKING:
@@ -22,20 +30,45 @@ if TYPE_CHECKING:
     from edge_runtime.store import ObjectStore
 
 
-def resolve_version(store: ObjectStore, layout: ArtifactLayout, name: str, version_or_channel: str) -> str:
-    """A concrete version: ``version_or_channel`` itself if it is a version, else what the channel points at."""
+def resolve_version(store: ObjectStore, layout: ArtifactLayout, name: str, version_or_channel: str,
+                    trusted: Ed25519PublicKey | Iterable[Ed25519PublicKey] | None = None) -> str:
+    """A concrete version: ``version_or_channel`` itself if it is a version, else what the channel points at.
+
+    With ``trusted`` the channel pointer must carry a valid, unexpired signature (see :func:`read_channel`); without,
+    it is only parsed (the pipeline's plan step, which only decides whether to train).
+    """
+    resolved, _ = resolve_desired(store, layout, name, version_or_channel, trusted)
+    return resolved
+
+
+def resolve_desired(store: ObjectStore, layout: ArtifactLayout, name: str, version_or_channel: str,
+                    trusted: Ed25519PublicKey | Iterable[Ed25519PublicKey] | None = None, *,
+                    min_sequence: int = 0) -> tuple[str, ChannelPointer | None]:
+    """``(version, pointer)``: a version named directly (pinned; no pointer), or a channel's verified pointer."""
+    check_name(name, "model name")
+    check_name(version_or_channel, "version or channel")
     if store.exists(layout.manifest_key(name, version_or_channel)):
-        return version_or_channel
+        return version_or_channel, None
+    pointer = read_channel(store, layout, name, version_or_channel, trusted, min_sequence=min_sequence)
+    return pointer.version, pointer
+
+
+def read_channel(store: ObjectStore, layout: ArtifactLayout, name: str, channel: str,
+                 trusted: Ed25519PublicKey | Iterable[Ed25519PublicKey] | None, *,
+                 min_sequence: int = 0) -> ChannelPointer:
+    """Download and parse ``name``'s ``channel`` pointer; with ``trusted``, also check its signature, expiry and
+    that its sequence is at least ``min_sequence``. Every refusal is one readable line (a contract error)."""
     try:
-        pointer = json.loads(store.get_bytes(layout.channel_key(name, version_or_channel)))
+        data = store.get_bytes(layout.channel_key(name, channel))
     except ObjectNotFound:
         raise ObjectNotFound(
-            f"model {name!r} has neither a version nor a channel called {version_or_channel!r} in "
+            f"model {name!r} has neither a version nor a channel called {channel!r} in "
             f"s3://{store.bucket}/{layout.model_prefix(name)}"
         ) from None
-    except ValueError as exc:
-        raise ManifestInvalid(f"channel {version_or_channel!r} of {name!r} is not valid JSON") from exc
-    return str(pointer["version"])
+    pointer = parse_pointer(data, name, channel)
+    if trusted is not None:
+        verify_pointer(pointer, trusted, min_sequence=min_sequence)
+    return pointer
 
 
 def read_manifest(

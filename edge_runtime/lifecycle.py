@@ -25,12 +25,27 @@ from edge_runtime.choice import (
     save_choice,
     time_variant,
 )
-from edge_runtime.contract import ArtifactLayout, Manifest, load_verify_key, verify_manifest
+from edge_runtime.contract import (
+    ArtifactLayout,
+    Manifest,
+    check_name,
+    load_signing_key,
+    load_verify_key,
+    verify_manifest,
+)
 from edge_runtime.device import DeviceFacts
-from edge_runtime.engines import EnginePlan, build_engine, candidate_variants, plan_for, resolve_backend
+from edge_runtime.engines import EnginePlan, candidate_variants, plan_for, resolve_backend
 from edge_runtime.engines.base import Engine
-from edge_runtime.errors import ConfigError, EdgeloopError, ModelNotFound, NotReady, ValidationFailed
-from edge_runtime.fetch import read_manifest, resolve_version
+from edge_runtime.engines.provider import EngineProvider
+from edge_runtime.errors import (
+    ConfigError,
+    EdgeloopError,
+    ManifestInvalid,
+    ModelNotFound,
+    NotReady,
+    ValidationFailed,
+)
+from edge_runtime.fetch import read_manifest, resolve_desired
 from edge_runtime.serve.batching import DynamicBatcher
 from edge_runtime.settings import EdgeSettings, read_settings_file
 from edge_runtime.store import ObjectStore
@@ -40,6 +55,14 @@ from edge_runtime.validate import ValidationResult, read_validation_set, validat
 log = logging.getLogger(__name__)
 
 Reporter = Callable[[str, dict[str, Any]], None]
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an error report: our messages as they are; anything else with its type (never empty)."""
+    if isinstance(exc, EdgeloopError) and str(exc):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 """``report(kind, payload)``: telemetry events (fetched, built, validated, failed, serving, ...)."""
 
 
@@ -73,10 +96,20 @@ class ModelRuntime:
                  report: Reporter | None = None, on_batch: Callable[[int, float], None] | None = None) -> None:
         self.settings = settings
         self.facts = facts
-        self.store = store or ObjectStore(settings.s3_bucket, endpoint_url=settings.s3_endpoint_url)
+        self.store = store or ObjectStore(settings.s3_bucket, endpoint_url=settings.s3_endpoint_url,
+                                          connect_timeout_s=settings.s3_connect_timeout_s,
+                                          read_timeout_s=settings.s3_read_timeout_s,
+                                          max_attempts=settings.s3_max_attempts)
         self.layout = ArtifactLayout(settings.s3_prefix)
         self.cache = ArtifactCache(settings.cache_dir, settings.cache_max_bytes)
+        self.cache.sweep_temporary()  # what a killed process left half-written
         self.trusted = [load_verify_key(settings.verify_key_file)]
+        self.engines = EngineProvider(
+            self.cache, self.store, self.layout, device_id=settings.device_id, max_batch_size=settings.max_batch_size,
+            share=settings.share_engines, fetch_attempts=settings.fetch_attempts,
+            fleet_keys=[load_verify_key(settings.engine_verify_key_file)] if settings.engine_verify_key_file else [],
+            fleet_signing_key=(load_signing_key(settings.engine_signing_key_file)
+                               if settings.engine_signing_key_file else None))
         self._report = report or (lambda kind, payload: None)
         self._on_batch = on_batch
         self.serving: ServingModel | None = None
@@ -95,6 +128,11 @@ class ModelRuntime:
         self._desired_seen: int | None = None
         self.paused = False
         """Set by an unload request: the loop leaves the model unloaded until a load request."""
+        self._heartbeat = time.monotonic()
+        self.pinned: str | None = None
+        """A version or channel pinned by ``RepositoryModelLoad``; above the desired file until cleared."""
+        self.failures = 0
+        """Failed cycles since the last good one (reported with each failure)."""
 
     # --- state ---------------------------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -107,6 +145,7 @@ class ModelRuntime:
 
     def _set_state(self, state: str, error: str = "") -> None:
         self.state, self.last_error = state, error
+        self._heartbeat = time.monotonic()
         for listener in self._listeners:
             listener()
 
@@ -129,6 +168,15 @@ class ModelRuntime:
                                if self.choice else None),
         }
 
+    def beat(self) -> None:
+        """The loop is alive (called every loop turn and on every state change)."""
+        self._heartbeat = time.monotonic()
+
+    def wedged(self) -> bool:
+        """True when the loop has been silent longer than ``liveness_timeout_s`` (a hung build or download):
+        liveness then fails and the kubelet restarts the pod."""
+        return time.monotonic() - self._heartbeat > self.settings.liveness_timeout_s
+
     # --- serving ---------------------------------------------------------------------------------------------
     def model(self, name: str, version: str = "") -> ServingModel:
         """The serving model called ``name`` (and ``version`` when given), or the right error."""
@@ -149,47 +197,98 @@ class ModelRuntime:
     # --- the life cycle ----------------------------------------------------------------------------------------
     def _desired_file_mtime(self) -> int | None:
         path = self.settings.desired_file
-        return Path(path).stat().st_mtime_ns if path and Path(path).exists() else None
+        try:
+            return Path(path).stat().st_mtime_ns if path else None
+        except OSError:  # absent, or being replaced by the kubelet right now
+            return None
 
     def read_desired(self) -> tuple[str, str]:
-        """The model name and version/channel from the desired file (when set), else from the settings."""
+        """What should serve, by precedence: a version pinned through ``RepositoryModelLoad`` (repository control),
+        then the desired file (the Helm ConfigMap, re-read every cycle), then the settings (``EDGE_MODEL_*``)."""
         name, version = self.settings.model_name, self.settings.model_version
+        if self.pinned is not None:
+            return self.desired[0], self.pinned
         if self.settings.desired_file is not None and Path(self.settings.desired_file).exists():
             data = read_settings_file(Path(self.settings.desired_file))
-            name, version = str(data.get("model_name", name)), str(data.get("model_version", version))
+            name, version = data.get("model_name", name), data.get("model_version", version)
+            where = f"in {self.settings.desired_file}"
+            return check_name(name, f"model_name {where}"), check_name(version, f"model_version {where}")
         return name, version
 
     async def reconcile(self) -> CycleResult:
-        """One cycle: bring the serving model to the desired version, or raise and keep the old one."""
+        """One cycle: bring the serving model to the desired version, or raise and keep the old one.
+
+        Any exception (ours or not: a malformed channel pointer, a full disk, a library bug) is reported as a
+        ``failed`` event and state with its reason before it propagates; what serves keeps serving.
+        """
         async with self._lock:
-            self._desired_seen = self._desired_file_mtime()  # before reading: a later edit wakes the loop again
-            self.desired = self.read_desired()
-            name, wanted = self.desired
+            self.beat()
+            target = self.desired[1]
             try:
-                version = await asyncio.to_thread(resolve_version, self.store, self.layout, name, wanted)
-            except EdgeloopError:
-                state = self.cache.load_state()
-                if self.serving is not None or not state or state.get("name") != name or state.get("desired") != wanted:
-                    raise
-                version = state["version"]  # S3 unreachable at start-up: the cache knows what we served last
-                log.warning("S3 unreachable; starting from the cached version %s", version)
-            self.desired_version = version
-            if self.serving is not None and self.serving.version == version and self.serving.name == name:
-                self._set_state("serving")
-                return CycleResult(version, changed=False)
-            try:
-                return await self._bring_up(name, version)
-            except EdgeloopError as exc:
-                self._set_state("failed", str(exc))
-                self._report("failed", {"version": version, "error": str(exc)})
+                self._desired_seen = self._desired_file_mtime()  # before reading: a later edit wakes the loop again
+                self.desired = self.read_desired()
+                name, wanted = self.desired
+                target = wanted
+                if self.serving is None:
+                    await self._serve_last_good(name, wanted)
+                version = await asyncio.to_thread(self._resolve, name, wanted)
+                target = version
+                self.desired_version = version
+                if self.serving is not None and self.serving.version == version and self.serving.name == name:
+                    self._set_state("serving")
+                    self.failures = 0
+                    return CycleResult(version, changed=False)
+                result = await self._bring_up(name, version)
+                self.failures = 0
+                return result
+            except Exception as exc:
+                self.failures += 1
+                reason = describe(exc)
+                self._set_state("failed", reason)
+                self._report("failed", {"version": target, "error": reason, "error_kind": type(exc).__name__,
+                                        "serving_version": self.serving.version if self.serving else None,
+                                        "consecutive_failures": self.failures})
                 raise
 
-    async def _bring_up(self, name: str, version: str) -> CycleResult:
+    def _resolve(self, name: str, wanted: str) -> str:
+        """The version to serve: ``wanted`` itself when it is a version (pinned), else what its channel's verified
+        pointer says, refusing a pointer older than one this device accepted before."""
+        seen = self.cache.load_sequences().get(f"{name}/{wanted}", 0)
+        version, pointer = resolve_desired(self.store, self.layout, name, wanted, self.trusted, min_sequence=seen)
+        if pointer is not None:
+            self.cache.record_sequence(name, wanted, pointer.sequence)
+        return version
+
+    async def _serve_last_good(self, name: str, wanted: str) -> None:
+        """At start-up, serve the last good version from the cache before asking S3 anything, so a restarted pod
+        with a warm cache is ready within seconds even when S3 hangs; the cycle then moves on to what is desired
+        now, and this version keeps serving until that one passed validation."""
+        state = self.cache.load_state()
+        if not state or state.get("name") != name or state.get("desired") != wanted:
+            return
+        try:
+            version = check_name(state.get("version"), "cached version")
+            if self.cache.cached_manifest(name, version) is None:
+                return
+            self.desired_version = version
+            await self._bring_up(name, version, offline=True)
+            log.info("serving the last good version %s/%s from the cache", name, version)
+        except Exception as exc:  # noqa: BLE001 - a bad cache must not stop the normal path
+            log.warning("could not serve the cached last good version: %s", describe(exc))
+            self._report("failed", {"version": state.get("version"), "error": f"cached last good version: "
+                                    f"{describe(exc)}", "error_kind": type(exc).__name__})
+
+    async def _bring_up(self, name: str, version: str, *, offline: bool = False) -> CycleResult:
         started = time.monotonic()
         self._set_state("fetching")
         manifest = self.cache.cached_manifest(name, version)
         if manifest is not None:
+            if (manifest.name, manifest.version) != (name, version):
+                raise ManifestInvalid(f"the cached manifest for {name}/{version} describes "
+                                      f"{manifest.name}/{manifest.version}: refusing it")
             verify_manifest(manifest, self.trusted)
+        elif offline:
+            raise NotReady(f"{name}/{version} is not in the cache")
         else:
             manifest = await asyncio.to_thread(read_manifest, self.store, self.layout, name, version, self.trusted)
         plans = self._candidate_plans(manifest)
@@ -199,6 +298,8 @@ class ModelRuntime:
             if cached_choice is not None:
                 plans = [p for p in plans if p.variant.name == cached_choice.chosen]
         refs = [*(p.variant for p in plans), manifest.validation]
+        keep = {(name, version)} | ({(self.serving.name, self.serving.version)} if self.serving else set())
+        await asyncio.to_thread(self.cache.reserve, manifest, refs, keep)
         paths, downloaded = await asyncio.to_thread(self.cache.fetch, self.store, self.layout, manifest, refs,
                                                     attempts=self.settings.fetch_attempts)
         self._report("fetched", {"version": version, "variants": [p.variant.name for p in plans],
@@ -212,8 +313,8 @@ class ModelRuntime:
             self._set_state("building")
             build_started = time.monotonic()
             try:
-                engine, source = await asyncio.to_thread(self._obtain_engine, manifest, plan,
-                                                         paths[plan.variant.file])
+                engine, source, notes = await asyncio.to_thread(self.engines.obtain, manifest, plan,
+                                                                paths[plan.variant.file])
             except EdgeloopError as exc:
                 if len(plans) == 1:
                     raise
@@ -222,12 +323,28 @@ class ModelRuntime:
                 continue
             self._report("built", {"version": version, "variant": plan.variant.name,
                                    "target_key": str(plan.target_key), "built": source == "built", "source": source,
-                                   "seconds": round(time.monotonic() - build_started, 3)})
+                                   "notes": notes, "seconds": round(time.monotonic() - build_started, 3)})
             self._set_state("validating")
             result = await asyncio.to_thread(validate, engine, validation_path, manifest, plan.variant.name,
                                              latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
+            self._report("validated", {"version": version, "source": source, **result.to_dict()})
+            if not result.passed and source != "built":
+                # an engine that came from elsewhere (cache, manifest, another device) fails: set it aside and
+                # validate one built here from the verified ONNX before blaming the version
+                engine.close()
+                await asyncio.to_thread(self.engines.quarantine, manifest, plan,
+                                        f"{source} engine failed validation: {result.reason}")
+                self._set_state("building")
+                engine, source, _ = await asyncio.to_thread(self.engines.obtain, manifest, plan,
+                                                            paths[plan.variant.file], local_only=True)
+                self._report("built", {"version": version, "variant": plan.variant.name,
+                                       "target_key": str(plan.target_key), "built": True, "source": source,
+                                       "notes": ["rebuilt after the previous engine failed validation"]})
+                self._set_state("validating")
+                result = await asyncio.to_thread(validate, engine, validation_path, manifest, plan.variant.name,
+                                                 latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
+                self._report("validated", {"version": version, "source": source, **result.to_dict()})
             self.last_validation = result
-            self._report("validated", {"version": version, **result.to_dict()})
             if not result.passed:
                 engine.close()
                 failures.append(f"{plan.variant.name}: {result.reason}")
@@ -341,63 +458,30 @@ class ModelRuntime:
                                      "chosen": choice.to_dict()})
         return choice
 
-    def _obtain_engine(self, manifest: Manifest, plan: EnginePlan, model_path: Path) -> tuple[Engine, str]:
-        """The engine for ``plan.target_key``, from the first place that has it: the local cache, a prebuilt
-        engine the signed manifest lists, an engine an identical device shared (``share_engines``), or a build
-        here (shared back when ``share_engines``). Returns ``(engine, source)``.
-
-        A shared engine is checked against the sha256 its builder recorded (integrity); it is not covered by the
-        manifest's signature, which is why sharing is opt-in and why on-device validation still runs after.
-        """
-        from edge_runtime.cache import download_resumable
-        from edge_runtime.contract import EngineRef, sha256_file
-
-        name, version, target = manifest.name, manifest.version, str(plan.target_key)
-        engine_path = self.cache.engine_path(name, version, target, plan.engine_file)
-        source = "cache"
-        prebuilt = manifest.engines.get(target)
-        if prebuilt is not None and Path(prebuilt.file).name != plan.engine_file:
-            prebuilt = None  # built for another variant of the same precision
-        if not engine_path.exists() and prebuilt is not None:
-            download_resumable(self.store, self.layout.file_key(name, version, prebuilt.file), engine_path, prebuilt)
-            source = "manifest"
-        sidecar_key = self.layout.engine_key(name, version, target, plan.record_file)
-        if not engine_path.exists() and self.settings.share_engines:
-            try:
-                ref = EngineRef.model_validate_json(self.store.get_bytes(sidecar_key))
-                download_resumable(self.store, self.layout.engine_key(name, version, target, plan.engine_file),
-                                   engine_path, ref, attempts=self.settings.fetch_attempts)
-                source = "shared"
-            except EdgeloopError as exc:
-                log.info("no usable shared engine for %s (%s): building", target, exc)
-        engine, built = build_engine(plan, model_path, engine_path, max_batch_size=self.settings.max_batch_size)
-        if built:
-            source = "built"
-            if self.settings.share_engines:
-                digest, size = sha256_file(engine_path)
-                ref = EngineRef(file=f"engines/{target}/{plan.engine_file}", sha256=digest, size_bytes=size,
-                                built_by=self.settings.device_id)
-                self.store.put_file(self.layout.engine_key(name, version, target, plan.engine_file), engine_path)
-                self.store.put_bytes(sidecar_key, ref.model_dump_json().encode(), content_type="application/json")
-        return engine, source
-
     def wake(self) -> None:
         """Run the next cycle now (a changed desired file)."""
         self._wake.set()
 
     async def load(self, name: str, version: str | None = None) -> CycleResult:
-        """Repository extension: serve ``name`` (at ``version`` or channel, default the configured one) now."""
-        if name != self.settings.model_name:
-            raise ModelNotFound(f"model {name!r} is not configured on this device ({self.settings.model_name!r} is)")
-        if version:
-            self.settings = self.settings.model_copy(update={"model_version": version})
+        """Repository extension: serve ``name`` now; with ``version`` (a version or channel) pin it above the desired
+        file and the settings until a load without one clears the pin. (The server allows this RPC only when
+        repository control is on, and only to an authenticated caller.)"""
+        check_name(name, "model name")
+        if name != self.desired[0]:
+            raise ModelNotFound(f"model {name!r} is not configured on this device ({self.desired[0]!r} is)")
+        self.pinned = check_name(version, "version") if version else None
         self.paused = False
         return await self.reconcile()
 
     async def run_forever(self) -> None:
-        """Reconcile every poll interval; after a failure back off exponentially up to ``retry_max_s``."""
+        """Reconcile every poll interval; after a failure back off exponentially up to ``retry_max_s``.
+
+        Nothing but cancellation ends this loop: every exception is reported (by :meth:`reconcile`), logged, and
+        retried after the back-off, so a malformed pointer or a full disk never freezes a device on its old version.
+        """
         delay = self.settings.retry_initial_s
         while True:
+            self.beat()
             try:
                 if self.paused:  # unloaded: a desired-file edit must not spin the loop
                     self._desired_seen = self._desired_file_mtime()
@@ -405,11 +489,13 @@ class ModelRuntime:
                     await self.reconcile()
                 delay = self.settings.retry_initial_s
                 wait = self.settings.poll_interval_s
-            except EdgeloopError as exc:
-                log.warning("cycle failed: %s (retry in %.0fs)", exc, delay)
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive anything a cycle raises
+                log.warning("cycle failed: %s (retry in %.1fs)", describe(exc), delay,
+                            exc_info=not isinstance(exc, EdgeloopError))
                 wait, delay = delay, min(delay * 2, self.settings.retry_max_s)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:  # also wake when the desired file changed since the last read
+                self.beat()
                 if self._desired_file_mtime() != self._desired_seen:
                     break
                 try:

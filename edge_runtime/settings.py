@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_runtime.errors import ConfigError
@@ -29,6 +29,9 @@ class EdgeSettings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint; unset for AWS S3")
     s3_bucket: str = Field("edgeloop", description="bucket")
     s3_prefix: str = Field("", description="key prefix before models/")
+    s3_connect_timeout_s: float = Field(3.0, gt=0, description="S3 connect timeout, seconds")
+    s3_read_timeout_s: float = Field(5.0, gt=0, description="S3 read timeout, seconds (a hung endpoint costs this)")
+    s3_max_attempts: int = Field(2, ge=1, description="boto3 attempts per S3 request (downloads also resume)")
     verify_key_file: Path | None = Field(
         None, description="ed25519 public key (PEM) trusted for manifests; else EDGELOOP_VERIFY_KEY[_FILE]")
 
@@ -44,6 +47,10 @@ class EdgeSettings(BaseSettings):
         2.0, ge=0, description="seconds of timing per candidate variant when choosing the fastest (0: no measuring, "
                                "the first compatible variant in preference order)")
     share_engines: bool = Field(False, description="upload engines this device built to S3 for identical devices")
+    engine_signing_key_file: Path | None = Field(
+        None, description="fleet build key (ed25519 PEM) that signs engines this device shares; needed to share")
+    engine_verify_key_file: Path | None = Field(
+        None, description="fleet build public key: a shared engine is used only with its valid signature")
     opt_batch_size: int = Field(8, gt=0, description="TensorRT optimization-profile opt batch")
 
     # --- validation
@@ -56,6 +63,14 @@ class EdgeSettings(BaseSettings):
     max_batch_size: int = Field(16, gt=0, description="dynamic batching: most samples merged into one run")
     max_queue_delay_us: int = Field(500, ge=0, description="dynamic batching: longest wait for more requests, µs")
     max_message_bytes: int = Field(16 << 20, gt=0, description="gRPC max receive/send message size, bytes")
+    tls_cert_file: Path | None = Field(None, description="server certificate (PEM): set with tls_key_file for TLS")
+    tls_key_file: Path | None = Field(None, description="server private key (PEM)")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA (PEM) for client certificates: set, every client must present one (mutual TLS)")
+    repository_control: bool = Field(
+        False, description="allow RepositoryModelLoad/Unload (with control_token or a client certificate)")
+    control_token: SecretStr | None = Field(
+        None, description="bearer token the repository-control RPCs require (unless mutual TLS is on)")
     batching_budget_ms: float | None = Field(
         None, gt=0, description="after validation, sweep batch sizes and pick batching limits within this latency, ms")
 
@@ -63,15 +78,32 @@ class EdgeSettings(BaseSettings):
     poll_interval_s: float = Field(30.0, gt=0, description="how often the channel pointer is re-read, seconds")
     retry_initial_s: float = Field(2.0, gt=0, description="first back-off after a failure, seconds")
     retry_max_s: float = Field(300.0, gt=0, description="back-off cap, seconds")
+    liveness_timeout_s: float = Field(
+        1800.0, gt=0, description="a life-cycle loop silent this long (a wedged build) turns liveness off, seconds")
     fetch_attempts: int = Field(8, gt=0, description="attempts per file download before the cycle fails")
 
     # --- identity and telemetry
     device_id: str = Field(default_factory=socket.gethostname, description="device id (default: host name)")
     hub_address: str | None = Field(None, description="telemetry hub host:port; unset: telemetry stays in the outbox")
     hub_token: SecretStr | None = Field(None, description="device token for the hub")
+    hub_tls_ca_file: Path | None = Field(None, description="CA (PEM) that signed the hub's certificate: set, use TLS")
+    hub_tls_cert_file: Path | None = Field(None, description="client certificate (PEM) for a mutual-TLS hub")
+    hub_tls_key_file: Path | None = Field(None, description="client private key (PEM) for a mutual-TLS hub")
+    outbox_max_events: int = Field(
+        10_000, ge=100, description="outbox cap: above it the oldest stats events go (state changes never)")
     telemetry_interval_s: float = Field(30.0, gt=0, description="period of stats events and outbox flushes, seconds")
     kube_node_name: str | None = Field(
         None, description="this pod's node (downward API); set: read its labels, write edgeloop.io/* annotations")
+
+    @field_validator("model_name", "model_version")
+    @classmethod
+    def _names(cls, value: str, info: ValidationInfo) -> str:
+        from edge_runtime.contract.channel import check_name
+
+        try:
+            return check_name(value, info.field_name or "name")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
 
     @classmethod
     def load(cls, file: Path | None = None, **overrides: Any) -> EdgeSettings:

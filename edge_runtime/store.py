@@ -32,6 +32,8 @@ class ObjectStore:
         endpoint_url: e.g. ``http://127.0.0.1:8333`` for a local SeaweedFS; ``None`` for AWS S3.
         region: signing region (``us-east-1`` works for SeaweedFS and MinIO).
         client: an existing boto3 S3 client to reuse (tests, custom sessions).
+        connect_timeout_s, read_timeout_s, max_attempts: how long one request may take at worst (about
+            ``max_attempts`` × the timeouts); the device keeps them short so a hung endpoint falls back to the cache.
     """
 
     def __init__(
@@ -40,6 +42,10 @@ class ObjectStore:
         endpoint_url: str | None = None,
         region: str | None = None,
         client: Any | None = None,
+        *,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+        max_attempts: int = 5,
     ) -> None:
         self.bucket = bucket
         self.endpoint_url = endpoint_url or None
@@ -50,9 +56,9 @@ class ObjectStore:
             endpoint_url=self.endpoint_url,
             region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
             config=Config(
-                retries={"max_attempts": 5, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
+                retries={"max_attempts": max_attempts, "mode": "standard"},
+                connect_timeout=connect_timeout_s,
+                read_timeout=read_timeout_s,
                 s3={"addressing_style": "path"},
             ),
         )

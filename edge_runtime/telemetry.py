@@ -1,8 +1,10 @@
 """Report step: telemetry events go into an on-disk outbox (SQLite) first, and a sender forwards them to the hub.
 
 At-least-once: an event leaves the outbox only after the hub acknowledged its id; the hub de-duplicates ids, so a
-resend after a lost acknowledgement stores nothing twice. While the hub is down the sender backs off; events
-written meanwhile (and across restarts) wait in the outbox.
+resend after a lost acknowledgement stores nothing twice. While the hub is down the sender backs off (new events
+do not wake it early); events written meanwhile (and across restarts) wait in the outbox, which is bounded: above
+``max_events`` the oldest ``stats`` events are dropped (and counted), state changes never are. The file is
+readable by its owner only.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import random
 import sqlite3
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +30,56 @@ from edge_runtime.protos import telemetry_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+DROPPABLE_KINDS = ("stats",)
+"""Periodic events the outbox may drop when full (oldest first); every other kind is a state change and stays."""
+
+
 class Outbox:
     """A SQLite table of events not yet acknowledged by the hub. Safe to use from several threads."""
 
-    def __init__(self, path: Path, device_id: str) -> None:
+    def __init__(self, path: Path, device_id: str, *, max_events: int = 10_000) -> None:
         self.device_id = device_id
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, kind TEXT NOT NULL, "
-                         "ts_ms INTEGER NOT NULL, payload TEXT NOT NULL)")
+        self.max_events = max_events
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():  # created private: events name the device, its versions and its errors
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.chmod(path, 0o600)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, kind TEXT NOT NULL, "
+                             "ts_ms INTEGER NOT NULL, payload TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        except (OSError, sqlite3.Error) as exc:
+            from edge_runtime.errors import CacheFull, ConfigError
+
+            if "full" in str(exc).lower() or getattr(exc, "errno", None) == 28:
+                raise CacheFull(f"cannot create the telemetry outbox {path}: the disk is full") from exc
+            raise ConfigError(f"cannot open the telemetry outbox {path}: {exc}") from exc
         self._lock = threading.Lock()
 
     def add(self, kind: str, payload: dict[str, Any]) -> str:
-        """Store an event; returns its id."""
+        """Store an event; returns its id. Over ``max_events``, the oldest droppable events make room."""
         event_id = str(uuid.uuid4())
         with self._lock:
             self._db.execute("INSERT INTO outbox VALUES (?, ?, ?, ?)",
                              (event_id, kind, int(time.time() * 1000), json.dumps(payload, default=str)))
+            excess = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]) - self.max_events
+            if excess > 0:
+                marks = ",".join("?" * len(DROPPABLE_KINDS))
+                dropped = self._db.execute(
+                    f"DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox WHERE kind IN ({marks}) "  # noqa: S608
+                    f"ORDER BY ts_ms, rowid LIMIT ?)", (*DROPPABLE_KINDS, excess)).rowcount
+                if dropped:
+                    self._db.execute("INSERT INTO counters VALUES ('dropped', ?) ON CONFLICT(name) DO UPDATE SET "
+                                     "value = value + excluded.value", (dropped,))
         return event_id
+
+    def dropped(self) -> int:
+        """Stats events dropped so far because the outbox was full."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+        return int(row[0]) if row else 0
 
     def pending(self, limit: int = 200) -> list[pb.Event]:
         """The oldest unacknowledged events."""
@@ -68,18 +104,44 @@ class Outbox:
             self._db.close()
 
 
+@dataclass(frozen=True)
+class HubTls:
+    """TLS towards the hub: the CA that signed its certificate, and this device's certificate for mutual TLS."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """gRPC channel credentials; :class:`ConfigError` naming a file that cannot be read."""
+        from edge_runtime.errors import ConfigError
+
+        def read(path: Path | None) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read TLS file {path}: {exc.strerror}") from exc
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
 class TelemetrySender:
-    """Forwards the outbox to the hub in batches; backs off exponentially while the hub is unreachable."""
+    """Forwards the outbox to the hub in batches; backs off exponentially (with jitter) while the hub is
+    unreachable, and new events do not cut a back-off short."""
 
     def __init__(self, outbox: Outbox, address: str, token: str | None, *, interval_s: float = 30.0,
-                 backoff_max_s: float = 60.0) -> None:
+                 backoff_max_s: float = 60.0, tls: HubTls | None = None) -> None:
         self.outbox = outbox
         self.address = address
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.interval_s = interval_s
         self.backoff_max_s = backoff_max_s
+        self.tls = tls
         self._wake = asyncio.Event()
         self._channel: grpc.aio.Channel | None = None
+        self.failures = 0
 
     def wake(self) -> None:
         """Send soon (a new event)."""
@@ -88,7 +150,8 @@ class TelemetrySender:
     async def flush(self) -> int:
         """Send everything pending; returns how many events the hub acknowledged. Raises grpc.RpcError."""
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            self._channel = (grpc.aio.secure_channel(self.address, self.tls.credentials()) if self.tls
+                             else grpc.aio.insecure_channel(self.address))
         stub = telemetry_pb2_grpc.TelemetryHubStub(self._channel)
         sent = 0
         while events := self.outbox.pending():
@@ -101,22 +164,37 @@ class TelemetrySender:
         return sent
 
     async def run_forever(self) -> None:
-        """Flush on every wake-up and every interval; back off while the hub is down."""
+        """Flush on every wake-up and every interval; while the hub is down, wait out the back-off (new events
+        do not shorten it). Nothing but cancellation ends the loop."""
         delay = 1.0
         while True:
             try:
                 await self.flush()
-                delay, wait = 1.0, self.interval_s
-            except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                log.warning("telemetry hub %s unreachable (%s); %d events wait in the outbox, retry in %.0fs",
-                            self.address, code, self.outbox.count(), delay)
-                wait, delay = delay, min(delay * 2, self.backoff_max_s)
+                delay, wait, backing_off = 1.0, self.interval_s, False
+                self.failures = 0
+            except Exception as exc:  # noqa: BLE001 - an RPC error, a full outbox disk: report, back off, go on
+                self.failures += 1
+                code = exc.code() if isinstance(exc, grpc.RpcError) and hasattr(exc, "code") else type(exc).__name__
+                if self.failures in (1, 2, 4) or self.failures % 10 == 0:  # not a warning per event
+                    log.warning("telemetry hub %s unreachable (%s); %s events wait in the outbox, retry in %.0fs",
+                                self.address, code, self._count(), delay)
+                wait = delay * random.uniform(0.8, 1.2)
+                delay, backing_off = min(delay * 2, self.backoff_max_s), True
+            if backing_off:
+                await asyncio.sleep(wait)
+                self._wake.clear()
+                continue
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
                 self._wake.clear()
             except (asyncio.TimeoutError, TimeoutError):
                 pass
+
+    def _count(self) -> int | str:
+        try:
+            return self.outbox.count()
+        except Exception:  # noqa: BLE001 - only for a log line
+            return "?"
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -85,9 +85,9 @@ def run_demo(workdir: str | Path = ".demo") -> None:
                           f"signature and sha256 of {len(manifest.files())} files")
             _print_versions(console, store, layout)
 
-            token = secrets.token_hex(16)
+            token, reader = secrets.token_hex(16), secrets.token_hex(16)
             hub_settings = HubSettings(database_url=f"sqlite:///{root / 'hub.sqlite'}", port=0,
-                                       tokens=f"demo-jetson:{token}")
+                                       tokens=f"demo-jetson:{token}", read_tokens=reader)
             hub, hub_port, _ = loop.run(start_hub(hub_settings))
             console.print(f"[bold]3.[/bold] telemetry hub on 127.0.0.1:{hub_port} (SQLite {root / 'hub.sqlite'})")
 
@@ -127,7 +127,7 @@ def run_demo(workdir: str | Path = ".demo") -> None:
             while edge.outbox.count() and time.monotonic() < deadline:
                 time.sleep(0.2)
             console.print("[bold]6.[/bold] edgeloop fleet status")
-            console.print(fleet_table(loop.run(fleet_status(f"127.0.0.1:{hub_port}", token))))
+            console.print(fleet_table(loop.run(fleet_status(f"127.0.0.1:{hub_port}", reader))))
             loop.run(edge.stop())
             edge = None
             loop.run(hub.stop(1))

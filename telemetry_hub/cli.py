@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -93,7 +93,8 @@ def kube_tables(namespace: str) -> tuple[Table, Table]:
 @fleet_app.command("status")
 def status_command(
     hub: Annotated[str, typer.Option(envvar="EDGE_HUB_ADDRESS", help="hub host:port")] = "127.0.0.1:50052",
-    token: Annotated[str | None, typer.Option(envvar="EDGE_HUB_TOKEN", help="a token the hub accepts")] = None,
+    token: Annotated[str | None, typer.Option(envvar="HUB_READ_TOKEN", help="a reader token of the hub")] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA (PEM) of the hub's TLS certificate; set: use TLS")] = None,
     kube: Annotated[bool, typer.Option("--kube", help="ask the Kubernetes API (node annotations) instead")] = False,
     namespace: Annotated[
         str, typer.Option("--namespace", "-n", help="namespace of the edge-runtime releases (--kube)")
@@ -107,10 +108,11 @@ def status_command(
         for table in kube_tables(namespace):
             console.print(table)
         return
-    token = token or os.environ.get("HUB_TOKEN")
     if not token:
-        raise ConfigError("no token: pass --token or set EDGE_HUB_TOKEN")
-    console.print(fleet_table(asyncio.run(fleet_status(hub, token))))
+        raise ConfigError("no token: pass --token or set HUB_READ_TOKEN (a reader token, not a device's)")
+    from edge_runtime.telemetry import HubTls
+
+    console.print(fleet_table(asyncio.run(fleet_status(hub, token, HubTls(ca) if ca else None))))
 
 
 @fleet_app.command("rollout")

@@ -1,19 +1,27 @@
-"""The hub's gRPC service (``edgeloop.telemetry.v1.TelemetryHub``) with bearer-token device authentication."""
+"""The hub's gRPC service (``edgeloop.telemetry.v1.TelemetryHub``) with bearer-token authentication.
+
+Two kinds of token: a device token is bound to one device id (``device:token``) and may only report as that
+device; a reader token (``HUB_READ_TOKENS``) may read the fleet and report nothing. Tokens are looked up by their
+sha256, never compared one by one. TLS (and mutual TLS) with ``HUB_TLS_*``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from edge_runtime.errors import ConfigError, HubAuthError
+from edge_runtime.errors import AccessDenied, ConfigError, HubAuthError
 from edge_runtime.protos import telemetry_pb2 as pb
 from edge_runtime.protos import telemetry_pb2_grpc
 from edge_runtime.serve.errors import ErrorInterceptor
+from edge_runtime.serve.server import TlsFiles
+from edge_runtime.telemetry import HubTls
 from telemetry_hub.store import HubStore, IncomingEvent
 
 
@@ -25,12 +33,41 @@ class HubSettings(BaseSettings):
     database_url: str = Field("sqlite:///hub.sqlite", description="SQLAlchemy URL (SQLite, or postgresql+psycopg://)")
     bind_address: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(50052, ge=0, le=65535, description="gRPC port (0: pick one)")
-    tokens: SecretStr | None = Field(None, description="comma-separated device tokens, each `token` or `device:token`")
-    tokens_file: Path | None = Field(None, description="file with one `token` or `device:token` per line")
+    tokens: SecretStr | None = Field(None, description="comma-separated device tokens, each `device:token`")
+    tokens_file: Path | None = Field(None, description="file with one `device:token` per line")
+    read_tokens: SecretStr | None = Field(
+        None, description="comma-separated tokens that may read the fleet (edgeloop fleet status) and report nothing")
+    tls_cert_file: Path | None = Field(None, description="server certificate (PEM): set with tls_key_file for TLS")
+    tls_key_file: Path | None = Field(None, description="server private key (PEM)")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA (PEM) for client certificates: set, every device must present one (mutual TLS)")
 
 
-def load_tokens(settings: HubSettings) -> dict[str, str | None]:
-    """``token → device id`` (``None``: any device may use it). At least one token is required."""
+READER = None
+"""The principal of a reader token (it is bound to no device)."""
+
+
+def token_digest(token: str) -> str:
+    """The key tokens are looked up by: their sha256 (the table never holds a token, and lookup takes no scan)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """sha256(token) → the device id it is bound to, or :data:`READER` for a fleet reader."""
+
+    by_digest: dict[str, str | None]
+
+    def who(self, presented: str) -> str | None:
+        """The device id (or READER) of ``presented``; :class:`HubAuthError` for an unknown or empty token."""
+        digest = token_digest(presented) if presented else ""
+        if digest not in self.by_digest:
+            raise HubAuthError("missing or unknown token")
+        return self.by_digest[digest]
+
+
+def load_tokens(settings: HubSettings) -> Tokens:
+    """Device tokens (each bound: ``device:token``) and reader tokens. At least one device token is required."""
     lines: list[str] = []
     if settings.tokens is not None:
         lines += settings.tokens.get_secret_value().split(",")
@@ -44,28 +81,36 @@ def load_tokens(settings: HubSettings) -> dict[str, str | None]:
         if not line or line.startswith("#"):
             continue
         device, sep, token = line.rpartition(":")
-        tokens[token if sep else line] = device if sep else None
+        if not sep or not device or not token:
+            raise ConfigError("every device token must be bound to its device as `device:token` (an unbound token "
+                              "could report as any device); fleet readers use HUB_READ_TOKENS")
+        tokens[token_digest(token)] = device
     if not tokens:
         raise ConfigError("the hub needs device tokens: set HUB_TOKENS or HUB_TOKENS_FILE")
-    return tokens
+    if settings.read_tokens is not None:
+        for token in (t.strip() for t in settings.read_tokens.get_secret_value().split(",")):
+            if token:
+                if token_digest(token) in tokens:
+                    raise ConfigError("a reader token must differ from every device token")
+                tokens[token_digest(token)] = READER
+    return Tokens(tokens)
 
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
     """Report (ingest) and FleetStatus, each a handful of lines over :class:`HubStore`."""
 
-    def __init__(self, store: HubStore, tokens: dict[str, str | None]) -> None:
+    def __init__(self, store: HubStore, tokens: Tokens) -> None:
         self.store = store
         self.tokens = tokens
 
     def _authenticate(self, context: grpc.aio.ServicerContext, device_id: str | None) -> None:
+        """``device_id`` set: the caller must hold that device's token; ``None``: a reader token."""
         header = dict(context.invocation_metadata() or ()).get("authorization", "")
-        presented = header.removeprefix("Bearer ").strip()
-        for token, bound_device in self.tokens.items():
-            if presented and hmac.compare_digest(presented, token):
-                if bound_device is not None and device_id is not None and bound_device != device_id:
-                    raise HubAuthError(f"this token belongs to another device than {device_id!r}")
-                return
-        raise HubAuthError("missing or unknown device token")
+        principal = self.tokens.who(header.removeprefix("Bearer ").strip())
+        if device_id is None and principal is not READER:
+            raise AccessDenied("a device token cannot read the fleet: use a reader token (HUB_READ_TOKENS)")
+        if device_id is not None and principal != device_id:
+            raise AccessDenied(f"this token may not report as device {device_id!r}")
 
     async def Report(self, request: pb.ReportRequest, context: grpc.aio.ServicerContext) -> pb.ReportResponse:  # noqa: N802
         self._authenticate(context, request.device_id)
@@ -92,16 +137,25 @@ async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tup
     store = store or HubStore(settings.database_url)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     telemetry_pb2_grpc.add_TelemetryHubServicer_to_server(TelemetryServicer(store, load_tokens(settings)), server)
-    port = server.add_insecure_port(f"{settings.bind_address}:{settings.port}")
+    address = f"{settings.bind_address}:{settings.port}"
+    if settings.tls_cert_file or settings.tls_key_file:
+        if not (settings.tls_cert_file and settings.tls_key_file):
+            raise ConfigError("set both HUB_TLS_CERT_FILE and HUB_TLS_KEY_FILE for TLS")
+        tls = TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        port = server.add_secure_port(address, tls.credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise ConfigError(f"cannot bind the hub to {settings.bind_address}:{settings.port}: is the port in use?")
     await server.start()
     return server, port, store
 
 
-async def fleet_status(address: str, token: str) -> list[pb.DeviceStatus]:
-    """Ask the hub at ``address`` for every device's state."""
-    async with grpc.aio.insecure_channel(address) as channel:
+async def fleet_status(address: str, token: str, tls: HubTls | None = None) -> list[pb.DeviceStatus]:
+    """Ask the hub at ``address`` for every device's state (with a reader token)."""
+    channel_factory = (lambda: grpc.aio.secure_channel(address, tls.credentials())) if tls else \
+        (lambda: grpc.aio.insecure_channel(address))
+    async with channel_factory() as channel:
         stub = telemetry_pb2_grpc.TelemetryHubStub(channel)
         try:
             reply = await stub.FleetStatus(pb.FleetStatusRequest(), metadata=(("authorization", f"Bearer {token}"),),
@@ -111,5 +165,7 @@ async def fleet_status(address: str, token: str) -> list[pb.DeviceStatus]:
 
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise HubAuthError(f"the hub at {address} refused the token") from exc
+            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                raise AccessDenied(f"the hub at {address}: {exc.details()}") from exc
             raise StoreUnavailable(f"cannot reach the telemetry hub at {address} ({exc.code().name})") from exc
     return list(reply.devices)

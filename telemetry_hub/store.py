@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from edge_runtime.errors import ConfigError, StoreUnavailable
 
+log = logging.getLogger(__name__)
 metadata = MetaData()
 events = Table(
     "events", metadata,
@@ -65,6 +67,11 @@ class IncomingEvent:
     kind: str
     timestamp_ms: int
     payload_json: str
+
+
+def _well_formed(event: IncomingEvent) -> bool:
+    return (0 < len(event.id) <= 64 and 0 < len(event.kind) <= 32 and isinstance(event.timestamp_ms, int)
+            and 0 <= event.timestamp_ms < 2**62)
 
 
 def _validation_line(result: dict[str, Any]) -> str:
@@ -137,6 +144,12 @@ class HubStore:
         duplicates)``. Every id in ``batch`` is acknowledged: new ones are stored, old ones were already."""
         batch = list(batch)
         ids = [e.id for e in batch]
+        # a malformed event is acknowledged but not stored: refusing the batch would leave it in the device's
+        # outbox forever, and every event behind it too
+        malformed = {e.id for e in batch if not _well_formed(e)}
+        if malformed:
+            log.warning("device %s sent %d malformed events; acknowledged, not stored", device_id, len(malformed))
+            batch = [e for e in batch if e.id not in malformed]
         now = int(time.time() * 1000)
         with self.engine.begin() as conn:
             seen = set(conn.execute(select(events.c.id).where(events.c.id.in_(ids))).scalars()) if ids else set()
@@ -149,9 +162,9 @@ class HubStore:
             for event in sorted(fresh, key=lambda e: e.timestamp_ms):
                 try:
                     payload = json.loads(event.payload_json or "{}")
-                except ValueError:
-                    payload = {}
-                changes.update(_device_changes(event.kind, payload if isinstance(payload, dict) else {}))
+                    changes.update(_device_changes(event.kind, payload if isinstance(payload, dict) else {}))
+                except (ValueError, TypeError, KeyError, AttributeError):  # stored, but it changes no state
+                    log.warning("event %s of %s has a payload the fleet view cannot use", event.id, device_id)
             if batch:
                 changes["last_seen_ms"] = max(e.timestamp_ms for e in batch)
             exists = conn.execute(select(devices.c.device_id).where(devices.c.device_id == device_id)).first()

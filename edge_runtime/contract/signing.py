@@ -95,25 +95,33 @@ def load_verify_key(path: str | Path | None = None) -> Ed25519PublicKey:
     return key
 
 
+def make_signature(private_key: Ed25519PrivateKey, payload: bytes) -> Signature:
+    """An ed25519 signature over ``payload`` (canonical JSON of a manifest, channel pointer or engine record)."""
+    value = private_key.sign(payload)
+    return Signature(key_id=key_id(private_key.public_key()), value=base64.b64encode(value).decode("ascii"))
+
+
+def check_signature(signature: Signature | None, payload: bytes,
+                    trusted: Ed25519PublicKey | Iterable[Ed25519PublicKey], where: str) -> None:
+    """Raise :class:`SignatureInvalid` (naming ``where``) unless a trusted key made ``signature`` over ``payload``."""
+    keys = [trusted] if isinstance(trusted, Ed25519PublicKey) else list(trusted)
+    if signature is None:
+        raise SignatureInvalid(f"{where} is not signed")
+    key = {key_id(k): k for k in keys}.get(signature.key_id)
+    if key is None:
+        raise SignatureInvalid(f"{where} is signed by key {signature.key_id}, which is not trusted here")
+    try:
+        key.verify(base64.b64decode(signature.value, validate=True), payload)
+    except (InvalidSignature, ValueError) as exc:
+        raise SignatureInvalid(f"{where}: the signature does not match the content") from exc
+
+
 def sign_manifest(manifest: Manifest, private_key: Ed25519PrivateKey) -> Manifest:
     """Return a copy of ``manifest`` carrying an ed25519 signature over its canonical JSON."""
-    value = private_key.sign(manifest.canonical_bytes())
-    signature = Signature(key_id=key_id(private_key.public_key()), value=base64.b64encode(value).decode("ascii"))
-    return manifest.model_copy(update={"signature": signature})
+    return manifest.model_copy(update={"signature": make_signature(private_key, manifest.canonical_bytes())})
 
 
 def verify_manifest(manifest: Manifest, trusted: Ed25519PublicKey | Iterable[Ed25519PublicKey]) -> None:
     """Raise :class:`SignatureInvalid` unless a trusted key signed exactly this manifest."""
-    keys = [trusted] if isinstance(trusted, Ed25519PublicKey) else list(trusted)
-    where = f"{manifest.name}/{manifest.version}"
-    if manifest.signature is None:
-        raise SignatureInvalid(f"{where}: manifest is not signed")
-    by_id = {key_id(k): k for k in keys}
-    key = by_id.get(manifest.signature.key_id)
-    if key is None:
-        raise SignatureInvalid(f"{where}: signed by key {manifest.signature.key_id}, which is not trusted here")
-    try:
-        raw = base64.b64decode(manifest.signature.value, validate=True)
-        key.verify(raw, manifest.canonical_bytes())
-    except (InvalidSignature, ValueError) as exc:
-        raise SignatureInvalid(f"{where}: signature does not match the manifest's content") from exc
+    check_signature(manifest.signature, manifest.canonical_bytes(), trusted,
+                    f"manifest {manifest.name}/{manifest.version}")

@@ -22,7 +22,9 @@ STATUS_FOR: dict[type[errors.EdgeloopError], grpc.StatusCode] = {
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ValidationFailed: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ContractError: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.HubAuthError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.CacheFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 """Most specific class first is not needed: lookup walks the exception's MRO."""
 
@@ -35,6 +37,13 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if cls in STATUS_FOR:
             return STATUS_FOR[cls], str(exc)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+class _Undecodable:
+    """Stands for a request whose bytes did not parse (see ``ErrorInterceptor``)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -55,10 +64,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         inner = handler.unary_unary
         method = handler_call_details.method
+        decode = handler.request_deserializer
+
+        def deserialize(data: bytes) -> Any:
+            # grpc answers UNKNOWN (with a Python class name) when a deserializer raises; hand the handler a marker
+            # instead, so an unparseable request gets INVALID_ARGUMENT like any other bad input
+            try:
+                return decode(data) if decode is not None else data
+            except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+                return _Undecodable(type(exc).__name__)
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
+                if isinstance(request, _Undecodable):
+                    raise errors.InvalidInput(f"the request is not a valid {method.rsplit('/', 1)[-1]} message")
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 code = grpc.StatusCode.UNKNOWN
@@ -73,6 +93,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     self._on_result(method, code.name, time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer,
+            guarded, request_deserializer=deserialize,
             response_serializer=handler.response_serializer,
         )

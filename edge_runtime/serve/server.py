@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -12,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from edge_runtime.protos import inference_pb2, inference_pb2_grpc
 from edge_runtime.protos._pool import POOL
 from edge_runtime.serve.errors import ErrorInterceptor
-from edge_runtime.serve.servicer import InferenceServicer
+from edge_runtime.serve.servicer import InferenceServicer, RepositoryControl
 
 if TYPE_CHECKING:
     from edge_runtime.lifecycle import ModelRuntime
@@ -30,13 +32,41 @@ def _share_with_reflection(file_descriptor) -> None:  # noqa: ANN001 - protobuf 
         POOL.AddSerializedFile(file_descriptor.serialized_pb)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for TLS on the inference endpoint; ``client_ca`` set: mutual TLS (clients need a certificate)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """gRPC server credentials, or :class:`ConfigError` naming the file that cannot be read."""
+        from edge_runtime.errors import ConfigError
+
+        def read(path: Path) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read TLS file {path}: {exc.strerror}") from exc
+
+        pairs = [(read(self.key), read(self.cert))]
+        if self.client_ca is None:
+            return grpc.ssl_server_credentials(pairs)
+        return grpc.ssl_server_credentials(pairs, root_certificates=read(self.client_ca), require_client_auth=True)
+
+
 async def start_server(runtime: ModelRuntime, *, bind_address: str, port: int, max_batch_size: int,
                        max_message_bytes: int,
-                       on_result: Callable[[str, str, float], None] | None = None) -> tuple[grpc.aio.Server, int]:
+                       on_result: Callable[[str, str, float], None] | None = None,
+                       tls: TlsFiles | None = None, control: RepositoryControl | None = None,
+                       alive: Callable[[], bool] | None = None,
+                       liveness_period_s: float = 2.0) -> tuple[grpc.aio.Server, int]:
     """Start serving on ``bind_address:port`` (0: a free port); returns the server and the bound port.
 
     Health reports SERVING for the overall server and the inference service exactly when the runtime is ready
-    (the desired version is validated and serving), which is what the pod's readiness probe asks.
+    (the desired version is validated and serving), which is what the pod's readiness probe asks. The liveness
+    service follows ``alive()`` (the life-cycle loop runs and is not wedged), checked every ``liveness_period_s``.
     """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -44,7 +74,8 @@ async def start_server(runtime: ModelRuntime, *, bind_address: str, port: int, m
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(interceptors=[ErrorInterceptor(on_result)], options=options)
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(runtime, max_batch_size), server)
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(runtime, max_batch_size, control=control), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
@@ -65,14 +96,34 @@ async def start_server(runtime: ModelRuntime, *, bind_address: str, port: int, m
 
     runtime.on_change(on_change)
     await publish_health()
-    # Liveness is "the process answers", not readiness: a long TensorRT build must not get the pod killed.
+    # Liveness is "the loop is alive", not readiness: a long TensorRT build must not get the pod killed, but a dead
+    # or wedged loop must (the kubelet restarts the pod, which serves its cached last good version first).
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+
+    async def watch_liveness() -> None:
+        import asyncio
+
+        last = True
+        while True:
+            await asyncio.sleep(liveness_period_s)
+            now = alive() if alive is not None else True
+            if now != last:
+                await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING if now
+                                          else health_pb2.HealthCheckResponse.NOT_SERVING)
+                last = now
+
+    if alive is not None:
+        import asyncio
+
+        watcher = asyncio.get_running_loop().create_task(watch_liveness(), name="edgeloop-liveness")
+        pending.add(watcher)
     _share_with_reflection(health_pb2.DESCRIPTOR)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server,
         pool=POOL)
     host = f"[{bind_address}]" if ":" in bind_address else bind_address
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         from edge_runtime.errors import ConfigError
 

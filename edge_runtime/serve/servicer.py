@@ -3,12 +3,14 @@ and turns the result back. Errors are raised as ours and mapped by :mod:`edge_ru
 
 from __future__ import annotations
 
+import hmac
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 
 from edge_runtime import __version__
-from edge_runtime.errors import ModelNotFound
+from edge_runtime.errors import AccessDenied, ModelNotFound, Unauthenticated
 from edge_runtime.protos import inference_pb2 as pb
 from edge_runtime.protos import inference_pb2_grpc
 from edge_runtime.serve.converters import outputs_to_response, request_to_inputs, requested_outputs, tensor_metadata
@@ -19,12 +21,36 @@ if TYPE_CHECKING:
 EXTENSIONS = ["model_repository", "health", "dynamic_batching"]
 
 
+@dataclass(frozen=True)
+class RepositoryControl:
+    """Who may load and unload models: nobody unless ``enabled``; then a caller presenting ``token`` as
+    ``authorization: Bearer <token>``, or any caller with a verified client certificate (mutual TLS)."""
+
+    enabled: bool
+    token: str | None = None
+
+    def authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """Raise :class:`AccessDenied` or :class:`Unauthenticated` unless this caller may change the repository."""
+        if not self.enabled:
+            raise AccessDenied("repository control is off on this device (EDGE_REPOSITORY_CONTROL): models follow "
+                               "the desired file and channel")
+        peer = context.auth_context() or {}
+        if peer.get("x509_pem_cert") or peer.get("x509_common_name"):
+            return  # the TLS layer verified the client's certificate against our client CA
+        header = dict(context.invocation_metadata() or ()).get("authorization", "")
+        presented = header.removeprefix("Bearer ").strip()
+        if not self.token or not presented or not hmac.compare_digest(presented.encode(), self.token.encode()):
+            raise Unauthenticated("repository control needs a client certificate or the control token "
+                                  "(authorization: Bearer ...)")
+
+
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     """Open Inference Protocol v2 over :class:`~edge_runtime.lifecycle.ModelRuntime`."""
 
-    def __init__(self, runtime: ModelRuntime, max_batch_size: int) -> None:
+    def __init__(self, runtime: ModelRuntime, max_batch_size: int, *, control: RepositoryControl | None = None) -> None:
         self.runtime = runtime
         self.max_batch_size = max_batch_size
+        self.control = control or RepositoryControl(enabled=False)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:  # noqa: N802,E501
         return pb.ServerLiveResponse(live=True)
@@ -71,10 +97,12 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(models=models)
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:  # noqa: N802,E501
+        self.control.authorize(context)
         version = request.parameters["version"].string_param if "version" in request.parameters else None
         await self.runtime.load(request.model_name, version)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:  # noqa: N802,E501
+        self.control.authorize(context)
         await self.runtime.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()

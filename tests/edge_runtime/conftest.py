@@ -94,8 +94,11 @@ def publish_model(store, signing_key, trained: TrainedModels, version: str, *, f
     return signed
 
 
-def move_channel(store, version: str, name: str = "digits-cnn", channel: str = "stable") -> None:
-    store.put_bytes(ArtifactLayout().channel_key(name, channel), json.dumps({"version": version}).encode())
+def move_channel(store, signing_key, version: str, name: str = "digits-cnn", channel: str = "stable") -> None:
+    """Point the channel at ``version`` the way the pipeline does: a signed pointer with a higher sequence."""
+    from components.publish import move_channel as move
+
+    move(store, ArtifactLayout(), name, channel, version, signing_key)
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> None:

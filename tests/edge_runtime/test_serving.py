@@ -167,7 +167,7 @@ def test_version_below_its_reference_is_refused_and_the_old_one_keeps_serving(se
     assert not client.is_server_ready()  # the desired version is not the one serving: the rollout must stop
     failed = edge.events("failed")[-1]
     assert failed["version"] == "v3-bad"
-    move_channel(store, "v1")
+    move_channel(store, signing_key, "v1")
     edge.call(edge.app.runtime.reconcile())
     assert client.is_server_ready()
 
@@ -218,21 +218,43 @@ def test_desired_file_change_rolls_to_the_version_it_names(store, signing_key, t
         edge.stop()
 
 
-def test_repository_extension_unload_and_load(served):
+def test_anonymous_load_and_unload_are_refused(served):
+    edge, _ = served  # repository control is off by default
+    client = triton.InferenceServerClient(edge.address)
+    for call in (client.unload_model, client.load_model):
+        with pytest.raises(InferenceServerException) as info:
+            call(MODEL)
+        assert "StatusCode.PERMISSION_DENIED" in str(info.value.status())
+    assert client.is_model_ready(MODEL) and client.is_server_ready()
+
+
+@pytest.mark.parametrize("served", [{"repository_control": True, "control_token": "ctl-token"}], indirect=True)
+def test_repository_extension_unload_and_load_with_the_control_token(served):
     edge, _ = served
     client = triton.InferenceServerClient(edge.address)
-    client.unload_model(MODEL)
+    for headers in (None, {"authorization": "Bearer wrong"}):
+        with pytest.raises(InferenceServerException) as info:
+            client.unload_model(MODEL, headers=headers)
+        assert "StatusCode.UNAUTHENTICATED" in str(info.value.status())
+    assert client.is_model_ready(MODEL)
+    control = {"authorization": "Bearer ctl-token"}
+    client.unload_model(MODEL, headers=control)
     assert not client.is_model_ready(MODEL)
     with pytest.raises(InferenceServerException) as info:
         client.get_model_metadata(MODEL)
     assert "StatusCode.UNAVAILABLE" in str(info.value.status())
-    client.load_model(MODEL)
+    client.load_model(MODEL, headers=control)
     assert client.is_model_ready(MODEL) and client.is_server_ready()
 
 
 def test_identical_devices_share_an_engine(store, signing_key, trained, edge_settings, tmp_path):
     publish_model(store, signing_key, trained, "v1")
-    first = RunningEdge(edge_settings(store.bucket, share_engines=True, cache_dir=tmp_path / "a"))
+    from edge_runtime.contract import generate_signing_key
+
+    fleet, _ = generate_signing_key(tmp_path / "fleet")  # the fleet build key: devices sign what they share
+    sharing = {"share_engines": True, "engine_signing_key_file": fleet,
+               "engine_verify_key_file": tmp_path / "fleet" / "verify-key.pem"}
+    first = RunningEdge(edge_settings(store.bucket, cache_dir=tmp_path / "a", **sharing))
     try:
         first.wait_ready()
         assert first.events("built")[-1]["source"] == "built"
@@ -241,8 +263,7 @@ def test_identical_devices_share_an_engine(store, signing_key, trained, edge_set
     target = first.app.runtime.status()["target_key"] if first.app.runtime.serving else None
     keys = store.list_keys("models/digits-cnn/v1/engines/")
     assert any(k.endswith("int8-ort.json") for k in keys) and (target is None or any(target in k for k in keys))
-    second = RunningEdge(edge_settings(store.bucket, share_engines=True, cache_dir=tmp_path / "b",
-                                       device_id="jetson-2"))
+    second = RunningEdge(edge_settings(store.bucket, cache_dir=tmp_path / "b", device_id="jetson-2", **sharing))
     try:
         second.wait_ready()
         assert second.events("built")[-1]["source"] == "shared"

@@ -91,11 +91,42 @@ def test_checkov_finds_nothing_beyond_the_accepted_list(chart, values, tmp_path)
     assert sum(r.get("summary", {}).get("passed", 0) for r in reports) > 10
 
 
-def test_model_version_change_rolls_the_fleet():
-    before = pod_template(render("edge-runtime", None, "model.version=v20261124-0001"))
-    after = pod_template(render("edge-runtime", None, "model.version=v20261124-0002"))
-    assert before != after
-    assert before["metadata"]["annotations"]["checksum/desired"] != after["metadata"]["annotations"]["checksum/desired"]
+def test_a_model_version_change_reaches_running_pods_in_place():
+    before = render("edge-runtime", None, "model.version=v20261124-0001")
+    after = render("edge-runtime", None, "model.version=v20261124-0002")
+    # no pod restart: the pod template (and so every Jetson's running runtime) stays as it is ...
+    assert pod_template(before) == pod_template(after)
+    template = pod_template(after)
+    assert not any(k.startswith("checksum/") for k in template["metadata"].get("annotations", {}))
+    # ... and the new version arrives through the ConfigMap volume, which the kubelet refreshes (no subPath)
+    configmaps = {d["metadata"]["name"]: d for d in after if d["kind"] == "ConfigMap"}
+    (desired,) = [json.loads(c["data"]["desired.json"]) for c in configmaps.values() if "desired.json" in c["data"]]
+    assert desired == {"model_name": "digits-cnn", "model_version": "v20261124-0002"}
+    container = template["spec"]["containers"][0]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert "subPath" not in mounts["desired"] and mounts["desired"]["mountPath"] == "/etc/edgeloop/desired"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["EDGE_DESIRED_FILE"] == "/etc/edgeloop/desired/desired.json" and "EDGE_MODEL_VERSION" not in env
+    assert container["livenessProbe"]["grpc"]["service"] == "edgeloop.liveness"
+    assert container["readinessProbe"]["grpc"]["service"] == "inference.GRPCInferenceService"
+
+
+def test_tls_and_repository_control_come_from_secrets():
+    docs = render("edge-runtime", None, "tls.existingSecret=edge-tls", "tls.mutual=true",
+                  "repositoryControl.enabled=true", "repositoryControl.existingSecret=edge-control",
+                  "hub.tlsSecret=hub-ca")
+    template = pod_template(docs)
+    container = template["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["EDGE_TLS_CERT_FILE"]["value"] == "/etc/edgeloop/tls/tls.crt"
+    assert env["EDGE_TLS_CLIENT_CA_FILE"]["value"] == "/etc/edgeloop/tls/ca.crt"
+    assert env["EDGE_CONTROL_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "edge-control", "key": "token"}
+    assert env["EDGE_HUB_TLS_CA_FILE"]["value"] == "/etc/edgeloop/hub-tls/ca.crt"
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "edge-tls" and volumes["hub-tls"]["secret"]["secretName"] == "hub-ca"
+    assert "tcpSocket" in container["livenessProbe"]  # the kubelet's gRPC probe speaks no TLS
+    plain = pod_template(render("edge-runtime"))["spec"]["containers"][0]
+    assert not {"EDGE_REPOSITORY_CONTROL", "EDGE_TLS_CERT_FILE"} & {e["name"] for e in plain["env"]}
 
 
 def test_chart_only_bump_leaves_the_pod_template_unchanged(tmp_path):

@@ -12,7 +12,7 @@ import uuid
 import grpc
 import pytest
 
-from edge_runtime.errors import HubAuthError
+from edge_runtime.errors import AccessDenied, HubAuthError
 from edge_runtime.protos import telemetry_pb2 as pb
 from edge_runtime.protos import telemetry_pb2_grpc
 from edge_runtime.telemetry import Outbox, TelemetrySender
@@ -72,12 +72,24 @@ def test_ingest_deduplicates_and_builds_the_fleet_view(hub_store):
     assert (fleet["jetson-2"]["state"], fleet["jetson-2"]["desired_version"]) == ("failed", "v3")
 
 
-def test_tokens_are_required_and_may_be_bound_to_a_device(tmp_path):
-    with pytest.raises(Exception) as none:
+def test_tokens_are_required_bound_to_a_device_and_kept_only_as_digests(tmp_path):
+    from edge_runtime.errors import ConfigError
+    from telemetry_hub.server import READER, token_digest
+
+    with pytest.raises(ConfigError) as none:
         load_tokens(HubSettings())
     assert "HUB_TOKENS" in str(none.value)
     (tmp_path / "tokens").write_text("# devices\njetson-1:s3cret\nshared-token\n")
-    assert load_tokens(HubSettings(tokens_file=tmp_path / "tokens")) == {"s3cret": "jetson-1", "shared-token": None}
+    with pytest.raises(ConfigError) as unbound:  # an unbound token could report as any device
+        load_tokens(HubSettings(tokens_file=tmp_path / "tokens"))
+    assert "device:token" in str(unbound.value)
+    (tmp_path / "tokens").write_text("# devices\njetson-1:s3cret\njetson-2:other\n")
+    tokens = load_tokens(HubSettings(tokens_file=tmp_path / "tokens", read_tokens="reader"))
+    assert tokens.by_digest == {token_digest("s3cret"): "jetson-1", token_digest("other"): "jetson-2",
+                                token_digest("reader"): READER}
+    assert "s3cret" not in repr(tokens)
+    with pytest.raises(ConfigError):
+        load_tokens(HubSettings(tokens="jetson-1:same", read_tokens="same"))
 
 
 async def _report(port: int, token: str | None, device: str) -> pb.ReportResponse:
@@ -92,20 +104,24 @@ async def _report(port: int, token: str | None, device: str) -> pb.ReportRespons
 def test_hub_rejects_bad_tokens(tmp_path):
     async def scenario():
         settings = HubSettings(database_url=f"sqlite:///{tmp_path / 'h.sqlite'}", port=0,
-                               tokens="jetson-1:s3cret")
+                               tokens="jetson-1:s3cret,jetson-2:other", read_tokens="reader")
         server, port, store = await start_hub(settings)
         try:
             assert len((await _report(port, "s3cret", "jetson-1")).acknowledged_ids) == 1
             codes = []
-            for token, device in ((None, "jetson-1"), ("wrong", "jetson-1"), ("s3cret", "jetson-9")):
+            for token, device in ((None, "jetson-1"), ("wrong", "jetson-1"), ("s3cret", "jetson-2"),
+                                  ("reader", "jetson-1")):
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await _report(port, token, device)
                 codes.append(info.value.code())
-            assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 3
+            # unknown tokens are unauthenticated; a known token for another device (or a reader) is refused
+            assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 2 + [grpc.StatusCode.PERMISSION_DENIED] * 2
             assert store.count_events() == 1
             with pytest.raises(HubAuthError):
                 await fleet_status(f"127.0.0.1:{port}", "wrong")
-            (device,) = await fleet_status(f"127.0.0.1:{port}", "s3cret")
+            with pytest.raises(AccessDenied):  # a device token cannot read the whole fleet
+                await fleet_status(f"127.0.0.1:{port}", "s3cret")
+            (device,) = await fleet_status(f"127.0.0.1:{port}", "reader")
             assert device.device_id == "jetson-1"
         finally:
             await server.stop(0)
@@ -118,7 +134,7 @@ def test_no_event_is_lost_while_the_hub_is_down(tmp_path):
 
     async def scenario():
         db = f"sqlite:///{tmp_path / 'hub.sqlite'}"
-        settings = HubSettings(database_url=db, port=0, tokens="tok")
+        settings = HubSettings(database_url=db, port=0, tokens="jetson-1:tok")
         server, port, store = await start_hub(settings)
         outbox = Outbox(tmp_path / "outbox.sqlite", "jetson-1")
         sender = TelemetrySender(outbox, f"127.0.0.1:{port}", "tok", interval_s=0.2, backoff_max_s=0.5)
