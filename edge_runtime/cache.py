@@ -51,20 +51,30 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     return StoreError, BotoCoreError, HTTPError, ConnectionError, TimeoutError
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: a temporary file in the same folder, fsync, rename over ``path``, fsync of the
-    folder. A full disk raises :class:`CacheFull` and leaves ``path`` as it was."""
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """The one way files are written: yields a temporary path in ``path``'s folder for the writer (our code, ONNX
+    Runtime, TensorRT) to fill; when the block succeeds the file is fsync'ed and renamed over ``path`` (then the
+    folder is fsync'ed), otherwise it is removed. A full disk becomes :class:`CacheFull`; ``path`` is either the
+    old file or the complete new one, never half of one (a kill leaves a ``.tmp`` that start-up sweeps)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with no_space_is_cache_full(path), os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        place(Path(tmp), path)
+        with no_space_is_cache_full(path):
+            yield tmp
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        place(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_output`."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def place(tmp: Path, path: Path) -> None:

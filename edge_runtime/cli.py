@@ -39,6 +39,8 @@ def serve_command(
     from edge_runtime.settings import EdgeSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):  # their DEBUG lines carry the S3 access key id
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     settings = EdgeSettings.load(config, model_name=model, model_version=version, s3_endpoint_url=s3_endpoint,
                                  s3_bucket=bucket, cache_dir=cache_dir, bind_address=bind, grpc_port=grpc_port,
                                  metrics_port=metrics_port, backend=backend, hub_address=hub)

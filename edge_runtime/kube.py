@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 PREFIX = "edgeloop.io/"
 DEVICE_CLASS_LABEL = PREFIX + "device-class"
 RING_LABEL = PREFIX + "ring"
-ANNOTATIONS = ("state", "desired-version", "serving-version", "target-key", "validation", "updated-at")
+ANNOTATIONS = ("state", "desired", "desired-version", "serving-version", "target-key", "validation", "updated-at")
 
 
 def core_api(api_client: Any = None) -> Any:
@@ -70,6 +70,7 @@ class NodeReporter:
         """Patch the annotations from a runtime status snapshot (strategic merge: other annotations stay)."""
         values = {
             "state": status.get("state") or "",
+            "desired": status.get("desired") or "",
             "desired-version": status.get("desired_version") or "",
             "serving-version": status.get("serving_version") or "",
             "target-key": status.get("target_key") or "",
@@ -123,6 +124,13 @@ def daemonset_rollouts(api_client: Any, namespace: str) -> list[dict[str, Any]]:
              "unavailable": d.status.number_unavailable or 0} for d in items]
 
 
+def _converged(node: NodeState, wanted: str | None) -> bool:
+    """The node serves the version it resolved, and it resolved what the rollout asked for."""
+    return (node.get("state") == "serving" and bool(node.get("serving-version"))
+            and node.get("serving-version") == node.get("desired-version")
+            and (wanted is None or wanted in (node.get("desired"), node.get("serving-version"))))
+
+
 def rollout(
     release: str,
     chart: str,
@@ -137,9 +145,16 @@ def rollout(
     ring: str | None = None,
     run: Callable[..., Any] = subprocess.run,
 ) -> list[NodeState]:
-    """``helm upgrade --install --wait`` the release while watching its nodes; on the first node that reports a
-    failed validation after the rollout began, or when helm fails or times out, ``helm rollback`` and raise
-    :class:`RolloutFailed`. Returns the ring's nodes on success."""
+    """``helm upgrade --install --wait`` the release, then wait until every node of the ring serves what it asks
+    for; on the first node that reports a failed validation after the rollout began, when helm fails, or when the
+    nodes have not converged within ``timeout_s``, ``helm rollback`` and raise :class:`RolloutFailed`. Returns the
+    ring's nodes on success.
+
+    A model change restarts no pod (the desired file arrives through the ConfigMap volume and each device swaps in
+    place after validating), so helm returns at once: convergence is read from the nodes' ``edgeloop.io/*``
+    annotations — state ``serving``, the serving version equal to the desired one, and ``desired`` equal to the
+    ``model.version`` this rollout sets (when it sets one).
+    """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     argv = [helm, "upgrade", "--install", release, chart, "--namespace", namespace, "--wait",
             "--timeout", f"{int(timeout_s)}s"]
@@ -148,22 +163,34 @@ def rollout(
     for item in sets:
         argv += ["--set", item]
     selector = DEVICE_CLASS_LABEL + (f",{RING_LABEL}={ring}" if ring else "")
+    wanted = next((item.split("=", 1)[1] for item in sets if item.startswith("model.version=")), None)
+    deadline = time.monotonic() + timeout_s
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     failure = None
-    while process.poll() is None:
-        for node in fleet_nodes(api, selector):
+    while True:
+        nodes = fleet_nodes(api, selector)
+        for node in nodes:
             if node.get("state") == "failed" and node.get("updated-at") >= started:
                 failure = f"node {node.name} failed validation: {node.get('validation') or 'see its telemetry'}"
                 break
         if failure:
-            os.killpg(process.pid, signal.SIGTERM)  # helm and anything it started
-            process.wait(30)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)  # helm and anything it started
+                process.wait(30)
             break
+        if process.poll() is not None:
+            if process.returncode != 0:
+                output = (process.stdout.read() if process.stdout else "").strip()
+                failure = f"helm upgrade failed or timed out: {output.splitlines()[-1] if output else ''}"
+                break
+            waiting = [n.name for n in nodes if not _converged(n, wanted)]
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                failure = f"timed out: {', '.join(waiting)} did not report serving {wanted or 'the desired version'}"
+                break
         time.sleep(poll_s)
-    output = process.stdout.read() if process.stdout else ""
-    if failure is None and process.returncode != 0:
-        failure = f"helm upgrade failed or timed out: {output.strip().splitlines()[-1] if output.strip() else ''}"
     if failure is not None:
         rollback = run([helm, "rollback", release, "--namespace", namespace, "--wait"], capture_output=True,
                        text=True, check=False)

@@ -31,8 +31,10 @@ from edge_runtime.contract import (
     check_name,
     load_signing_key,
     load_verify_key,
+    load_verify_keys,
     verify_manifest,
 )
+from edge_runtime.desired import DesiredState
 from edge_runtime.device import DeviceFacts
 from edge_runtime.engines import EnginePlan, candidate_variants, plan_for, resolve_backend
 from edge_runtime.engines.base import Engine
@@ -47,7 +49,9 @@ from edge_runtime.errors import (
 )
 from edge_runtime.fetch import read_manifest, resolve_desired
 from edge_runtime.serve.batching import DynamicBatcher
-from edge_runtime.settings import EdgeSettings, read_settings_file
+from edge_runtime.settings import EdgeSettings
+from edge_runtime.slot import ServingModel, ServingSlot
+from edge_runtime.states import State
 from edge_runtime.store import ObjectStore
 from edge_runtime.timing import Timing
 from edge_runtime.validate import ValidationResult, read_validation_set, validate
@@ -64,19 +68,6 @@ def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 """``report(kind, payload)``: telemetry events (fetched, built, validated, failed, serving, ...)."""
-
-
-@dataclass
-class ServingModel:
-    """A validated model that answers requests."""
-
-    name: str
-    version: str
-    manifest: Manifest
-    plan: EnginePlan
-    engine: Engine
-    batcher: DynamicBatcher
-    validation: ValidationResult
 
 
 @dataclass
@@ -103,7 +94,7 @@ class ModelRuntime:
         self.layout = ArtifactLayout(settings.s3_prefix)
         self.cache = ArtifactCache(settings.cache_dir, settings.cache_max_bytes)
         self.cache.sweep_temporary()  # what a killed process left half-written
-        self.trusted = [load_verify_key(settings.verify_key_file)]
+        self.trusted = load_verify_keys(settings.verify_key_file)
         self.engines = EngineProvider(
             self.cache, self.store, self.layout, device_id=settings.device_id, max_batch_size=settings.max_batch_size,
             share=settings.share_engines, fetch_attempts=settings.fetch_attempts,
@@ -112,10 +103,10 @@ class ModelRuntime:
                                if settings.engine_signing_key_file else None))
         self._report = report or (lambda kind, payload: None)
         self._on_batch = on_batch
-        self.serving: ServingModel | None = None
-        self.desired: tuple[str, str] = (settings.model_name, settings.model_version)
+        self.slot = ServingSlot()
+        self.desired_state = DesiredState(settings)
         self.desired_version: str | None = None
-        self.state = "starting"
+        self.state = State.STARTING
         self.last_error = ""
         self.last_validation: ValidationResult | None = None
         self.choice: VariantChoice | None = None
@@ -125,12 +116,9 @@ class ModelRuntime:
         self._wake = asyncio.Event()
         self.batching: tuple[int, int] = (settings.max_batch_size, settings.max_queue_delay_us)
         """(max batch size, max queue delay µs) the serving batcher uses; tuned per device when configured."""
-        self._desired_seen: int | None = None
         self.paused = False
         """Set by an unload request: the loop leaves the model unloaded until a load request."""
         self._heartbeat = time.monotonic()
-        self.pinned: str | None = None
-        """A version or channel pinned by ``RepositoryModelLoad``; above the desired file until cleared."""
         self.failures = 0
         """Failed cycles since the last good one (reported with each failure)."""
 
@@ -143,11 +131,14 @@ class ModelRuntime:
         """Call ``listener`` after every state change (health status, metrics)."""
         self._listeners.append(listener)
 
-    def _set_state(self, state: str, error: str = "") -> None:
+    def _set_state(self, state: State, error: str = "") -> None:
         self.state, self.last_error = state, error
         self._heartbeat = time.monotonic()
         for listener in self._listeners:
-            listener()
+            try:
+                listener()
+            except Exception:  # a metrics or health hook must not break the life cycle
+                log.exception("state listener failed")
 
     def status(self) -> dict[str, Any]:
         """A snapshot for telemetry and the CLI."""
@@ -159,7 +150,7 @@ class ModelRuntime:
             "serving_version": serving.version if serving else None,
             "variant": serving.plan.variant.name if serving else None,
             "target_key": str(serving.plan.target_key) if serving else None,
-            "state": self.state,
+            "state": self.state.value,
             "ready": self.ready(),
             "error": self.last_error,
             "validation": self.last_validation.summary() if self.last_validation else "",
@@ -167,6 +158,16 @@ class ModelRuntime:
             "variant_choice": ({"chosen": self.choice.chosen, "mode": self.choice.mode, "reason": self.choice.reason}
                                if self.choice else None),
         }
+
+    @property
+    def serving(self) -> ServingModel | None:
+        """What serves now (read-only: the slot changes it)."""
+        return self.slot.current
+
+    @property
+    def desired(self) -> tuple[str, str]:
+        """(model name, version or channel) as the desired state answered last."""
+        return self.desired_state.current
 
     def beat(self) -> None:
         """The loop is alive (called every loop turn and on every state change)."""
@@ -180,14 +181,7 @@ class ModelRuntime:
     # --- serving ---------------------------------------------------------------------------------------------
     def model(self, name: str, version: str = "") -> ServingModel:
         """The serving model called ``name`` (and ``version`` when given), or the right error."""
-        serving = self.serving
-        if name != self.desired[0] and (serving is None or serving.name != name):
-            raise ModelNotFound(f"model {name!r} is not served here (this device serves {self.desired[0]!r})")
-        if serving is None:
-            raise NotReady(f"model {name!r} is not ready yet ({self.state})")
-        if version and version != serving.version:
-            raise ModelNotFound(f"version {version!r} of {name!r} is not served here (serving {serving.version})")
-        return serving
+        return self.slot.lookup(name, version, configured=self.desired[0], state=str(self.state))
 
     async def infer(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, Any]]:
         """Run a request through the serving model's batcher; returns ``(version, outputs)``."""
@@ -195,25 +189,9 @@ class ModelRuntime:
         return serving.version, await serving.batcher.infer(inputs)
 
     # --- the life cycle ----------------------------------------------------------------------------------------
-    def _desired_file_mtime(self) -> int | None:
-        path = self.settings.desired_file
-        try:
-            return Path(path).stat().st_mtime_ns if path else None
-        except OSError:  # absent, or being replaced by the kubelet right now
-            return None
-
     def read_desired(self) -> tuple[str, str]:
-        """What should serve, by precedence: a version pinned through ``RepositoryModelLoad`` (repository control),
-        then the desired file (the Helm ConfigMap, re-read every cycle), then the settings (``EDGE_MODEL_*``)."""
-        name, version = self.settings.model_name, self.settings.model_version
-        if self.pinned is not None:
-            return self.desired[0], self.pinned
-        if self.settings.desired_file is not None and Path(self.settings.desired_file).exists():
-            data = read_settings_file(Path(self.settings.desired_file))
-            name, version = data.get("model_name", name), data.get("model_version", version)
-            where = f"in {self.settings.desired_file}"
-            return check_name(name, f"model_name {where}"), check_name(version, f"model_version {where}")
-        return name, version
+        """What should serve (see :class:`~edge_runtime.desired.DesiredState` for the precedence)."""
+        return self.desired_state.read()
 
     async def reconcile(self) -> CycleResult:
         """One cycle: bring the serving model to the desired version, or raise and keep the old one.
@@ -225,9 +203,7 @@ class ModelRuntime:
             self.beat()
             target = self.desired[1]
             try:
-                self._desired_seen = self._desired_file_mtime()  # before reading: a later edit wakes the loop again
-                self.desired = self.read_desired()
-                name, wanted = self.desired
+                name, wanted = self.read_desired()
                 target = wanted
                 if self.serving is None:
                     await self._serve_last_good(name, wanted)
@@ -235,7 +211,7 @@ class ModelRuntime:
                 target = version
                 self.desired_version = version
                 if self.serving is not None and self.serving.version == version and self.serving.name == name:
-                    self._set_state("serving")
+                    self._set_state(State.SERVING)
                     self.failures = 0
                     return CycleResult(version, changed=False)
                 result = await self._bring_up(name, version)
@@ -244,7 +220,7 @@ class ModelRuntime:
             except Exception as exc:
                 self.failures += 1
                 reason = describe(exc)
-                self._set_state("failed", reason)
+                self._set_state(State.FAILED, reason)
                 self._report("failed", {"version": target, "error": reason, "error_kind": type(exc).__name__,
                                         "serving_version": self.serving.version if self.serving else None,
                                         "consecutive_failures": self.failures})
@@ -280,7 +256,7 @@ class ModelRuntime:
 
     async def _bring_up(self, name: str, version: str, *, offline: bool = False) -> CycleResult:
         started = time.monotonic()
-        self._set_state("fetching")
+        self._set_state(State.FETCHING)
         manifest = self.cache.cached_manifest(name, version)
         if manifest is not None:
             if (manifest.name, manifest.version) != (name, version):
@@ -310,7 +286,7 @@ class ModelRuntime:
         figures: list[VariantFigures] = []
         failures: list[str] = []
         for plan in plans:
-            self._set_state("building")
+            self._set_state(State.BUILDING)
             build_started = time.monotonic()
             try:
                 engine, source, notes = await asyncio.to_thread(self.engines.obtain, manifest, plan,
@@ -324,7 +300,7 @@ class ModelRuntime:
             self._report("built", {"version": version, "variant": plan.variant.name,
                                    "target_key": str(plan.target_key), "built": source == "built", "source": source,
                                    "notes": notes, "seconds": round(time.monotonic() - build_started, 3)})
-            self._set_state("validating")
+            self._set_state(State.VALIDATING)
             result = await asyncio.to_thread(validate, engine, validation_path, manifest, plan.variant.name,
                                              latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
             self._report("validated", {"version": version, "source": source, **result.to_dict()})
@@ -334,13 +310,13 @@ class ModelRuntime:
                 engine.close()
                 await asyncio.to_thread(self.engines.quarantine, manifest, plan,
                                         f"{source} engine failed validation: {result.reason}")
-                self._set_state("building")
+                self._set_state(State.BUILDING)
                 engine, source, _ = await asyncio.to_thread(self.engines.obtain, manifest, plan,
                                                             paths[plan.variant.file], local_only=True)
                 self._report("built", {"version": version, "variant": plan.variant.name,
                                        "target_key": str(plan.target_key), "built": True, "source": source,
                                        "notes": ["rebuilt after the previous engine failed validation"]})
-                self._set_state("validating")
+                self._set_state(State.VALIDATING)
                 result = await asyncio.to_thread(validate, engine, validation_path, manifest, plan.variant.name,
                                                  latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
                 self._report("validated", {"version": version, "source": source, **result.to_dict()})
@@ -385,15 +361,13 @@ class ModelRuntime:
         self.batching = (max_batch, delay_us)
         batcher = DynamicBatcher(engine, max_batch_size=max_batch, max_queue_delay_us=delay_us,
                                  on_batch=self._on_batch)
-        old, self.serving = self.serving, ServingModel(name, version, manifest, plan, engine, batcher, result)
-        self._set_state("serving")
+        # requests already queued on the old model finish there; new ones go to the new model at once
+        old = await self.slot.swap(ServingModel(name, version, manifest, plan, engine, batcher, result))
+        self._set_state(State.SERVING)
         self._report("serving", {"version": version, "variant": plan.variant.name, "target_key": str(plan.target_key),
                                  "validation": result.to_dict(), "previous": old.version if old else None,
                                  "seconds": round(time.monotonic() - started, 3)})
         self.cache.save_state({"name": name, "desired": self.desired[1], "version": version})
-        if old is not None:
-            await old.batcher.close()  # requests already queued on the old model finish there
-            old.engine.close()
         keep = {(name, version)} | ({(old.name, old.version)} if old else set())
         await asyncio.to_thread(self.cache.evict, keep)
         return CycleResult(version, changed=True, downloaded_bytes=downloaded, built=source == "built")
@@ -469,7 +443,7 @@ class ModelRuntime:
         check_name(name, "model name")
         if name != self.desired[0]:
             raise ModelNotFound(f"model {name!r} is not configured on this device ({self.desired[0]!r} is)")
-        self.pinned = check_name(version, "version") if version else None
+        self.desired_state.pin(name, version)
         self.paused = False
         return await self.reconcile()
 
@@ -484,7 +458,7 @@ class ModelRuntime:
             self.beat()
             try:
                 if self.paused:  # unloaded: a desired-file edit must not spin the loop
-                    self._desired_seen = self._desired_file_mtime()
+                    self.desired_state.mark_seen()
                 else:
                     await self.reconcile()
                 delay = self.settings.retry_initial_s
@@ -496,7 +470,7 @@ class ModelRuntime:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:  # also wake when the desired file changed since the last read
                 self.beat()
-                if self._desired_file_mtime() != self._desired_seen:
+                if self.desired_state.changed():
                     break
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
@@ -507,15 +481,11 @@ class ModelRuntime:
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name`` (repository extension); the loop loads it again only on a load request."""
-        serving = self.model(name)
-        self.serving, self.paused = None, True
-        self._set_state("unloaded")
-        await serving.batcher.close()
-        serving.engine.close()
+        self.model(name)  # NOT_FOUND / UNAVAILABLE as for any request
+        self.paused = True
+        await self.slot.unload()
+        self._set_state(State.UNLOADED)
 
     async def close(self) -> None:
         """Drain and release the serving model."""
-        if self.serving is not None:
-            serving, self.serving = self.serving, None
-            await serving.batcher.close()
-            serving.engine.close()
+        await self.slot.unload()

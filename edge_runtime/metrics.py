@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-STATES = ("starting", "fetching", "building", "validating", "serving", "failed", "unloaded")
+from edge_runtime.states import State
+
+STATES = tuple(s.value for s in State)
 
 
 class RuntimeMetrics:

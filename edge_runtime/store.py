@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,15 +154,9 @@ class ObjectStore:
 
     def download_file(self, key: str, dest: str | Path) -> Path:
         """Download ``key`` to ``dest`` atomically: a temporary file in the same folder, renamed when complete."""
+        from edge_runtime.cache import atomic_output
+
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        os.close(fd)
-        try:
-            with self._errors(key):
-                self.client.download_file(self.bucket, key, tmp)
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_output(dest) as tmp, self._errors(key):
+            self.client.download_file(self.bucket, key, str(tmp))
         return dest

@@ -189,11 +189,37 @@ def verify_command(
     ] = None,
 ) -> None:
     """Check a published version: signature and every file's sha256."""
-    from edge_runtime.contract import ArtifactLayout, load_verify_key
+    from edge_runtime.contract import ArtifactLayout, load_verify_keys
     from edge_runtime.fetch import resolve_version, verify_published
     from edge_runtime.store import ObjectStore
 
     store, layout = ObjectStore(bucket, endpoint_url=endpoint), ArtifactLayout(prefix)
-    resolved = resolve_version(store, layout, model, version)
-    manifest = verify_published(store, layout, model, resolved, load_verify_key(verify_key))
+    trusted = load_verify_keys(verify_key)
+    resolved = resolve_version(store, layout, model, version, trusted)  # a channel's pointer is verified too
+    manifest = verify_published(store, layout, model, resolved, trusted)
     console.print(f"{model}/{resolved}: signature and {len(manifest.files())} files verified")
+
+
+@app.command("promote")
+def promote_command(
+    model: Annotated[str, typer.Argument(help="model name")],
+    version: Annotated[str, typer.Argument(help="a published version")],
+    channel: Annotated[str, typer.Option(help="channel to point at it")] = "stable",
+    bucket: Annotated[str, typer.Option(envvar="EDGELOOP_S3_BUCKET", help="bucket")] = "edgeloop",
+    prefix: Annotated[str, typer.Option(envvar="EDGELOOP_S3_PREFIX", help="key prefix before models/")] = "",
+    endpoint: Annotated[str | None, typer.Option(envvar="AWS_ENDPOINT_URL_S3", help="S3 endpoint URL")] = None,
+    ttl_days: Annotated[int, typer.Option(help="days until the pointer expires")] = 90,
+) -> None:
+    """Point a channel at a published version with a newly signed pointer (also: re-sign before it expires; go back
+    to an older version on purpose). Signs with EDGELOOP_SIGNING_KEY[_FILE]."""
+    from datetime import timedelta
+
+    from components.publish import move_channel
+    from edge_runtime.contract import ArtifactLayout, load_signing_key
+    from edge_runtime.store import ObjectStore
+
+    store = ObjectStore(bucket, endpoint_url=endpoint)
+    pointer = move_channel(store, ArtifactLayout(prefix), model, channel, version, load_signing_key(),
+                           ttl=timedelta(days=ttl_days))
+    console.print(f"{model}: channel {channel!r} → {pointer.version} (sequence {pointer.sequence}, "
+                  f"expires {pointer.expires:%Y-%m-%d})")

@@ -20,6 +20,7 @@ from edge_runtime.contract.signing import (
     key_id,
     load_signing_key,
     load_verify_key,
+    load_verify_keys,
     sign_manifest,
     verify_manifest,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "key_id",
     "load_signing_key",
     "load_verify_key",
+    "load_verify_keys",
     "parse_pointer",
     "sha256_bytes",
     "sha256_file",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -114,6 +115,28 @@ def check_signature(signature: Signature | None, payload: bytes,
         key.verify(base64.b64decode(signature.value, validate=True), payload)
     except (InvalidSignature, ValueError) as exc:
         raise SignatureInvalid(f"{where}: the signature does not match the content") from exc
+
+
+def load_verify_keys(path: str | Path | None = None) -> list[Ed25519PublicKey]:
+    """Every trusted public key in ``path`` (or the environment): one PEM block or several, one after another.
+
+    Several keys let a fleet rotate the model key: ship a file with the old and the new key, publish with the new
+    one, then drop the old one.
+    """
+    pem = _pem_from(VERIFY_KEY_ENV, VERIFY_KEY_FILE_ENV, path, "verify key")
+    blocks = re.findall(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", pem, flags=re.DOTALL)
+    if not blocks:
+        raise ConfigError("the verify key file holds no PEM public key")
+    keys = []
+    for block in blocks:
+        try:
+            key = serialization.load_pem_public_key(block)
+        except ValueError as exc:
+            raise ConfigError("the verify key file holds a PEM block that is not a public key") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigError("the verify key file holds a key that is not ed25519")
+        keys.append(key)
+    return keys
 
 
 def sign_manifest(manifest: Manifest, private_key: Ed25519PrivateKey) -> Manifest:

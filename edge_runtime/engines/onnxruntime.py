@@ -6,14 +6,12 @@ the target key, so a restart loads the optimized model directly.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from edge_runtime.engines.base import TensorInfo
-from edge_runtime.errors import EngineError
+from edge_runtime.errors import EdgeloopError, EngineError
 
 _ORT_TYPES = {
     "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(int64)": "INT64",
@@ -34,21 +32,19 @@ def build_ort(model_path: Path, engine_path: Path, device: str = "cpu") -> Path:
     """Optimize ``model_path`` for this machine and write the result atomically to ``engine_path``."""
     import onnxruntime as ort
 
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".onnx", dir=engine_path.parent)
-    os.close(fd)
+    from edge_runtime.cache import atomic_output
+
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = tmp
-        ort.InferenceSession(str(model_path), options, providers=_providers(device))
-        os.replace(tmp, engine_path)
+        with atomic_output(engine_path) as tmp:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            options.optimized_model_filepath = str(tmp)
+            ort.InferenceSession(str(model_path), options, providers=_providers(device))
+    except EdgeloopError:
+        raise
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise EngineError(f"ONNX Runtime could not build {model_path.name}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return engine_path
 
 

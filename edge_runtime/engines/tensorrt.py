@@ -10,8 +10,6 @@ Needs the ``tensorrt`` and ``cuda-python`` packages (on Jetson: JetPack's Tensor
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +79,11 @@ def build_trt(onnx_path: Path, engine_path: Path, *, batch_profile: tuple[int, i
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    for path, data in ((engine_path, bytes(serialized)),
-                       (timing_cache, bytes(config.get_timing_cache().serialize()) if timing_cache else None)):
-        if path is None or data is None:
-            continue
-        fd, tmp = tempfile.mkstemp(prefix=".build-", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+    from edge_runtime.cache import write_atomic
+
+    write_atomic(engine_path, bytes(serialized))
+    if timing_cache is not None:
+        write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     return engine_path
 
 

@@ -14,6 +14,7 @@ from edge_runtime.errors import AccessDenied, ModelNotFound, Unauthenticated
 from edge_runtime.protos import inference_pb2 as pb
 from edge_runtime.protos import inference_pb2_grpc
 from edge_runtime.serve.converters import outputs_to_response, request_to_inputs, requested_outputs, tensor_metadata
+from edge_runtime.states import State
 
 if TYPE_CHECKING:
     from edge_runtime.lifecycle import ModelRuntime
@@ -89,7 +90,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         ready = status["ready"] or status["serving_version"] is not None
         entry = pb.RepositoryIndexResponse.ModelIndex(
             name=status["model_name"], version=status["serving_version"] or "",
-            state="READY" if ready else ("LOADING" if status["state"] in ("fetching", "building", "validating")
+            state="READY" if ready else ("LOADING" if State(status["state"]).loading
                                          else "UNAVAILABLE"),
             reason=status["error"],
         )

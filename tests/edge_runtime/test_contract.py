@@ -177,3 +177,23 @@ print(len(names))
                             env={**os.environ, "PYTHONPATH": str(root)}, check=False)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) >= 8
+
+
+def test_several_trusted_keys_let_a_fleet_rotate_its_model_key(tmp_path, signing_key):
+    from edge_runtime.contract import generate_signing_key, load_signing_key, load_verify_keys, sign_manifest
+    from edge_runtime.errors import ConfigError
+    from tests.conftest import make_staged_version
+
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    generate_signing_key(old_dir)
+    generate_signing_key(new_dir)
+    both = tmp_path / "trusted.pem"
+    both.write_bytes((old_dir / "verify-key.pem").read_bytes() + (new_dir / "verify-key.pem").read_bytes())
+    keys = load_verify_keys(both)
+    assert len(keys) == 2
+    manifest = make_staged_version(tmp_path / "stage")
+    for directory in (old_dir, new_dir):
+        verify_manifest(sign_manifest(manifest, load_signing_key(directory / "signing-key.pem")), keys)
+    (tmp_path / "junk.pem").write_text("not a key")
+    with pytest.raises(ConfigError):
+        load_verify_keys(tmp_path / "junk.pem")

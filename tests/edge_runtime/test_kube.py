@@ -166,12 +166,25 @@ def test_rollout_rolls_back_when_a_device_fails_validation(kube, tmp_path):
     assert calls[-1] == "rollback canary --namespace edgeloop --wait"
 
 
-def test_rollout_succeeds_and_times_out(kube, tmp_path):
+def test_rollout_waits_for_the_devices_to_swap_in_place_and_succeeds(kube, tmp_path):
     core = client.CoreV1Api(kube.api_client())
-    helm, log = _fake_helm(tmp_path, upgrade_seconds=0.2)
+    helm, log = _fake_helm(tmp_path, upgrade_seconds=0.1)  # no pod restarts: helm returns at once
+    timer = threading.Timer(0.6, lambda: NodeReporter("orin-2", core).report(
+        {"state": "serving", "desired": "v2", "desired_version": "v2", "serving_version": "v2"}))
+    timer.start()
     nodes = rollout("stable", "helm/edge-runtime", namespace="edgeloop", api=core, helm=helm, ring="stable",
-                    poll_s=0.05)
-    assert [n.name for n in nodes] == ["orin-2"] and "rollback" not in log.read_text()
+                    sets=["model.version=v2"], poll_s=0.05, timeout_s=30)
+    assert [n.name for n in nodes] == ["orin-2"] and nodes[0].get("serving-version") == "v2"
+    assert "rollback" not in log.read_text()
+
+
+def test_rollout_rolls_back_when_devices_never_converge_or_helm_fails(kube, tmp_path):
+    core = client.CoreV1Api(kube.api_client())
+    helm, log = _fake_helm(tmp_path, upgrade_seconds=0.1)
+    with pytest.raises(RolloutFailed) as stuck:
+        rollout("stable", "helm/edge-runtime", namespace="edgeloop", api=core, helm=helm, ring="stable",
+                sets=["model.version=v3"], poll_s=0.05, timeout_s=1)
+    assert "orin-2 did not report serving v3" in str(stuck.value) and "rolled back" in str(stuck.value)
     (tmp_path / "failing").mkdir()
     helm, log = _fake_helm(tmp_path / "failing", 0.1, upgrade_rc=1)
     with pytest.raises(RolloutFailed) as info:

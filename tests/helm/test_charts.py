@@ -123,7 +123,8 @@ def test_tls_and_repository_control_come_from_secrets():
     assert env["EDGE_CONTROL_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "edge-control", "key": "token"}
     assert env["EDGE_HUB_TLS_CA_FILE"]["value"] == "/etc/edgeloop/hub-tls/ca.crt"
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
-    assert volumes["tls"]["secret"]["secretName"] == "edge-tls" and volumes["hub-tls"]["secret"]["secretName"] == "hub-ca"
+    assert volumes["tls"]["secret"]["secretName"] == "edge-tls"
+    assert volumes["hub-tls"]["secret"]["secretName"] == "hub-ca"
     assert "tcpSocket" in container["livenessProbe"]  # the kubelet's gRPC probe speaks no TLS
     plain = pod_template(render("edge-runtime"))["spec"]["containers"][0]
     assert not {"EDGE_REPOSITORY_CONTROL", "EDGE_TLS_CERT_FILE"} & {e["name"] for e in plain["env"]}

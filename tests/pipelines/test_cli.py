@@ -59,3 +59,28 @@ def test_verify_command(local_s3, key_dir, tmp_path):
     line = one_line_error(run_cli("pipeline", "verify", "demo-model", "v1", "--bucket", "cli-verify",
                                   env={**env, "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}))
     assert "cannot reach" in line
+
+
+@pytest.mark.integration
+def test_promote_moves_a_channel_with_a_higher_signed_sequence(local_s3, key_dir, tmp_path):
+    import json
+
+    from components.publish import publish_version
+    from edge_runtime.contract import ArtifactLayout, load_signing_key, load_verify_key, parse_pointer, verify_pointer
+    from tests.conftest import make_staged_version
+
+    store = local_s3.store("cli-promote")
+    publish_version(store, make_staged_version(tmp_path / "v1"), tmp_path / "v1",
+                    load_signing_key(key_dir / "signing-key.pem"), layout=ArtifactLayout(), channel="stable")
+    key = ArtifactLayout().channel_key("demo-model", "stable")
+    before = parse_pointer(store.get_bytes(key), "demo-model", "stable")
+    env = {**local_s3.env(), "EDGELOOP_SIGNING_KEY_FILE": str(key_dir / "signing-key.pem")}
+    done = run_cli("pipeline", "promote", "demo-model", "v1", "--channel", "stable", "--bucket", "cli-promote",
+                   env=env)
+    assert done.returncode == 0, done.stderr
+    after = verify_pointer(parse_pointer(store.get_bytes(key), "demo-model", "stable"),
+                           load_verify_key(key_dir / "verify-key.pem"))
+    assert after.version == "v1" and after.sequence > before.sequence
+    line = one_line_error(run_cli("pipeline", "promote", "demo-model", "v9", "--bucket", "cli-promote", env=env))
+    assert "v9" in line and "publish it first" in line
+    assert json.loads(store.get_bytes(key))["sequence"] == after.sequence  # nothing moved
