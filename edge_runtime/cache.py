@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.contract import ArtifactLayout, FileRef, Manifest, verify_file
-from edge_runtime.errors import CacheFull, DigestMismatch, EdgeloopError, StoreError, StoreUnavailable
+from edge_runtime.errors import CacheFull, ConfigError, DigestMismatch, EdgeloopError, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
     from edge_runtime.store import ObjectStore
@@ -160,7 +160,12 @@ class ArtifactCache:
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = Path(root).expanduser()
         self.max_bytes = max_bytes
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            with no_space_is_cache_full(self.root):
+                self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the cache folder {self.root}: {exc.strerror} (set EDGE_CACHE_DIR to a "
+                              f"writable folder)") from exc
 
     def version_dir(self, name: str, version: str) -> Path:
         """Where a version's verified files live."""

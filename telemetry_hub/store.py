@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -69,6 +71,26 @@ class IncomingEvent:
     payload_json: str
 
 
+def _private_sqlite_file(url: str) -> None:
+    """Create a SQLite database file readable by its owner only (events name devices, versions and errors)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - create_engine reports a bad URL with its own words
+        return
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return
+    path = Path(parsed.database)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the hub database {path}: {exc.strerror}") from exc
+
+
 def _well_formed(event: IncomingEvent) -> bool:
     return (0 < len(event.id) <= 64 and 0 < len(event.kind) <= 32 and isinstance(event.timestamp_ms, int)
             and 0 <= event.timestamp_ms < 2**62)
@@ -119,6 +141,7 @@ class HubStore:
     """Tables are created on first use."""
 
     def __init__(self, url: str) -> None:
+        _private_sqlite_file(url)
         try:
             self.engine = create_engine(url)
             metadata.create_all(self.engine)

@@ -210,3 +210,19 @@ def test_the_variant_choice_reaches_the_fleet_view_and_table(hub_store):
     console.print(fleet_table([status]))
     text = console.export_text()
     assert "fp32 (measured: 1.14x faster than int8-ort)" in text
+
+
+def test_the_sqlite_database_is_private(tmp_path):
+    HubStore(f"sqlite:///{tmp_path / 'db' / 'hub.sqlite'}")
+    assert (tmp_path / "db" / "hub.sqlite").stat().st_mode & 0o077 == 0
+
+
+def test_a_malformed_event_is_acknowledged_and_does_not_block_the_batch(hub_store):
+    good = event("stats", 5, state="serving", p50_ms=0.5)
+    bad_payload = event("validated", 6, value="not a number", passed=True)
+    too_long = IncomingEvent("x" * 200, "stats", 7, "{}")
+    ids, _ = hub_store.ingest("jetson-7", [good, bad_payload, too_long])
+    assert ids == [good.id, bad_payload.id, too_long.id]  # all acknowledged: the device's outbox moves on
+    assert hub_store.count_events("jetson-7") == 2  # the malformed one is not stored
+    row = next(r for r in hub_store.fleet() if r["device_id"] == "jetson-7")
+    assert row["state"] == "serving"
