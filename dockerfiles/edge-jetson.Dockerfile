@@ -1,4 +1,5 @@
-# The edge runtime on Jetson (JetPack 6: L4T r36, TensorRT 10.3, Python 3.10), for the edge-runtime chart.
+# The edge runtime on Jetson (JetPack 6.1/6.2: L4T r36.4, TensorRT 10.3.0.30, CUDA 12.6, Python 3.10), for the
+# edge-runtime chart. These L4T TensorRT images need L4T r36.4 on the host; JetPack 6.0 (r36.3) ships TensorRT 8.6.
 # Build on an arm64 host or with buildx:
 #   docker buildx build --platform linux/arm64 -f dockerfiles/edge-jetson.Dockerfile -t ghcr.io/edgeloop/edge-runtime-jetson:0.1.0 .
 FROM nvcr.io/nvidia/l4t-tensorrt:r10.3.0-devel AS build
@@ -12,6 +13,9 @@ RUN python3 -m venv --system-site-packages /opt/edgeloop \
 
 FROM nvcr.io/nvidia/l4t-tensorrt:r10.3.0-runtime
 COPY --from=build /opt/edgeloop /opt/edgeloop
+# Fail the build, not the device, when the base image has no TensorRT Python module (found, not imported: importing
+# it needs a GPU, which a build host does not have).
+RUN /opt/edgeloop/bin/python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('tensorrt') else 'the tensorrt Python module is missing from this base image: use an L4T TensorRT image that has python3-libnvinfer')"
 ENV PATH=/opt/edgeloop/bin:$PATH PYTHONUNBUFFERED=1 EDGE_CACHE_DIR=/var/cache/edgeloop
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp edgeloop
 USER 10001

@@ -14,7 +14,7 @@ import numpy as np
 
 from edge_runtime.device import DeviceFacts, detect
 from edge_runtime.errors import ConfigError, EdgeloopError
-from edge_runtime.jetson import Tegrastats
+from edge_runtime.jetson import JetsonSensors
 from edge_runtime.lifecycle import ModelRuntime
 from edge_runtime.metrics import RuntimeMetrics
 from edge_runtime.serve.server import TlsFiles, start_server
@@ -38,7 +38,7 @@ class EdgeApp:
     sender: TelemetrySender | None = None
     metrics: RuntimeMetrics = field(default_factory=RuntimeMetrics)
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=4096))
-    tegra: Tegrastats = field(default_factory=Tegrastats)
+    sensors: JetsonSensors = field(default_factory=JetsonSensors)
     node: Any = None
     _server: Any = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
@@ -94,7 +94,8 @@ class EdgeApp:
         task.add_done_callback(self._pending.discard)
 
     async def start(self) -> None:
-        self.facts = self.facts or detect()
+        self.facts = self.facts or await asyncio.to_thread(
+            detect, self.settings.tegra_release_file, self.settings.device_model_file, self.settings.device_module)
         self.outbox = Outbox(self.settings.cache_dir / "telemetry-outbox.sqlite", self.settings.device_id,
                              max_events=self.settings.outbox_max_events)
         if self.settings.hub_address:
@@ -113,6 +114,13 @@ class EdgeApp:
             try:
                 self.node = await asyncio.to_thread(NodeReporter, self.settings.kube_node_name)
                 labels = await asyncio.to_thread(self.node.labels)
+                if self.facts.module is None and labels.get("edgeloop.io/module"):
+                    from dataclasses import replace
+
+                    from edge_runtime.contract.target import module_slug
+
+                    self.facts = replace(self.facts, module=module_slug(labels["edgeloop.io/module"]))
+                    self.runtime.facts = self.facts
             except EdgeloopError as exc:  # the runtime serves without Kubernetes; it says so once
                 log.warning("node annotations disabled: %s", exc)
                 self.node = None
@@ -130,8 +138,6 @@ class EdgeApp:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.runtime.run_forever(), name="edgeloop-lifecycle"))
         self._tasks.append(loop.create_task(self._stats_forever(), name="edgeloop-stats"))
-        if self.tegra.available:
-            self._tasks.append(loop.create_task(self.tegra.run_forever(), name="edgeloop-tegrastats"))
         if self.sender is not None:
             self._tasks.append(loop.create_task(self.sender.run_forever(), name="edgeloop-telemetry"))
 
@@ -150,11 +156,14 @@ class EdgeApp:
         assert self.runtime is not None
         values = np.array(self.latencies_ms) if self.latencies_ms else None
         self.latencies_ms.clear()
-        if self.tegra.latest is not None:
-            self.metrics.observe_tegra(self.tegra.latest)
+        jetson = None
+        if self.facts is not None and self.facts.is_jetson:
+            sample = self.sensors.sample()
+            self.metrics.observe_jetson(sample)
+            jetson = sample.to_dict()
         return {
             **self.runtime.status(),
-            "jetson": self.tegra.latest.to_dict() if self.tegra.latest is not None else None,
+            "jetson": jetson if jetson is not None else {"unavailable": {"all": "not a Jetson"}},
             "requests": 0 if values is None else int(values.size),
             "p50_ms": None if values is None else round(float(np.percentile(values, 50)), 3),
             "p99_ms": None if values is None else round(float(np.percentile(values, 99)), 3),

@@ -375,7 +375,11 @@ class ModelRuntime:
     # --- which variant ---------------------------------------------------------------------------------------
     def _candidate_plans(self, manifest: Manifest) -> list[EnginePlan]:
         """The forced variant (``variant`` setting), or every variant this backend runs, in preference order."""
-        backend, device = resolve_backend(self.facts, self.settings.backend)
+        backend, device = resolve_backend(self.facts, self.settings.backend,
+                                          allow_cpu_fallback=self.settings.allow_cpu_fallback)
+        if backend != "tensorrt" and self.facts.is_jetson and self.settings.backend == "auto":
+            self._report("cpu_fallback", {"reason": self.facts.trt_error or "TensorRT is not installed",
+                                           "module": self.facts.module, "l4t": self.facts.l4t_release})
         if self.settings.variant is not None:
             names = [v.name for v in manifest.variants]
             if self.settings.variant not in names:

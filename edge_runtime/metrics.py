@@ -30,19 +30,28 @@ class RuntimeMetrics:
         self.validation = Gauge("edgeloop_validation_value", "Last on-device validation metric value",
                                 registry=self.registry)
 
-        self.jetson_gpu = Gauge("edgeloop_jetson_gpu_utilization_percent", "GR3D load from tegrastats",
+        self.jetson_gpu = Gauge("edgeloop_jetson_gpu_utilization_percent", "GPU load (devfreq)",
                                 registry=self.registry)
-        self.jetson_ram = Gauge("edgeloop_jetson_ram_used_megabytes", "RAM in use from tegrastats",
+        self.jetson_gpu_freq = Gauge("edgeloop_jetson_gpu_frequency_megahertz", "GPU clock (devfreq)",
+                                     registry=self.registry)
+        self.jetson_ram = Gauge("edgeloop_jetson_ram_used_megabytes", "RAM in use, shared by CPU and GPU",
                                 registry=self.registry)
-        self.jetson_temp = Gauge("edgeloop_jetson_temperature_celsius", "Thermal zones from tegrastats", ["zone"],
+        self.jetson_temp = Gauge("edgeloop_jetson_temperature_celsius", "Thermal zones", ["zone"],
                                  registry=self.registry)
-        self.jetson_power = Gauge("edgeloop_jetson_power_milliwatts", "Power rails from tegrastats", ["rail"],
+        self.jetson_power = Gauge("edgeloop_jetson_power_milliwatts", "Power rails (INA3221)", ["rail"],
                                   registry=self.registry)
+        self.jetson_available = Gauge("edgeloop_jetson_figure_available",
+                                      "1 when a Jetson figure could be read, 0 when not (the reason is in telemetry)",
+                                      ["figure"], registry=self.registry)
 
-    def observe_tegra(self, sample) -> None:  # noqa: ANN001 - edge_runtime.jetson.TegraSample
-        """Mirror the latest tegrastats sample."""
+    def observe_jetson(self, sample) -> None:  # noqa: ANN001 - edge_runtime.jetson.JetsonSample
+        """Mirror the latest Jetson sample, and which figures could not be read."""
+        for figure in ("gpu_utilization", "gpu_frequency", "ram", "temperatures", "power"):
+            self.jetson_available.labels(figure).set(0.0 if figure in sample.unavailable else 1.0)
         if sample.gpu_utilization_pct is not None:
             self.jetson_gpu.set(sample.gpu_utilization_pct)
+        if sample.gpu_freq_mhz is not None:
+            self.jetson_gpu_freq.set(sample.gpu_freq_mhz)
         if sample.ram_used_mb is not None:
             self.jetson_ram.set(sample.ram_used_mb)
         for zone, celsius in sample.temperatures_c.items():

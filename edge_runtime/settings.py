@@ -41,6 +41,12 @@ class EdgeSettings(BaseSettings):
 
     # --- engines
     backend: Literal["auto", "tensorrt", "onnxruntime"] = Field("auto", description="engine backend")
+    allow_cpu_fallback: bool = Field(
+        False, description="on a Jetson whose TensorRT is unusable, serve with ONNX Runtime on the CPU (else refuse)")
+    device_module: str | None = Field(
+        None, description="Jetson module (orin-nx, orin-nano, agx-orin) where the device-tree model is not mounted")
+    device_model_file: Path = Field(Path("/proc/device-tree/model"), description="the Jetson module's name")
+    tegra_release_file: Path = Field(Path("/etc/nv_tegra_release"), description="the L4T release")
     variant: str | None = Field(
         None, description="force a manifest variant (default: the fastest validated one, measured on this device)")
     variant_choice_budget_s: float = Field(

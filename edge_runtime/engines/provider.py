@@ -125,7 +125,8 @@ class EngineProvider:
             except EngineError as exc:
                 self.cache.quarantine(path, f"{source} engine does not load: {exc}")
                 notes.append(f"{source} engine set aside: it does not load ({exc})")
-        engine, _ = build_engine(plan, model_path, path, max_batch_size=self.max_batch_size)
+        timing = self.cache.root / "engines" / "timing" / plan.timing_cache_file if plan.backend == "tensorrt" else None
+        engine, _ = build_engine(plan, model_path, path, max_batch_size=self.max_batch_size, timing_cache=timing)
         self._record(path, "built")
         if self.share:
             self._share(manifest, plan, path)

@@ -8,7 +8,7 @@ from pathlib import Path
 from edge_runtime.contract import Manifest, TargetKey, Variant
 from edge_runtime.device import DeviceFacts
 from edge_runtime.engines.base import Engine
-from edge_runtime.errors import ConfigError
+from edge_runtime.errors import ConfigError, EngineError
 
 # Preference order of variants per backend (first present in the manifest wins).
 PREFERENCE = {
@@ -37,18 +37,69 @@ class EnginePlan:
         return f"{self.variant.name}{ENGINE_FILES[self.backend]}"
 
     @property
+    def timing_cache_file(self) -> str:
+        """Name of the TensorRT timing cache this plan may share: one per TensorRT build and device (not per model
+        or version), since timings depend on nothing else."""
+        key = self.target_key
+        return (f"trt{key.backend_version}-sm{key.compute_capability}x{key.sm_count or 0}-{key.module or 'gpu'}"
+                f"-{key.arch}.cache")
+
+    @property
     def record_file(self) -> str:
         """File name of a shared engine's record (its digest and builder) next to it in S3."""
         return f"{self.variant.name}.json"
 
 
-def resolve_backend(facts: DeviceFacts, backend: str = "auto") -> tuple[str, str]:
+SUPPORTED_JETSON = (
+    # (TensorRT major.minor or major, lowest L4T release, what ships it)
+    ("10.3", (36, 4), "JetPack 6.1/6.2 (L4T r36.4), Python 3.10, CUDA 12.6"),
+    ("11", (38, 0), "JetPack 7 (L4T r38), Python 3.12, CUDA 13"),
+)
+"""The TensorRT/JetPack combinations edgeloop's images are built and checked for (README: Jetson)."""
+
+
+def check_jetson_support(facts: DeviceFacts) -> None:
+    """:class:`ConfigError` with what to do when this Jetson's L4T release and TensorRT do not go together."""
+    if facts.l4t_release is None or facts.trt_version is None:
+        return
+    l4t = tuple(int(p) for p in facts.l4t_release.split("."))
+    parts = facts.trt_version.split(".")
+    trt_mm, trt_major = ".".join(parts[:2]), parts[0]
+    for version, lowest, ships in SUPPORTED_JETSON:
+        if version in (trt_mm, trt_major):
+            if l4t < lowest:
+                raise ConfigError(
+                    f"TensorRT {facts.trt_version} needs {ships}; this Jetson runs L4T r{facts.l4t_release} "
+                    f"(JetPack 6.0 is r36.3 and ships TensorRT 8.6): upgrade JetPack, or set EDGE_BACKEND=onnxruntime")
+            return
+    raise ConfigError(f"TensorRT {facts.trt_version} on L4T r{facts.l4t_release} is not a supported combination "
+                      "(supported: " + "; ".join(f"TensorRT {v} on {s}" for v, _, s in SUPPORTED_JETSON) + ")")
+
+
+def resolve_backend(facts: DeviceFacts, backend: str = "auto", *,
+                    allow_cpu_fallback: bool = False) -> tuple[str, str]:
     """``(backend, device)`` for this device: TensorRT where TensorRT and a GPU exist, else ONNX Runtime on CUDA
-    (when its CUDA provider is present) or the CPU. An explicit ``backend`` must be usable here."""
+    (when its CUDA provider is present) or the CPU. An explicit ``backend`` must be usable here.
+
+    On a Jetson, ``auto`` never falls back to the CPU silently: when TensorRT is unusable it raises (the runtime
+    reports it and serves nothing) unless ``allow_cpu_fallback`` says a CPU is acceptable.
+    """
     if backend == "auto":
-        backend = "tensorrt" if facts.has_tensorrt else "onnxruntime"
+        if facts.has_tensorrt:
+            backend = "tensorrt"
+        elif facts.is_jetson and not allow_cpu_fallback:
+            why = facts.trt_error or "TensorRT is not installed in this image"
+            raise EngineError(
+                f"this is a Jetson ({facts.module or 'module unknown'}, L4T r{facts.l4t_release or '?'}) but TensorRT "
+                f"is unusable: {why}. Fix the pod (video/render groups, nvidia runtime class), or set "
+                f"EDGE_BACKEND=onnxruntime or EDGE_ALLOW_CPU_FALLBACK=true to serve on the CPU")
+        else:
+            backend = "onnxruntime"
     if backend == "tensorrt" and not facts.has_tensorrt:
-        raise ConfigError("backend 'tensorrt' requested, but TensorRT or a CUDA GPU is missing on this device")
+        raise ConfigError("backend 'tensorrt' requested, but TensorRT or a CUDA GPU is missing on this device"
+                          + (f": {facts.trt_error}" if facts.trt_error else ""))
+    if backend == "tensorrt":
+        check_jetson_support(facts)
     if backend not in ENGINE_FILES:
         raise ConfigError(f"unknown backend {backend!r}: use auto, tensorrt or onnxruntime")
     device = "cpu"
@@ -80,7 +131,8 @@ def plan_for(manifest: Manifest, facts: DeviceFacts, variant: Variant, *, backen
         key = TargetKey(backend="tensorrt", backend_version=facts.trt_version, precision=variant.precision,
                         compute_capability=facts.compute_capability, l4t_release=facts.l4t_release,
                         batch_profile=(1, min(opt_batch_size, max_batch_size), max_batch_size), device="trt",
-                        arch="aarch64" if facts.arch == "aarch64" else "x86_64")
+                        arch="aarch64" if facts.arch == "aarch64" else "x86_64", sm_count=facts.sm_count,
+                        module=facts.module)
     else:
         key = TargetKey(backend="onnxruntime", backend_version=facts.ort_version or "0.0", precision=variant.precision,
                         device=device, arch="aarch64" if facts.arch == "aarch64" else "x86_64")  # type: ignore[arg-type]
@@ -103,8 +155,10 @@ def plan_engine(manifest: Manifest, facts: DeviceFacts, *, backend: str = "auto"
                     opt_batch_size=opt_batch_size)
 
 
-def build_engine(plan: EnginePlan, model_path: Path, engine_path: Path, *, max_batch_size: int) -> tuple[Engine, bool]:
-    """Load the engine at ``engine_path`` if the cache has it, else build it there first.
+def build_engine(plan: EnginePlan, model_path: Path, engine_path: Path, *, max_batch_size: int,
+                 timing_cache: Path | None = None) -> tuple[Engine, bool]:
+    """Load the engine at ``engine_path`` if the cache has it, else build it there first (TensorRT: with
+    ``timing_cache``, which must be specific to the TensorRT build and the device).
 
     Returns ``(engine, built)`` where ``built`` says whether this call ran a build.
     """
@@ -114,8 +168,7 @@ def build_engine(plan: EnginePlan, model_path: Path, engine_path: Path, *, max_b
 
         if not engine_path.exists():
             assert plan.target_key.batch_profile is not None
-            build_trt(model_path, engine_path, batch_profile=plan.target_key.batch_profile,
-                      timing_cache=engine_path.parent.parent / "timing.cache")
+            build_trt(model_path, engine_path, batch_profile=plan.target_key.batch_profile, timing_cache=timing_cache)
             built = True
         return TrtEngine(engine_path, max_batch_size=max_batch_size), built
     from edge_runtime.engines.onnxruntime import OrtEngine, build_ort

@@ -1,38 +1,58 @@
-"""tegrastats lines as JetPack 6 (Orin) and JetPack 4 (Xavier) print them."""
+"""Jetson figures from sysfs and procfs, on a file tree laid out as an Orin's (the real reader, a fake root)."""
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import stat
+from pathlib import Path
 
-from edge_runtime.jetson import Tegrastats, parse_tegrastats
-
-ORIN = ("11-24-2026 20:40:01 RAM 2718/7620MB (lfb 2x4MB) SWAP 0/3810MB (cached 0MB) CPU [2%@729,1%@729,off,off] "
-        "EMC_FREQ 0%@2133 GR3D_FREQ 37%@[305] NVENC off VIC off APE 200 cpu@46.156C soc2@45.031C gpu@45.25C "
-        "tj@46.156C VDD_IN 4638mW/4638mW VDD_CPU_GPU_CV 483mW/483mW VDD_SOC 1450mW/1450mW")
-XAVIER = ("RAM 2033/7765MB (lfb 1x4MB) SWAP 0/3883MB (cached 0MB) CPU [1%@1190,0%@1190] EMC_FREQ 0% GR3D_FREQ 0% "
-          "AO@37C GPU@37.5C Tdiode@39.75C CPU@38.5C GPU 0/0 CPU 153/153 SOC 1227/1227 CV 0/0 SYS5V 1925/1925")
+from edge_runtime.jetson import JetsonSensors
+from edge_runtime.metrics import RuntimeMetrics
 
 
-def test_orin_line():
-    sample = parse_tegrastats(ORIN)
-    assert (sample.ram_used_mb, sample.ram_total_mb, sample.gpu_utilization_pct) == (2718, 7620, 37)
-    assert sample.temperatures_c["gpu"] == 45.25 and sample.temperatures_c["tj"] == 46.156
-    assert sample.power_mw == {"VDD_IN": 4638, "VDD_CPU_GPU_CV": 483, "VDD_SOC": 1450}
+def _orin_tree(root: Path) -> Path:
+    gpu = root / "sys/class/devfreq/17000000.ga10b"
+    (gpu / "device").mkdir(parents=True)
+    (gpu / "device/load").write_text("372\n")
+    (gpu / "cur_freq").write_text("305000000\n")
+    (root / "proc").mkdir()
+    (root / "proc/meminfo").write_text("MemTotal:        7802780 kB\nMemFree:  100 kB\nMemAvailable:    5019616 kB\n")
+    for i, (name, milli) in enumerate((("cpu-thermal", 46156), ("gpu-thermal", 45250))):
+        zone = root / f"sys/class/thermal/thermal_zone{i}"
+        zone.mkdir(parents=True)
+        (zone / "type").write_text(name + "\n")
+        (zone / "temp").write_text(f"{milli}\n")
+    hwmon = root / "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon3"
+    hwmon.mkdir(parents=True)
+    for channel, (label, mv, ma) in enumerate((("VDD_IN", 5008, 926), ("VDD_CPU_GPU_CV", 4992, 97)), start=1):
+        (hwmon / f"in{channel}_label").write_text(label + "\n")
+        (hwmon / f"in{channel}_input").write_text(f"{mv}\n")
+        (hwmon / f"curr{channel}_input").write_text(f"{ma}\n")
+    return root
 
 
-def test_xavier_line():
-    sample = parse_tegrastats(XAVIER)
-    assert sample.gpu_utilization_pct == 0 and sample.temperatures_c["tdiode"] == 39.75
-    assert sample.power_mw == {"GPU": 0, "CPU": 153, "SOC": 1227, "CV": 0, "SYS5V": 1925}
+def test_an_orin_tree_gives_every_figure(tmp_path):
+    sample = JetsonSensors(_orin_tree(tmp_path)).sample()
+    assert sample.gpu_utilization_pct == 37.2 and sample.gpu_freq_mhz == 305.0
+    assert (sample.ram_total_mb, sample.ram_used_mb) == (7802780 // 1024, 7802780 // 1024 - 5019616 // 1024)
+    assert sample.temperatures_c == {"cpu-thermal": 46.156, "gpu-thermal": 45.25}
+    assert sample.power_mw == {"VDD_IN": 5008 * 926 // 1000, "VDD_CPU_GPU_CV": 4992 * 97 // 1000}
+    assert sample.unavailable == {}
 
 
-def test_reader_runs_the_binary_and_keeps_the_latest_sample(tmp_path):
-    fake = tmp_path / "tegrastats"  # a stand-in executable printing what the real one prints
-    fake.write_text(f"#!/bin/sh\necho '{XAVIER}'\necho '{ORIN}'\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    reader = Tegrastats(binary=str(fake))
-    asyncio.run(reader.run_forever())
-    assert reader.latest is not None and reader.latest.power_mw["VDD_IN"] == 4638
-    assert Tegrastats().available == (shutil.which("tegrastats") is not None)
+def test_missing_figures_are_said_not_dropped(tmp_path):
+    root = _orin_tree(tmp_path)
+    (root / "sys/class/devfreq/17000000.ga10b/device/load").unlink()  # e.g. a kernel without the load node
+    for path in (root / "sys/bus/i2c/drivers/ina3221").rglob("*_input"):
+        path.unlink()
+    sample = JetsonSensors(root).sample()
+    assert sample.gpu_utilization_pct is None and "device/load" in sample.unavailable["gpu_utilization"]
+    assert sample.gpu_freq_mhz == 305.0 and "INA3221" in sample.unavailable["power"]
+    metrics = RuntimeMetrics()
+    metrics.observe_jetson(sample)
+    exposed = {(s.labels.get("figure"), s.value) for m in metrics.registry.collect()
+               if m.name == "edgeloop_jetson_figure_available" for s in m.samples}
+    assert ("gpu_utilization", 0.0) in exposed and ("gpu_frequency", 1.0) in exposed and ("power", 0.0) in exposed
+
+
+def test_nothing_there_is_reported_as_such(tmp_path):
+    sample = JetsonSensors(tmp_path).sample()
+    assert set(sample.unavailable) == {"gpu_utilization", "gpu_frequency", "ram", "temperatures", "power"}

@@ -186,3 +186,40 @@ def test_hadolint_passes_on_every_dockerfile():
     result = subprocess.run([str(hadolint), "--config", str(ROOT / "dockerfiles" / ".hadolint.yaml"), *files],
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_jetson_pod_gets_its_gpu_groups_host_files_and_runtime_class():
+    template = pod_template(render("edge-runtime", None, "jetson.supplementalGroups={44,104}",
+                                   "jetson.module=orin-nx"))
+    spec = template["spec"]
+    assert spec["runtimeClassName"] == "nvidia"
+    assert spec["securityContext"]["supplementalGroups"] == [44, 104]
+    container = spec["containers"][0]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    for name in ("nv-tegra-release", "device-model"):
+        assert mounts[name]["readOnly"] is True
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["nv-tegra-release"]["hostPath"] == {"path": "/etc/nv_tegra_release", "type": "File"}
+    assert volumes["device-model"]["hostPath"] == {"path": "/proc/device-tree/model", "type": "File"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["EDGE_TEGRA_RELEASE_FILE"] == "/etc/edgeloop/host/nv_tegra_release"
+    assert env["EDGE_DEVICE_MODULE"] == "orin-nx" and env["EDGE_ALLOW_CPU_FALLBACK"] == "false"
+    # x86 nodes: no GPU groups, no L4T files
+    cpu = pod_template(render("edge-runtime", CHARTS / "edge-runtime" / "ci" / "gpu-off-values.yaml"))["spec"]
+    assert "supplementalGroups" not in cpu["securityContext"] and "runtimeClassName" not in cpu
+    assert not {"nv-tegra-release", "device-model"} & {v["name"] for v in cpu["volumes"]}
+
+
+def test_the_jetson_image_checks_for_tensorrt_at_build_time_without_importing_it(tmp_path):
+    import re as regex
+
+    text = (ROOT / "dockerfiles" / "edge-jetson.Dockerfile").read_text()
+    (code,) = regex.findall(r'RUN /opt/edgeloop/bin/python -c "(.+)"', text)
+    missing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": "/usr/bin"})
+    assert missing.returncode == 1 and "tensorrt Python module is missing" in missing.stderr
+    fake = tmp_path / "site" / "tensorrt"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('imported: needs a GPU')\n")
+    present = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin", "PYTHONPATH": str(fake.parent)})
+    assert present.returncode == 0, present.stderr  # found without being imported
