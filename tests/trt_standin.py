@@ -187,10 +187,13 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
 
     Severity = _enum("Severity", {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3, "VERBOSE": 4})
 
+    severity_enum = Severity
+
     class ILogger:
-        Severity = Severity
-        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = (Severity.INTERNAL_ERROR, Severity.ERROR, Severity.WARNING,
-                                                         Severity.INFO, Severity.VERBOSE)
+        Severity = severity_enum
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = (severity_enum.INTERNAL_ERROR, severity_enum.ERROR,
+                                                         severity_enum.WARNING, severity_enum.INFO,
+                                                         severity_enum.VERBOSE)
 
         def __init__(self) -> None:
             self.min_severity = Severity.WARNING

@@ -124,7 +124,7 @@ async def wait_ready(app, timeout: float = 60.0) -> None:
 class RunningEdge:
     """An :class:`EdgeApp` on its own event loop in a background thread, for synchronous clients."""
 
-    def __init__(self, settings, store=None) -> None:
+    def __init__(self, settings, store=None, facts=None) -> None:
         import threading
 
         from edge_runtime.app import EdgeApp
@@ -133,7 +133,7 @@ class RunningEdge:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.app = EdgeApp(settings, facts=detect(), store=store)
+        self.app = EdgeApp(settings, facts=facts or detect(), store=store)
         self.call(self.app.start())
 
     def call(self, coro, timeout: float = 120.0):

@@ -124,20 +124,37 @@ def test_keys_from_environment(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "text",
-    ["trt10.3-sm87-l4t36.4-int8-b1x16x32", "trt11.0-sm90-fp16-b1x8x64", "ort1.31-cpu-x86_64-int8",
-     "ort1.20-cuda-aarch64-fp32"],
+    ["trt10.3.0.30-sm87x8-orin-nx-l4t36.4-aarch64-int8-b1x16x32", "trt10.3.0.30-sm87x4-orin-nano-l4t36.4-aarch64"
+     "-int8-b1x16x32", "trt10.3.0.30-sm87x16-agx-orin-l4t36.4-aarch64-fp16-b1x8x16",
+     "trt11.0.0.114-sm90x132-x86_64-fp16-b1x8x64", "trt10.3.0.30-sm90x132-aarch64-int8-b1x8x16",
+     "ort1.31-cpu-x86_64-int8", "ort1.20-cuda-aarch64-fp32"],
 )
 def test_target_keys_round_trip(text):
     assert str(TargetKey.parse(text)) == text
 
 
-def test_target_key_fields_and_normalised_versions():
-    key = TargetKey(backend="tensorrt", backend_version="10.3.0.30", precision="int8", compute_capability="87",
-                    l4t_release="36.4", batch_profile=(1, 16, 32), device="trt", arch="aarch64")
-    assert str(key) == "trt10.3-sm87-l4t36.4-int8-b1x16x32"
-    parsed = TargetKey.parse(str(key))
-    assert parsed.batch_profile == (1, 16, 32)
-    assert parsed.l4t_release == "36.4"
+def test_orin_modules_and_tensorrt_builds_never_share_a_key():
+    def orin(module: str, sms: int, version: str = "10.3.0.30") -> str:
+        return str(TargetKey(backend="tensorrt", backend_version=version, precision="int8", compute_capability="87",
+                             l4t_release="36.4", batch_profile=(1, 8, 16), device="trt", arch="aarch64",
+                             sm_count=sms, module=module))
+
+    keys = {orin("orin-nano", 8), orin("orin-nx", 8), orin("agx-orin", 16), orin("orin-nx", 8, "10.3.0.26")}
+    assert len(keys) == 4  # all sm_87 "Orin"; module and TensorRT build tell them apart
+    parsed = TargetKey.parse(orin("agx-orin", 16))
+    assert (parsed.module, parsed.sm_count, parsed.arch, parsed.backend_version) == ("agx-orin", 16, "aarch64",
+                                                                                      "10.3.0.30")
+    arm_server = TargetKey.parse("trt10.3.0.30-sm90x132-aarch64-int8-b1x8x16")  # aarch64 without L4T
+    assert arm_server.arch == "aarch64" and arm_server.l4t_release is None and arm_server.module is None
+
+
+def test_module_names_from_the_device_tree():
+    from edge_runtime.contract.target import module_slug
+
+    assert module_slug("NVIDIA Jetson Orin NX Engineering Reference Developer Kit\x00") == "orin-nx"
+    assert module_slug("NVIDIA Jetson AGX Orin Developer Kit") == "agx-orin"
+    assert module_slug("NVIDIA Jetson Orin Nano Developer Kit") == "orin-nano"
+    assert module_slug("") is None and module_slug("NVIDIA Jetson") is None
 
 
 @pytest.mark.parametrize("text", ["", "trt10-sm87-int8-b1x16x32", "trt10.3-sm87-int4-b1x1x1",

@@ -34,7 +34,7 @@ def test_variant_and_target_key_per_device(tmp_path):
     assert str(cpu.target_key) == "ort1.31-cpu-x86_64-int8"
     orin = plan_engine(manifest, ORIN, max_batch_size=32, opt_batch_size=16)
     assert (orin.backend, orin.variant.name) == ("tensorrt", "fp32")  # the staged version has no int8-qdq
-    assert str(orin.target_key) == "trt10.3-sm87-l4t36.4-fp32-b1x16x32"
+    assert str(orin.target_key) == "trt10.3.0.30-sm87-l4t36.4-aarch64-fp32-b1x16x32"
     forced = plan_engine(manifest, ORIN, backend="onnxruntime", variant="fp32")
     assert str(forced.target_key) == "ort1.20-cpu-aarch64-fp32"
     with pytest.raises(ConfigError):
