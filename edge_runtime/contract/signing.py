@@ -85,15 +85,8 @@ def load_signing_key(path: str | Path | None = None) -> Ed25519PrivateKey:
 
 
 def load_verify_key(path: str | Path | None = None) -> Ed25519PublicKey:
-    """A trusted public key, from ``path`` or the environment (see module docstring)."""
-    pem = _pem_from(VERIFY_KEY_ENV, VERIFY_KEY_FILE_ENV, path, "verify key")
-    try:
-        key = serialization.load_pem_public_key(pem)
-    except ValueError as exc:
-        raise ConfigError("the verify key is not a PEM public key") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError("the verify key is not an ed25519 key")
-    return key
+    """The first trusted public key, from ``path`` or the environment (see :func:`load_verify_keys` for several)."""
+    return load_verify_keys(path)[0]
 
 
 def make_signature(private_key: Ed25519PrivateKey, payload: bytes) -> Signature:

@@ -127,6 +127,7 @@ class EngineProvider:
                 notes.append(f"{source} engine set aside: it does not load ({exc})")
         timing = self.cache.root / "engines" / "timing" / plan.timing_cache_file if plan.backend == "tensorrt" else None
         engine, _ = build_engine(plan, model_path, path, max_batch_size=self.max_batch_size, timing_cache=timing)
+        notes.extend(f"TensorRT: {m}" for m in getattr(engine, "build_messages", []))
         self._record(path, "built")
         if self.share:
             self._share(manifest, plan, path)

@@ -166,11 +166,15 @@ def build_engine(plan: EnginePlan, model_path: Path, engine_path: Path, *, max_b
     if plan.backend == "tensorrt":
         from edge_runtime.engines.tensorrt import TrtEngine, build_trt
 
+        messages: list[str] = []
         if not engine_path.exists():
             assert plan.target_key.batch_profile is not None
-            build_trt(model_path, engine_path, batch_profile=plan.target_key.batch_profile, timing_cache=timing_cache)
+            messages = build_trt(model_path, engine_path, batch_profile=plan.target_key.batch_profile,
+                                 timing_cache=timing_cache)
             built = True
-        return TrtEngine(engine_path, max_batch_size=max_batch_size), built
+        engine = TrtEngine(engine_path, max_batch_size=max_batch_size)
+        engine.build_messages = messages
+        return engine, built
     from edge_runtime.engines.onnxruntime import OrtEngine, build_ort
 
     if not engine_path.exists():

@@ -130,6 +130,8 @@ class TrtEngine:
         trt, self._cuda = _trt(), _cudart()
         self._trt = trt
         self.logger = capturing_logger(trt)
+        self.build_messages: list[str] = []
+        """TensorRT's warnings from the build that made this plan (when this process built it)."""
         self._runtime = trt.Runtime(self.logger)
         self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self._engine is None:

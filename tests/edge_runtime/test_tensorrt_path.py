@@ -65,7 +65,8 @@ def test_the_tensorrt_life_cycle(trt_device, store, signing_key, trained, edge_s
             assert key == "trt10.3.0.30-sm87x8-orin-nx-l4t36.4-aarch64-fp32-b1x8x16"
         else:
             assert key.startswith("trt11.0.0.114-sm90x132-") and "l4t" not in key
-        assert edge.events("built")[-1]["source"] == "built"
+        built = edge.events("built")[-1]
+        assert built["source"] == "built" and any("TensorRT: WARNING" in n for n in built["notes"])
         logits, version = _predict(edge.address, trained.x_val[:16])
         assert version == "v1" and logits.shape == (16, 10)
         reference = accuracy_of(trained.good["fp32"], trained.x_val[:16], trained.y_val[:16])
@@ -208,6 +209,21 @@ def test_a_jetson_without_gpu_access_refuses_instead_of_serving_on_the_cpu(monke
         assert "video" in allowed.events("cpu_fallback")[-1]["reason"]  # said, not silent
     finally:
         allowed.stop()
+
+
+def test_an_explicit_variant_must_suit_the_backend(tmp_path):
+    from dataclasses import replace
+
+    from edge_runtime.engines import plan_engine
+    from edge_runtime.errors import ConfigError
+    from tests.conftest import make_staged_version
+
+    manifest = make_staged_version(tmp_path)
+    facts = replace(detect(Path("/nonexistent"), Path("/nonexistent")), trt_version="10.3.0.30",
+                    compute_capability="87", sm_count=8, trt_error=None)
+    with pytest.raises(ConfigError) as info:  # ONNX Runtime's asymmetric INT8 model on TensorRT
+        plan_engine(manifest, facts, backend="tensorrt", variant="int8-ort")
+    assert "made for onnxruntime, not tensorrt" in str(info.value)
 
 
 def test_unsupported_jetpack_combinations_are_refused_with_what_to_do():
