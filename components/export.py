@@ -85,10 +85,17 @@ class _Calibration:
     def __init__(self, x: np.ndarray | dict[str, np.ndarray], batch: int = 32) -> None:
         inputs = x if isinstance(x, dict) else {INPUT_NAME: x}
         count = len(next(iter(inputs.values())))
-        self._batches = iter([{k: v[i : i + batch] for k, v in inputs.items()} for i in range(0, count, batch)])
+        self._starts = list(range(0, count, batch))
+        self._inputs, self._batch, self._done = inputs, batch, 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
+        if self._done >= len(self._starts):
+            return None
+        start = self._starts[self._done]
+        self._done += 1
+        if self._done in {len(self._starts) * q // 4 for q in (1, 2, 3, 4)}:
+            print(f"calibration: {self._done}/{len(self._starts)} batches of {self._batch}", flush=True)
+        return {k: v[start : start + self._batch] for k, v in self._inputs.items()}
 
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm", "MaxPool", "AveragePool", "GlobalAveragePool", "Relu", "Clip",
@@ -114,7 +121,8 @@ def activation_matmuls(model_path: str | Path) -> list[str]:
             if node.op_type == "MatMul" and not any(name in constants for name in node.input)]
 
 
-def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray | dict[str, np.ndarray]) -> Path:
+def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray | dict[str, np.ndarray], *,
+                      batch: int = 32) -> Path:
     """ONNX Runtime static quantization for CPUs: QDQ format, per-channel INT8 weights, UINT8 activations (MinMax).
 
     Only the weight-bearing ops and the pooling/data-movement ops between them (:data:`QUANTIZED_OP_TYPES`) are
@@ -134,7 +142,7 @@ def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray 
         quantize_static(
             str(prepared),
             str(dst),
-            _Calibration(calibration),
+            _Calibration(calibration, batch),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,

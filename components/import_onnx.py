@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.contract import Manifest, Preprocessing, TensorSpec, Validation, Variant, sha256_file
+from edge_runtime.contract import FileRef, Manifest, Preprocessing, TensorSpec, Validation, Variant, sha256_file
 from edge_runtime.errors import ConfigError, GateFailed
 from edge_runtime.validate import output_agreement
 
@@ -42,6 +42,28 @@ def fetch_uri(uri: str, dest: Path) -> Path:
     return dest
 
 
+def fetch_model(uri: str, dest: Path) -> Path:
+    """:func:`fetch_uri` for an ONNX model, with the external-data files its weights live in (models over 2 GB),
+    fetched from beside it into ``dest``'s folder."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    fetch_uri(uri, dest)
+    try:
+        model = onnx.load(str(dest), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - not protobuf at all
+        from components.intake import ModelRefused
+
+        raise ModelRefused(f"{uri} is not an ONNX model ({type(exc).__name__}): check the file") from exc
+    locations = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    base = uri.rsplit("/", 1)[0]
+    for location in sorted(locations):
+        if location.startswith("/") or ".." in Path(location).parts:
+            raise ConfigError(f"{uri}: external data {location!r} must sit beside the model")
+        fetch_uri(f"{base}/{location}", dest.parent / location)
+    return dest
+
+
 def tensor_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs and outputs of an ONNX graph; every symbolic or unknown dimension becomes -1."""
     import onnx
@@ -58,14 +80,18 @@ def tensor_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def run_all(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every output of an ONNX model on ONNX Runtime's CPU provider."""
+    """Every output of an ONNX model on ONNX Runtime's CPU provider, in batches the model accepts."""
     import onnxruntime as ort
+
+    from components.intake import batches, model_batch
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, inputs), strict=True))
+    fixed = model_batch(path)
+    parts = [session.run(names, part) for part in batches(inputs, fixed or 256, fixed=fixed is not None)]
+    return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
 
 
 @dataclass
@@ -78,22 +104,34 @@ class ImportedVariant:
     quantization: str
     backends: list[str]
     agreement: float = 1.0
+    size_bytes: int = 0
+    latency_ms_b1: float = 0.0
+    latency_ms_bmax: float = 0.0
+    """ONNX Runtime CPU latency at the largest batch the model allows (its fixed batch, or 16)."""
+    batch_max: int = 1
 
 
 def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Path) -> list[ImportedVariant]:
-    """FP32 (as given), FP16, INT8 Q/DQ (Model Optimizer, for TensorRT) and INT8 (ONNX Runtime, for CPUs)."""
+    """The intake (:mod:`components.intake`: opset, batch axis, checks) makes ``fp32``; then FP16, INT8 Q/DQ (Model
+    Optimizer, for TensorRT) and INT8 (ONNX Runtime, for CPUs), calibrated in batches the model accepts."""
     from modelopt.onnx.quantization import quantize
 
     from components.export import convert_fp16, quantize_ort_int8
+    from components.intake import normalise
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, out_dir / "fp32.onnx")
+    report = normalise(source, calibration, out_dir / "fp32.onnx")
+    report.save(out_dir)
+    if report.fixed_batch is not None:  # whole batches only: the model accepts no other size
+        usable = len(next(iter(calibration.values()))) // report.fixed_batch * report.fixed_batch
+        calibration = {k: v[:usable] for k, v in calibration.items()}
     convert_fp16(out_dir / "fp32.onnx", out_dir / "fp16.onnx")
-    quantize_ort_int8(out_dir / "fp32.onnx", out_dir / "int8-ort.onnx", calibration)
+    quantize_ort_int8(out_dir / "fp32.onnx", out_dir / "int8-ort.onnx", calibration,
+                      batch=report.fixed_batch or 32)
     with tempfile.TemporaryDirectory(prefix="edgeloop-modelopt-") as tmp:
         # Model Optimizer works on (and next to) its input: give it a copy, and copies of the calibration arrays
         work = Path(tmp) / "model.onnx"
-        shutil.copyfile(source, work)
+        shutil.copyfile(out_dir / "fp32.onnx", work)
         quantize(str(work), quantize_mode="int8", calibration_data={k: v.copy() for k, v in calibration.items()},
                  calibration_method="max", calibration_eps=["cpu"], high_precision_dtype="fp32",
                  output_path=str(out_dir / "int8-qdq.onnx"))
@@ -110,10 +148,16 @@ def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Pa
 def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreement: float) -> list[ImportedVariant]:
     """Each variant's agreement with FP32 on ``holdout``; :class:`GateFailed` when one falls below
     ``min_agreement``. Rewrites ``variants.json`` with the figures."""
+    from components.intake import model_batch
+
     variants = [ImportedVariant(**v) for v in json.loads((out_dir / "variants.json").read_text())]
     reference = run_all(out_dir / "fp32.onnx", holdout)
+    fixed = model_batch(out_dir / "fp32.onnx")
     for variant in variants:
         variant.agreement = output_agreement(reference, run_all(out_dir / variant.file, holdout))
+        variant.size_bytes = (out_dir / variant.file).stat().st_size
+        variant.batch_max = fixed or 16
+        variant.latency_ms_b1, variant.latency_ms_bmax = _latencies(out_dir / variant.file, holdout, fixed)
     (out_dir / "variants.json").write_text(json.dumps([asdict(v) for v in variants]))
     failing = [f"{v.name} agrees {v.agreement:.4f} < {min_agreement:.4f}" for v in variants
                if v.agreement < min_agreement]
@@ -122,8 +166,45 @@ def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreem
     return variants
 
 
+def _latencies(path: Path, inputs: dict[str, np.ndarray], fixed: int | None) -> tuple[float, float]:
+    """ONNX Runtime CPU p50 at batch 1 (or the fixed batch) and at the largest batch the model allows."""
+    import onnxruntime as ort
+
+    from edge_runtime.timing import repeat_batch, time_calls
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    one = repeat_batch({k: v[:1] for k, v in inputs.items()}, fixed or 1)
+    many = repeat_batch({k: v[:1] for k, v in inputs.items()}, fixed or 16)
+    return (time_calls(lambda: session.run(None, one), runs=50, warmup=5).p50_ms,
+            time_calls(lambda: session.run(None, many), runs=20, warmup=3).p50_ms)
+
+
+def write_import_report(path: Path, name: str, variants: list[ImportedVariant], intake: dict[str, Any]) -> Path:
+    """The imported model's report: what the intake changed, and size, agreement and latency per variant."""
+    import html
+
+    fp32 = next((v for v in variants if v.name == "fp32"), variants[0])
+    rows = "".join(
+        f"<tr><td>{html.escape(v.name)}</td><td>{v.precision}</td><td>{v.size_bytes / 1024:.1f}</td>"
+        f"<td>{v.agreement:.4f}</td><td>{v.latency_ms_b1:.3f}</td><td>{v.latency_ms_bmax:.3f} (b{v.batch_max})</td>"
+        f"<td>{fp32.latency_ms_bmax / max(v.latency_ms_bmax, 1e-9):.2f}x</td></tr>" for v in variants)
+    changes = "".join(f"<li>{html.escape(c)}</li>" for c in intake.get("changes", [])) or "<li>nothing</li>"
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(name)}</title></head>"
+            f"<body><h1>edgeloop import: {html.escape(name)}</h1><h2>Intake</h2><ul>{changes}</ul>"
+            f"<p>opset {intake.get('opset_before')} → {intake.get('opset_after')}; batch "
+            f"{intake.get('fixed_batch') or 'dynamic'}</p><h2>Variants</h2><table border='1'><tr><th>variant</th>"
+            f"<th>precision</th><th>size KiB</th><th>agreement with fp32</th><th>ORT ms b1</th><th>ORT ms, largest "
+            f"batch</th><th>÷ fp32</th></tr>{rows}</table><p>Latency: ONNX Runtime on the CPU that ran the "
+            f"pipeline; the TensorRT variants' speed is measured on each device.</p></body></html>")
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
 def import_manifest(name: str, version: str, staging: Path, variants: list[ImportedVariant],
-                    tolerance: float, samples: int) -> Manifest:
+                    tolerance: float, samples: int, intake: dict[str, Any] | None = None,
+                    preprocessing: Preprocessing | None = None) -> Manifest:
     """The unsigned manifest of an imported model (validation by output agreement)."""
     inputs, outputs = tensor_specs(staging / "fp32.onnx")
 
@@ -134,12 +215,13 @@ def import_manifest(name: str, version: str, staging: Path, variants: list[Impor
     return Manifest(
         name=name, version=version, created_at=datetime.now(timezone.utc),
         pipeline_run={"pipeline": "edgeloop-import-onnx"},
-        inputs=inputs, outputs=outputs, preprocessing=Preprocessing(kind="none", layout="as exported"),
+        inputs=inputs, outputs=outputs, preprocessing=preprocessing or Preprocessing(kind="none", layout="as exported"),
+        training={"intake": intake or {}},
         variants=[Variant(**ref(v.file), name=v.name, precision=v.precision, quantization=v.quantization,
                           backends=v.backends, accuracy=v.agreement) for v in variants],  # type: ignore[arg-type]
         validation=Validation(**ref("validation.npz"), metric="output_agreement", num_samples=samples,
                               reference={v.name: v.agreement for v in variants}, tolerance=tolerance),
-        report=None,
+        report=FileRef(**ref("report.html")) if (staging / "report.html").exists() else None,
     )
 
 
@@ -156,10 +238,17 @@ def read_calibration(path: Path, holdout_fraction: float) -> tuple[dict[str, np.
     The rows are split at random (seeded), not first/last: calibration files are often written in the order the
     data was collected (one class, one scene after another), and both parts must represent all of it.
     """
-    from components.data import calibration_indices
-
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
+    return split_calibration(arrays, holdout_fraction, str(path))
+
+
+def split_calibration(arrays: dict[str, np.ndarray], holdout_fraction: float,
+                      where: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(calibration, held-out) rows of ``arrays``, split at random (seeded)."""
+    from components.data import calibration_indices
+
+    path = where
     if not arrays:
         raise ConfigError(f"{path}: the calibration set has no arrays")
     count = len(next(iter(arrays.values())))
@@ -187,7 +276,14 @@ def publish_imported(*, onnx_dir: str, holdout_path: str, model_name: str, bucke
         shutil.copyfile(holdout_path, staging / "validation.npz")
         with np.load(staging / "validation.npz") as npz:
             samples = len(npz[npz.files[0]])
-        manifest = import_manifest(model_name, version, staging, variants, tolerance, samples)
+        from components.intake import IntakeReport
+
+        report = IntakeReport.load(Path(onnx_dir))
+        intake = asdict(report) if report else {}
+        write_import_report(staging / "report.html", model_name, variants, intake)
+        prep_file = Path(onnx_dir) / "preprocessing.json"
+        preprocessing = Preprocessing.model_validate_json(prep_file.read_text()) if prep_file.exists() else None
+        manifest = import_manifest(model_name, version, staging, variants, tolerance, samples, intake, preprocessing)
         signed = publish_version(ObjectStore(bucket, endpoint_url=s3_endpoint or None), manifest, staging,
                                  load_signing_key(), layout=ArtifactLayout(prefix), channel=channel or None)
     Path(manifest_out).write_text(signed.to_json())

@@ -195,18 +195,41 @@ def publish(dataset: Input[Dataset], onnx_models: Input[Model], evaluation: Inpu
 
 
 @component
-def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, onnx_models: Output[Model],
-                holdout: Output[Dataset]):
-    """Bring your own ONNX: FP32 as given, FP16, INT8 Q/DQ (Model Optimizer) and INT8 (ONNX Runtime) variants."""
+def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, calibration_layout: str,
+                calibration_scale: float, calibration_mean: str, calibration_std: str, calibration_samples: int,
+                onnx_models: Output[Model], holdout: Output[Dataset]):
+    """Bring your own ONNX: the intake normalises it (fp32), then FP16, INT8 Q/DQ (Model Optimizer) and INT8 (ONNX
+    Runtime) variants. Calibration: an .npz (one array per input) or a folder of images (local or s3://)."""
+    import json
     import tempfile
     from pathlib import Path
 
-    from components.import_onnx import build_variants, fetch_uri, read_calibration, run_all, save_holdout
+    from components.data import local_folder
+    from components.import_onnx import (
+        build_variants,
+        fetch_model,
+        fetch_uri,
+        read_calibration,
+        run_all,
+        save_holdout,
+        split_calibration,
+    )
+    from components.intake import ImagePreprocessing, read_image_calibration
 
     with tempfile.TemporaryDirectory() as tmp:
-        source = fetch_uri(onnx_uri, Path(tmp) / "model.onnx")
-        calibration, held = read_calibration(fetch_uri(calibration_uri, Path(tmp) / "calibration.npz"),
-                                             holdout_fraction)
+        source = fetch_model(onnx_uri, Path(tmp) / "model.onnx")
+        if calibration_uri.endswith(".npz"):
+            calibration, held = read_calibration(fetch_uri(calibration_uri, Path(tmp) / "calibration.npz"),
+                                                 holdout_fraction)
+        else:
+            prep = ImagePreprocessing.parse(calibration_layout, calibration_scale, calibration_mean, calibration_std)
+            with local_folder(calibration_uri) as folder:
+                arrays = read_image_calibration(folder, source, prep, limit=calibration_samples)
+            calibration, held = split_calibration(arrays, holdout_fraction, calibration_uri)
+            Path(onnx_models.path).mkdir(parents=True, exist_ok=True)
+            (Path(onnx_models.path) / "preprocessing.json").write_text(json.dumps(
+                {"kind": "image", "layout": prep.layout, "scale": prep.scale, "mean": list(prep.mean),
+                 "std": list(prep.std)}))
         build_variants(source, calibration, Path(onnx_models.path))
     save_holdout(Path(holdout.path), held, run_all(Path(onnx_models.path) / "fp32.onnx", held))
     onnx_models.metadata.update({"source": onnx_uri, "format": "onnx"})
@@ -226,6 +249,9 @@ def evaluate_agreement(onnx_models: Input[Model], holdout: Input[Dataset], min_a
         inputs = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("input:")}
     for variant in measure(Path(onnx_models.path), inputs, min_agreement):
         metrics.log_metric(f"{variant.name}_agreement", variant.agreement)
+        metrics.log_metric(f"{variant.name}_size_bytes", variant.size_bytes)
+        metrics.log_metric(f"{variant.name}_latency_ms_b1", variant.latency_ms_b1)
+        metrics.log_metric(f"{variant.name}_latency_ms_bmax", variant.latency_ms_bmax)
 
 
 @component

@@ -330,7 +330,7 @@ class ModelRuntime:
             if len(plans) > 1:
                 b1, batched = await asyncio.to_thread(self._time_variant, engine, validation_path, manifest)
                 figure = VariantFigures(plan.variant.name, str(plan.target_key), True, result.value,
-                                        self.settings.max_batch_size, b1, batched)
+                                        min(self.settings.max_batch_size, engine.max_batch_size), b1, batched)
                 figures.append(figure)
                 # one engine open at a time besides the fastest so far (device memory on a Jetson is shared)
                 if candidates and figure.score_ms >= candidates[0][4]:
@@ -354,7 +354,8 @@ class ModelRuntime:
             save_choice(self._choice_dir(manifest), self._candidate_keys(plans), choice)
         self._report("variant_choice", {"version": version, "target_key": str(plan.target_key), **choice.to_dict()})
 
-        max_batch, delay_us = self.settings.max_batch_size, self.settings.max_queue_delay_us
+        max_batch = min(self.settings.max_batch_size, engine.max_batch_size)  # a fixed-batch model: never past it
+        delay_us = self.settings.max_queue_delay_us
         if self.settings.batching_budget_ms is not None:
             choice_b = await asyncio.to_thread(self._tune, engine, validation_path, manifest)
             max_batch, delay_us = choice_b.max_batch_size, choice_b.max_queue_delay_us
@@ -429,7 +430,8 @@ class ModelRuntime:
         from edge_runtime.tuning import choose, sweep
 
         inputs, _ = read_validation_set(validation_path, manifest, engine)
-        points = sweep(engine, {k: v[:1] for k, v in inputs.items()}, self.settings.max_batch_size)
+        points = sweep(engine, {k: v[:1] for k, v in inputs.items()},
+                       min(self.settings.max_batch_size, engine.max_batch_size))
         assert self.settings.batching_budget_ms is not None
         choice = choose(points, self.settings.batching_budget_ms, self.settings.max_queue_delay_us)
         self._report("batch_sweep", {"version": manifest.version, "points": [p.__dict__ for p in points],

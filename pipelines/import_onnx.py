@@ -13,6 +13,11 @@ def import_onnx_pipeline(
     calibration_uri: str,
     model_name: str,
     holdout_fraction: float = 0.25,
+    calibration_layout: str = "NCHW",
+    calibration_scale: float = 1 / 255,
+    calibration_mean: str = "0",
+    calibration_std: str = "1",
+    calibration_samples: int = 512,
     min_agreement: float = 0.98,
     tolerance: float = 0.01,
     bucket: str = "edgeloop",
@@ -21,7 +26,9 @@ def import_onnx_pipeline(
     s3_endpoint: str = "",
 ):
     imported = steps.import_onnx(onnx_uri=onnx_uri, calibration_uri=calibration_uri,
-                                 holdout_fraction=holdout_fraction)
+                                 holdout_fraction=holdout_fraction, calibration_layout=calibration_layout,
+                                 calibration_scale=calibration_scale, calibration_mean=calibration_mean,
+                                 calibration_std=calibration_std, calibration_samples=calibration_samples)
     imported.set_caching_options(False)
     gate = steps.evaluate_agreement(onnx_models=imported.outputs["onnx_models"], holdout=imported.outputs["holdout"],
                                     min_agreement=min_agreement)

@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -108,9 +109,15 @@ def _failure_reason(log_path: Path | None) -> str:
         return ""
     for line in reversed(log_path.read_text(errors="replace").splitlines()):
         head, sep, message = line.strip().partition(": ")
-        if sep and head.rsplit(".", 1)[-1].endswith(("Error", "Exception", "Failed", "Invalid", "Exists", "Mismatch")):
-            return f"{head.rsplit('.', 1)[-1]}: {message}"
+        if sep and head.rsplit(".", 1)[-1].endswith(("Error", "Exception", "Failed", "Invalid", "Exists", "Mismatch",
+                                                      "Refused", "Full")):
+            return _plain(f"{head.rsplit('.', 1)[-1]}: {message}")
     return ""
+
+
+def _plain(text: str) -> str:
+    """``text`` without terminal colour codes (kfp colours task names in its messages)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def run_local(
@@ -139,7 +146,7 @@ def run_local(
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")
             pipeline(**parameters)
     except Exception as exc:  # kfp.local raises RuntimeError; a failed task may surface as other errors
-        reason = _failure_reason(log_path) or str(exc).splitlines()[0]
+        reason = _failure_reason(log_path) or _plain(str(exc).splitlines()[0])
         raise PipelineFailed(f"pipeline failed: {reason}", log_path) from exc
     plan_output = _one(run_dir, "*/plan/executor_output.json")
     decision = json.loads(plan_output.read_text())["parameterValues"]["Output"] if plan_output else "train"

@@ -65,7 +65,9 @@ class OrtEngine:
             raise EngineError(f"ONNX Runtime could not load {path.name}: {exc}") from exc
         self.inputs = tuple(self._info(t) for t in self._session.get_inputs())
         self.outputs = tuple(self._info(t) for t in self._session.get_outputs())
-        self.max_batch_size = max_batch_size
+        fixed = [t.shape[0] for t in self.inputs if t.shape and t.shape[0] > 0]
+        self.max_batch_size = min([max_batch_size, *fixed])
+        """The setting, or the batch the model fixes when it declares one (a fixed-batch import)."""
 
     @staticmethod
     def _info(arg) -> TensorInfo:  # noqa: ANN001 - onnxruntime NodeArg

@@ -1,0 +1,328 @@
+"""Model intake for bring-your-own ONNX: inspect a published model and normalise it before quantization.
+
+What it changes (each change is recorded, and goes into the manifest's ``training["intake"]``):
+
+* **initializers listed as graph inputs** (old exporters) stop being inputs;
+* **opset** below :data:`TARGET_OPSET`'s floor is upgraded with ``onnx.version_converter`` (per-channel Q/DQ needs
+  opset 13, TensorRT 10.3's parser wants ≥ 13), then ``onnx.checker``-ed;
+* **a fixed batch** becomes a dynamic one when the graph allows: every input's and output's leading dimension
+  becomes ``batch``, and a ``Reshape`` whose constant target shape hard-codes the batch copies it from its input
+  instead (``0``). The result must agree with the original, sample by sample, at batch 1 and 2; otherwise the model
+  keeps its fixed batch, and calibration, agreement, validation and serving all run at that batch (the manifest's
+  input shape says so, the batcher never merges past it, TensorRT's profile is fixed).
+
+What it refuses, with one line that names the node or tensor and says what to do: sequence, map or optional inputs,
+inputs of unknown rank, operators outside the standard ONNX domains (TensorRT 10.3 has no parser for them),
+sequence/string operators, and an opset that cannot be converted. Models over 2 GB keep their weights as external
+data next to the graph.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.errors import ConfigError, ContractError
+
+TARGET_OPSET = 17
+MIN_OPSET = 13
+STANDARD_DOMAINS = ("", "ai.onnx")
+UNSUPPORTED_OPS = {"SequenceConstruct", "SequenceAt", "SequenceInsert", "SequenceErase", "SequenceLength",
+                   "SequenceEmpty", "SplitToSequence", "ConcatFromSequence", "StringNormalizer", "TfIdfVectorizer",
+                   "RegexFullMatch", "StringConcat", "StringSplit", "Optional", "OptionalGetElement",
+                   "OptionalHasElement"}
+"""Standard operators with no TensorRT 10.3 import (sequences, strings, optionals)."""
+EXTERNAL_DATA_BYTES = 1800 << 20
+"""Above this the graph is saved with its weights in a side file (protobuf's 2 GB limit)."""
+INTAKE_FILE = "intake.json"
+
+
+class ModelRefused(ConfigError):
+    """An ONNX model the intake cannot bring into shape; ``str()`` names what and what to do."""
+
+
+@dataclass
+class IntakeReport:
+    """What the intake found and changed."""
+
+    opset_before: int
+    opset_after: int
+    fixed_batch: int | None
+    """The batch the model keeps when it could not be made dynamic (``None``: dynamic)."""
+    changes: list[str] = field(default_factory=list)
+    inputs: dict[str, str] = field(default_factory=dict)
+    """name → ONNX element type, for the report."""
+
+    def save(self, directory: Path) -> Path:
+        """Write ``intake.json`` into ``directory``."""
+        path = Path(directory) / INTAKE_FILE
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> IntakeReport | None:
+        """What :meth:`save` wrote, or ``None``."""
+        path = Path(directory) / INTAKE_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+def _opset(model: Any) -> int:
+    return max((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), default=0)
+
+
+def _check_types(model: Any) -> dict[str, str]:
+    import onnx
+
+    types = {}
+    initializers = {i.name for i in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        kind = value.type.WhichOneof("value")
+        if kind != "tensor_type":
+            raise ModelRefused(f"input {value.name!r} is a {kind.replace('_type', '')}, not a tensor: edgeloop serves "
+                               f"tensors only; re-export the model with tensor inputs")
+        if not value.type.tensor_type.HasField("shape"):
+            raise ModelRefused(f"input {value.name!r} has an unknown rank: re-export it with a fixed number of "
+                               f"dimensions (dynamic sizes are fine)")
+        types[value.name] = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+    for node in model.graph.node:
+        if node.domain not in STANDARD_DOMAINS:
+            raise ModelRefused(f"node {node.name or node.op_type!r} uses {node.domain}::{node.op_type}, which TensorRT "
+                               f"10.3 cannot import: re-export the model with standard ONNX operators")
+        if node.op_type in UNSUPPORTED_OPS:
+            raise ModelRefused(f"node {node.name or node.op_type!r} ({node.op_type}) has no TensorRT 10.3 import: "
+                               f"re-export the model without sequence, string or optional operators")
+    return types
+
+
+def _session(model_bytes: bytes):  # noqa: ANN202 - onnxruntime session
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _serialize(model: Any) -> bytes:
+    return model.SerializeToString()
+
+
+def _per_sample(session: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of ``session`` run one sample at a time, concatenated (the reference for a fixed-batch model)."""
+    count = len(next(iter(inputs.values())))
+    names = [o.name for o in session.get_outputs()]
+    parts = [session.run(names, {k: v[i : i + 1] for k, v in inputs.items()}) for i in range(count)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+
+
+def _agrees(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and np.allclose(x, y, rtol=1e-4, atol=1e-5)
+                                    for x, y in zip(a, b, strict=True))
+
+
+def _make_batch_dynamic(model: Any, batch: int) -> tuple[Any, int]:
+    """A copy of ``model`` with a dynamic leading axis; returns it and how many Reshapes were rewritten."""
+    import onnx
+    from onnx import numpy_helper
+
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    graph = candidate.graph
+    for value in [*graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
+            dims[0].dim_param = "batch"
+    del graph.value_info[:]  # stale shapes: inferred again below
+    constants = {i.name: i for i in graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
+            continue
+        target = numpy_helper.to_array(constants[node.input[1]])
+        if target.ndim != 1 or target.size < 2 or int(target[0]) != batch:
+            continue
+        new = target.copy()
+        new[0] = 0  # copy the batch from the input (allowzero is 0 by default)
+        name = f"{node.input[1]}/edgeloop_dynamic_batch"
+        graph.initializer.append(numpy_helper.from_array(new.astype(target.dtype), name))
+        node.input[1] = name
+        rewritten += 1
+    return onnx.shape_inference.infer_shapes(candidate), rewritten
+
+
+def normalise(source: Path, calibration: dict[str, np.ndarray], dest: Path) -> IntakeReport:
+    """Inspect ``source``, normalise it (see the module docstring) into ``dest``; the report says what changed.
+
+    ``calibration`` (arrays by input name) checks that every change keeps the outputs.
+    """
+    import onnx
+    from onnx import version_converter
+
+    try:
+        model = onnx.load(str(source))
+    except Exception as exc:  # noqa: BLE001 - protobuf and file errors alike: not a model we can read
+        raise ModelRefused(f"{source.name} is not a readable ONNX model ({type(exc).__name__}): check the "
+                           f"file") from exc
+    types = _check_types(model)
+    report = IntakeReport(opset_before=_opset(model), opset_after=_opset(model), fixed_batch=None, inputs=types)
+    missing = set(types) - set(calibration)
+    if missing:
+        raise ConfigError(f"the calibration set has no arrays for input(s) {sorted(missing)} (it has "
+                          f"{sorted(calibration)}): name the .npz arrays after the model's inputs")
+    initializers = {i.name for i in model.graph.initializer}
+    as_inputs = [v for v in model.graph.input if v.name in initializers]
+    for value in as_inputs:
+        model.graph.input.remove(value)
+    if as_inputs:
+        report.changes.append(f"{len(as_inputs)} initializers were listed as graph inputs: no longer inputs")
+    original = _session(_serialize(model))
+    sample = {k: np.asarray(v[:4]) for k, v in calibration.items() if k in types}
+    reference = _per_sample(original, sample)
+    if report.opset_before < MIN_OPSET:
+        try:
+            model = version_converter.convert_version(model, TARGET_OPSET)
+            onnx.checker.check_model(model)
+        except Exception as exc:  # noqa: BLE001 - the converter raises plain RuntimeErrors naming the op
+            raise ModelRefused(f"cannot convert opset {report.opset_before} to {TARGET_OPSET}: "
+                               f"{str(exc).splitlines()[0][:200]}; re-export the model at opset {MIN_OPSET} or "
+                               f"newer") from exc
+        if not _agrees(_per_sample(_session(_serialize(model)), sample), reference):
+            raise ModelRefused(f"the opset {report.opset_before} → {TARGET_OPSET} conversion changed the outputs: "
+                               f"re-export the model at opset {MIN_OPSET} or newer")
+        report.opset_after = _opset(model)
+        report.changes.append(f"opset {report.opset_before} upgraded to {report.opset_after}")
+    batches = {v.type.tensor_type.shape.dim[0].dim_value for v in model.graph.input
+               if v.name in types and v.type.tensor_type.shape.dim
+               and v.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    if batches:
+        batch = batches.pop() if len(batches) == 1 else None
+        if batch is None:
+            raise ModelRefused("the inputs declare different fixed batch sizes: re-export with one batch axis")
+        dynamic, rewritten = _make_batch_dynamic(model, batch)
+        try:
+            onnx.checker.check_model(dynamic)
+            session = _session(_serialize(dynamic))
+            two = {k: np.concatenate([v[:1], v[1:2]]) for k, v in sample.items()}
+            names = [o.name for o in session.get_outputs()]
+            ok = _agrees(session.run(names, two), _per_sample(original, two))
+        except Exception:  # noqa: BLE001 - any failure means the graph does not allow it
+            ok = False
+        if ok:
+            model = dynamic
+            report.changes.append(f"fixed batch {batch} made dynamic"
+                                  + (f" ({rewritten} Reshape(s) no longer hard-code it)" if rewritten else ""))
+        else:
+            report.fixed_batch = batch
+            report.changes.append(f"the batch stays fixed at {batch}: the graph does not allow another batch "
+                                  f"(calibration, validation and serving run at batch {batch})")
+    onnx.checker.check_model(model)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES
+    onnx.save(model, str(dest), save_as_external_data=large, location=dest.name + ".data" if large else None)
+    if not _agrees(_per_sample(_session(str(dest)), sample), reference):
+        raise ContractError("the normalised model's outputs differ from the original's: please report this model")
+    return report
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How calibration images become the model's input: resize to the input's height and width, ``x = (pixel *
+    scale - mean) / std`` per channel, in ``layout``. Recorded in the manifest so clients do the same."""
+
+    layout: str = "NCHW"
+    scale: float = 1 / 255
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def parse(cls, layout: str, scale: float, mean: str, std: str) -> ImagePreprocessing:
+        """From pipeline parameters (``mean``/``std``: comma-separated, one value or one per channel)."""
+        if layout not in ("NCHW", "NHWC"):
+            raise ConfigError(f"calibration_layout must be NCHW or NHWC, got {layout!r}")
+        try:
+            means = tuple(float(v) for v in mean.split(",")) if mean else (0.0,)
+            stds = tuple(float(v) for v in std.split(",")) if std else (1.0,)
+        except ValueError as exc:
+            raise ConfigError(f"calibration_mean/std must be comma-separated numbers, got {mean!r} / {std!r}") from exc
+        if any(s == 0 for s in stds):
+            raise ConfigError("calibration_std must not contain 0")
+        return cls(layout, float(scale), means, stds)
+
+
+def read_image_calibration(folder: Path, model_path: Path, prep: ImagePreprocessing, *,
+                           limit: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
+    """Calibration arrays from a folder of images (searched recursively) for a model with one image input.
+
+    At most ``limit`` images, a seeded random choice among all of them, are read — one at a time, so a large folder
+    costs no more memory than the sample.
+    """
+    import onnx
+    from PIL import Image, UnidentifiedImageError
+
+    from components.data import IMAGE_SUFFIXES
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    if len(inputs) != 1:
+        raise ConfigError(f"a folder of images calibrates a model with one input; this one has "
+                          f"{[v.name for v in inputs]}: use an .npz with one array per input")
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise ConfigError(f"input {inputs[0].name!r} has shape {dims}: an image input is 4-D ({prep.layout})")
+    channels, height, width = (dims[1], dims[2], dims[3]) if prep.layout == "NCHW" else (dims[3], dims[1], dims[2])
+    if min(channels, height, width) < 1 or channels not in (1, 3):
+        raise ConfigError(f"input {inputs[0].name!r} of shape {dims} needs a fixed height, width and 1 or 3 channels "
+                          f"in {prep.layout} to take images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    chosen = [files[i] for i in sorted(np.random.default_rng(seed).permutation(len(files))[:limit])]
+    mean = np.asarray(prep.mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(prep.std, np.float32).reshape(-1, 1, 1)
+    samples = []
+    for index, file in enumerate(chosen, start=1):
+        try:
+            with Image.open(file) as img:
+                img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
+                pixels = np.asarray(img, dtype=np.float32)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ConfigError(f"{file}: not a readable image ({exc})") from exc
+        chw = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+        chw = (chw * prep.scale - mean) / std
+        samples.append(chw if prep.layout == "NCHW" else chw.transpose(1, 2, 0))
+        if index % max(1, len(chosen) // 4) == 0:
+            print(f"calibration images: {index}/{len(chosen)}", flush=True)
+    return {inputs[0].name: np.stack(samples).astype(np.float32)}
+
+
+def model_batch(path: Path) -> int | None:
+    """The fixed batch a model's inputs declare, or ``None`` when the batch axis is dynamic."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in initializers and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+    return None
+
+
+def batches(arrays: dict[str, np.ndarray], batch: int, *, fixed: bool) -> list[dict[str, np.ndarray]]:
+    """``arrays`` cut into consecutive batches of ``batch`` rows; with a ``fixed`` batch a short last one is
+    dropped (the model accepts no other size)."""
+    count = len(next(iter(arrays.values())))
+    out = []
+    for start in range(0, count, batch):
+        part = {k: v[start : start + batch] for k, v in arrays.items()}
+        if not fixed or len(next(iter(part.values()))) == batch:
+            out.append(part)
+    return out
