@@ -128,7 +128,7 @@ class EdgeApp:
         self.report("facts", {"facts": self.facts.to_dict(), "node_labels": labels})
         self._server, self.grpc_port = await start_server(
             self.runtime, bind_address=self.settings.bind_address, port=self.settings.grpc_port,
-            max_batch_size=self.settings.max_batch_size, max_message_bytes=self.settings.max_message_bytes,
+            max_batch_size=self.settings.max_request_batch_size, max_message_bytes=self.settings.max_message_bytes,
             on_result=self._on_result, tls=self._tls(), alive=self.alive,
             control=RepositoryControl(self.settings.repository_control,
                                       self.settings.control_token.get_secret_value()

@@ -100,7 +100,8 @@ class ModelRuntime:
             share=settings.share_engines, fetch_attempts=settings.fetch_attempts,
             fleet_keys=[load_verify_key(settings.engine_verify_key_file)] if settings.engine_verify_key_file else [],
             fleet_signing_key=(load_signing_key(settings.engine_signing_key_file)
-                               if settings.engine_signing_key_file else None))
+                               if settings.engine_signing_key_file else None),
+            ort_threads=settings.ort_intra_op_threads, ort_spin=settings.ort_spin_wait)
         self._report = report or (lambda kind, payload: None)
         self._on_batch = on_batch
         self.slot = ServingSlot()

@@ -66,8 +66,17 @@ class EdgeSettings(BaseSettings):
     bind_address: str = Field("127.0.0.1", description="address the gRPC and metrics servers bind to")
     grpc_port: int = Field(8001, ge=0, le=65535, description="Open Inference Protocol gRPC port (0: pick one)")
     metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus /metrics port (0: disabled)")
-    max_batch_size: int = Field(16, gt=0, description="dynamic batching: most samples merged into one run")
-    max_queue_delay_us: int = Field(500, ge=0, description="dynamic batching: longest wait for more requests, µs")
+    max_batch_size: int = Field(16, gt=0, description="dynamic batching: most samples in one engine run (1: off)")
+    max_queue_delay_us: int = Field(
+        0, ge=0, description="extra wait for company when the engine is free and the batch not full, µs (0: none; "
+                             "batches form from what queues while the engine is busy)")
+    max_request_batch_size: int = Field(
+        256, gt=0, description="most samples one request may carry (larger than an engine run: split and rejoined)")
+    ort_intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per run (0: ONNX Runtime's default, all cores)")
+    ort_spin_wait: bool | None = Field(
+        None, description="ONNX Runtime worker threads spin between runs (unset: only on CPUs with more than 4 cores; "
+                          "spinning burns a core a small device needs)")
     max_message_bytes: int = Field(16 << 20, gt=0, description="gRPC max receive/send message size, bytes")
     tls_cert_file: Path | None = Field(None, description="server certificate (PEM): set with tls_key_file for TLS")
     tls_key_file: Path | None = Field(None, description="server private key (PEM)")

@@ -6,6 +6,7 @@ the target key, so a restart loads the optimized model directly.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +54,17 @@ class OrtEngine:
 
     platform = "onnxruntime_onnx"
 
-    def __init__(self, path: Path, *, device: str = "cpu", max_batch_size: int = 64, threads: int = 0) -> None:
+    def __init__(self, path: Path, *, device: str = "cpu", max_batch_size: int = 64, threads: int = 0,
+                 spin: bool | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
+        # ONNX Runtime's workers spin between runs by default: fast on a big server, a burnt core on a small device
+        spinning = spin if spin is not None else (os.cpu_count() or 1) > 4
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         try:
             self._session = ort.InferenceSession(str(path), options, providers=_providers(device))
         except Exception as exc:

@@ -60,7 +60,9 @@ class EngineProvider:
     def __init__(self, cache: ArtifactCache, store: ObjectStore, layout: ArtifactLayout, *, device_id: str,
                  max_batch_size: int, share: bool = False, fetch_attempts: int = 8,
                  fleet_keys: list[Ed25519PublicKey] | None = None,
-                 fleet_signing_key: Ed25519PrivateKey | None = None) -> None:
+                 fleet_signing_key: Ed25519PrivateKey | None = None, ort_threads: int = 0,
+                 ort_spin: bool | None = None) -> None:
+        self.ort_threads, self.ort_spin = ort_threads, ort_spin
         self.cache, self.store, self.layout = cache, store, layout
         self.device_id = device_id
         self.max_batch_size = max_batch_size
@@ -126,7 +128,8 @@ class EngineProvider:
                 self.cache.quarantine(path, f"{source} engine does not load: {exc}")
                 notes.append(f"{source} engine set aside: it does not load ({exc})")
         timing = self.cache.root / "engines" / "timing" / plan.timing_cache_file if plan.backend == "tensorrt" else None
-        engine, _ = build_engine(plan, model_path, path, max_batch_size=self.max_batch_size, timing_cache=timing)
+        engine, _ = build_engine(plan, model_path, path, max_batch_size=self.max_batch_size, timing_cache=timing,
+                                 ort_threads=self.ort_threads, ort_spin=self.ort_spin)
         notes.extend(f"TensorRT: {m}" for m in getattr(engine, "build_messages", []))
         self._record(path, "built")
         if self.share:
@@ -134,7 +137,8 @@ class EngineProvider:
         return engine, "built", notes
 
     def _load(self, plan: EnginePlan, model_path: Path, path: Path) -> Engine:
-        engine, built = build_engine(plan, model_path, path, max_batch_size=self.max_batch_size)
+        engine, built = build_engine(plan, model_path, path, max_batch_size=self.max_batch_size,
+                                     ort_threads=self.ort_threads, ort_spin=self.ort_spin)
         assert not built  # the file exists: this only loads
         return engine
 

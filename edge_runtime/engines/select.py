@@ -156,7 +156,8 @@ def plan_engine(manifest: Manifest, facts: DeviceFacts, *, backend: str = "auto"
 
 
 def build_engine(plan: EnginePlan, model_path: Path, engine_path: Path, *, max_batch_size: int,
-                 timing_cache: Path | None = None) -> tuple[Engine, bool]:
+                 timing_cache: Path | None = None, ort_threads: int = 0,
+                 ort_spin: bool | None = None) -> tuple[Engine, bool]:
     """Load the engine at ``engine_path`` if the cache has it, else build it there first (TensorRT: with
     ``timing_cache``, which must be specific to the TensorRT build and the device).
 
@@ -180,4 +181,5 @@ def build_engine(plan: EnginePlan, model_path: Path, engine_path: Path, *, max_b
     if not engine_path.exists():
         build_ort(model_path, engine_path, device=plan.device)
         built = True
-    return OrtEngine(engine_path, device=plan.device, max_batch_size=max_batch_size), built
+    return OrtEngine(engine_path, device=plan.device, max_batch_size=max_batch_size, threads=ort_threads,
+                     spin=ort_spin), built

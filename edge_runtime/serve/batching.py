@@ -1,12 +1,23 @@
-"""Dynamic batching: concurrent requests are merged into one engine run of at most ``max_batch_size`` samples,
-waiting at most ``max_queue_delay_us`` for company. The engine runs in a worker thread; the event loop stays free."""
+"""Dynamic batching that takes what is waiting and never waits for nothing.
+
+When the engine is free, every queued request that fits (same non-batch shapes, at most ``max_batch_size`` samples
+in all) runs now, in one engine call; a request that arrives while the engine is busy waits for the next call,
+and the queue fills meanwhile — that, not a timer, is what forms batches under load. ``max_queue_delay_us`` (Triton's
+``max_queue_delay_microseconds``) is an optional extra wait for company when the engine is free and the batch is not
+full; it is 0 by default, so a lone request runs at once. A request larger than the engine's batch is split into
+several runs and reassembled (the largest request is the server's business, the largest engine batch the engine's).
+Errors are isolated: a failing merged run is retried request by request, so one bad request fails alone.
+
+The engine runs on one dedicated thread per batcher (ONNX Runtime and TensorRT release the GIL while they compute),
+so the event loop stays free and no thread pool is shared with anything else.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -14,7 +25,6 @@ from edge_runtime.engines.base import Engine
 from edge_runtime.errors import NotReady
 
 _Item = tuple[dict[str, np.ndarray], "asyncio.Future[dict[str, np.ndarray]]"]
-_STOP = object()
 
 
 def _rows(item: _Item) -> int:
@@ -27,79 +37,104 @@ def _shapes(item: _Item) -> tuple[tuple[int, ...], ...]:
 
 
 class DynamicBatcher:
-    """One worker task per engine. :meth:`close` finishes every request already queued before it returns."""
+    """One worker task and one engine thread per engine. :meth:`close` finishes every queued request first."""
 
-    def __init__(self, engine: Engine, *, max_batch_size: int, max_queue_delay_us: int,
+    def __init__(self, engine: Engine, *, max_batch_size: int, max_queue_delay_us: int = 0,
                  on_batch: Callable[[int, float], None] | None = None) -> None:
         self.engine = engine
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max(1, min(max_batch_size, getattr(engine, "max_batch_size", max_batch_size)))
+        """The largest engine run; requests may be larger (they are split)."""
         self.delay_s = max_queue_delay_us / 1e6
         self._on_batch = on_batch
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._carry: collections.deque[_Item] = collections.deque()
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._arrived = asyncio.Event()
         self._closed = False
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeloop-engine")
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="edgeloop-batcher")
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Queue one request (batch axis first) and wait for its slice of the batched result."""
+        """Queue one request (batch axis first) and wait for its rows of the batched result."""
         if self._closed:
             raise NotReady("the model is being replaced: retry")
         future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((inputs, future))
+        self._pending.append((inputs, future))
+        self._arrived.set()
         return await future
 
-    async def _next(self, timeout: float | None) -> Any:
-        if self._carry:
-            return self._carry.popleft()
-        if timeout is None:
-            return await self._queue.get()
-        return await asyncio.wait_for(self._queue.get(), timeout)
+    def _take(self) -> list[_Item]:
+        """Everything queued that can share a run with the first request, up to ``max_batch_size`` samples."""
+        first = self._pending.popleft()
+        batch, rows, shapes = [first], _rows(first), _shapes(first)
+        if rows >= self.max_batch_size:
+            return batch
+        skipped: list[_Item] = []
+        while self._pending and rows < self.max_batch_size:
+            item = self._pending.popleft()
+            if _shapes(item) == shapes and rows + _rows(item) <= self.max_batch_size:
+                batch.append(item)
+                rows += _rows(item)
+            else:
+                skipped.append(item)
+        self._pending.extendleft(reversed(skipped))  # they keep their place in line
+        return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        stopping = False
-        while not stopping:
-            first = await self._next(None)
-            if first is _STOP:
-                break
-            batch, rows = [first], _rows(first)
-            deadline = loop.time() + self.delay_s
-            while rows < self.max_batch_size:
-                remaining = deadline - loop.time()
-                if remaining <= 0 and self._queue.empty() and not self._carry:
-                    break
-                try:
-                    item = await self._next(max(remaining, 0.0))
-                except (asyncio.TimeoutError, TimeoutError):
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                if rows + _rows(item) > self.max_batch_size or _shapes(item) != _shapes(first):
-                    self._carry.append(item)
-                    break
-                batch.append(item)
-                rows += _rows(item)
-            await self._execute(batch, rows)
-        while self._carry:  # requests that were waiting for room in a batch
-            item = self._carry.popleft()
-            await self._execute([item], _rows(item))
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            if self.delay_s and sum(_rows(i) for i in self._pending) < self.max_batch_size:
+                # optional: a little company for a batch that is not full (off by default)
+                deadline = loop.time() + self.delay_s
+                while loop.time() < deadline and sum(_rows(i) for i in self._pending) < self.max_batch_size:
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+                    except (asyncio.TimeoutError, TimeoutError):
+                        break
+            await self._execute(self._take())
 
-    async def _execute(self, batch: list[_Item], rows: int) -> None:
-        names = list(batch[0][0])
-        merged = {n: np.concatenate([inputs[n] for inputs, _ in batch]) if len(batch) > 1 else batch[0][0][n]
-                  for n in names}
+    async def _call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        try:
-            outputs = await asyncio.to_thread(self.engine.infer, merged)
-        except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-            for _, future in batch:
+        outputs = await loop.run_in_executor(self._thread, self.engine.infer, inputs)
+        if self._on_batch is not None:
+            self._on_batch(next(iter(inputs.values())).shape[0], loop.time() - started)
+        return outputs
+
+    async def _run_one(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request, split into engine-sized runs when it is larger than the engine's batch."""
+        rows = next(iter(inputs.values())).shape[0]
+        if rows <= self.max_batch_size:
+            return await self._call(inputs)
+        parts = [await self._call({k: v[s : s + self.max_batch_size] for k, v in inputs.items()})
+                 for s in range(0, rows, self.max_batch_size)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        if len(batch) == 1:
+            inputs, future = batch[0]
+            try:
+                result = await self._run_one(inputs)
+            except Exception as exc:  # noqa: BLE001 - the request gets its own error
                 if not future.done():
                     future.set_exception(exc)
+                return
+            if not future.done():
+                future.set_result(result)
             return
-        if self._on_batch is not None:
-            self._on_batch(rows, loop.time() - started)
+        names = list(batch[0][0])
+        merged = {n: np.concatenate([inputs[n] for inputs, _ in batch]) for n in names}
+        try:
+            outputs = await self._call(merged)
+        except Exception:  # noqa: BLE001 - find the culprit: each request alone, so only it fails
+            for item in batch:
+                await self._execute([item])
+            return
         offset = 0
         for inputs, future in batch:
             n = next(iter(inputs.values())).shape[0]
@@ -108,7 +143,8 @@ class DynamicBatcher:
             offset += n
 
     async def close(self) -> None:
-        """Stop accepting, run what is queued, stop the worker."""
+        """Stop accepting, run what is queued, stop the worker and the engine thread."""
         self._closed = True
-        self._queue.put_nowait(_STOP)
+        self._arrived.set()
         await self._worker
+        self._thread.shutdown(wait=True)

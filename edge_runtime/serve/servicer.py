@@ -80,7 +80,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:  # noqa: N802,E501
         model = self.runtime.model(request.model_name, request.model_version)
-        inputs = request_to_inputs(request, model.engine.inputs, min(self.max_batch_size, model.engine.max_batch_size))
+        inputs = request_to_inputs(request, model.engine.inputs, self.max_batch_size)  # the largest *request*
         names = requested_outputs(request, model.engine.outputs)
         version, outputs = await self.runtime.infer(request.model_name, request.model_version, inputs)
         return outputs_to_response(request, version, outputs, names)

@@ -109,5 +109,78 @@ def test_batcher_close_finishes_queued_requests(trained):
     assert asyncio.run(scenario()) == [(1, 10)] * 10
 
 
+class _SlowEngine:
+    """A real ONNX Runtime engine that takes a fixed extra time per run, so queueing is deterministic."""
+
+    def __init__(self, engine, seconds: float) -> None:  # noqa: ANN001
+        import time
+
+        self._engine, self._seconds, self._sleep = engine, seconds, time.sleep
+        self.inputs, self.outputs, self.max_batch_size = engine.inputs, engine.outputs, engine.max_batch_size
+        self.runs: list[int] = []
+
+    def infer(self, inputs):  # noqa: ANN001, ANN201
+        self.runs.append(next(iter(inputs.values())).shape[0])
+        self._sleep(self._seconds)
+        if (next(iter(inputs.values())) < -1e6).any():  # a poisoned request: its own error
+            raise ValueError("poisoned input")
+        return self._engine.infer(inputs)
+
+    def close(self) -> None:
+        self._engine.close()
+
+
+def test_the_batcher_takes_everything_waiting_and_never_waits_when_idle(trained):
+    import time
+
+    from edge_runtime.engines.onnxruntime import OrtEngine
+
+    engine = _SlowEngine(OrtEngine(trained.good["fp32"], max_batch_size=16), 0.02)
+    x = trained.x_val[:40].astype(np.float32)
+
+    async def scenario():
+        batcher = DynamicBatcher(engine, max_batch_size=16)  # no queue delay
+        started = time.perf_counter()
+        await batcher.infer({"input": x[:1]})  # alone: runs at once
+        alone = time.perf_counter() - started
+        busy = asyncio.ensure_future(batcher.infer({"input": x[:1]}))
+        await asyncio.sleep(0.005)  # the engine is running that one now
+        # 20 requests arrive while the engine is busy: the next run takes all it can (16), the one after the rest
+        waiting = [batcher.infer({"input": x[i : i + 1]}) for i in range(1, 21)]
+        results = [await busy, *await asyncio.gather(*waiting)]
+        await batcher.close()
+        return alone, results
+
+    alone, results = asyncio.run(scenario())
+    assert alone < 0.02 + 0.015  # the engine's own time plus a little, not a queue delay
+    assert engine.runs == [1, 1, 16, 4]  # batches formed from what queued while the engine was busy
+    expected = engine._engine.infer({"input": x[:21]})["logits"]
+    np.testing.assert_allclose(np.concatenate([r["logits"] for r in results]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bad_request_fails_alone_and_big_requests_are_split(trained):
+    from edge_runtime.engines.onnxruntime import OrtEngine
+
+    engine = _SlowEngine(OrtEngine(trained.good["fp32"], max_batch_size=4), 0.01)
+    x = trained.x_val[:12].astype(np.float32)
+
+    async def scenario():
+        batcher = DynamicBatcher(engine, max_batch_size=1)  # "batching off": still takes multi-sample requests
+        big = await batcher.infer({"input": x[:5]})
+        batcher2 = DynamicBatcher(engine, max_batch_size=4)
+        poisoned = np.full((1, 1, 8, 8), -1e9, np.float32)
+        calls = [batcher2.infer({"input": x[i : i + 1]}) for i in range(3)]
+        calls.insert(1, batcher2.infer({"input": poisoned}))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        await batcher.close()
+        await batcher2.close()
+        return big, results
+
+    big, results = asyncio.run(scenario())
+    assert big["logits"].shape == (5, 10) and engine.runs[:5] == [1, 1, 1, 1, 1]
+    assert isinstance(results[1], ValueError)
+    assert all(isinstance(r, dict) and r["logits"].shape == (1, 10) for i, r in enumerate(results) if i != 1)
+
+
 def test_facts_are_plain_data():
     assert replace(CPU, dla_cores=2).to_dict()["dla_cores"] == 2

@@ -109,10 +109,14 @@ def test_malformed_requests_get_the_right_code_and_the_server_keeps_serving(serv
 def test_oversized_and_too_large_batches(served, edge_settings, trained):
     edge, _ = served
     client = triton.InferenceServerClient(edge.address)
-    big = np.zeros((17, 1, 8, 8), np.float32)  # more than max_batch_size (16)
+    big = np.zeros((257, 1, 8, 8), np.float32)  # more than max_request_batch_size (256)
     with pytest.raises(InferenceServerException) as batch:
         triton_predict(client, big)
-    assert "outside 1..16" in str(batch.value)
+    assert "outside 1..256" in str(batch.value) and "INVALID_ARGUMENT" in str(batch.value.status())
+    # larger than one engine run (max_batch_size 16): split into runs and rejoined, in order
+    logits, _ = triton_predict(client, trained.x_val[:40].astype(np.float32))
+    assert logits.shape == (40, 10)
+    np.testing.assert_allclose(logits[20:24], triton_predict(client, trained.x_val[20:24])[0], rtol=1e-5, atol=1e-5)
     huge = np.zeros((16, 1, 256, 1024), np.float32)  # 16 MiB of payload: beyond max_message_bytes
     tensor = triton.InferInput("input", list(huge.shape), "FP32")
     tensor.set_data_from_numpy(huge)
