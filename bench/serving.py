@@ -3,9 +3,9 @@
     .venv/bin/python bench/serving.py [--clients 8] [--seconds 5] [--plot bench/serving.png]
 
 Starts SeaweedFS, publishes a small CNN trained on digits (int8-ort variant), starts the edge runtime twice — once
-with dynamic batching (max batch 16, no queue delay: batches form while the engine is busy) and once without (max batch 1) — and drives each with N
-concurrent tritonclient clients for a fixed time. Prints a table (throughput, p50/p99 latency, mean batch) with the
-batching/no-batching ratios, and writes a plot. Never part of the test run.
+with dynamic batching (max batch 16, no queue delay: batches form while the engine is busy) and once without (max
+batch 1) — and drives each with N concurrent tritonclient clients for a fixed time. Prints a table (throughput,
+p50/p99 latency, mean batch) with the batching/no-batching ratios, and writes a plot. Never part of the test run.
 """
 
 from __future__ import annotations

@@ -183,6 +183,9 @@ class EdgeApp:
         """Stop accepting, finish in-flight requests, flush telemetry once, release everything."""
         if self._server is not None:
             await self._server.stop(grace_s)
+            shared = getattr(self._server, "edgeloop_shared_memory", None)
+            if shared is not None:
+                shared.unregister()  # every region apps registered
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

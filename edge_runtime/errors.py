@@ -28,6 +28,7 @@ are wrapped at the boundary with ``raise ... from exc`` so the cause is kept and
     ├── EngineError                  building or running an engine failed                        → INTERNAL
     ├── CacheFull                    no room in the cache (its cap, or the disk) for a download  → RESOURCE_EXHAUSTED
     ├── AccessDenied                 authenticated, but not allowed to do this                   → PERMISSION_DENIED
+    ├── AlreadyExists                a name that is taken (a shared-memory region)               → ALREADY_EXISTS
     └── Unauthenticated              no credentials, or unknown ones                             → UNAUTHENTICATED
         └── HubAuthError             a device or reader token was missing or wrong
 """
@@ -131,6 +132,10 @@ class CacheFull(EdgeloopError):
 
 class AccessDenied(EdgeloopError):
     """The caller is known but may not do this (repository control turned off, a device token reading the fleet)."""
+
+
+class AlreadyExists(EdgeloopError):
+    """The name is taken (a shared-memory region registered twice)."""
 
 
 class Unauthenticated(EdgeloopError):

@@ -7,6 +7,7 @@ import numpy as np
 from edge_runtime.engines.base import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, TensorInfo
 from edge_runtime.errors import InvalidInput
 from edge_runtime.protos import inference_pb2 as pb
+from edge_runtime.serve.shm import SharedMemoryRegistry
 
 _TYPED_FIELDS = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -14,16 +15,34 @@ _TYPED_FIELDS = {
 }
 
 
+SHM_REGION, SHM_OFFSET, SHM_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
+
+
+def _shm(parameters, what: str) -> tuple[str, int, int] | None:  # noqa: ANN001 - a protobuf map
+    """(region, offset, byte size) when ``parameters`` name a shared-memory region."""
+    if SHM_REGION not in parameters:
+        return None
+    if SHM_SIZE not in parameters:
+        raise InvalidInput(f"{what}: {SHM_REGION} needs {SHM_SIZE}")
+    offset = parameters[SHM_OFFSET].int64_param if SHM_OFFSET in parameters else 0
+    return parameters[SHM_REGION].string_param, int(offset), int(parameters[SHM_SIZE].int64_param)
+
+
 def request_to_inputs(request: pb.ModelInferRequest, expected: tuple[TensorInfo, ...],
-                      max_batch_size: int) -> dict[str, np.ndarray]:
-    """Decode and check every input: names, datatype, rank, fixed dimensions, batch size, byte counts."""
+                      max_batch_size: int, shared: SharedMemoryRegistry | None = None) -> dict[str, np.ndarray]:
+    """Decode and check every input: names, datatype, rank, fixed dimensions, batch size, byte counts. Inputs that
+    name a shared-memory region are read from it in place (``shared``)."""
     if not request.inputs:
         raise InvalidInput("the request has no inputs")
-    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
-        raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
+    in_shm = [_shm(t.parameters, f"input {t.name!r}") for t in request.inputs]
+    raw_count = sum(1 for s in in_shm if s is None)
+    if request.raw_input_contents and len(request.raw_input_contents) != raw_count:
+        raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {raw_count} inputs sent as "
+                           f"bytes")
     by_name = {t.name: t for t in expected}
     arrays: dict[str, np.ndarray] = {}
     batch = None
+    raw_index = 0
     for index, tensor in enumerate(request.inputs):
         spec = by_name.get(tensor.name)
         if spec is None:
@@ -45,8 +64,18 @@ def request_to_inputs(request: pb.ModelInferRequest, expected: tuple[TensorInfo,
         batch = shape[0]
         dtype = DATATYPE_TO_NUMPY[spec.datatype]
         count = int(np.prod(shape))
-        if request.raw_input_contents:
-            raw = request.raw_input_contents[index]
+        if in_shm[index] is not None:
+            if shared is None:
+                raise InvalidInput("this server takes no shared-memory tensors")
+            region_name, offset, byte_size = in_shm[index]
+            if byte_size != count * dtype.itemsize:
+                raise InvalidInput(f"input {tensor.name!r}: {byte_size} shared-memory bytes for shape {list(shape)} "
+                                   f"of {spec.datatype} (expected {count * dtype.itemsize})")
+            view = shared.get(region_name, f"input {tensor.name!r}").window(offset, byte_size, f"input {tensor.name!r}")
+            array = np.frombuffer(view, dtype=dtype).reshape(shape)  # read in place: no copy
+        elif request.raw_input_contents:
+            raw = request.raw_input_contents[raw_index]
+            raw_index += 1
             if len(raw) != count * dtype.itemsize:
                 raise InvalidInput(f"input {tensor.name!r}: {len(raw)} bytes for shape {list(shape)} of "
                                    f"{spec.datatype} (expected {count * dtype.itemsize})")
@@ -75,13 +104,30 @@ def requested_outputs(request: pb.ModelInferRequest, available: tuple[TensorInfo
 
 
 def outputs_to_response(request: pb.ModelInferRequest, version: str, outputs: dict[str, np.ndarray],
-                        names: list[str]) -> pb.ModelInferResponse:
-    """Raw little-endian row-major contents, one entry per output, as tritonclient expects."""
+                        names: list[str], shared: SharedMemoryRegistry | None = None) -> pb.ModelInferResponse:
+    """Raw little-endian row-major contents, one entry per output, as tritonclient expects; a requested output that
+    names a shared-memory region is written there instead (and listed after the others, without raw contents, so
+    the raw contents stay aligned with the outputs that have them)."""
     response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
-    for name in names:
+    targets = {o.name: _shm(o.parameters, f"output {o.name!r}") for o in request.outputs}
+    in_shm = [n for n in names if targets.get(n) is not None]
+    for name in [n for n in names if n not in in_shm] + in_shm:
         array = np.ascontiguousarray(outputs[name])
-        response.outputs.add(name=name, datatype=NUMPY_TO_DATATYPE.get(array.dtype, "FP32"), shape=array.shape)
-        response.raw_output_contents.append(array.tobytes())
+        entry = response.outputs.add(name=name, datatype=NUMPY_TO_DATATYPE.get(array.dtype, "FP32"), shape=array.shape)
+        target = targets.get(name)
+        if target is None:
+            response.raw_output_contents.append(array.tobytes())
+            continue
+        if shared is None:
+            raise InvalidInput("this server takes no shared-memory tensors")
+        region_name, offset, byte_size = target
+        if array.nbytes > byte_size:
+            raise InvalidInput(f"output {name!r} needs {array.nbytes} bytes, more than the {byte_size} given in "
+                               f"shared-memory region {region_name!r}")
+        window = shared.get(region_name, f"output {name!r}").window(offset, array.nbytes, f"output {name!r}")
+        window[:] = array.reshape(-1).view(np.uint8)
+        entry.parameters[SHM_REGION].string_param = region_name
+        entry.parameters[SHM_SIZE].int64_param = array.nbytes
     return response
 
 

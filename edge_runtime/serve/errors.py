@@ -24,6 +24,7 @@ STATUS_FOR: dict[type[errors.EdgeloopError], grpc.StatusCode] = {
     errors.ContractError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.CacheFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 """Most specific class first is not needed: lookup walks the exception's MRO."""

@@ -74,8 +74,9 @@ async def start_server(runtime: ModelRuntime, *, bind_address: str, port: int, m
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(interceptors=[ErrorInterceptor(on_result)], options=options)
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(runtime, max_batch_size, control=control), server)
+    servicer = InferenceServicer(runtime, max_batch_size, control=control)
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    server.edgeloop_shared_memory = servicer.shared  # released when the app stops
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 

@@ -14,12 +14,13 @@ from edge_runtime.errors import AccessDenied, ModelNotFound, Unauthenticated
 from edge_runtime.protos import inference_pb2 as pb
 from edge_runtime.protos import inference_pb2_grpc
 from edge_runtime.serve.converters import outputs_to_response, request_to_inputs, requested_outputs, tensor_metadata
+from edge_runtime.serve.shm import SharedMemoryRegistry
 from edge_runtime.states import State
 
 if TYPE_CHECKING:
     from edge_runtime.lifecycle import ModelRuntime
 
-EXTENSIONS = ["model_repository", "health", "dynamic_batching"]
+EXTENSIONS = ["model_repository", "health", "dynamic_batching", "system_shared_memory"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self.runtime = runtime
         self.max_batch_size = max_batch_size
         self.control = control or RepositoryControl(enabled=False)
+        self.shared = SharedMemoryRegistry()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:  # noqa: N802,E501
         return pb.ServerLiveResponse(live=True)
@@ -80,10 +82,25 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:  # noqa: N802,E501
         model = self.runtime.model(request.model_name, request.model_version)
-        inputs = request_to_inputs(request, model.engine.inputs, self.max_batch_size)  # the largest *request*
+        inputs = request_to_inputs(request, model.engine.inputs, self.max_batch_size, self.shared)  # largest *request*
         names = requested_outputs(request, model.engine.outputs)
         version, outputs = await self.runtime.infer(request.model_name, request.model_version, inputs)
-        return outputs_to_response(request, version, outputs, names)
+        return outputs_to_response(request, version, outputs, names, self.shared)
+
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:  # noqa: N802,E501
+        self.shared.register(request.name, request.key, int(request.offset), int(request.byte_size))
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:  # noqa: N802,E501
+        self.shared.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryStatusResponse:  # noqa: N802,E501
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.shared.status(request.name):
+            response.regions[region.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size))
+        return response
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:  # noqa: N802,E501
         status = self.runtime.status()
