@@ -206,9 +206,13 @@ class ModelRuntime:
             try:
                 name, wanted = self.read_desired()
                 target = wanted
-                if self.serving is None:
-                    await self._serve_last_good(name, wanted)
-                version = await asyncio.to_thread(self._resolve, name, wanted)
+                warm = await self._serve_last_good(name, wanted) if self.serving is None else None
+                try:
+                    version = await asyncio.to_thread(self._resolve, name, wanted)
+                except Exception:
+                    if warm is not None:  # S3 cannot say what is desired now: the last good version is our best
+                        self.desired_version = warm
+                    raise
                 target = version
                 self.desired_version = version
                 if self.serving is not None and self.serving.version == version and self.serving.name == name:
@@ -236,24 +240,27 @@ class ModelRuntime:
             self.cache.record_sequence(name, wanted, pointer.sequence)
         return version
 
-    async def _serve_last_good(self, name: str, wanted: str) -> None:
-        """At start-up, serve the last good version from the cache before asking S3 anything, so a restarted pod
-        with a warm cache is ready within seconds even when S3 hangs; the cycle then moves on to what is desired
-        now, and this version keeps serving until that one passed validation."""
+    async def _serve_last_good(self, name: str, wanted: str) -> str | None:
+        """At start-up, serve the last good version from the cache before asking S3 anything (returns it), so a
+        restarted pod answers requests at once and keeps answering while it validates what is desired now.
+
+        It does not make the pod Ready by itself: readiness waits until S3 says which version is desired (it may be
+        this one), or, when S3 cannot be reached or hangs, falls back to this version (see :meth:`reconcile`)."""
         state = self.cache.load_state()
         if not state or state.get("name") != name or state.get("desired") != wanted:
-            return
+            return None
         try:
             version = check_name(state.get("version"), "cached version")
             if self.cache.cached_manifest(name, version) is None:
-                return
-            self.desired_version = version
+                return None
             await self._bring_up(name, version, offline=True)
             log.info("serving the last good version %s/%s from the cache", name, version)
+            return version
         except Exception as exc:  # noqa: BLE001 - a bad cache must not stop the normal path
             log.warning("could not serve the cached last good version: %s", describe(exc))
             self._report("failed", {"version": state.get("version"), "error": f"cached last good version: "
                                     f"{describe(exc)}", "error_kind": type(exc).__name__})
+            return None
 
     async def _bring_up(self, name: str, version: str, *, offline: bool = False) -> CycleResult:
         started = time.monotonic()

@@ -29,8 +29,10 @@ class EdgeSettings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint; unset for AWS S3")
     s3_bucket: str = Field("edgeloop", description="bucket")
     s3_prefix: str = Field("", description="key prefix before models/")
-    s3_connect_timeout_s: float = Field(3.0, gt=0, description="S3 connect timeout, seconds")
-    s3_read_timeout_s: float = Field(5.0, gt=0, description="S3 read timeout, seconds (a hung endpoint costs this)")
+    s3_connect_timeout_s: float = Field(2.0, gt=0, description="S3 connect timeout, seconds")
+    s3_read_timeout_s: float = Field(
+        3.0, gt=0, description="S3 read timeout: longest silence within a response, seconds (what a hung endpoint "
+                               "costs per attempt)")
     s3_max_attempts: int = Field(2, ge=1, description="boto3 attempts per S3 request (downloads also resume)")
     verify_key_file: Path | None = Field(
         None, description="ed25519 public key (PEM) trusted for manifests; else EDGELOOP_VERIFY_KEY[_FILE]")
