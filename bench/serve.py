@@ -1,0 +1,650 @@
+"""Serving benchmark: edgeloop against the servers users would pick instead, on the same ONNX file and the same cores.
+
+    .venv/bin/python bench/serve.py [--levels 1,8,32] [--requests 2000] [--servers edgeloop,kserve,triton]
+                                    [--plot bench/serve.png] [--out bench/serve.md]
+
+Each server runs as its own process pinned to core 0; this process, the load generator, is pinned to core 1. One
+load generator for all: a lean one that pre-serializes the Open Inference Protocol request once and keeps
+``concurrency`` calls in flight on one grpc.aio channel (so the client costs as little CPU as possible), plus a
+tritonclient check that each server answers correctly. Servers:
+
+* **edgeloop** — ``edgeloop edge serve`` on the model published to a SeaweedFS on loopback (FP32 variant, ONNX
+  Runtime, default batching: max 16, no queue delay), and **edgeloop, batching off** (max batch 1);
+* **KServe** — ``kserve`` 0.21 in its own virtualenv (``KSERVE_PYTHON``, default ``/tmp/kserve-venv/bin/python``),
+  a model class over ONNX Runtime, gRPC v2;
+* **Triton** — the ``tritonserver`` binary inside the ``nvidia-pytriton`` wheel (``TRITON_VENV``, default
+  ``/tmp/triton-venv``), Python backend over ONNX Runtime, dynamic batching on (max 16);
+* **in-process ONNX Runtime** on the same core: the ceiling.
+
+Reported per server, model and concurrency: requests/s, p50/p99 ms, server CPU per request (from /proc, the whole
+process tree), mean formed batch (edgeloop's and Triton's metrics), and ratios against KServe and in-process ORT.
+Also a 3×224×224 FP32 input through protobuf bytes against system shared memory (edgeloop). Writes a markdown
+table and a plot. Never part of the test run; servers missing here are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SERVER_CORE, CLIENT_CORE = 0, 1
+KSERVE_PYTHON = os.environ.get("KSERVE_PYTHON", "/tmp/kserve-venv/bin/python")
+TRITON_VENV = Path(os.environ.get("TRITON_VENV", "/tmp/triton-venv"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of ``pid`` and every descendant, seconds."""
+    total, ticks = 0.0, os.sysconf("SC_CLK_TCK")
+    pids, seen = [pid], set()
+    while pids:
+        p = pids.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            pids.extend(int(c) for c in children)
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def wait_port(port: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def build_models(work: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """The small CNN (digits, 1×8×8) and a large CNN (~48 M MAC, 3×64×64), FP32, dynamic batch, seeded."""
+    import torch
+    from torch import nn
+
+    from components.export import export_onnx
+    from components.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    small = export_onnx(build_model(ModelSpec("cnn", 1, 8, 10)).eval(), work / "small.onnx", (1, 8, 8))
+    large_net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                              nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(64, 10)).eval()
+    large = export_onnx(large_net, work / "large.onnx", (3, 64, 64))
+    return {"small": (small, (1, 8, 8)), "large": (large, (3, 64, 64))}
+
+
+def request_bytes(model: str, shape: tuple[int, ...], seed: int = 0) -> bytes:
+    """One batch-1 ModelInferRequest, serialized once."""
+    from edge_runtime.protos import inference_pb2 as pb
+
+    x = np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    return request.SerializeToString()
+
+
+async def drive(address: str, payload: bytes, concurrency: int, count: int) -> tuple[list[float], float, int]:
+    """``count`` calls with ``concurrency`` in flight; (latencies ms, seconds, errors)."""
+    import grpc
+
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        for _ in range(20):  # warm-up
+            await call(payload, timeout=30)
+        remaining = count
+
+        async def worker() -> None:
+            nonlocal remaining, errors
+            while remaining > 0:
+                remaining -= 1
+                started = time.perf_counter()
+                try:
+                    await call(payload, timeout=30)
+                    latencies.append((time.perf_counter() - started) * 1e3)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, time.perf_counter() - started, errors
+
+
+class Server:
+    """A server process pinned to the server core."""
+
+    name = "server"
+    model = "model"
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.port = free_port()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def launch(self, argv: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(["taskset", "-c", str(SERVER_CORE), *argv], env=env or os.environ.copy(),
+                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def mean_batch(self) -> float | None:
+        return None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+
+
+class Edgeloop(Server):
+    def __init__(self, s3, bucket: str, model: str, work: Path, max_batch: int) -> None:  # noqa: ANN001
+        super().__init__()
+        self.name = "edgeloop" if max_batch > 1 else "edgeloop, batching off"
+        self.model = model
+        self.metrics_port = free_port()
+        env = {**os.environ, **s3.env(), "EDGELOOP_VERIFY_KEY_FILE": str(work / "keys" / "verify-key.pem"),
+               "EDGE_MAX_BATCH_SIZE": str(max_batch), "EDGE_DEVICE_ID": "bench", "EDGE_VARIANT": "fp32",
+               # one ONNX Runtime thread, like the other servers here: ORT pins its own workers to cores, which
+               # would escape the server's one-core taskset
+               "EDGE_ORT_INTRA_OP_THREADS": "1",
+               "EDGE_TELEMETRY_INTERVAL_S": "3600"}
+        cache = work / f"cache-{model}-{max_batch}"
+        self.launch([str(ROOT / ".venv/bin/edgeloop"), "edge", "serve", "--s3-endpoint", s3.endpoint_url,
+                     "--bucket", bucket, "--model", model, "--version", "stable", "--cache-dir", str(cache),
+                     "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port), "--log-level",
+                     "WARNING"], env, work / f"edgeloop-{model}-{max_batch}.log")
+
+    def ready(self) -> None:
+        import tritonclient.grpc as triton
+
+        wait_port(self.port)
+        client = triton.InferenceServerClient(self.address)
+        deadline = time.monotonic() + 120
+        while not client.is_server_ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError("edgeloop did not become ready")
+            time.sleep(0.2)
+
+    def _histogram(self) -> tuple[float, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                  if line.startswith(("edgeloop_batch_size_sum", "edgeloop_batch_size_count"))}
+        return values.get("edgeloop_batch_size_sum", 0.0), values.get("edgeloop_batch_size_count", 0.0)
+
+    def mark(self) -> None:
+        self._mark = self._histogram()
+
+    def mean_batch(self) -> float | None:
+        total, runs = self._histogram()
+        return (total - self._mark[0]) / max(runs - self._mark[1], 1)
+
+
+KSERVE_MODEL = textwrap.dedent('''
+    import argparse, numpy as np, onnxruntime as ort
+    import kserve
+    from kserve import InferResponse, InferOutput
+
+    class OnnxModel(kserve.Model):
+        def __init__(self, name, path):
+            super().__init__(name)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            self.ready = True
+
+        def predict(self, payload, headers=None):
+            x = payload.inputs[0].as_numpy()
+            (y,) = self.session.run(None, {"input": x})
+            out = InferOutput(name="logits", shape=list(y.shape), datatype="FP32")
+            out.set_data_from_numpy(y)
+            return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id)
+
+    if __name__ == "__main__":
+        parser = argparse.ArgumentParser(parents=[kserve.model_server.parser])
+        parser.add_argument("--onnx")
+        args, _ = parser.parse_known_args()
+        model = OnnxModel(args.model_name, args.onnx)
+        kserve.ModelServer(workers=1).start([model])
+''')
+
+
+class KServe(Server):
+    name = "KServe 0.21"
+
+    def __init__(self, model: str, onnx: Path, work: Path) -> None:
+        super().__init__()
+        self.model = model
+        script = work / "kserve_model.py"
+        script.write_text(KSERVE_MODEL)
+        self.launch([KSERVE_PYTHON, str(script), "--model_name", model, "--onnx", str(onnx), "--grpc_port",
+                     str(self.port), "--http_port", str(free_port())], log=work / f"kserve-{model}.log")
+
+    def ready(self) -> None:
+        wait_port(self.port)
+        time.sleep(1.0)
+
+
+TRITON_MODEL = textwrap.dedent('''
+    import numpy as np, onnxruntime as ort
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = ort.InferenceSession("ONNX_PATH", options, providers=["CPUExecutionProvider"])
+
+        def execute(self, requests):
+            xs = [pb_utils.get_input_tensor_by_name(r, "input").as_numpy() for r in requests]
+            (y,) = self.session.run(None, {"input": np.concatenate(xs)})
+            out, offset = [], 0
+            for x in xs:
+                part = y[offset: offset + len(x)]
+                offset += len(x)
+                out.append(pb_utils.InferenceResponse([pb_utils.Tensor("logits", part)]))
+            return out
+''')
+
+
+class Triton(Server):
+    name = "Triton (Python backend)"
+
+    def __init__(self, model: str, onnx: Path, shape: tuple[int, ...], work: Path) -> None:
+        super().__init__()
+        self.model = model
+        site = next(TRITON_VENV.glob("lib/python3*/site-packages"))
+        home = site / "pytriton" / "tritonserver"
+        repo = work / f"triton-repo-{model}"
+        (repo / model / "1").mkdir(parents=True, exist_ok=True)
+        (repo / model / "1" / "model.py").write_text(TRITON_MODEL.replace("ONNX_PATH", str(onnx)))
+        dims = ", ".join(str(d) for d in shape)
+        (repo / model / "config.pbtxt").write_text(
+            f'name: "{model}"\nbackend: "python"\nmax_batch_size: 16\n'
+            f'input [{{ name: "input" data_type: TYPE_FP32 dims: [{dims}] }}]\n'
+            f'output [{{ name: "logits" data_type: TYPE_FP32 dims: [10] }}]\n'
+            'dynamic_batching { max_queue_delay_microseconds: 500 }\n'
+            'instance_group [{ count: 1 kind: KIND_CPU }]\n')
+        backends = work / "triton-backends"
+        if not backends.exists():
+            shutil.copytree(home / "backends", backends)
+            py = f"{sys.version_info.major}.{sys.version_info.minor}"
+            shutil.copy(home / "python_backend_stubs" / py / "triton_python_backend_stub", backends / "python")
+        import sysconfig
+
+        libs = [str(site / "nvidia_pytriton.libs"), str(sysconfig.get_config_var("LIBDIR"))]
+        env = {**os.environ, "LD_LIBRARY_PATH": ":".join([*libs, os.environ.get("LD_LIBRARY_PATH", "")]),
+               "PATH": f"{TRITON_VENV / 'bin'}:{os.environ['PATH']}"}
+        self.metrics_port = free_port()
+        self.launch([str(home / "bin" / "tritonserver"), f"--model-repository={repo}",
+                     f"--backend-directory={backends}", f"--grpc-port={self.port}", f"--http-port={free_port()}",
+                     f"--metrics-port={self.metrics_port}", "--log-verbose=0"], env, work / f"triton-{model}.log")
+
+    def ready(self) -> None:
+        import tritonclient.grpc as triton
+
+        wait_port(self.port, 180)
+        client = triton.InferenceServerClient(self.address)
+        deadline = time.monotonic() + 180
+        while not client.is_model_ready(self.model):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("tritonserver did not load the model (see its log)")
+            time.sleep(0.3)
+
+    def _counts(self) -> tuple[float, float]:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        except OSError:  # this build may have no metrics endpoint (CPU-only): the formed batch stays unknown
+            return 0.0, 0.0
+        requests = sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith("nv_inference_request_success"))
+        execs = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("nv_inference_exec_count"))
+        return requests, execs
+
+    def mark(self) -> None:
+        self._mark = self._counts()
+
+    def mean_batch(self) -> float | None:
+        requests, execs = self._counts()
+        if execs - self._mark[1] <= 0:
+            return None
+        return (requests - self._mark[0]) / (execs - self._mark[1])
+
+
+def in_process_ort(path: Path, shape: tuple[int, ...]) -> tuple[float, float]:
+    """Samples/s of ONNX Runtime in this process on the server core: batch 1, and the best of batch 16."""
+    import onnxruntime as ort
+
+    os.sched_setaffinity(0, {SERVER_CORE})
+    try:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        rates = []
+        for batch in (1, 16):
+            x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+            for _ in range(20):
+                session.run(None, {"input": x})
+            runs, started = 0, time.perf_counter()
+            while time.perf_counter() - started < 2.0:
+                session.run(None, {"input": x})
+                runs += 1
+            rates.append(runs * batch / (time.perf_counter() - started))
+        return rates[0], rates[1]
+    finally:
+        os.sched_setaffinity(0, {CLIENT_CORE})
+
+
+def check_answers(server: Server, shape: tuple[int, ...], onnx: Path) -> None:
+    """tritonclient gets the same logits as ONNX Runtime on the file (every server must be right, not only fast)."""
+    import onnxruntime as ort
+    import tritonclient.grpc as triton
+
+    x = np.random.default_rng(7).standard_normal((1, *shape)).astype(np.float32)
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    got = triton.InferenceServerClient(server.address).infer(server.model, [tensor]).as_numpy("logits")
+    (expected,) = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+def measure(server: Server, payload: bytes, levels: list[int], count: int) -> list[dict]:
+    rows = []
+    for concurrency in levels:
+        if hasattr(server, "mark"):
+            server.mark()
+        cpu_before = cpu_seconds(server.process.pid)
+        latencies, seconds, errors = asyncio.run(drive(server.address, payload, concurrency, count))
+        cpu = cpu_seconds(server.process.pid) - cpu_before
+        done = len(latencies)
+        rows.append({"server": server.name, "concurrency": concurrency, "rps": done / seconds,
+                     "p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99)),
+                     "cpu_us": cpu / max(done, 1) * 1e6, "batch": server.mean_batch(), "errors": errors})
+        print(f"  {server.name:26s} c={concurrency:<3d} {rows[-1]['rps']:8.0f} req/s  p50 {rows[-1]['p50']:.2f} ms  "
+              f"cpu/req {rows[-1]['cpu_us']:.0f} µs  batch {rows[-1]['batch'] or '-'}  errors {errors}", flush=True)
+    return rows
+
+
+AREAS = (("grpc/_cython", "grpc core (C)"), ("grpc/aio", "grpc.aio"), ("google/protobuf", "protobuf"),
+         ("asyncio", "asyncio"), ("onnxruntime", "ONNX Runtime"), ("edge_runtime/serve", "edgeloop serve"),
+         ("edge_runtime", "edgeloop other"), ("prometheus_client", "metrics"), ("numpy", "numpy"),
+         ("concurrent/futures", "engine thread hand-off"), ("threading", "engine thread hand-off"))
+
+
+def profile(server: Server, payload: bytes, concurrency: int, work: Path) -> list[tuple[str, float]]:
+    """Sample the server with py-spy under load; the share of samples per area (by the innermost known frame)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out = work / "profile.txt"
+    recorder = subprocess.Popen([spy, "record", "-p", str(server.process.pid), "-d", "6", "-r", "250", "-f", "raw",
+                                 "-o", str(out), "--nonblocking", "--subprocesses"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        asyncio.run(drive(server.address, payload, concurrency, 1000))
+    recorder.wait(30)
+    counts: dict[str, float] = {}
+    total = 0.0
+    for line in out.read_text().splitlines() if out.exists() else []:
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        area = next((name for frame in reversed(frames) for key, name in AREAS if key in frame), "other")
+        counts[area] = counts.get(area, 0.0) + float(n)
+        total += float(n)
+    return sorted(((a, c / total) for a, c in counts.items()), key=lambda kv: -kv[1]) if total else []
+
+
+def shared_memory_vs_bytes(edge: Edgeloop, count: int, concurrency: int = 8) -> dict[str, float]:
+    """req/s for a 3×224×224 FP32 input as protobuf bytes and through system shared memory (edgeloop)."""
+    import tritonclient.utils.shared_memory as shm
+
+    from edge_runtime.protos import inference_pb2 as pb
+
+    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    as_bytes = pb.ModelInferRequest(model_name=edge.model)
+    as_bytes.inputs.add(name="input", datatype="FP32", shape=x.shape)
+    as_bytes.raw_input_contents.append(x.tobytes())
+    handle = shm.create_shared_memory_region("frame", "/edgeloop_bench_frame", x.nbytes)
+    shm.set_shared_memory_region(handle, [x])
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(edge.address)
+    client.register_system_shared_memory("frame", "/edgeloop_bench_frame", x.nbytes)
+    via_shm = pb.ModelInferRequest(model_name=edge.model)
+    tensor = via_shm.inputs.add(name="input", datatype="FP32", shape=x.shape)
+    tensor.parameters["shared_memory_region"].string_param = "frame"
+    tensor.parameters["shared_memory_byte_size"].int64_param = x.nbytes
+    try:
+        result = {}
+        for label, request in (("protobuf bytes", as_bytes), ("shared memory", via_shm)):
+            latencies, seconds, _ = asyncio.run(drive(edge.address, request.SerializeToString(), concurrency, count))
+            result[label] = len(latencies) / seconds
+        return result
+    finally:
+        client.unregister_system_shared_memory("frame")
+        shm.destroy_shared_memory_region(handle)
+
+
+def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--servers", default="edgeloop,edgeloop-nobatch,kserve,triton")
+    parser.add_argument("--models", default="small,large")
+    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "serve.png")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "serve.md")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the edgeloop server at the highest concurrency and print where its CPU goes")
+    args = parser.parse_args()
+    levels = [int(v) for v in args.levels.split(",")]
+    wanted = set(args.servers.split(","))
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("needs two cores: one for the server, one for the load generator")
+    os.sched_setaffinity(0, {CLIENT_CORE})
+
+    from components.publish import publish_version
+    from edge_runtime.contract import (
+        ArtifactLayout,
+        Manifest,
+        TensorSpec,
+        Validation,
+        Variant,
+        generate_signing_key,
+        load_signing_key,
+        sha256_file,
+    )
+    from edgeloop.local_s3 import LocalS3
+
+    rows: list[dict] = []
+    ceilings: dict[str, tuple[float, float]] = {}
+    skipped: list[str] = []
+    shm_result: dict[str, float] = {}
+    profiles: dict[str, list[tuple[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgeloop-bench-serve-") as tmp:
+        work = Path(tmp)
+        models = build_models(work)
+        generate_signing_key(work / "keys")
+        with LocalS3(work / "s3") as s3:
+            store = s3.store("bench")
+            for model in args.models.split(","):
+                onnx, shape = models[model]
+                stage = work / f"stage-{model}"
+                stage.mkdir()
+                shutil.copy(onnx, stage / "fp32.onnx")
+                x = np.random.default_rng(0).standard_normal((32, *shape)).astype(np.float32)
+                import onnxruntime as ort
+
+                (y,) = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+                np.savez(stage / "validation.npz", **{"input:input": x, "reference:logits": y})
+                ref = {f: dict(zip(("sha256", "size_bytes"), sha256_file(stage / f), strict=True))
+                       for f in ("fp32.onnx", "validation.npz")}
+                from datetime import datetime, timezone
+
+                manifest = Manifest(
+                    name=model, version="v1", created_at=datetime.now(timezone.utc),
+                    inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, *shape])],
+                    outputs=[TensorSpec(name="logits", datatype="FP32", shape=[-1, 10])],
+                    variants=[Variant(file="fp32.onnx", name="fp32", precision="fp32",
+                                      backends=["tensorrt", "onnxruntime"], **ref["fp32.onnx"])],
+                    validation=Validation(file="validation.npz", metric="output_agreement", num_samples=32,
+                                          reference={"fp32": 1.0}, tolerance=0.01, **ref["validation.npz"]))
+                publish_version(store, manifest, stage, load_signing_key(work / "keys" / "signing-key.pem"),
+                                layout=ArtifactLayout(), channel="stable")
+                ceilings[model] = in_process_ort(onnx, shape)
+                print(f"{model}: in-process ONNX Runtime on one core: {ceilings[model][0]:.0f} samples/s at batch 1, "
+                      f"{ceilings[model][1]:.0f} at batch 16", flush=True)
+                payload = request_bytes(model, shape)
+                candidates = []
+                if "edgeloop" in wanted:
+                    candidates.append(lambda m=model: Edgeloop(s3, "bench", m, work, 16))
+                if "edgeloop-nobatch" in wanted:
+                    candidates.append(lambda m=model: Edgeloop(s3, "bench", m, work, 1))
+                if "kserve" in wanted:
+                    if Path(KSERVE_PYTHON).exists():
+                        candidates.append(lambda m=model, o=onnx: KServe(m, o, work))
+                    else:
+                        skipped.append(f"KServe: no {KSERVE_PYTHON} (python -m venv /tmp/kserve-venv && "
+                                       f"/tmp/kserve-venv/bin/pip install kserve onnxruntime)")
+                if "triton" in wanted:
+                    if TRITON_VENV.exists():
+                        candidates.append(lambda m=model, o=onnx, sh=shape: Triton(m, o, sh, work))
+                    else:
+                        skipped.append(f"Triton: no {TRITON_VENV} (a venv with nvidia-pytriton, numpy<2, onnxruntime)")
+                for make in candidates:
+                    server = make()
+                    try:
+                        server.ready()
+                        check_answers(server, shape, onnx)
+                        for row in measure(server, payload, levels, args.requests):
+                            rows.append({**row, "model": model})
+                        if args.profile and server.name == "edgeloop":
+                            profiles[model] = profile(server, payload, max(levels), work)
+                    except Exception as exc:  # noqa: BLE001 - a server that fails here is reported, not fatal
+                        skipped.append(f"{server.name} ({model}): {type(exc).__name__}: {exc}")
+                    finally:
+                        server.stop()
+            if "edgeloop" in wanted:
+                onnx224 = work / "image224.onnx"
+                from torch import nn
+
+                from components.export import export_onnx
+
+                export_onnx(nn.Sequential(nn.Conv2d(3, 8, 7, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                          nn.Flatten(), nn.Linear(8, 10)).eval(), onnx224, (3, 224, 224))
+                stage = work / "stage-image"
+                stage.mkdir()
+                shutil.copy(onnx224, stage / "fp32.onnx")
+                x = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
+                (y,) = ort.InferenceSession(str(onnx224), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+                np.savez(stage / "validation.npz", **{"input:input": x, "reference:logits": y})
+                ref = {f: dict(zip(("sha256", "size_bytes"), sha256_file(stage / f), strict=True))
+                       for f in ("fp32.onnx", "validation.npz")}
+                manifest = Manifest(
+                    name="image", version="v1", created_at=datetime.now(timezone.utc),
+                    inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 3, 224, 224])],
+                    outputs=[TensorSpec(name="logits", datatype="FP32", shape=[-1, 10])],
+                    variants=[Variant(file="fp32.onnx", name="fp32", precision="fp32",
+                                      backends=["tensorrt", "onnxruntime"], **ref["fp32.onnx"])],
+                    validation=Validation(file="validation.npz", metric="output_agreement", num_samples=8,
+                                          reference={"fp32": 1.0}, tolerance=0.01, **ref["validation.npz"]))
+                publish_version(store, manifest, stage, load_signing_key(work / "keys" / "signing-key.pem"),
+                                layout=ArtifactLayout(), channel="stable")
+                edge = Edgeloop(s3, "bench", "image", work, 16)
+                try:
+                    edge.ready()
+                    shm_result = shared_memory_vs_bytes(edge, min(args.requests, 1000))
+                    print(f"3x224x224 FP32 at c=8: {shm_result}", flush=True)
+                finally:
+                    edge.stop()
+
+    kserve = {(r["model"], r["concurrency"]): r["rps"] for r in rows if r["server"].startswith("KServe")}
+    lines = ["| model | server | c | req/s | p50 ms | p99 ms | server CPU µs/req | mean batch | ÷ KServe | "
+             "÷ in-process ORT |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        k = kserve.get((r["model"], r["concurrency"]))
+        best = ceilings[r["model"]][1]
+        batch = "" if r["batch"] is None else f"{r['batch']:.1f}"
+        versus = f"{r['rps'] / k:.2f}x" if k else ""
+        lines.append(f"| {r['model']} | {r['server']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50']:.2f} | "
+                     f"{r['p99']:.2f} | {r['cpu_us']:.0f} | {batch} | {versus} | {r['rps'] / best:.2f} |")
+    lines.append("")
+    for model, (b1, b16) in ceilings.items():
+        lines.append(f"- in-process ONNX Runtime, one core, {model}: {b1:.0f} samples/s at batch 1, {b16:.0f} at "
+                     f"batch 16")
+    if shm_result:
+        ratio = shm_result["shared memory"] / max(shm_result["protobuf bytes"], 1e-9)
+        lines.append(f"- 3×224×224 FP32 input at c=8 (edgeloop): {shm_result['protobuf bytes']:.0f} req/s as protobuf "
+                     f"bytes, {shm_result['shared memory']:.0f} req/s through shared memory ({ratio:.2f}x)")
+    for reason in skipped:
+        lines.append(f"- skipped: {reason}")
+    for model, shares in profiles.items():
+        top = ", ".join(f"{area} {share:.0%}" for area, share in shares[:8])
+        lines.append(f"- where edgeloop's server CPU goes ({model}, py-spy, c={max(levels)}): {top}")
+    table = "\n".join(lines)
+    print(table)
+    args.out.write_text(table + "\n")
+    write_plot(rows, args.plot)
+    print(f"wrote {args.out} and {args.plot}")
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for server in dict.fromkeys(r["server"] for r in rows if r["model"] == model):
+            mine = [r for r in rows if r["model"] == model and r["server"] == server]
+            ax.plot([r["concurrency"] for r in mine], [r["rps"] for r in mine], marker="o", label=server)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("requests/s (server on one core)")
+        ax.set_title(model)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
