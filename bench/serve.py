@@ -460,6 +460,44 @@ def shared_memory_vs_bytes(edge: Edgeloop, count: int, concurrency: int = 8) -> 
         shm.destroy_shared_memory_region(handle)
 
 
+def publish_fp32(store, work: Path, name: str, onnx: Path, shape: tuple[int, ...], samples: int = 32) -> None:  # noqa: ANN001
+    """Publish ``onnx`` as version ``v1`` of ``name`` on channel ``stable`` (one FP32 variant, validated by output
+    agreement on ``samples`` random inputs), signed with the benchmark's key."""
+    from datetime import datetime, timezone
+
+    import onnxruntime as ort
+
+    from components.publish import publish_version
+    from edge_runtime.contract import (
+        ArtifactLayout,
+        Manifest,
+        TensorSpec,
+        Validation,
+        Variant,
+        load_signing_key,
+        sha256_file,
+    )
+
+    stage = work / f"stage-{name}"
+    stage.mkdir()
+    shutil.copy(onnx, stage / "fp32.onnx")
+    x = np.random.default_rng(0).standard_normal((samples, *shape)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    np.savez(stage / "validation.npz", **{"input:input": x, "reference:logits": y})
+    ref = {f: dict(zip(("sha256", "size_bytes"), sha256_file(stage / f), strict=True))
+           for f in ("fp32.onnx", "validation.npz")}
+    manifest = Manifest(
+        name=name, version="v1", created_at=datetime.now(timezone.utc),
+        inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, *shape])],
+        outputs=[TensorSpec(name="logits", datatype="FP32", shape=[-1, 10])],
+        variants=[Variant(file="fp32.onnx", name="fp32", precision="fp32", backends=["tensorrt", "onnxruntime"],
+                          **ref["fp32.onnx"])],
+        validation=Validation(file="validation.npz", metric="output_agreement", num_samples=samples,
+                              reference={"fp32": 1.0}, tolerance=0.01, **ref["validation.npz"]))
+    publish_version(store, manifest, stage, load_signing_key(work / "keys" / "signing-key.pem"),
+                    layout=ArtifactLayout(), channel="stable")
+
+
 def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="1,8,32")
@@ -477,17 +515,7 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
         sys.exit("needs two cores: one for the server, one for the load generator")
     os.sched_setaffinity(0, {CLIENT_CORE})
 
-    from components.publish import publish_version
-    from edge_runtime.contract import (
-        ArtifactLayout,
-        Manifest,
-        TensorSpec,
-        Validation,
-        Variant,
-        generate_signing_key,
-        load_signing_key,
-        sha256_file,
-    )
+    from edge_runtime.contract import generate_signing_key
     from edgeloop.local_s3 import LocalS3
 
     rows: list[dict] = []
@@ -503,28 +531,7 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
             store = s3.store("bench")
             for model in args.models.split(","):
                 onnx, shape = models[model]
-                stage = work / f"stage-{model}"
-                stage.mkdir()
-                shutil.copy(onnx, stage / "fp32.onnx")
-                x = np.random.default_rng(0).standard_normal((32, *shape)).astype(np.float32)
-                import onnxruntime as ort
-
-                (y,) = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})
-                np.savez(stage / "validation.npz", **{"input:input": x, "reference:logits": y})
-                ref = {f: dict(zip(("sha256", "size_bytes"), sha256_file(stage / f), strict=True))
-                       for f in ("fp32.onnx", "validation.npz")}
-                from datetime import datetime, timezone
-
-                manifest = Manifest(
-                    name=model, version="v1", created_at=datetime.now(timezone.utc),
-                    inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, *shape])],
-                    outputs=[TensorSpec(name="logits", datatype="FP32", shape=[-1, 10])],
-                    variants=[Variant(file="fp32.onnx", name="fp32", precision="fp32",
-                                      backends=["tensorrt", "onnxruntime"], **ref["fp32.onnx"])],
-                    validation=Validation(file="validation.npz", metric="output_agreement", num_samples=32,
-                                          reference={"fp32": 1.0}, tolerance=0.01, **ref["validation.npz"]))
-                publish_version(store, manifest, stage, load_signing_key(work / "keys" / "signing-key.pem"),
-                                layout=ArtifactLayout(), channel="stable")
+                publish_fp32(store, work, model, onnx, shape)
                 ceilings[model] = in_process_ort(onnx, shape)
                 print(f"{model}: in-process ONNX Runtime on one core: {ceilings[model][0]:.0f} samples/s at batch 1, "
                       f"{ceilings[model][1]:.0f} at batch 16", flush=True)
@@ -566,24 +573,7 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
 
                 export_onnx(nn.Sequential(nn.Conv2d(3, 8, 7, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                           nn.Flatten(), nn.Linear(8, 10)).eval(), onnx224, (3, 224, 224))
-                stage = work / "stage-image"
-                stage.mkdir()
-                shutil.copy(onnx224, stage / "fp32.onnx")
-                x = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
-                (y,) = ort.InferenceSession(str(onnx224), providers=["CPUExecutionProvider"]).run(None, {"input": x})
-                np.savez(stage / "validation.npz", **{"input:input": x, "reference:logits": y})
-                ref = {f: dict(zip(("sha256", "size_bytes"), sha256_file(stage / f), strict=True))
-                       for f in ("fp32.onnx", "validation.npz")}
-                manifest = Manifest(
-                    name="image", version="v1", created_at=datetime.now(timezone.utc),
-                    inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 3, 224, 224])],
-                    outputs=[TensorSpec(name="logits", datatype="FP32", shape=[-1, 10])],
-                    variants=[Variant(file="fp32.onnx", name="fp32", precision="fp32",
-                                      backends=["tensorrt", "onnxruntime"], **ref["fp32.onnx"])],
-                    validation=Validation(file="validation.npz", metric="output_agreement", num_samples=8,
-                                          reference={"fp32": 1.0}, tolerance=0.01, **ref["validation.npz"]))
-                publish_version(store, manifest, stage, load_signing_key(work / "keys" / "signing-key.pem"),
-                                layout=ArtifactLayout(), channel="stable")
+                publish_fp32(store, work, "image", onnx224, (3, 224, 224), samples=8)
                 edge = Edgeloop(s3, "bench", "image", work, 16)
                 try:
                     edge.ready()
