@@ -41,6 +41,9 @@ class HubSettings(BaseSettings):
     tls_key_file: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca_file: Path | None = Field(
         None, description="CA (PEM) for client certificates: set, every device must present one (mutual TLS)")
+    max_concurrent_rpcs: int = Field(
+        64, gt=0, description="calls in progress at once; more get RESOURCE_EXHAUSTED at once (devices back off) "
+                              "instead of queueing until they time out")
 
 
 READER = None
@@ -135,7 +138,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
 async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tuple[grpc.aio.Server, int, HubStore]:
     """Start the hub; returns ``(server, bound port, store)``."""
     store = store or HubStore(settings.database_url)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     telemetry_pb2_grpc.add_TelemetryHubServicer_to_server(TelemetryServicer(store, load_tokens(settings)), server)
     address = f"{settings.bind_address}:{settings.port}"
     if settings.tls_cert_file or settings.tls_key_file:

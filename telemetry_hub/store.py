@@ -22,11 +22,9 @@ from sqlalchemy import (
     Text,
     create_engine,
     func,
-    insert,
     inspect,
     select,
     text,
-    update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -174,13 +172,15 @@ class HubStore:
             log.warning("device %s sent %d malformed events; acknowledged, not stored", device_id, len(malformed))
             batch = [e for e in batch if e.id not in malformed]
         now = int(time.time() * 1000)
+        insert_ = self._insert()
         with self.engine.begin() as conn:
-            seen = set(conn.execute(select(events.c.id).where(events.c.id.in_(ids))).scalars()) if ids else set()
-            fresh = [e for e in batch if e.id not in seen]
-            if fresh:
-                conn.execute(insert(events), [
-                    {"id": e.id, "device_id": device_id, "kind": e.kind, "ts_ms": e.timestamp_ms,
-                     "payload": e.payload_json, "received_ms": now} for e in fresh])
+            inserted: set[str] = set()
+            if batch:  # idempotent by event id, race-free across replicas: a resend or a racing twin inserts nothing
+                rows = [{"id": e.id, "device_id": device_id, "kind": e.kind, "ts_ms": e.timestamp_ms,
+                         "payload": e.payload_json, "received_ms": now} for e in batch]
+                statement = insert_(events).values(rows).on_conflict_do_nothing(index_elements=["id"])
+                inserted = set(conn.execute(statement.returning(events.c.id)).scalars())
+            fresh = [e for e in batch if e.id in inserted]
             changes: dict[str, Any] = {}
             for event in sorted(fresh, key=lambda e: e.timestamp_ms):
                 try:
@@ -190,13 +190,27 @@ class HubStore:
                     log.warning("event %s of %s has a payload the fleet view cannot use", event.id, device_id)
             if batch:
                 changes["last_seen_ms"] = max(e.timestamp_ms for e in batch)
-            exists = conn.execute(select(devices.c.device_id).where(devices.c.device_id == device_id)).first()
-            if exists:
-                if changes:
-                    conn.execute(update(devices).where(devices.c.device_id == device_id).values(**changes))
+            upsert = insert_(devices).values(device_id=device_id, **changes)
+            if changes:  # one statement, so a device's first two calls on two replicas cannot collide
+                latest = self._greatest(devices.c.last_seen_ms, upsert.excluded.last_seen_ms)
+                updates = {**{k: upsert.excluded[k] for k in changes}, "last_seen_ms": latest} \
+                    if "last_seen_ms" in changes else {k: upsert.excluded[k] for k in changes}
+                conn.execute(upsert.on_conflict_do_update(index_elements=["device_id"], set_=updates))
             else:
-                conn.execute(insert(devices).values(device_id=device_id, **changes))
-        return ids, len(seen)
+                conn.execute(upsert.on_conflict_do_nothing(index_elements=["device_id"]))
+        return ids, len(batch) - len(inserted)
+
+    def _insert(self):  # noqa: ANN202 - the dialect's insert construct (with ON CONFLICT)
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        elif self.engine.dialect.name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:
+            raise ConfigError(f"the hub supports SQLite and PostgreSQL, not {self.engine.dialect.name}")
+        return dialect_insert
+
+    def _greatest(self, a, b):  # noqa: ANN001, ANN202
+        return func.greatest(a, b) if self.engine.dialect.name == "postgresql" else func.max(a, b)
 
     def fleet(self) -> list[dict[str, Any]]:
         """Every device's latest state, by device id."""

@@ -226,3 +226,53 @@ def test_a_malformed_event_is_acknowledged_and_does_not_block_the_batch(hub_stor
     assert hub_store.count_events("jetson-7") == 2  # the malformed one is not stored
     row = next(r for r in hub_store.fleet() if r["device_id"] == "jetson-7")
     assert row["state"] == "serving"
+
+
+def test_racing_resends_and_first_calls_on_two_replicas_never_fail(hub_store):
+    """Two hub replicas on one database: the same batch arriving at both at once (a resend racing the original), and
+    a new device's first calls on both, store every event once and raise nothing."""
+    import threading
+
+    other = HubStore(str(hub_store.engine.url.render_as_string(hide_password=False)))
+    errors: list[BaseException] = []
+    for round_ in range(20):
+        device = f"racer-{round_}"
+        batch = [event("stats", i, state="serving", p50_ms=0.5) for i in range(5)]
+        barrier = threading.Barrier(2)
+
+        def send(store, batch=batch, device=device, barrier=barrier) -> None:  # noqa: ANN001
+            barrier.wait()
+            try:
+                ids, _ = store.ingest(device, batch)
+                assert ids == [e.id for e in batch]
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=send, args=(s,)) for s in (hub_store, other)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert hub_store.count_events(device) == 5
+    assert errors == []
+    devices = [r["device_id"] for r in hub_store.fleet() if r["device_id"].startswith("racer-")]
+    assert len(devices) == len(set(devices)) == 20
+
+
+def test_an_overloaded_hub_refuses_at_once_instead_of_queueing(tmp_path):
+    async def scenario():
+        settings = HubSettings(database_url=f"sqlite:///{tmp_path / 'h.sqlite'}", port=0, tokens="jetson-1:tok",
+                               max_concurrent_rpcs=1)
+        server, port, store = await start_hub(settings)
+        try:
+            results = await asyncio.gather(*(_report(port, "tok", "jetson-1") for _ in range(30)),
+                                           return_exceptions=True)
+        finally:
+            await server.stop(0)
+        codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        return results, codes, store
+
+    results, codes, store = asyncio.run(scenario())
+    assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED} and codes  # refused fast, nothing INTERNAL
+    accepted = [r for r in results if not isinstance(r, BaseException)]
+    assert store.count_events("jetson-1") == len(accepted) >= 1
