@@ -99,10 +99,15 @@ def status_command(
     namespace: Annotated[
         str, typer.Option("--namespace", "-n", help="namespace of the edge-runtime releases (--kube)")
     ] = "edgeloop",
+    state: Annotated[str, typer.Option(help="only devices in this state (serving, failed, ...)")] = "",
+    model: Annotated[str, typer.Option(help="only devices serving this model")] = "",
+    at_version: Annotated[str, typer.Option("--at-version", help="only devices wanting or serving this version")] = "",
+    stale_minutes: Annotated[int, typer.Option(help="only devices not seen for this many minutes")] = 0,
+    limit: Annotated[int, typer.Option(help="rows to print at most (the counts cover every device)")] = 200,
 ) -> None:
-    """Print every device: target key, desired and serving version, validation result, p50/p99, last seen."""
+    """Counts per state first, then the devices: target key, desired and serving version, validation, p50/p99."""
     from edge_runtime.errors import ConfigError
-    from telemetry_hub.server import fleet_status
+    from telemetry_hub.server import fleet_pages
 
     if kube:
         for table in kube_tables(namespace):
@@ -110,9 +115,29 @@ def status_command(
         return
     if not token:
         raise ConfigError("no token: pass --token or set HUB_READ_TOKEN (a reader token, not a device's)")
+    import time as _time
+
     from edge_runtime.telemetry import HubTls
 
-    console.print(fleet_table(asyncio.run(fleet_status(hub, token, HubTls(ca) if ca else None))))
+    filters = {"state": state, "model_name": model, "version": at_version,
+               "stale_since_ms": int((_time.time() - stale_minutes * 60) * 1000) if stale_minutes else 0}
+
+    async def collect():  # noqa: ANN202 - (first reply, devices)
+        first, devices = None, []
+        async for reply in fleet_pages(hub, token, HubTls(ca) if ca else None, **filters):
+            first = first or reply
+            devices.extend(reply.devices[: max(0, limit - len(devices))])
+            if len(devices) >= limit:
+                break
+        return first, devices
+
+    first, devices = asyncio.run(collect())
+    total = first.total if first else 0
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(first.state_counts.items())) if first else ""
+    console.print(f"{total} devices: {counts}" if counts else f"{total} devices")
+    console.print(fleet_table(devices))
+    if total > len(devices):
+        console.print(f"(first {len(devices)} of {total}: --limit shows more, the filters fewer)")
 
 
 @fleet_app.command("rollout")

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from pydantic import Field, SecretStr
@@ -123,8 +124,16 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
 
     async def FleetStatus(self, request: pb.FleetStatusRequest, context: grpc.aio.ServicerContext) -> pb.FleetStatusResponse:  # noqa: N802,E501
         self._authenticate(context, None)
-        rows = await asyncio.to_thread(self.store.fleet)
-        return pb.FleetStatusResponse(devices=[
+        if request.page_size < 0:
+            from edge_runtime.errors import InvalidInput
+
+            raise InvalidInput("page_size must not be negative")
+        size = min(request.page_size or PAGE_SIZE, MAX_PAGE_SIZE)
+        filters = {"state": request.state, "model_name": request.model_name, "version": request.version,
+                   "stale_since_ms": request.stale_since_ms}
+        rows = await asyncio.to_thread(self.store.fleet, limit=size + 1, after=request.page_token, **filters)
+        more, rows = len(rows) > size, rows[:size]
+        response = pb.FleetStatusResponse(next_page_token=rows[-1]["device_id"] if more else "", devices=[
             pb.DeviceStatus(device_id=r["device_id"], model_name=r["model_name"] or "",
                             target_key=r["target_key"] or "",
                             desired_version=r["desired_version"] or "", serving_version=r["serving_version"] or "",
@@ -133,6 +142,12 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
                             facts_json=r["facts_json"] or "{}", batching_json=r["batching_json"] or "",
                             variant_json=r["variant_json"] or "")
             for r in rows])
+        if not request.page_token:  # the summary comes first, with the first page
+            counts = await asyncio.to_thread(self.store.fleet_summary, **filters)
+            for state, count in counts.items():
+                response.state_counts[state] = count
+            response.total = sum(counts.values())
+        return response
 
 
 async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tuple[grpc.aio.Server, int, HubStore]:
@@ -154,21 +169,45 @@ async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tup
     return server, port, store
 
 
-async def fleet_status(address: str, token: str, tls: HubTls | None = None) -> list[pb.DeviceStatus]:
-    """Ask the hub at ``address`` for every device's state (with a reader token)."""
-    channel_factory = (lambda: grpc.aio.secure_channel(address, tls.credentials())) if tls else \
-        (lambda: grpc.aio.insecure_channel(address))
-    async with channel_factory() as channel:
-        stub = telemetry_pb2_grpc.TelemetryHubStub(channel)
-        try:
-            reply = await stub.FleetStatus(pb.FleetStatusRequest(), metadata=(("authorization", f"Bearer {token}"),),
-                                           timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            from edge_runtime.errors import StoreUnavailable
+PAGE_SIZE, MAX_PAGE_SIZE = 500, 1000
+"""Devices per FleetStatus reply: a page of 1000 is about 1 MB, far below gRPC's 4 MiB default."""
 
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                raise HubAuthError(f"the hub at {address} refused the token") from exc
-            if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
-                raise AccessDenied(f"the hub at {address}: {exc.details()}") from exc
-            raise StoreUnavailable(f"cannot reach the telemetry hub at {address} ({exc.code().name})") from exc
-    return list(reply.devices)
+
+async def fleet_pages(address: str, token: str, tls: HubTls | None = None, **filters: Any):  # noqa: ANN201
+    """Yield FleetStatus replies page by page (the first carries ``state_counts`` and ``total``)."""
+    channel = grpc.aio.secure_channel(address, tls.credentials()) if tls else grpc.aio.insecure_channel(address)
+    async with channel:
+        stub = telemetry_pb2_grpc.TelemetryHubStub(channel)
+        token_page = ""
+        while True:
+            try:
+                reply = await stub.FleetStatus(pb.FleetStatusRequest(page_token=token_page, **filters),
+                                               metadata=(("authorization", f"Bearer {token}"),), timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                _raise_for(exc, address)
+            yield reply
+            if not reply.next_page_token:
+                return
+            token_page = reply.next_page_token
+
+
+def _raise_for(exc: grpc.aio.AioRpcError, address: str) -> None:
+    from edge_runtime.errors import StoreUnavailable
+
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        raise HubAuthError(f"the hub at {address} refused the token") from exc
+    if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+        raise AccessDenied(f"the hub at {address}: {exc.details()}") from exc
+    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        raise StoreUnavailable(f"the hub at {address} answered RESOURCE_EXHAUSTED ({exc.details()}): it is "
+                               f"overloaded, or a reply is larger than the client accepts; retry later") from exc
+    raise StoreUnavailable(f"cannot reach the telemetry hub at {address} ({exc.code().name})") from exc
+
+
+async def fleet_status(address: str, token: str, tls: HubTls | None = None, **filters: Any) -> list[pb.DeviceStatus]:
+    """Every device's state the filters select, from the hub at ``address`` (with a reader token), page by page."""
+    devices: list[pb.DeviceStatus] = []
+    async for reply in fleet_pages(address, token, tls, **filters):
+        devices.extend(reply.devices)
+    return devices
+

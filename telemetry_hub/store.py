@@ -212,10 +212,40 @@ class HubStore:
     def _greatest(self, a, b):  # noqa: ANN001, ANN202
         return func.greatest(a, b) if self.engine.dialect.name == "postgresql" else func.max(a, b)
 
-    def fleet(self) -> list[dict[str, Any]]:
-        """Every device's latest state, by device id."""
+    def fleet(self, *, limit: int | None = None, after: str = "", state: str = "", model_name: str = "",
+              version: str = "", stale_since_ms: int = 0) -> list[dict[str, Any]]:
+        """Devices' latest state by device id: those after ``after``, at most ``limit`` (keyset pagination: each
+        page is one index range scan, however large the fleet), optionally filtered."""
+        query = select(devices).where(*self._filters(state, model_name, version, stale_since_ms))
+        if after:
+            query = query.where(devices.c.device_id > after)
+        query = query.order_by(devices.c.device_id)
+        if limit is not None:
+            query = query.limit(limit)
         with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(select(devices).order_by(devices.c.device_id))]
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def fleet_summary(self, *, state: str = "", model_name: str = "", version: str = "",
+                      stale_since_ms: int = 0) -> dict[str, int]:
+        """Devices per state among those the filters select."""
+        query = (select(devices.c.state, func.count()).where(*self._filters(state, model_name, version,
+                                                                            stale_since_ms))
+                 .group_by(devices.c.state))
+        with self.engine.connect() as conn:
+            return {(row[0] or "unknown"): int(row[1]) for row in conn.execute(query)}
+
+    @staticmethod
+    def _filters(state: str, model_name: str, version: str, stale_since_ms: int) -> list[Any]:
+        filters: list[Any] = []
+        if state:
+            filters.append(devices.c.state == state)
+        if model_name:
+            filters.append(devices.c.model_name == model_name)
+        if version:
+            filters.append((devices.c.desired_version == version) | (devices.c.serving_version == version))
+        if stale_since_ms:
+            filters.append(devices.c.last_seen_ms < stale_since_ms)
+        return filters
 
     def count_events(self, device_id: str | None = None, kind: str | None = None) -> int:
         """Stored events (optionally of one device and kind)."""

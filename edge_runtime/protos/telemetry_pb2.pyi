@@ -37,8 +37,20 @@ class ReportResponse(_message.Message):
     def __init__(self, acknowledged_ids: _Optional[_Iterable[str]] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class FleetStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token", "state", "model_name", "version", "stale_since_ms")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STALE_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    state: str
+    model_name: str
+    version: str
+    stale_since_ms: int
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[str] = ..., stale_since_ms: _Optional[int] = ...) -> None: ...
 
 class DeviceStatus(_message.Message):
     __slots__ = ("device_id", "model_name", "target_key", "desired_version", "serving_version", "state", "validation_result", "p50_ms", "p99_ms", "last_seen_ms", "facts_json", "batching_json", "variant_json")
@@ -71,7 +83,20 @@ class DeviceStatus(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., model_name: _Optional[str] = ..., target_key: _Optional[str] = ..., desired_version: _Optional[str] = ..., serving_version: _Optional[str] = ..., state: _Optional[str] = ..., validation_result: _Optional[str] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., last_seen_ms: _Optional[int] = ..., facts_json: _Optional[str] = ..., batching_json: _Optional[str] = ..., variant_json: _Optional[str] = ...) -> None: ...
 
 class FleetStatusResponse(_message.Message):
-    __slots__ = ("devices",)
+    __slots__ = ("devices", "next_page_token", "state_counts", "total")
+    class StateCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
-    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    state_counts: _containers.ScalarMap[str, int]
+    total: int
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., state_counts: _Optional[_Mapping[str, int]] = ..., total: _Optional[int] = ...) -> None: ...

@@ -276,3 +276,42 @@ def test_an_overloaded_hub_refuses_at_once_instead_of_queueing(tmp_path):
     assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED} and codes  # refused fast, nothing INTERNAL
     accepted = [r for r in results if not isinstance(r, BaseException)]
     assert store.count_events("jetson-1") == len(accepted) >= 1
+
+
+def test_fleet_status_pages_through_a_large_fleet_with_filters_and_counts(tmp_path):
+    import time
+
+    store = HubStore(f"sqlite:///{tmp_path / 'fleet.sqlite'}")
+    now = int(time.time() * 1000)
+    with store.engine.begin() as conn:  # 2,500 devices, as many ingests would leave them
+        from telemetry_hub.store import devices
+
+        conn.execute(devices.insert(), [
+            {"device_id": f"jetson-{i:05d}", "model_name": "digits-cnn",
+             "state": "failed" if i % 100 == 0 else "serving", "serving_version": "v2" if i % 2 else "v1",
+             "desired_version": "v2", "last_seen_ms": now - (i % 7) * 60_000, "facts_json": "{}",
+             "validation_result": "", "target_key": "", "batching_json": "", "variant_json": ""}
+            for i in range(2500)])
+
+    async def scenario():
+        settings = HubSettings(database_url=f"sqlite:///{tmp_path / 'fleet.sqlite'}", port=0, tokens="jetson-1:tok",
+                               read_tokens="reader")
+        server, port, _ = await start_hub(settings, store)
+        try:
+            from telemetry_hub.server import fleet_pages
+
+            everything = await fleet_status(f"127.0.0.1:{port}", "reader")
+            pages = [p async for p in fleet_pages(f"127.0.0.1:{port}", "reader", page_size=1000)]
+            failed = await fleet_status(f"127.0.0.1:{port}", "reader", state="failed")
+            stale = await fleet_status(f"127.0.0.1:{port}", "reader", stale_since_ms=now - 5 * 60_000)
+            return everything, pages, failed, stale
+        finally:
+            await server.stop(0)
+
+    everything, pages, failed, stale = asyncio.run(scenario())
+    ids = [d.device_id for d in everything]
+    assert len(ids) == 2500 == len(set(ids)) and ids == sorted(ids)  # every device once, in order, across pages
+    assert [len(p.devices) for p in pages] == [1000, 1000, 500] and pages[-1].next_page_token == ""
+    assert pages[0].total == 2500 and dict(pages[0].state_counts) == {"serving": 2475, "failed": 25}
+    assert len(failed) == 25 and all(d.state == "failed" for d in failed)
+    assert len(stale) == sum(1 for i in range(2500) if i % 7 >= 6)  # not seen for more than 5 minutes
