@@ -88,7 +88,6 @@ def time_variant(engine: Engine, sample: dict[str, np.ndarray], batch: int, *,
                  budget_s: float) -> tuple[Timing, Timing]:
     """p50/p99 of ``engine`` at batch 1 and at ``batch`` on copies of one validation sample, within about
     ``budget_s`` seconds in all (half for each batch size)."""
-    batch = min(batch, engine.max_batch_size)
     one, many = repeat_batch(sample, 1), repeat_batch(sample, batch)
     half = max(budget_s / 2, 1e-3)
     return (time_calls(lambda: engine.infer(one), runs=10_000, warmup=3, budget_s=half),

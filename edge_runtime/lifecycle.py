@@ -36,11 +36,10 @@ from edge_runtime.contract import (
 )
 from edge_runtime.desired import DesiredState
 from edge_runtime.device import DeviceFacts
-from edge_runtime.engines import EnginePlan, candidate_variants, plan_for, resolve_backend
+from edge_runtime.engines import EnginePlan, candidate_variants, named_variant, plan_for, resolve_backend
 from edge_runtime.engines.base import Engine
 from edge_runtime.engines.provider import EngineProvider
 from edge_runtime.errors import (
-    ConfigError,
     EdgeloopError,
     ManifestInvalid,
     ModelNotFound,
@@ -338,7 +337,7 @@ class ModelRuntime:
             if len(plans) > 1:
                 b1, batched = await asyncio.to_thread(self._time_variant, engine, validation_path, manifest)
                 figure = VariantFigures(plan.variant.name, str(plan.target_key), True, result.value,
-                                        min(self.settings.max_batch_size, engine.max_batch_size), b1, batched)
+                                        engine.max_batch_size, b1, batched)
                 figures.append(figure)
                 # one engine open at a time besides the fastest so far (device memory on a Jetson is shared)
                 if candidates and figure.score_ms >= candidates[0][4]:
@@ -362,7 +361,8 @@ class ModelRuntime:
             save_choice(self._choice_dir(manifest), self._candidate_keys(plans), choice)
         self._report("variant_choice", {"version": version, "target_key": str(plan.target_key), **choice.to_dict()})
 
-        max_batch = min(self.settings.max_batch_size, engine.max_batch_size)  # a fixed-batch model: never past it
+        # the engine's cap: the setting, or less (a fixed-batch model, a TensorRT profile); never past it
+        max_batch = engine.max_batch_size
         delay_us = self.settings.max_queue_delay_us
         if self.settings.batching_budget_ms is not None:
             choice_b = await asyncio.to_thread(self._tune, engine, validation_path, manifest)
@@ -390,11 +390,7 @@ class ModelRuntime:
             self._report("cpu_fallback", {"reason": self.facts.trt_error or "TensorRT is not installed",
                                            "module": self.facts.module, "l4t": self.facts.l4t_release})
         if self.settings.variant is not None:
-            names = [v.name for v in manifest.variants]
-            if self.settings.variant not in names:
-                raise ConfigError(f"variant {self.settings.variant!r} is not in {manifest.name}/{manifest.version} "
-                                  f"(has {names})")
-            variants = [manifest.variant(self.settings.variant)]
+            variants = [named_variant(manifest, self.settings.variant)]
         else:
             variants = candidate_variants(manifest, backend, device)
             if self.settings.variant_choice_budget_s <= 0:
@@ -430,7 +426,7 @@ class ModelRuntime:
     def _time_variant(self, engine: Engine, validation_path: Path, manifest: Manifest) -> tuple[Timing, Timing]:
         inputs, _ = read_validation_set(validation_path, manifest, engine)
         sample = {k: v[:1] for k, v in inputs.items()}
-        return time_variant(engine, sample, self.settings.max_batch_size,
+        return time_variant(engine, sample, engine.max_batch_size,
                             budget_s=self.settings.variant_choice_budget_s)
 
     def _tune(self, engine: Engine, validation_path: Path, manifest: Manifest):  # noqa: ANN202 - BatchingChoice
@@ -438,8 +434,7 @@ class ModelRuntime:
         from edge_runtime.tuning import choose, sweep
 
         inputs, _ = read_validation_set(validation_path, manifest, engine)
-        points = sweep(engine, {k: v[:1] for k, v in inputs.items()},
-                       min(self.settings.max_batch_size, engine.max_batch_size))
+        points = sweep(engine, {k: v[:1] for k, v in inputs.items()}, engine.max_batch_size)
         assert self.settings.batching_budget_ms is not None
         choice = choose(points, self.settings.batching_budget_ms, self.settings.max_queue_delay_us)
         self._report("batch_sweep", {"version": manifest.version, "points": [p.__dict__ for p in points],

@@ -9,10 +9,11 @@ from edge_runtime.engines.select import (
     EnginePlan,
     build_engine,
     candidate_variants,
+    named_variant,
     plan_engine,
     plan_for,
     resolve_backend,
 )
 
-__all__ = ["Engine", "EnginePlan", "TensorInfo", "build_engine", "candidate_variants", "plan_engine", "plan_for",
-           "resolve_backend"]
+__all__ = ["Engine", "EnginePlan", "TensorInfo", "build_engine", "candidate_variants", "named_variant", "plan_engine",
+           "plan_for", "resolve_backend"]

@@ -120,6 +120,14 @@ def candidate_variants(manifest: Manifest, backend: str, device: str) -> list[Va
     return [v for v in usable if v.preferred] + [v for v in usable if not v.preferred]
 
 
+def named_variant(manifest: Manifest, name: str) -> Variant:
+    """The variant ``name`` of ``manifest``, or :class:`ConfigError` listing the ones it has."""
+    names = [v.name for v in manifest.variants]
+    if name not in names:
+        raise ConfigError(f"variant {name!r} is not in {manifest.name}/{manifest.version} (has {names})")
+    return manifest.variant(name)
+
+
 def plan_for(manifest: Manifest, facts: DeviceFacts, variant: Variant, *, backend: str, device: str,
              max_batch_size: int = 16, opt_batch_size: int = 8) -> EnginePlan:
     """The engine plan (and its target key) for one variant on a resolved ``backend``/``device``."""
@@ -144,13 +152,8 @@ def plan_engine(manifest: Manifest, facts: DeviceFacts, *, backend: str = "auto"
     """Pick backend and variant without measuring: the first of :func:`candidate_variants`, or ``variant`` when
     given (it must exist and suit the backend)."""
     backend, device = resolve_backend(facts, backend)
-    if variant is not None:
-        names = [v.name for v in manifest.variants]
-        if variant not in names:
-            raise ConfigError(f"variant {variant!r} is not in {manifest.name}/{manifest.version} (has {names})")
-        chosen = manifest.variant(variant)
-    else:
-        chosen = candidate_variants(manifest, backend, device)[0]
+    chosen = named_variant(manifest, variant) if variant is not None else candidate_variants(manifest, backend,
+                                                                                             device)[0]
     return plan_for(manifest, facts, chosen, backend=backend, device=device, max_batch_size=max_batch_size,
                     opt_batch_size=opt_batch_size)
 

@@ -128,7 +128,6 @@ class TrtEngine:
 
     def __init__(self, engine_path: Path, *, max_batch_size: int) -> None:
         trt, self._cuda = _trt(), _cudart()
-        self._trt = trt
         self.logger = capturing_logger(trt)
         self.build_messages: list[str] = []
         """TensorRT's warnings from the build that made this plan (when this process built it)."""
