@@ -17,6 +17,7 @@ from edge_runtime.errors import ConfigError, EdgeloopError
 from edge_runtime.jetson import JetsonSensors
 from edge_runtime.lifecycle import ModelRuntime
 from edge_runtime.metrics import RuntimeMetrics
+from edge_runtime.repository import ModelRepository
 from edge_runtime.serve.server import TlsFiles, start_server
 from edge_runtime.serve.servicer import RepositoryControl
 from edge_runtime.settings import EdgeSettings
@@ -33,11 +34,12 @@ class EdgeApp:
     facts: DeviceFacts | None = None
     store: Any = None
     grpc_port: int = 0
-    runtime: ModelRuntime | None = None
+    repository: ModelRepository | None = None
     outbox: Outbox | None = None
     sender: TelemetrySender | None = None
     metrics: RuntimeMetrics = field(default_factory=RuntimeMetrics)
-    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=4096))
+    latencies_ms: dict[str, deque] = field(default_factory=dict)
+    """Model name → ModelInfer latencies (ms) since the last stats event."""
     sensors: JetsonSensors = field(default_factory=JetsonSensors)
     node: Any = None
     _server: Any = None
@@ -45,14 +47,20 @@ class EdgeApp:
     _pending: set = field(default_factory=set)
     telemetry_errors: int = 0
 
+    @property
+    def runtime(self) -> ModelRuntime | None:
+        """The life cycle of the one model this device serves (the simple case; with several, name one through
+        ``repository.runtime(name)``)."""
+        return self.repository.only() if self.repository is not None else None
+
     def report(self, kind: str, payload: dict[str, Any]) -> None:
-        """Queue a telemetry event (and log it). Never raises: a full disk or a broken outbox must not stop
-        serving or reconciling; what could not be queued is logged and counted (``telemetry_errors``)."""
+        """Queue a telemetry event (and log it); a model's events carry ``model_name``. Never raises: a full disk or
+        a broken outbox must not stop serving or reconciling; what could not be queued is logged and counted
+        (``telemetry_errors``)."""
         log.info("%s %s", kind, payload)
         try:
             assert self.outbox is not None
-            model = self.runtime.desired[0] if self.runtime is not None else self.settings.model_name
-            self.outbox.add(kind, {"model_name": model, **payload})
+            self.outbox.add(kind, payload)
             if self.sender is not None:
                 self.sender.wake()
         except Exception as exc:  # noqa: BLE001 - telemetry is best effort; the device's work is not
@@ -60,28 +68,34 @@ class EdgeApp:
             log.error("could not queue the %s event (%d so far): %s", kind, self.telemetry_errors, exc)
 
     def alive(self) -> bool:
-        """Liveness: the life-cycle loop is running and not wedged (a dead or stuck loop restarts the pod)."""
+        """Liveness: the life-cycle loops run and none is wedged (a dead or stuck loop restarts the pod)."""
         loop_task = next((t for t in self._tasks if t.get_name() == "edgeloop-lifecycle"), None)
         if loop_task is not None and loop_task.done():
             return False
-        return self.runtime is not None and not self.runtime.wedged()
+        return (self.repository is not None and self.repository.loops_alive()
+                and not self.repository.wedged())
 
-    def _on_result(self, method: str, code: str, seconds: float) -> None:
+    def _on_result(self, method: str, code: str, seconds: float, model: str) -> None:
         if method.endswith("/ModelInfer"):
-            self.metrics.requests.labels(code).inc()
+            if self.repository is None or model not in self.repository.runtimes:
+                model = ""  # an unknown name must not mint label values
+            self.metrics.requests.labels(model, code).inc()
             if code == "OK":
-                self.metrics.latency.observe(seconds)
-                self.latencies_ms.append(seconds * 1e3)
+                self.metrics.latency.labels(model).observe(seconds)
+                self.latencies_ms.setdefault(model, deque(maxlen=4096)).append(seconds * 1e3)
 
     def _on_change(self) -> None:
-        assert self.runtime is not None
-        validation = self.runtime.last_validation
-        self.metrics.set_state(self.runtime.state, self.runtime.ready(), validation.value if validation else None)
+        assert self.repository is not None
+        for name, runtime in list(self.repository.runtimes.items()):
+            validation = runtime.last_validation
+            self.metrics.set_state(name, runtime.state, runtime.ready(),
+                                   validation.value if validation else None)
+        self.metrics.ready.set(1.0 if self.repository.ready() else 0.0)
 
     def _annotate_node(self) -> None:
-        if self.node is None or self.runtime is None:
+        if self.node is None or self.repository is None:
             return
-        status = self.runtime.status()
+        status = self.repository.status()
 
         def annotate() -> None:
             try:
@@ -104,9 +118,9 @@ class EdgeApp:
                          self.settings.hub_tls_key_file) if self.settings.hub_tls_ca_file else None
             self.sender = TelemetrySender(self.outbox, self.settings.hub_address, token,
                                           interval_s=self.settings.telemetry_interval_s, tls=tls)
-        self.runtime = ModelRuntime(self.settings, self.facts, store=self.store, report=self.report,
-                                    on_batch=self.metrics.observe_batch)
-        self.runtime.on_change(self._on_change)
+        self.repository = ModelRepository(self.settings, self.facts, store=self.store, report=self.report,
+                                          on_batch=self.metrics.observe_batch)
+        self.repository.on_change(self._on_change)
         labels: dict[str, str] = {}
         if self.settings.kube_node_name:
             from edge_runtime.kube import NodeReporter
@@ -120,14 +134,14 @@ class EdgeApp:
                     from edge_runtime.contract.target import module_slug
 
                     self.facts = replace(self.facts, module=module_slug(labels["edgeloop.io/module"]))
-                    self.runtime.facts = self.facts
+                    self.repository.facts = self.facts
             except EdgeloopError as exc:  # the runtime serves without Kubernetes; it says so once
                 log.warning("node annotations disabled: %s", exc)
                 self.node = None
-            self.runtime.on_change(self._annotate_node)
+            self.repository.on_change(self._annotate_node)
         self.report("facts", {"facts": self.facts.to_dict(), "node_labels": labels})
         self._server, self.grpc_port = await start_server(
-            self.runtime, bind_address=self.settings.bind_address, port=self.settings.grpc_port,
+            self.repository, bind_address=self.settings.bind_address, port=self.settings.grpc_port,
             max_batch_size=self.settings.max_request_batch_size, max_message_bytes=self.settings.max_message_bytes,
             on_result=self._on_result, tls=self._tls(), alive=self.alive,
             control=RepositoryControl(self.settings.repository_control,
@@ -136,7 +150,7 @@ class EdgeApp:
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.bind_address, self.settings.metrics_port)
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self.runtime.run_forever(), name="edgeloop-lifecycle"))
+        self._tasks.append(loop.create_task(self.repository.run_forever(), name="edgeloop-lifecycle"))
         self._tasks.append(loop.create_task(self._stats_forever(), name="edgeloop-stats"))
         if self.sender is not None:
             self._tasks.append(loop.create_task(self.sender.run_forever(), name="edgeloop-telemetry"))
@@ -152,21 +166,28 @@ class EdgeApp:
         return TlsFiles(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
 
     def stats(self) -> dict[str, Any]:
-        """Request latency percentiles since the last stats event, and the runtime's status."""
-        assert self.runtime is not None
-        values = np.array(self.latencies_ms) if self.latencies_ms else None
-        self.latencies_ms.clear()
+        """Each model's status with its request latency percentiles since the last stats event, and the device's
+        figures."""
+        assert self.repository is not None
+        models = []
+        for status in self.repository.index():
+            recent = self.latencies_ms.pop(status["model_name"], None)
+            values = np.array(recent) if recent else None
+            models.append({
+                **status,
+                "requests": 0 if values is None else int(values.size),
+                "p50_ms": None if values is None else round(float(np.percentile(values, 50)), 3),
+                "p99_ms": None if values is None else round(float(np.percentile(values, 99)), 3),
+            })
         jetson = None
         if self.facts is not None and self.facts.is_jetson:
             sample = self.sensors.sample()
             self.metrics.observe_jetson(sample)
             jetson = sample.to_dict()
         return {
-            **self.runtime.status(),
+            "ready": self.repository.ready(),
+            "models": models,
             "jetson": jetson if jetson is not None else {"unavailable": {"all": "not a Jetson"}},
-            "requests": 0 if values is None else int(values.size),
-            "p50_ms": None if values is None else round(float(np.percentile(values, 50)), 3),
-            "p99_ms": None if values is None else round(float(np.percentile(values, 99)), 3),
             "telemetry_dropped": self.outbox.dropped() if self.outbox is not None else 0,
             "telemetry_errors": self.telemetry_errors,
         }
@@ -191,8 +212,8 @@ class EdgeApp:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self.runtime is not None:
-            await self.runtime.close()
+        if self.repository is not None:
+            await self.repository.close()
         if self.sender is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.sender.flush(), timeout=3)
@@ -215,13 +236,14 @@ async def serve(settings: EdgeSettings) -> None:
 
 
 async def wait_until_ready(app: EdgeApp, timeout_s: float = 120.0) -> None:
-    """Wait until the runtime serves its desired version; :class:`NotReady` with the last error after ``timeout_s``."""
+    """Wait until the device is ready (its models serve their desired versions, by ``ready_policy``);
+    :class:`NotReady` with each model's state and last error after ``timeout_s``."""
     from edge_runtime.errors import NotReady
 
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while app.runtime is None or not app.runtime.ready():
+    while app.repository is None or not app.repository.ready():
         if asyncio.get_running_loop().time() > deadline:
-            status = app.runtime.status() if app.runtime else {}
-            raise NotReady(f"the runtime did not become ready within {timeout_s:.0f}s: {status.get('state')} "
-                           f"{status.get('error', '')}")
+            models = app.repository.index() if app.repository else []
+            said = "; ".join(f"{m['model_name']}: {m['state']} {m.get('error', '')}".strip() for m in models)
+            raise NotReady(f"the runtime did not become ready within {timeout_s:.0f}s: {said}")
         await asyncio.sleep(0.1)

@@ -10,7 +10,7 @@ Layout under ``root``::
     engines/timing/<trt version>-<device>.cache            TensorRT timing cache (per TensorRT build and device)
     quarantine/<timestamp>-<file>, .reason                  engines set aside: failed their digest, load or validation
     channels.json                                          the highest channel-pointer sequence accepted, per channel
-    state.json                                             {"name", "desired", "version"} last served (last good)
+    state.json                                             {"models": {name: {"desired", "version"}}} last good
 
 Every writer goes through :func:`write_atomic` (temp file, fsync, rename, fsync of the folder), so a power cut
 leaves either the old file or the new one, never half of one.
@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,6 +161,9 @@ class ArtifactCache:
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = Path(root).expanduser()
         self.max_bytes = max_bytes
+        self._records = threading.RLock()
+        """Several models' life cycles share this cache: one read-modify-write of state.json/channels.json (and
+        one eviction) at a time."""
         try:
             with no_space_is_cache_full(self.root):
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -286,43 +290,62 @@ class ArtifactCache:
 
     def record_sequence(self, name: str, channel: str, sequence: int) -> None:
         """Remember that ``name``'s ``channel`` reached ``sequence`` (never lowered)."""
-        sequences = self.load_sequences()
-        key = f"{name}/{channel}"
-        if sequence > sequences.get(key, 0):
-            sequences[key] = sequence
-            write_atomic(self.root / "channels.json", json.dumps(sequences, sort_keys=True).encode())
+        with self._records:
+            sequences = self.load_sequences()
+            key = f"{name}/{channel}"
+            if sequence > sequences.get(key, 0):
+                sequences[key] = sequence
+                write_atomic(self.root / "channels.json", json.dumps(sequences, sort_keys=True).encode())
 
-    def save_state(self, state: dict[str, Any]) -> None:
-        """Remember what is serving, for a restart without network."""
-        write_atomic(self.root / "state.json", json.dumps(state).encode())
+    def save_state(self, name: str, state: dict[str, Any]) -> None:
+        """Remember what serves for model ``name`` (its last good version), for a restart without network."""
+        with self._records:
+            models = self._states()
+            models[name] = state
+            write_atomic(self.root / "state.json", json.dumps({"models": models}, sort_keys=True).encode())
 
-    def load_state(self) -> dict[str, Any] | None:
-        """What :meth:`save_state` wrote last."""
+    def load_state(self, name: str) -> dict[str, Any] | None:
+        """What :meth:`save_state` wrote last for model ``name``."""
+        return self._states().get(name)
+
+    def _states(self) -> dict[str, dict[str, Any]]:
         try:
-            return json.loads((self.root / "state.json").read_text())
+            data = json.loads((self.root / "state.json").read_text())
         except (OSError, ValueError):
-            return None
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        if isinstance(data.get("name"), str):  # written before several models: {"name", "desired", "version"}
+            return {data["name"]: {k: v for k, v in data.items() if k != "name"}}
+        models = data.get("models")
+        return {str(k): v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
 
     def size_bytes(self) -> int:
-        """Bytes under the cache root."""
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        """Bytes under the cache root (files another life cycle renames or removes meanwhile are skipped)."""
+        total = 0
+        for path in self.root.rglob("*"):
+            with contextlib.suppress(OSError):
+                if path.is_file():
+                    total += path.stat().st_size
+        return total
 
     def evict(self, keep: set[tuple[str, str]], target_bytes: int | None = None) -> list[tuple[str, str]]:
         """Remove least recently used versions (artifacts and engines) until under ``target_bytes`` (default: the
         cap); never ``keep``."""
         target = self.max_bytes if target_bytes is None else target_bytes
         removed: list[tuple[str, str]] = []
-        versions = sorted(
-            (d.stat().st_mtime, d.parent.name, d.name)
-            for d in (self.root / "artifacts").glob("*/*")
-            if d.is_dir()
-        )
-        for _, name, version in versions:
-            if self.size_bytes() <= target:
-                break
-            if (name, version) in keep:
-                continue
-            shutil.rmtree(self.version_dir(name, version), ignore_errors=True)
-            shutil.rmtree(self.root / "engines" / name / version, ignore_errors=True)
-            removed.append((name, version))
+        with self._records:
+            versions = []
+            for d in (self.root / "artifacts").glob("*/*"):
+                with contextlib.suppress(OSError):
+                    if d.is_dir():
+                        versions.append((d.stat().st_mtime, d.parent.name, d.name))
+            for _, name, version in sorted(versions):
+                if self.size_bytes() <= target:
+                    break
+                if (name, version) in keep:
+                    continue
+                shutil.rmtree(self.version_dir(name, version), ignore_errors=True)
+                shutil.rmtree(self.root / "engines" / name / version, ignore_errors=True)
+                removed.append((name, version))
         return removed

@@ -130,6 +130,11 @@ class CacheFull(EdgeloopError):
     """The cache cannot hold what a version needs: its size cap, or the disk under it, is full."""
 
 
+class InsufficientMemory(EdgeloopError):
+    """A model's engine needs more memory than the device's budget has free: refused before the kernel kills the
+    pod (on a Jetson the CPU and GPU share one RAM)."""
+
+
 class AccessDenied(EdgeloopError):
     """The caller is known but may not do this (repository control turned off, a device token reading the fleet)."""
 

@@ -5,6 +5,7 @@ fleet; ``edgeloop fleet rollout`` drives ``helm upgrade`` and rolls back when a 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import ConfigError, RolloutFailed, StoreUnavailable
@@ -22,7 +24,22 @@ log = logging.getLogger(__name__)
 PREFIX = "edgeloop.io/"
 DEVICE_CLASS_LABEL = PREFIX + "device-class"
 RING_LABEL = PREFIX + "ring"
-ANNOTATIONS = ("state", "desired", "desired-version", "serving-version", "target-key", "validation", "updated-at")
+ANNOTATIONS = ("state", "desired", "desired-version", "serving-version", "target-key", "validation", "updated-at",
+               "models")
+"""``state`` sums the device up (failed when any model failed, serving when every one serves); ``models`` holds each
+model's state as JSON; the others describe the model when the device serves exactly one (as before several)."""
+MODEL_FIELDS = ("state", "desired", "desired_version", "serving_version", "target_key", "validation")
+
+
+def summary_state(states: Sequence[str]) -> str:
+    """One state for a device from its models' states (``paused`` models left out by the caller)."""
+    if not states:
+        return "unloaded"
+    if "failed" in states:
+        return "failed"
+    if all(s == "serving" for s in states):
+        return "serving"
+    return next(s for s in states if s != "serving")
 
 
 def core_api(api_client: Any = None) -> Any:
@@ -67,16 +84,23 @@ class NodeReporter:
             return dict(self.api.read_node(self.node_name).metadata.labels or {})
 
     def report(self, status: dict[str, Any]) -> None:
-        """Patch the annotations from a runtime status snapshot (strategic merge: other annotations stay)."""
+        """Patch the annotations from a status snapshot: the repository's (``models``: one status per model) or one
+        model's (strategic merge: other annotations stay)."""
+        models = [m for m in status["models"] if isinstance(m, dict)] if "models" in status else [status]
+        per_model = {str(m.get("model_name") or ""): {f: m.get(f) or "" for f in MODEL_FIELDS} for m in models}
         values = {
-            "state": status.get("state") or "",
-            "desired": status.get("desired") or "",
-            "desired-version": status.get("desired_version") or "",
-            "serving-version": status.get("serving_version") or "",
-            "target-key": status.get("target_key") or "",
-            "validation": status.get("validation") or "",
+            "state": summary_state([m.get("state") or "" for m in models if not m.get("paused")]),
+            "models": json.dumps(per_model, sort_keys=True, separators=(",", ":")),
             "updated-at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        only = models[0] if len(models) == 1 else {}
+        values.update({
+            "desired": only.get("desired") or "",
+            "desired-version": only.get("desired_version") or "",
+            "serving-version": only.get("serving_version") or "",
+            "target-key": only.get("target_key") or "",
+            "validation": only.get("validation") or "",
+        })
         body = {"metadata": {"annotations": {PREFIX + k: v for k, v in values.items()}}}
         with _api_errors(f"annotating node {self.node_name}"):
             self.api.patch_node(self.node_name, body)
@@ -95,6 +119,30 @@ class NodeState:
     def get(self, key: str) -> str:
         """An ``edgeloop.io/<key>`` annotation, or empty."""
         return self.annotations.get(PREFIX + key, "")
+
+    def models(self) -> dict[str, dict[str, str]]:
+        """Each model's state (the ``models`` annotation); a node annotated before several models: its one model
+        from the flat annotations, under the name ``""``."""
+        try:
+            data = json.loads(self.get("models") or "null")
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            return {str(k): v for k, v in data.items() if isinstance(v, dict)}
+        if not self.get("state"):
+            return {}
+        return {"": {"state": self.get("state"), "desired": self.get("desired"),
+                     "desired_version": self.get("desired-version"), "serving_version": self.get("serving-version"),
+                     "target_key": self.get("target-key"), "validation": self.get("validation")}}
+
+    def model(self, name: str | None) -> dict[str, str]:
+        """Model ``name``'s state (``None``: the device's only model, or its summary)."""
+        models = self.models()
+        if name is None:
+            if len(models) == 1:
+                return next(iter(models.values()))
+            return {"state": self.get("state"), "validation": self.get("validation")}
+        return models.get(name, {})
 
 
 def fleet_nodes(api: Any, label_selector: str = DEVICE_CLASS_LABEL) -> list[NodeState]:
@@ -124,11 +172,52 @@ def daemonset_rollouts(api_client: Any, namespace: str) -> list[dict[str, Any]]:
              "unavailable": d.status.number_unavailable or 0} for d in items]
 
 
-def _converged(node: NodeState, wanted: str | None) -> bool:
-    """The node serves the version it resolved, and it resolved what the rollout asked for."""
-    return (node.get("state") == "serving" and bool(node.get("serving-version"))
-            and node.get("serving-version") == node.get("desired-version")
-            and (wanted is None or wanted in (node.get("desired"), node.get("serving-version"))))
+def _model_converged(model: dict[str, str], wanted: str | None) -> bool:
+    return (model.get("state") == "serving" and bool(model.get("serving_version"))
+            and model.get("serving_version") == model.get("desired_version")
+            and (wanted is None or wanted in (model.get("desired"), model.get("serving_version"))))
+
+
+def _converged(node: NodeState, wanted: str | None, model: str | None = None) -> bool:
+    """The node serves the version it resolved, and it resolved what the rollout asked for: for ``model``, or for
+    its only model, or (several models, none named) for every model."""
+    models = node.models()
+    if model is None and len(models) > 1:
+        return all(_model_converged(m, None) for m in models.values())
+    return _model_converged(node.model(model), wanted)
+
+
+def model_version_values(release: str, namespace: str, model: str, version: str, *, helm: str = "helm",
+                         run: Callable[..., Any] = subprocess.run) -> dict[str, Any]:
+    """The release's values with ``model``'s version set to ``version`` and nothing else changed: ``helm get
+    values --all`` (what the release runs now), then the model's entry in ``models`` (or ``model`` when the
+    release serves one model). ConfigError when the release does not serve ``model``."""
+    from edge_runtime.contract import check_name
+
+    check_name(model, "model name")
+    check_name(version, "version")
+    result = run([helm, "get", "values", release, "--namespace", namespace, "--all", "--output", "json"],
+                 capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        said = (result.stderr or result.stdout or "").strip().splitlines()
+        raise ConfigError(f"cannot read the values of release {release}: {said[-1] if said else 'helm failed'}")
+    try:
+        values = json.loads(result.stdout or "{}") or {}
+    except ValueError as exc:
+        raise ConfigError(f"helm printed values for {release} that are not JSON") from exc
+    models = values.get("models") or []
+    if models:
+        entry = next((m for m in models if isinstance(m, dict) and m.get("name") == model), None)
+        if entry is None:
+            names = ", ".join(str(m.get("name")) for m in models if isinstance(m, dict))
+            raise ConfigError(f"release {release} does not serve model {model!r} (its models: {names})")
+        entry["version"] = version
+    elif (values.get("model") or {}).get("name") == model:
+        values["model"]["version"] = version
+    else:
+        raise ConfigError(f"release {release} does not serve model {model!r} (it serves "
+                          f"{(values.get('model') or {}).get('name')!r})")
+    return values
 
 
 def rollout(
@@ -143,6 +232,8 @@ def rollout(
     timeout_s: float = 900.0,
     poll_s: float = 5.0,
     ring: str | None = None,
+    model: str | None = None,
+    version: str | None = None,
     run: Callable[..., Any] = subprocess.run,
 ) -> list[NodeState]:
     """``helm upgrade --install --wait`` the release, then wait until every node of the ring serves what it asks
@@ -154,16 +245,30 @@ def rollout(
     place after validating), so helm returns at once: convergence is read from the nodes' ``edgeloop.io/*``
     annotations — state ``serving``, the serving version equal to the desired one, and ``desired`` equal to the
     ``model.version`` this rollout sets (when it sets one).
+
+    With ``model`` and ``version``, only that model moves: the release keeps every value it has (``helm get
+    values``) but that model's version, and convergence and failure are read from that model's state on each
+    node; the device's other models are not touched.
     """
+    import tempfile
+
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     argv = [helm, "upgrade", "--install", release, chart, "--namespace", namespace, "--wait",
             "--timeout", f"{int(timeout_s)}s"]
+    wanted = next((item.split("=", 1)[1] for item in sets if item.startswith("model.version=")), None)
+    scratch = tempfile.TemporaryDirectory(prefix="edgeloop-rollout-")
+    if model is not None or version is not None:
+        if not (model and version):
+            raise ConfigError("name both the model and its version to move one model")
+        moved = Path(scratch.name) / "model-version.json"
+        moved.write_text(json.dumps(model_version_values(release, namespace, model, version, helm=helm, run=run)))
+        values = [str(moved), *values]
+        wanted = version
     for file in values:
         argv += ["-f", file]
     for item in sets:
         argv += ["--set", item]
     selector = DEVICE_CLASS_LABEL + (f",{RING_LABEL}={ring}" if ring else "")
-    wanted = next((item.split("=", 1)[1] for item in sets if item.startswith("model.version=")), None)
     deadline = time.monotonic() + timeout_s
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
@@ -171,8 +276,10 @@ def rollout(
     while True:
         nodes = fleet_nodes(api, selector)
         for node in nodes:
-            if node.get("state") == "failed" and node.get("updated-at") >= started:
-                failure = f"node {node.name} failed validation: {node.get('validation') or 'see its telemetry'}"
+            watched = node.model(model)
+            if watched.get("state") == "failed" and node.get("updated-at") >= started:
+                of = f" of {model}" if model else ""
+                failure = f"node {node.name} failed validation{of}: {watched.get('validation') or 'see its telemetry'}"
                 break
         if failure:
             if process.poll() is None:
@@ -184,13 +291,14 @@ def rollout(
                 output = (process.stdout.read() if process.stdout else "").strip()
                 failure = f"helm upgrade failed or timed out: {output.splitlines()[-1] if output else ''}"
                 break
-            waiting = [n.name for n in nodes if not _converged(n, wanted)]
+            waiting = [n.name for n in nodes if not _converged(n, wanted, model)]
             if not waiting:
                 break
             if time.monotonic() > deadline:
                 failure = f"timed out: {', '.join(waiting)} did not report serving {wanted or 'the desired version'}"
                 break
         time.sleep(poll_s)
+    scratch.cleanup()
     if failure is not None:
         rollback = run([helm, "rollback", release, "--namespace", namespace, "--wait"], capture_output=True,
                        text=True, check=False)

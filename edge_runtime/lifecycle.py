@@ -2,6 +2,8 @@
 
 A failure at any step keeps the last good version serving, is reported, and is retried with back-off. The loop
 re-reads the desired version (the settings file that Helm mounts, and the channel pointer) every poll interval.
+Each model this device serves has its own :class:`ModelRuntime` (its own loop, back-off, state and telemetry); they
+share what :class:`DeviceResources` holds (see :mod:`edge_runtime.repository`).
 """
 
 from __future__ import annotations
@@ -34,21 +36,23 @@ from edge_runtime.contract import (
     load_verify_keys,
     verify_manifest,
 )
-from edge_runtime.desired import DesiredState
+from edge_runtime.desired import DesiredModels
 from edge_runtime.device import DeviceFacts
 from edge_runtime.engines import EnginePlan, candidate_variants, named_variant, plan_for, resolve_backend
 from edge_runtime.engines.base import Engine
 from edge_runtime.engines.provider import EngineProvider
 from edge_runtime.errors import (
     EdgeloopError,
+    InsufficientMemory,
     ManifestInvalid,
     ModelNotFound,
     NotReady,
     ValidationFailed,
 )
 from edge_runtime.fetch import read_manifest, resolve_desired
+from edge_runtime.memory import MemoryBudget
 from edge_runtime.serve.batching import DynamicBatcher
-from edge_runtime.settings import EdgeSettings
+from edge_runtime.settings import EdgeSettings, ModelEntry
 from edge_runtime.slot import ServingModel, ServingSlot
 from edge_runtime.states import State
 from edge_runtime.store import ObjectStore
@@ -79,32 +83,55 @@ class CycleResult:
     built: bool = False
 
 
-class ModelRuntime:
-    """Holds the serving model and drives the life cycle. All public coroutines run on one event loop."""
+@dataclass
+class DeviceResources:
+    """What every model's life cycle on this device shares: one store, one cache with one size cap, one engine
+    provider (one build at a time), the trusted keys, and one memory budget."""
 
-    def __init__(self, settings: EdgeSettings, facts: DeviceFacts, *, store: ObjectStore | None = None,
-                 report: Reporter | None = None, on_batch: Callable[[int, float], None] | None = None) -> None:
-        self.settings = settings
-        self.facts = facts
-        self.store = store or ObjectStore(settings.s3_bucket, endpoint_url=settings.s3_endpoint_url,
-                                          connect_timeout_s=settings.s3_connect_timeout_s,
-                                          read_timeout_s=settings.s3_read_timeout_s,
-                                          max_attempts=settings.s3_max_attempts)
-        self.layout = ArtifactLayout(settings.s3_prefix)
-        self.cache = ArtifactCache(settings.cache_dir, settings.cache_max_bytes)
-        self.cache.sweep_temporary()  # what a killed process left half-written
-        self.trusted = load_verify_keys(settings.verify_key_file)
-        self.engines = EngineProvider(
-            self.cache, self.store, self.layout, device_id=settings.device_id, max_batch_size=settings.max_batch_size,
+    settings: EdgeSettings
+    facts: DeviceFacts
+    store: ObjectStore
+    layout: ArtifactLayout
+    cache: ArtifactCache
+    trusted: list[Any]
+    engines: EngineProvider
+    memory: MemoryBudget
+
+    @classmethod
+    def create(cls, settings: EdgeSettings, facts: DeviceFacts, store: ObjectStore | None = None) -> DeviceResources:
+        """Open the cache (sweeping what a killed process left half-written), the store and the keys."""
+        store = store or ObjectStore(settings.s3_bucket, endpoint_url=settings.s3_endpoint_url,
+                                     connect_timeout_s=settings.s3_connect_timeout_s,
+                                     read_timeout_s=settings.s3_read_timeout_s, max_attempts=settings.s3_max_attempts)
+        layout = ArtifactLayout(settings.s3_prefix)
+        cache = ArtifactCache(settings.cache_dir, settings.cache_max_bytes)
+        cache.sweep_temporary()
+        engines = EngineProvider(
+            cache, store, layout, device_id=settings.device_id, max_batch_size=settings.max_batch_size,
             share=settings.share_engines, fetch_attempts=settings.fetch_attempts,
             fleet_keys=[load_verify_key(settings.engine_verify_key_file)] if settings.engine_verify_key_file else [],
             fleet_signing_key=(load_signing_key(settings.engine_signing_key_file)
                                if settings.engine_signing_key_file else None),
             ort_threads=settings.ort_intra_op_threads, ort_spin=settings.ort_spin_wait)
-        self._report = report or (lambda kind, payload: None)
+        return cls(settings, facts, store, layout, cache, load_verify_keys(settings.verify_key_file), engines,
+                   MemoryBudget(settings.memory_budget_bytes, settings.memory_reserve_bytes))
+
+
+class ModelRuntime:
+    """Holds one model's serving version and drives its life cycle. All public coroutines run on one event loop."""
+
+    def __init__(self, name: str, shared: DeviceResources, desired: DesiredModels, *,
+                 report: Reporter | None = None, on_batch: Callable[[int, float], None] | None = None,
+                 keep: Callable[[], set[tuple[str, str]]] | None = None) -> None:
+        self.name = check_name(name, "model name")
+        self.shared = shared
+        self.desired_models = desired
+        self.entry: ModelEntry = desired.current.get(name) or ModelEntry(name=name)
+        """This model's desired entry as last read (version or channel, variant, batching limits)."""
+        self._report_to = report or (lambda kind, payload: None)
         self._on_batch = on_batch
+        self._keep_others = keep or set
         self.slot = ServingSlot()
-        self.desired_state = DesiredState(settings)
         self.desired_version: str | None = None
         self.state = State.STARTING
         self.last_error = ""
@@ -114,13 +141,72 @@ class ModelRuntime:
         self._listeners: list[Callable[[], None]] = []
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self.batching: tuple[int, int] = (settings.max_batch_size, settings.max_queue_delay_us)
+        self.batching: tuple[int, int] = (self.max_batch_size, self.max_queue_delay_us)
         """(max batch size, max queue delay µs) the serving batcher uses; tuned per device when configured."""
         self.paused = False
         """Set by an unload request: the loop leaves the model unloaded until a load request."""
+        self._holders: dict[int, str] = {}
+        """Loaded engine (by id) → its name in the memory budget."""
+        self._loads = 0
+        self.bringing_up: str | None = None
+        """The version being fetched, built and validated now (kept from eviction by every life cycle)."""
         self._heartbeat = time.monotonic()
         self.failures = 0
         """Failed cycles since the last good one (reported with each failure)."""
+
+    # --- what is shared, and this model's own limits ------------------------------------------------------------
+    @property
+    def settings(self) -> EdgeSettings:
+        return self.shared.settings
+
+    @property
+    def facts(self) -> DeviceFacts:
+        return self.shared.facts
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.shared.store
+
+    @property
+    def cache(self) -> ArtifactCache:
+        return self.shared.cache
+
+    @property
+    def engines(self) -> EngineProvider:
+        return self.shared.engines
+
+    @property
+    def layout(self) -> ArtifactLayout:
+        return self.shared.layout
+
+    @property
+    def trusted(self) -> list[Any]:
+        return self.shared.trusted
+
+    @property
+    def memory(self) -> MemoryBudget:
+        return self.shared.memory
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.entry.max_batch_size or self.settings.max_batch_size
+
+    @property
+    def max_queue_delay_us(self) -> int:
+        return self.entry.max_queue_delay_us if self.entry.max_queue_delay_us is not None \
+            else self.settings.max_queue_delay_us
+
+    @property
+    def batching_budget_ms(self) -> float | None:
+        return self.entry.batching_budget_ms or self.settings.batching_budget_ms
+
+    def _report(self, kind: str, payload: dict[str, Any]) -> None:
+        self._report_to(kind, {"model_name": self.name, **payload})
+
+    def keeps(self) -> set[tuple[str, str]]:
+        """Versions of this model the cache must keep: what serves, what is desired, what is being brought up."""
+        versions = {self.desired_version, self.bringing_up, self.serving.version if self.serving else None}
+        return {(self.name, v) for v in versions if v}
 
     # --- state ---------------------------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -144,7 +230,7 @@ class ModelRuntime:
         """A snapshot for telemetry and the CLI."""
         serving = self.serving
         return {
-            "model_name": self.desired[0],
+            "model_name": self.name,
             "desired": self.desired[1],
             "desired_version": self.desired_version,
             "serving_version": serving.version if serving else None,
@@ -157,6 +243,7 @@ class ModelRuntime:
             "batching": {"max_batch_size": self.batching[0], "max_queue_delay_us": self.batching[1]},
             "variant_choice": ({"chosen": self.choice.chosen, "mode": self.choice.mode, "reason": self.choice.reason}
                                if self.choice else None),
+            "paused": self.paused,
         }
 
     @property
@@ -167,7 +254,7 @@ class ModelRuntime:
     @property
     def desired(self) -> tuple[str, str]:
         """(model name, version or channel) as the desired state answered last."""
-        return self.desired_state.current
+        return self.name, self.entry.version
 
     def beat(self) -> None:
         """The loop is alive (called every loop turn and on every state change)."""
@@ -181,7 +268,7 @@ class ModelRuntime:
     # --- serving ---------------------------------------------------------------------------------------------
     def model(self, name: str, version: str = "") -> ServingModel:
         """The serving model called ``name`` (and ``version`` when given), or the right error."""
-        return self.slot.lookup(name, version, configured=self.desired[0], state=str(self.state))
+        return self.slot.lookup(name, version, configured=self.name, state=str(self.state))
 
     async def infer(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, Any]]:
         """Run a request through the serving model's batcher; returns ``(version, outputs)``."""
@@ -190,8 +277,12 @@ class ModelRuntime:
 
     # --- the life cycle ----------------------------------------------------------------------------------------
     def read_desired(self) -> tuple[str, str]:
-        """What should serve (see :class:`~edge_runtime.desired.DesiredState` for the precedence)."""
-        return self.desired_state.read()
+        """What should serve (see :class:`~edge_runtime.desired.DesiredModels` for the precedence)."""
+        entry = self.desired_models.entry(self.name)
+        if entry is None:
+            raise ModelNotFound(f"model {self.name!r} is no longer desired on this device")
+        self.entry = entry
+        return self.name, entry.version
 
     async def reconcile(self) -> CycleResult:
         """One cycle: bring the serving model to the desired version, or raise and keep the old one.
@@ -245,8 +336,8 @@ class ModelRuntime:
 
         It does not make the pod Ready by itself: readiness waits until S3 says which version is desired (it may be
         this one), or, when S3 cannot be reached or hangs, falls back to this version (see :meth:`reconcile`)."""
-        state = self.cache.load_state()
-        if not state or state.get("name") != name or state.get("desired") != wanted:
+        state = self.cache.load_state(name)
+        if not state or state.get("desired") != wanted:
             return None
         try:
             version = check_name(state.get("version"), "cached version")
@@ -262,6 +353,66 @@ class ModelRuntime:
             return None
 
     async def _bring_up(self, name: str, version: str, *, offline: bool = False) -> CycleResult:
+        self.bringing_up = version
+        try:
+            return await self._bring_up_now(name, version, offline=offline)
+        finally:
+            self.bringing_up = None
+
+    def _check_memory(self, manifest: Manifest, plan: EnginePlan) -> None:
+        """:class:`InsufficientMemory` unless the engine for ``plan`` fits what is free: by what it held when it was
+        last loaded here, or (never loaded here) by its weights."""
+        what = f"{manifest.name}/{manifest.version} ({plan.variant.name})"
+        recorded = self.engines.recorded_memory(manifest, plan)
+        if recorded is not None:
+            self.memory.check(what, recorded, basis="recorded when it was last loaded here")
+        else:
+            self.memory.check(what, plan.variant.size_bytes, basis="its weights; it was never loaded here")
+
+    def _fitting(self, manifest: Manifest, plans: list[EnginePlan]) -> list[EnginePlan]:
+        """The plans whose engines fit the memory budget; none: :class:`InsufficientMemory` with every reason."""
+        fitting, reasons = [], []
+        for plan in plans:
+            try:
+                self._check_memory(manifest, plan)
+                fitting.append(plan)
+            except InsufficientMemory as exc:
+                reasons.append(str(exc))
+        if not fitting:
+            raise InsufficientMemory("; ".join(reasons))
+        return fitting
+
+    def _obtain(self, manifest: Manifest, plan: EnginePlan, model_path: Path, *,
+                local_only: bool = False) -> tuple[Engine, str, list[str]]:
+        """The engine for ``plan`` if its memory needs fit the device's budget (checked before with what was recorded
+        when it was last loaded here, or its weights; and after, with what loading it took), else
+        :class:`InsufficientMemory`. What it holds counts against the budget until :meth:`_drop`."""
+        what = f"{manifest.name}/{manifest.version} ({plan.variant.name})"
+        self._check_memory(manifest, plan)
+        engine, source, notes = self.engines.obtain(manifest, plan, model_path, local_only=local_only,
+                                                    max_batch_size=self.max_batch_size)
+        measured = int(getattr(engine, "memory_bytes", 0) or 0)
+        try:
+            self.memory.check(what, measured, basis="measured as it loaded")
+        except InsufficientMemory:
+            engine.close()
+            raise
+        self.engines.record_memory(manifest, plan, measured)
+        self._loads += 1
+        holder = f"{manifest.name}/{manifest.version}/{plan.variant.name}#{self._loads}"
+        self._holders[id(engine)] = holder
+        self.memory.hold(holder, measured)
+        return engine, source, notes
+
+    def _holder(self, engine: Engine) -> str:
+        return self._holders.pop(id(engine), "")
+
+    def _drop(self, manifest: Manifest, plan: EnginePlan, engine: Engine) -> None:
+        """Close an engine that will not serve, and give its memory back to the budget."""
+        engine.close()
+        self.memory.release(self._holder(engine))
+
+    async def _bring_up_now(self, name: str, version: str, *, offline: bool = False) -> CycleResult:
         started = time.monotonic()
         self._set_state(State.FETCHING)
         manifest = self.cache.cached_manifest(name, version)
@@ -280,8 +431,9 @@ class ModelRuntime:
             cached_choice = load_choice(self._choice_dir(manifest), self._candidate_keys(plans))
             if cached_choice is not None:
                 plans = [p for p in plans if p.variant.name == cached_choice.chosen]
+        plans = self._fitting(manifest, plans)  # before downloading what could not be loaded anyway
         refs = [*(p.variant for p in plans), manifest.validation]
-        keep = {(name, version)} | ({(self.serving.name, self.serving.version)} if self.serving else set())
+        keep = {(name, version)} | self.keeps() | self._keep_others()
         await asyncio.to_thread(self.cache.reserve, manifest, refs, keep)
         paths, downloaded = await asyncio.to_thread(self.cache.fetch, self.store, self.layout, manifest, refs,
                                                     attempts=self.settings.fetch_attempts)
@@ -292,15 +444,16 @@ class ModelRuntime:
         candidates: list[tuple[EnginePlan, Engine, ValidationResult, str, float]] = []
         figures: list[VariantFigures] = []
         failures: list[str] = []
+        memory_refusals = 0
         for plan in plans:
             self._set_state(State.BUILDING)
             build_started = time.monotonic()
             try:
-                engine, source, notes = await asyncio.to_thread(self.engines.obtain, manifest, plan,
-                                                                paths[plan.variant.file])
+                engine, source, notes = await asyncio.to_thread(self._obtain, manifest, plan, paths[plan.variant.file])
             except EdgeloopError as exc:
                 if len(plans) == 1:
                     raise
+                memory_refusals += isinstance(exc, InsufficientMemory)
                 failures.append(f"{plan.variant.name}: {exc}")
                 figures.append(VariantFigures(plan.variant.name, str(plan.target_key), False, reason=str(exc)))
                 continue
@@ -314,12 +467,12 @@ class ModelRuntime:
             if not result.passed and source != "built":
                 # an engine that came from elsewhere (cache, manifest, another device) fails: set it aside and
                 # validate one built here from the verified ONNX before blaming the version
-                engine.close()
+                self._drop(manifest, plan, engine)
                 await asyncio.to_thread(self.engines.quarantine, manifest, plan,
                                         f"{source} engine failed validation: {result.reason}")
                 self._set_state(State.BUILDING)
-                engine, source, _ = await asyncio.to_thread(self.engines.obtain, manifest, plan,
-                                                            paths[plan.variant.file], local_only=True)
+                engine, source, _ = await asyncio.to_thread(self._obtain, manifest, plan, paths[plan.variant.file],
+                                                            local_only=True)
                 self._report("built", {"version": version, "variant": plan.variant.name,
                                        "target_key": str(plan.target_key), "built": True, "source": source,
                                        "notes": ["rebuilt after the previous engine failed validation"]})
@@ -329,7 +482,7 @@ class ModelRuntime:
                 self._report("validated", {"version": version, "source": source, **result.to_dict()})
             self.last_validation = result
             if not result.passed:
-                engine.close()
+                self._drop(manifest, plan, engine)
                 failures.append(f"{plan.variant.name}: {result.reason}")
                 figures.append(VariantFigures(plan.variant.name, str(plan.target_key), False, result.value,
                                               reason=result.reason))
@@ -341,15 +494,17 @@ class ModelRuntime:
                 figures.append(figure)
                 # one engine open at a time besides the fastest so far (device memory on a Jetson is shared)
                 if candidates and figure.score_ms >= candidates[0][4]:
-                    engine.close()
+                    self._drop(manifest, plan, engine)
                     continue
                 for kept in candidates:
-                    kept[1].close()
+                    self._drop(manifest, kept[0], kept[1])
                 candidates = [(plan, engine, result, source, figure.score_ms)]
             else:
                 candidates.append((plan, engine, result, source, 0.0))
         if not candidates:
             plan = plans[0]
+            if memory_refusals == len(plans):
+                raise InsufficientMemory("; ".join(failures))
             raise ValidationFailed(f"{name}/{version} failed validation on this device "
                                    f"({plan.target_key}): {'; '.join(failures)}")
 
@@ -363,21 +518,23 @@ class ModelRuntime:
 
         # the engine's cap: the setting, or less (a fixed-batch model, a TensorRT profile); never past it
         max_batch = engine.max_batch_size
-        delay_us = self.settings.max_queue_delay_us
-        if self.settings.batching_budget_ms is not None:
+        delay_us = self.max_queue_delay_us
+        if self.batching_budget_ms is not None:
             choice_b = await asyncio.to_thread(self._tune, engine, validation_path, manifest)
             max_batch, delay_us = choice_b.max_batch_size, choice_b.max_queue_delay_us
         self.batching = (max_batch, delay_us)
         batcher = DynamicBatcher(engine, max_batch_size=max_batch, max_queue_delay_us=delay_us,
                                  on_batch=self._on_batch)
         # requests already queued on the old model finish there; new ones go to the new model at once
-        old = await self.slot.swap(ServingModel(name, version, manifest, plan, engine, batcher, result))
+        holder = self._holder(engine)
+        old = await self.slot.swap(ServingModel(name, version, manifest, plan, engine, batcher, result,
+                                                release_memory=lambda: self.memory.release(holder)))
         self._set_state(State.SERVING)
         self._report("serving", {"version": version, "variant": plan.variant.name, "target_key": str(plan.target_key),
                                  "validation": result.to_dict(), "previous": old.version if old else None,
                                  "seconds": round(time.monotonic() - started, 3)})
-        self.cache.save_state({"name": name, "desired": self.desired[1], "version": version})
-        keep = {(name, version)} | ({(old.name, old.version)} if old else set())
+        self.cache.save_state(name, {"desired": self.desired[1], "version": version})
+        keep = {(name, version)} | ({(old.name, old.version)} if old else set()) | self._keep_others()
         await asyncio.to_thread(self.cache.evict, keep)
         return CycleResult(version, changed=True, downloaded_bytes=downloaded, built=source == "built")
 
@@ -389,18 +546,18 @@ class ModelRuntime:
         if backend != "tensorrt" and self.facts.is_jetson and self.settings.backend == "auto":
             self._report("cpu_fallback", {"reason": self.facts.trt_error or "TensorRT is not installed",
                                            "module": self.facts.module, "l4t": self.facts.l4t_release})
-        if self.settings.variant is not None:
-            variants = [named_variant(manifest, self.settings.variant)]
+        if self.entry.variant is not None:
+            variants = [named_variant(manifest, self.entry.variant)]
         else:
             variants = candidate_variants(manifest, backend, device)
             if self.settings.variant_choice_budget_s <= 0:
                 variants = variants[:1]
         return [plan_for(manifest, self.facts, v, backend=backend, device=device,
-                         max_batch_size=self.settings.max_batch_size, opt_batch_size=self.settings.opt_batch_size)
+                         max_batch_size=self.max_batch_size, opt_batch_size=self.settings.opt_batch_size)
                 for v in variants]
 
     def _measuring(self, plans: list[EnginePlan]) -> bool:
-        return self.settings.variant is None and len(plans) > 1
+        return self.entry.variant is None and len(plans) > 1
 
     @staticmethod
     def _candidate_keys(plans: list[EnginePlan]) -> dict[str, str]:
@@ -411,8 +568,8 @@ class ModelRuntime:
 
     def _decide(self, plans: list[EnginePlan], cached: VariantChoice | None,
                 figures: list[VariantFigures]) -> VariantChoice:
-        if self.settings.variant is not None:
-            return VariantChoice(self.settings.variant, "forced by the variant setting", "forced")
+        if self.entry.variant is not None:
+            return VariantChoice(self.entry.variant, "forced by the variant setting", "forced")
         if cached is not None:
             return cached
         if len(plans) == 1:
@@ -435,8 +592,8 @@ class ModelRuntime:
 
         inputs, _ = read_validation_set(validation_path, manifest, engine)
         points = sweep(engine, {k: v[:1] for k, v in inputs.items()}, engine.max_batch_size)
-        assert self.settings.batching_budget_ms is not None
-        choice = choose(points, self.settings.batching_budget_ms, self.settings.max_queue_delay_us)
+        assert self.batching_budget_ms is not None
+        choice = choose(points, self.batching_budget_ms, self.max_queue_delay_us)
         self._report("batch_sweep", {"version": manifest.version, "points": [p.__dict__ for p in points],
                                      "chosen": choice.to_dict()})
         return choice
@@ -445,19 +602,17 @@ class ModelRuntime:
         """Run the next cycle now (a changed desired file)."""
         self._wake.set()
 
-    async def load(self, name: str, version: str | None = None) -> CycleResult:
-        """Repository extension: serve ``name`` now; with ``version`` (a version or channel) pin it above the desired
-        file and the settings until a load without one clears the pin. (The server allows this RPC only when
+    async def load(self, version: str | None = None) -> CycleResult:
+        """Repository extension: serve this model now; with ``version`` (a version or channel) pin it above the
+        desired file and the settings until a load without one clears the pin. (The server allows this RPC only when
         repository control is on, and only to an authenticated caller.)"""
-        check_name(name, "model name")
-        if name != self.desired[0]:
-            raise ModelNotFound(f"model {name!r} is not configured on this device ({self.desired[0]!r} is)")
-        self.desired_state.pin(name, version)
+        self.desired_models.pin(self.name, version)
         self.paused = False
         return await self.reconcile()
 
     async def run_forever(self) -> None:
-        """Reconcile every poll interval; after a failure back off exponentially up to ``retry_max_s``.
+        """Reconcile every poll interval, or at once when woken (the desired file changed); after a failure back off
+        exponentially up to ``retry_max_s``.
 
         Nothing but cancellation ends this loop: every exception is reported (by :meth:`reconcile`), logged, and
         retried after the back-off, so a malformed pointer or a full disk never freezes a device on its old version.
@@ -466,21 +621,17 @@ class ModelRuntime:
         while True:
             self.beat()
             try:
-                if self.paused:  # unloaded: a desired-file edit must not spin the loop
-                    self.desired_state.mark_seen()
-                else:
+                if not self.paused:  # unloaded: it stays so until a load request
                     await self.reconcile()
                 delay = self.settings.retry_initial_s
                 wait = self.settings.poll_interval_s
             except Exception as exc:  # noqa: BLE001 - the loop must outlive anything a cycle raises
-                log.warning("cycle failed: %s (retry in %.1fs)", describe(exc), delay,
+                log.warning("%s: cycle failed: %s (retry in %.1fs)", self.name, describe(exc), delay,
                             exc_info=not isinstance(exc, EdgeloopError))
                 wait, delay = delay, min(delay * 2, self.settings.retry_max_s)
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:  # also wake when the desired file changed since the last read
+            while time.monotonic() < deadline:
                 self.beat()
-                if self.desired_state.changed():
-                    break
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
                     self._wake.clear()
@@ -488,12 +639,13 @@ class ModelRuntime:
                 except (asyncio.TimeoutError, TimeoutError):
                     continue
 
-    async def unload(self, name: str) -> None:
-        """Stop serving ``name`` (repository extension); the loop loads it again only on a load request."""
-        self.model(name)  # NOT_FOUND / UNAVAILABLE as for any request
+    async def unload(self) -> None:
+        """Stop serving this model (repository extension); the loop loads it again only on a load request."""
+        self.model(self.name)  # UNAVAILABLE when nothing serves, as for any request
         self.paused = True
         await self.slot.unload()
         self._set_state(State.UNLOADED)
+        self._report("unloaded", {"version": self.desired_version})
 
     async def close(self) -> None:
         """Drain and release the serving model."""

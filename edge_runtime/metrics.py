@@ -1,4 +1,4 @@
-"""Prometheus metrics of the edge runtime, on their own port (``/metrics``)."""
+"""Prometheus metrics of the edge runtime, on their own port (``/metrics``); model figures carry a ``model`` label."""
 
 from __future__ import annotations
 
@@ -14,20 +14,22 @@ class RuntimeMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("edgeloop_requests", "Inference requests by gRPC status code", ["code"],
-                                registry=self.registry)
-        self.latency = Histogram("edgeloop_request_latency_seconds", "ModelInfer latency seconds",
+        self.requests = Counter("edgeloop_requests", "Inference requests by model and gRPC status code (model \"\": "
+                                "a name this device does not serve)", ["model", "code"], registry=self.registry)
+        self.latency = Histogram("edgeloop_request_latency_seconds", "ModelInfer latency seconds", ["model"],
                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
                                  registry=self.registry)
-        self.batch_size = Histogram("edgeloop_batch_size", "Samples per engine run (dynamic batching)",
+        self.batch_size = Histogram("edgeloop_batch_size", "Samples per engine run (dynamic batching)", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
-        self.batch_seconds = Histogram("edgeloop_batch_seconds", "Engine run time per batch, seconds",
+        self.batch_seconds = Histogram("edgeloop_batch_seconds", "Engine run time per batch, seconds", ["model"],
                                        registry=self.registry)
-        self.state = Gauge("edgeloop_model_state", "1 for the current life-cycle state", ["state"],
+        self.state = Gauge("edgeloop_model_state", "1 for the model's current life-cycle state", ["model", "state"],
                            registry=self.registry)
-        self.ready = Gauge("edgeloop_ready", "1 when the desired version is validated and serving",
+        self.model_ready = Gauge("edgeloop_model_ready", "1 when the model's desired version is validated and serving",
+                                 ["model"], registry=self.registry)
+        self.ready = Gauge("edgeloop_ready", "1 when the device is ready (EDGE_READY_POLICY: all or any model)",
                            registry=self.registry)
-        self.validation = Gauge("edgeloop_validation_value", "Last on-device validation metric value",
+        self.validation = Gauge("edgeloop_validation_value", "Last on-device validation metric value", ["model"],
                                 registry=self.registry)
 
         self.jetson_gpu = Gauge("edgeloop_jetson_gpu_utilization_percent", "GPU load (devfreq)",
@@ -59,18 +61,18 @@ class RuntimeMetrics:
         for rail, milliwatts in sample.power_mw.items():
             self.jetson_power.labels(rail).set(milliwatts)
 
-    def observe_batch(self, rows: int, seconds: float) -> None:
-        """Called by the batcher after each engine run."""
-        self.batch_size.observe(rows)
-        self.batch_seconds.observe(seconds)
+    def observe_batch(self, model: str, rows: int, seconds: float) -> None:
+        """Called by a model's batcher after each engine run."""
+        self.batch_size.labels(model).observe(rows)
+        self.batch_seconds.labels(model).observe(seconds)
 
-    def set_state(self, state: str, ready: bool, validation: float | None) -> None:
-        """Mirror the runtime's state."""
+    def set_state(self, model: str, state: str, ready: bool, validation: float | None) -> None:
+        """Mirror one model's state."""
         for name in STATES:
-            self.state.labels(name).set(1.0 if name == state else 0.0)
-        self.ready.set(1.0 if ready else 0.0)
+            self.state.labels(model, name).set(1.0 if name == state else 0.0)
+        self.model_ready.labels(model).set(1.0 if ready else 0.0)
         if validation is not None:
-            self.validation.set(validation)
+            self.validation.labels(model).set(validation)
 
     def serve(self, address: str, port: int) -> None:
         """Start the HTTP exporter thread."""

@@ -8,10 +8,36 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edge_runtime.errors import ConfigError
+
+
+def _checked_name(value: str, info: ValidationInfo) -> str:
+    from edge_runtime.contract.channel import check_name
+
+    try:
+        return check_name(value, info.field_name or "name")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+class ModelEntry(BaseModel):
+    """One model this device serves, with its own life cycle: a name under models/ in the bucket, a version or
+    channel, and optionally its own variant and batching limits (unset: the device-wide settings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="model name under models/ in the bucket")
+    version: str = Field("stable", description="a version (v2026...) or a channel name (stable, canary)")
+    variant: str | None = Field(None, description="force this manifest variant (unset: the fastest validated)")
+    max_batch_size: int | None = Field(None, gt=0, description="most samples in one engine run (unset: the setting)")
+    max_queue_delay_us: int | None = Field(None, ge=0, description="extra wait for company, µs (unset: the setting)")
+    batching_budget_ms: float | None = Field(
+        None, gt=0, description="tune batching limits within this latency, ms (unset: the setting)")
+
+    _names = field_validator("name", "version")(_checked_name)
 
 
 class EdgeSettings(BaseSettings):
@@ -22,8 +48,20 @@ class EdgeSettings(BaseSettings):
     # --- what to serve
     model_name: str = Field("digits-cnn", description="model name under models/ in the bucket")
     model_version: str = Field("stable", description="a version (v2026...) or a channel name (stable, canary)")
+    models: list[ModelEntry] = Field(
+        default_factory=list, description="several models, each {name, version, variant?, max_batch_size?, "
+                                          "max_queue_delay_us?, batching_budget_ms?} (JSON in the environment); "
+                                          "empty: the one model named by model_name/model_version")
     desired_file: Path | None = Field(
-        None, description="JSON/YAML file with model_name/model_version, watched for changes (a Helm ConfigMap)")
+        None, description="JSON/YAML file with `models` (or model_name/model_version), watched for changes (a Helm "
+                          "ConfigMap)")
+    ready_policy: Literal["all", "any"] = Field(
+        "all", description="server readiness: every desired model validated and serving (all), or at least one (any)")
+    memory_budget_bytes: int | None = Field(
+        None, gt=0, description="memory the models' engines may use together, bytes (unset: what the kernel reports "
+                                "available, less memory_reserve_bytes; Jetson RAM is shared by CPU and GPU)")
+    memory_reserve_bytes: int = Field(
+        256 << 20, ge=0, description="memory left to the rest of the device when no budget is set, bytes")
 
     # --- where artifacts come from (credentials: boto3's chain, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint; unset for AWS S3")
@@ -112,15 +150,17 @@ class EdgeSettings(BaseSettings):
     kube_node_name: str | None = Field(
         None, description="this pod's node (downward API); set: read its labels, write edgeloop.io/* annotations")
 
-    @field_validator("model_name", "model_version")
-    @classmethod
-    def _names(cls, value: str, info: ValidationInfo) -> str:
-        from edge_runtime.contract.channel import check_name
+    _names = field_validator("model_name", "model_version")(_checked_name)
 
-        try:
-            return check_name(value, info.field_name or "name")
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from exc
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, value: list[ModelEntry]) -> list[ModelEntry]:
+        return unique_models(value)
+
+    def desired_models(self) -> list[ModelEntry]:
+        """The models the settings name: ``models``, or the one ``model_name``/``model_version`` with ``variant``."""
+        return list(self.models) or [ModelEntry(name=self.model_name, version=self.model_version,
+                                                variant=self.variant)]
 
     @classmethod
     def load(cls, file: Path | None = None, **overrides: Any) -> EdgeSettings:
@@ -137,6 +177,16 @@ class EdgeSettings(BaseSettings):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise ConfigError(f"setting {where}: {first['msg']}") from exc
+
+
+def unique_models(entries: list[ModelEntry]) -> list[ModelEntry]:
+    """``entries`` when no name repeats; else a ValueError naming the repeated one."""
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.name in seen:
+            raise ValueError(f"model {entry.name!r} is listed twice")
+        seen.add(entry.name)
+    return entries
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,11 +28,15 @@ class ServingModel:
     engine: Engine
     batcher: DynamicBatcher
     validation: ValidationResult
+    release_memory: Callable[[], None] | None = None
+    """Gives the engine's memory back to the device's budget."""
 
     async def release(self) -> None:
-        """Let requests already queued finish, then free the engine."""
+        """Let requests already queued finish, then free the engine (and its share of the memory budget)."""
         await self.batcher.close()
         self.engine.close()
+        if self.release_memory is not None:
+            self.release_memory()
 
 
 class ServingSlot:

@@ -1,8 +1,10 @@
 """``make demo``: the whole loop on one machine.
 
 1. a real S3 server (SeaweedFS) on loopback;  2. the retraining pipeline through kfp.local, publishing a signed
-version;  3. the telemetry hub;  4. the edge runtime (fetch → build → validate → serve gRPC);  5. a client sends the
-held-out set through the Open Inference Protocol;  6. ``fleet status`` from the hub. Everything is stopped at the end.
+version, and the bring-your-own-ONNX import of a second model (a logistic regression the demo trains);  3. the
+telemetry hub;  4. one edge runtime serving both models side by side, each with its own life cycle (fetch → build →
+validate → serve gRPC);  5. a client sends the held-out set to each through the Open Inference Protocol;  6. ``fleet
+status`` from the hub, a row per device and model. Everything is stopped at the end.
 
 Everything lives under one work folder (``.demo/`` by default): the SeaweedFS data, the signing keys (generated on
 the first run, never in the repo), the device cache and each run's outputs. A second run publishes a new version
@@ -27,6 +29,7 @@ from edgeloop.local_s3 import LocalS3
 
 BUCKET = "edgeloop"
 MODEL = "digits-cnn"
+SECOND = "digits-linear"
 CHANNEL = "stable"
 
 
@@ -51,7 +54,9 @@ def run_demo(workdir: str | Path = ".demo") -> None:
     from edge_runtime.app import EdgeApp, wait_until_ready
     from edge_runtime.cli import send_dataset
     from edge_runtime.settings import EdgeSettings
+    from edgeloop.samples import digits_linear
     from pipelines.cli import console, print_result
+    from pipelines.import_onnx import import_onnx_pipeline
     from pipelines.local_run import run_local
     from telemetry_hub.cli import fleet_table
     from telemetry_hub.server import HubSettings, fleet_status, start_hub
@@ -84,6 +89,14 @@ def run_demo(workdir: str | Path = ".demo") -> None:
             console.print(f"    verified s3://{BUCKET}/{layout.version_prefix(MODEL, result.version)}: "
                           f"signature and sha256 of {len(manifest.files())} files")
             _print_versions(console, store, layout)
+            onnx_path, calibration = digits_linear(root / "byo-onnx")
+            imported = run_local(
+                {"onnx_uri": str(onnx_path), "calibration_uri": str(calibration), "model_name": SECOND,
+                 "calibration_scale": 1.0, "bucket": BUCKET, "channel": CHANNEL, "s3_endpoint": s3.endpoint_url},
+                runs_dir=root / "runs", pipeline=import_onnx_pipeline)
+            assert imported.manifest is not None
+            console.print(f"    imported {SECOND}/{imported.manifest.version} (bring your own ONNX, through "
+                          f"kfp.local): {', '.join(v.name for v in imported.manifest.variants)}")
 
             token, reader = secrets.token_hex(16), secrets.token_hex(16)
             hub_settings = HubSettings(database_url=f"sqlite:///{root / 'hub.sqlite'}", port=0,
@@ -92,7 +105,8 @@ def run_demo(workdir: str | Path = ".demo") -> None:
             console.print(f"[bold]3.[/bold] telemetry hub on 127.0.0.1:{hub_port} (SQLite {root / 'hub.sqlite'})")
 
             settings = EdgeSettings(
-                model_name=MODEL, model_version=CHANNEL, s3_endpoint_url=s3.endpoint_url, s3_bucket=BUCKET,
+                models=[{"name": MODEL, "version": CHANNEL}, {"name": SECOND, "version": CHANNEL}],
+                s3_endpoint_url=s3.endpoint_url, s3_bucket=BUCKET,
                 verify_key_file=keys / "verify-key.pem", cache_dir=root / "device-cache", grpc_port=0,
                 metrics_port=0, hub_address=f"127.0.0.1:{hub_port}", hub_token=token, device_id="demo-jetson",
                 telemetry_interval_s=1.0, batching_budget_ms=5.0,
@@ -100,25 +114,26 @@ def run_demo(workdir: str | Path = ".demo") -> None:
             edge = EdgeApp(settings, store=store)
             loop.run(edge.start())
             loop.run(wait_until_ready(edge, timeout_s=120))
-            status = edge.runtime.status()
-            batching = status["batching"]
-            console.print(f"[bold]4.[/bold] edge runtime on 127.0.0.1:{edge.grpc_port}: serving {MODEL}/"
-                          f"{status['serving_version']} as {status['variant']} on {status['target_key']}; "
-                          f"on-device validation {status['validation']}; batching tuned to "
-                          f"{batching['max_batch_size']} samples / {batching['max_queue_delay_us']} µs "
-                          "for a 5 ms budget")
+            console.print(f"[bold]4.[/bold] edge runtime on 127.0.0.1:{edge.grpc_port}, two models side by side:")
+            for name in (MODEL, SECOND):
+                status = edge.repository.runtime(name).status()
+                batching = status["batching"]
+                console.print(f"    {name}/{status['serving_version']} as {status['variant']} on "
+                              f"{status['target_key']}; on-device validation {status['validation']}; batching "
+                              f"tuned to {batching['max_batch_size']} samples / {batching['max_queue_delay_us']} µs "
+                              "for a 5 ms budget")
 
             with np.load(root / "verified" / "validation.npz") as npz:
                 x, y = npz["inputs"], npz["labels"]
             address = f"127.0.0.1:{edge.grpc_port}"
-            single = send_dataset(address, MODEL, x, y, batch_size=1)
-            batched = send_dataset(address, MODEL, x, y, batch_size=16)
             table = Table(title=f"client → {address} (Open Inference Protocol, {len(y)} held-out images)")
-            for column in ("batch", "accuracy %", "p50 ms", "p99 ms", "images/s"):
+            for column in ("model", "batch", "accuracy %", "p50 ms", "p99 ms", "images/s"):
                 table.add_column(column, justify="right")
-            for batch, r in ((1, single), (16, batched)):
-                table.add_row(str(batch), f"{r['accuracy'] * 100:.2f}", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                              f"{r['samples_per_s']:.0f}")
+            for name in (MODEL, SECOND):
+                for batch in (1, 16):
+                    r = send_dataset(address, name, x, y, batch_size=batch)
+                    table.add_row(name, str(batch), f"{r['accuracy'] * 100:.2f}", f"{r['p50_ms']:.3f}",
+                                  f"{r['p99_ms']:.3f}", f"{r['samples_per_s']:.0f}")
             console.print("[bold]5.[/bold] client")
             console.print(table)
 

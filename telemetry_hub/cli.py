@@ -46,9 +46,9 @@ def serve_command(
 
 
 def fleet_table(devices) -> Table:  # noqa: ANN001 - telemetry DeviceStatus messages
-    """device, target key, desired and serving version, state, validation, p50/p99, last seen."""
+    """A row per device and model: target key, desired and serving version, state, validation, p50/p99, last seen."""
     table = Table(title="fleet")
-    for column in ("device", "target key", "desired", "serving", "state", "validation", "variant", "p50 ms",
+    for column in ("device", "model", "target key", "desired", "serving", "state", "validation", "variant", "p50 ms",
                    "p99 ms", "batching", "last seen (UTC)"):
         table.add_column(column)
     for d in devices:
@@ -63,9 +63,9 @@ def fleet_table(devices) -> Table:  # noqa: ANN001 - telemetry DeviceStatus mess
             variant = f"{choice.get('chosen')} ({choice.get('mode')}: {reason})"
         seen = datetime.fromtimestamp(d.last_seen_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S") \
             if d.last_seen_ms else ""
-        table.add_row(d.device_id, d.target_key, d.desired_version, d.serving_version, d.state, d.validation_result,
-                      variant, f"{d.p50_ms:.2f}" if d.p50_ms else "", f"{d.p99_ms:.2f}" if d.p99_ms else "",
-                      batching, seen)
+        table.add_row(d.device_id, d.model_name, d.target_key, d.desired_version, d.serving_version, d.state,
+                      d.validation_result, variant, f"{d.p50_ms:.2f}" if d.p50_ms else "",
+                      f"{d.p99_ms:.2f}" if d.p99_ms else "", batching, seen)
     return table
 
 
@@ -74,14 +74,15 @@ def kube_tables(namespace: str) -> tuple[Table, Table]:
     from edge_runtime.kube import core_api, daemonset_rollouts, fleet_nodes
 
     core = core_api()
-    nodes = Table(title="nodes (edgeloop.io/* annotations)")
-    for column in ("node", "class", "ring", "ready", "state", "desired", "serving", "target key", "validation",
-                   "updated"):
+    nodes = Table(title="nodes (edgeloop.io/* annotations), a row per model")
+    for column in ("node", "class", "ring", "ready", "model", "state", "desired", "serving", "target key",
+                   "validation", "updated"):
         nodes.add_column(column)
     for n in fleet_nodes(core):
-        nodes.add_row(n.name, n.device_class, n.ring, "yes" if n.ready else "no", n.get("state"),
-                      n.get("desired-version"), n.get("serving-version"), n.get("target-key"), n.get("validation"),
-                      n.get("updated-at"))
+        for name, m in (n.models() or {"": {}}).items():
+            nodes.add_row(n.name, n.device_class, n.ring, "yes" if n.ready else "no", name, m.get("state", ""),
+                          m.get("desired_version", ""), m.get("serving_version", ""), m.get("target_key", ""),
+                          m.get("validation", ""), n.get("updated-at"))
     rollouts = Table(title=f"edge-runtime DaemonSets in {namespace}")
     for column in ("daemonset", "desired", "updated", "ready", "unavailable"):
         rollouts.add_column(column)
@@ -105,7 +106,8 @@ def status_command(
     stale_minutes: Annotated[int, typer.Option(help="only devices not seen for this many minutes")] = 0,
     limit: Annotated[int, typer.Option(help="rows to print at most (the counts cover every device)")] = 200,
 ) -> None:
-    """Counts per state first, then the devices: target key, desired and serving version, validation, p50/p99."""
+    """Counts per state first, then a row per device and model: target key, desired and serving version,
+    validation, p50/p99."""
     from edge_runtime.errors import ConfigError
     from telemetry_hub.server import fleet_pages
 
@@ -134,10 +136,10 @@ def status_command(
     first, devices = asyncio.run(collect())
     total = first.total if first else 0
     counts = ", ".join(f"{k} {v}" for k, v in sorted(first.state_counts.items())) if first else ""
-    console.print(f"{total} devices: {counts}" if counts else f"{total} devices")
+    console.print(f"{total} device models: {counts}" if counts else f"{total} device models")
     console.print(fleet_table(devices))
     if total > len(devices):
-        console.print(f"(first {len(devices)} of {total}: --limit shows more, the filters fewer)")
+        console.print(f"(first {len(devices)} of {total} rows: --limit shows more, the filters fewer)")
 
 
 @fleet_app.command("rollout")
@@ -148,6 +150,8 @@ def rollout_command(
     values: Annotated[list[str] | None, typer.Option("--values", "-f", help="values file (repeatable)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="value override, e.g. model.version=v2")] = None,
     ring: Annotated[str | None, typer.Option(help="watch only nodes of this ring")] = None,
+    model: Annotated[str | None, typer.Option(help="move only this model (with --version); the others stay")] = None,
+    version: Annotated[str | None, typer.Option(help="the version or channel --model moves to")] = None,
     timeout: Annotated[int, typer.Option(help="seconds before the rollout counts as failed")] = 900,
     helm: Annotated[str, typer.Option(help="helm binary")] = "helm",
 ) -> None:
@@ -155,6 +159,6 @@ def rollout_command(
     from edge_runtime.kube import core_api, rollout
 
     nodes = rollout(release, chart, namespace=namespace, api=core_api(), helm=helm, values=values or [],
-                    sets=set_ or [], timeout_s=timeout, ring=ring)
+                    sets=set_ or [], timeout_s=timeout, ring=ring, model=model, version=version)
     console.print(f"{release}: rolled out to {len(nodes)} nodes: " +
-                  ", ".join(f"{n.name}={n.get('serving-version')}" for n in nodes))
+                  ", ".join(f"{n.name}={n.model(model).get('serving_version', '')}" for n in nodes))

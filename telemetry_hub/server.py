@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,9 +132,19 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
         size = min(request.page_size or PAGE_SIZE, MAX_PAGE_SIZE)
         filters = {"state": request.state, "model_name": request.model_name, "version": request.version,
                    "stale_since_ms": request.stale_since_ms}
-        rows = await asyncio.to_thread(self.store.fleet, limit=size + 1, after=request.page_token, **filters)
+        after = None
+        if request.page_token:
+            try:
+                device, model = json.loads(request.page_token)
+                after = (str(device), str(model))
+            except (ValueError, TypeError) as exc:
+                from edge_runtime.errors import InvalidInput
+
+                raise InvalidInput("page_token is not one this hub handed out") from exc
+        rows = await asyncio.to_thread(self.store.fleet, limit=size + 1, after=after, **filters)
         more, rows = len(rows) > size, rows[:size]
-        response = pb.FleetStatusResponse(next_page_token=rows[-1]["device_id"] if more else "", devices=[
+        token = json.dumps([rows[-1]["device_id"], rows[-1]["model_name"]]) if more else ""
+        response = pb.FleetStatusResponse(next_page_token=token, devices=[
             pb.DeviceStatus(device_id=r["device_id"], model_name=r["model_name"] or "",
                             target_key=r["target_key"] or "",
                             desired_version=r["desired_version"] or "", serving_version=r["serving_version"] or "",

@@ -25,6 +25,7 @@ from sqlalchemy import (
     inspect,
     select,
     text,
+    tuple_,
 )
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -44,7 +45,13 @@ events = Table(
 devices = Table(
     "devices", metadata,
     Column("device_id", String(128), primary_key=True),
-    Column("model_name", String(128), default=""),
+    Column("last_seen_ms", BigInteger, default=0),
+    Column("facts_json", Text, default="{}"),
+)
+device_models = Table(
+    "device_models", metadata,
+    Column("device_id", String(128), primary_key=True),
+    Column("model_name", String(128), primary_key=True),
     Column("target_key", String(128), default=""),
     Column("desired_version", String(128), default=""),
     Column("serving_version", String(128), default=""),
@@ -53,10 +60,12 @@ devices = Table(
     Column("p50_ms", Float, nullable=True),
     Column("p99_ms", Float, nullable=True),
     Column("last_seen_ms", BigInteger, default=0),
-    Column("facts_json", Text, default="{}"),
     Column("batching_json", Text, default=""),
     Column("variant_json", Text, default=""),
 )
+"""One row per device and model it serves (a device serves several models, each with its own life cycle)."""
+MODEL_FIELDS = ("target_key", "desired_version", "serving_version", "state", "validation_result", "p50_ms",
+                "p99_ms", "batching_json", "variant_json")
 
 
 @dataclass(frozen=True)
@@ -102,14 +111,10 @@ def _validation_line(result: dict[str, Any]) -> str:
     return f"{line} {result['variant']}" if result.get("variant") else line
 
 
-def _device_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """How an event of ``kind`` changes the device's row."""
+def _model_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """How an event of ``kind`` about one model changes that model's row."""
     changes: dict[str, Any] = {}
-    if payload.get("model_name"):
-        changes["model_name"] = payload["model_name"]
-    if kind == "facts":
-        changes["facts_json"] = json.dumps(payload.get("facts", {}))
-    elif kind == "serving":
+    if kind == "serving":
         changes.update(serving_version=payload.get("version", ""), state="serving",
                        target_key=payload.get("target_key", ""))
         if isinstance(payload.get("validation"), dict):  # the served variant's (several may have been validated)
@@ -121,6 +126,8 @@ def _device_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         changes["desired_version"] = payload.get("version", "")
     elif kind == "failed":
         changes.update(state="failed", desired_version=payload.get("version", ""))
+    elif kind == "unloaded":
+        changes.update(state="unloaded", serving_version="")
     elif kind == "batch_sweep":
         changes["batching_json"] = json.dumps({"chosen": payload.get("chosen"), "points": payload.get("points")})
     elif kind == "variant_choice":
@@ -135,6 +142,22 @@ def _device_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
     return changes
 
 
+def _changes(kind: str, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """How an event changes the device's row and its models' rows: ``(device changes, model name → changes)``.
+    A stats event carries every model (``models``); other model events name theirs (``model_name``)."""
+    device: dict[str, Any] = {}
+    models: dict[str, dict[str, Any]] = {}
+    if kind == "facts":
+        device["facts_json"] = json.dumps(payload.get("facts", {}))
+    if kind == "stats" and isinstance(payload.get("models"), list):
+        for status in payload["models"]:
+            if isinstance(status, dict) and status.get("model_name"):
+                models[str(status["model_name"])] = _model_changes("stats", status)
+    elif payload.get("model_name"):
+        models[str(payload["model_name"])] = _model_changes(kind, payload)
+    return device, models
+
+
 class HubStore:
     """Tables are created on first use."""
 
@@ -144,6 +167,7 @@ class HubStore:
             self.engine = create_engine(url)
             metadata.create_all(self.engine)
             self._add_missing_columns()
+            self._carry_over_models()
         except ImportError as exc:
             raise ConfigError(f"no database driver for {url.split(':', 1)[0]}: pip install 'edgeloop[hub]'") from exc
         except SQLAlchemyError as exc:
@@ -159,6 +183,20 @@ class HubStore:
                     if column.name not in have:
                         kind = column.type.compile(dialect=self.engine.dialect)
                         conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+    def _carry_over_models(self) -> None:
+        """A database from a hub before several models kept each device's one model in ``devices``: copy those
+        rows into ``device_models`` once (idempotent, so replicas starting together do no harm)."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("devices")}
+        if not {"model_name", *MODEL_FIELDS[:4]} <= have:
+            return
+        with self.engine.begin() as conn:
+            if conn.execute(select(func.count()).select_from(device_models)).scalar_one():
+                return
+            columns = ["device_id", "model_name", "last_seen_ms", *(f for f in MODEL_FIELDS if f in have)]
+            listed = ", ".join(f'"{c}"' for c in columns)
+            conn.execute(text(f"INSERT INTO device_models ({listed}) SELECT {listed} FROM devices "
+                              f"WHERE model_name IS NOT NULL AND model_name <> '' ON CONFLICT DO NOTHING"))
 
     def ingest(self, device_id: str, batch: Iterable[IncomingEvent]) -> tuple[list[str], int]:
         """Store events not seen before (by id) and update the device row; returns ``(acknowledged ids,
@@ -182,23 +220,36 @@ class HubStore:
                 inserted = set(conn.execute(statement.returning(events.c.id)).scalars())
             fresh = [e for e in batch if e.id in inserted]
             changes: dict[str, Any] = {}
+            per_model: dict[str, dict[str, Any]] = {}
             for event in sorted(fresh, key=lambda e: e.timestamp_ms):
                 try:
                     payload = json.loads(event.payload_json or "{}")
-                    changes.update(_device_changes(event.kind, payload if isinstance(payload, dict) else {}))
+                    device, models = _changes(event.kind, payload if isinstance(payload, dict) else {})
                 except (ValueError, TypeError, KeyError, AttributeError):  # stored, but it changes no state
                     log.warning("event %s of %s has a payload the fleet view cannot use", event.id, device_id)
+                    continue
+                changes.update(device)
+                for model, update in models.items():
+                    per_model.setdefault(model[:128], {}).update(update)
+                    per_model[model[:128]]["last_seen_ms"] = event.timestamp_ms
             if batch:
                 changes["last_seen_ms"] = max(e.timestamp_ms for e in batch)
-            upsert = insert_(devices).values(device_id=device_id, **changes)
-            if changes:  # one statement, so a device's first two calls on two replicas cannot collide
-                latest = self._greatest(devices.c.last_seen_ms, upsert.excluded.last_seen_ms)
-                updates = {**{k: upsert.excluded[k] for k in changes}, "last_seen_ms": latest} \
-                    if "last_seen_ms" in changes else {k: upsert.excluded[k] for k in changes}
-                conn.execute(upsert.on_conflict_do_update(index_elements=["device_id"], set_=updates))
-            else:
-                conn.execute(upsert.on_conflict_do_nothing(index_elements=["device_id"]))
+            # one statement per row, so a device's first two calls on two replicas cannot collide
+            self._upsert(conn, devices, {"device_id": device_id}, changes)
+            for model, update in sorted(per_model.items()):
+                self._upsert(conn, device_models, {"device_id": device_id, "model_name": model}, update)
         return ids, len(batch) - len(inserted)
+
+    def _upsert(self, conn: Any, table: Table, key: dict[str, str], changes: dict[str, Any]) -> None:  # noqa: ANN401
+        """Insert the row ``key`` with ``changes``, or apply them to it; ``last_seen_ms`` never goes back."""
+        upsert = self._insert()(table).values(**key, **changes)
+        if not changes:
+            conn.execute(upsert.on_conflict_do_nothing(index_elements=list(key)))
+            return
+        updates = {k: upsert.excluded[k] for k in changes}
+        if "last_seen_ms" in changes:
+            updates["last_seen_ms"] = self._greatest(table.c.last_seen_ms, upsert.excluded.last_seen_ms)
+        conn.execute(upsert.on_conflict_do_update(index_elements=list(key), set_=updates))
 
     def _insert(self):  # noqa: ANN202 - the dialect's insert construct (with ON CONFLICT)
         if self.engine.dialect.name == "postgresql":
@@ -212,14 +263,26 @@ class HubStore:
     def _greatest(self, a, b):  # noqa: ANN001, ANN202
         return func.greatest(a, b) if self.engine.dialect.name == "postgresql" else func.max(a, b)
 
-    def fleet(self, *, limit: int | None = None, after: str = "", state: str = "", model_name: str = "",
-              version: str = "", stale_since_ms: int = 0) -> list[dict[str, Any]]:
-        """Devices' latest state by device id: those after ``after``, at most ``limit`` (keyset pagination: each
-        page is one index range scan, however large the fleet), optionally filtered."""
-        query = select(devices).where(*self._filters(state, model_name, version, stale_since_ms))
-        if after:
-            query = query.where(devices.c.device_id > after)
-        query = query.order_by(devices.c.device_id)
+    @staticmethod
+    def _rows() -> tuple[Any, Any]:
+        """Every device joined with each model it serves (a device that reported no model yet: one row, no model),
+        and the row's model column."""
+        joined = devices.outerjoin(device_models, devices.c.device_id == device_models.c.device_id)
+        return joined, func.coalesce(device_models.c.model_name, "")
+
+    def fleet(self, *, limit: int | None = None, after: tuple[str, str] | None = None, state: str = "",
+              model_name: str = "", version: str = "", stale_since_ms: int = 0) -> list[dict[str, Any]]:
+        """One row per device and model (latest state), by device id then model name: those after ``after``
+        (``(device id, model name)``), at most ``limit`` (keyset pagination: each page is one index range scan,
+        however large the fleet), optionally filtered."""
+        joined, model = self._rows()
+        query = (select(devices.c.device_id, model.label("model_name"), devices.c.facts_json,
+                        func.coalesce(device_models.c.last_seen_ms, devices.c.last_seen_ms).label("last_seen_ms"),
+                        *(device_models.c[f] for f in MODEL_FIELDS))
+                 .select_from(joined).where(*self._filters(state, model_name, version, stale_since_ms)))
+        if after is not None:
+            query = query.where(tuple_(devices.c.device_id, model) > tuple_(*after))
+        query = query.order_by(devices.c.device_id, model)
         if limit is not None:
             query = query.limit(limit)
         with self.engine.connect() as conn:
@@ -227,10 +290,11 @@ class HubStore:
 
     def fleet_summary(self, *, state: str = "", model_name: str = "", version: str = "",
                       stale_since_ms: int = 0) -> dict[str, int]:
-        """Devices per state among those the filters select."""
-        query = (select(devices.c.state, func.count()).where(*self._filters(state, model_name, version,
-                                                                            stale_since_ms))
-                 .group_by(devices.c.state))
+        """Rows (device and model) per state among those the filters select."""
+        joined, _ = self._rows()
+        query = (select(device_models.c.state, func.count()).select_from(joined)
+                 .where(*self._filters(state, model_name, version, stale_since_ms))
+                 .group_by(device_models.c.state))
         with self.engine.connect() as conn:
             return {(row[0] or "unknown"): int(row[1]) for row in conn.execute(query)}
 
@@ -238,11 +302,12 @@ class HubStore:
     def _filters(state: str, model_name: str, version: str, stale_since_ms: int) -> list[Any]:
         filters: list[Any] = []
         if state:
-            filters.append(devices.c.state == state)
+            filters.append(device_models.c.state == state)
         if model_name:
-            filters.append(devices.c.model_name == model_name)
+            filters.append(device_models.c.model_name == model_name)
         if version:
-            filters.append((devices.c.desired_version == version) | (devices.c.serving_version == version))
+            filters.append((device_models.c.desired_version == version)
+                           | (device_models.c.serving_version == version))
         if stale_since_ms:
             filters.append(devices.c.last_seen_ms < stale_since_ms)
         return filters

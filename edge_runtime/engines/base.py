@@ -39,6 +39,8 @@ class Engine(Protocol):
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     max_batch_size: int
+    memory_bytes: int
+    """Memory the loaded engine holds (weights and working memory), recorded with the engine file."""
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; every input has the batch axis first. Thread-safe for one caller at a time."""

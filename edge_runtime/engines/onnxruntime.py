@@ -65,10 +65,17 @@ class OrtEngine:
         spinning = spin if spin is not None else (os.cpu_count() or 1) > 4
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+        from edge_runtime.memory import resident_bytes
+
+        before = resident_bytes()
         try:
             self._session = ort.InferenceSession(str(path), options, providers=_providers(device))
         except Exception as exc:
             raise EngineError(f"ONNX Runtime could not load {path.name}: {exc}") from exc
+        after = resident_bytes()
+        grown = (after - before) if before is not None and after is not None else 0
+        self.memory_bytes = max(path.stat().st_size, grown)
+        """What loading it took: the resident-set growth while the session was created, and at least the weights."""
         self.inputs = tuple(self._info(t) for t in self._session.get_inputs())
         self.outputs = tuple(self._info(t) for t in self._session.get_outputs())
         fixed = [t.shape[0] for t in self.inputs if t.shape and t.shape[0] > 0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +71,9 @@ class EngineProvider:
         self.fetch_attempts = fetch_attempts
         self.fleet_keys = fleet_keys or []
         self.fleet_signing_key = fleet_signing_key
+        self._build_lock = threading.Lock()
+        """One engine obtained (built, fetched or loaded) at a time on this device, whichever model asks: a TensorRT
+        build takes the GPU and gigabytes of shared memory on a Jetson, and a load's memory is measured alone."""
 
     # --- where the engine file lives ---------------------------------------------------------------------------
     def path(self, manifest: Manifest, plan: EnginePlan) -> Path:
@@ -85,6 +89,24 @@ class EngineProvider:
         write_atomic(self._record_path(path), json.dumps({"sha256": digest, "size_bytes": size, "source": source,
                                                           "recorded_at": datetime.now(timezone.utc).isoformat()}
                                                          ).encode())
+
+    def recorded_memory(self, manifest: Manifest, plan: EnginePlan) -> int | None:
+        """The memory the engine for ``plan`` held when it was last loaded here (``None``: never loaded)."""
+        try:
+            value = json.loads(self._record_path(self.path(manifest, plan)).read_text()).get("memory_bytes")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return int(value) if isinstance(value, int) and value >= 0 else None
+
+    def record_memory(self, manifest: Manifest, plan: EnginePlan, nbytes: int) -> None:
+        """Remember what the engine for ``plan`` holds once loaded, next to its digest."""
+        record_path = self._record_path(self.path(manifest, plan))
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            return  # no record: the engine is not trusted, so its figure is not kept either
+        if isinstance(record, dict) and record.get("memory_bytes") != nbytes:
+            write_atomic(record_path, json.dumps({**record, "memory_bytes": int(nbytes)}).encode())
 
     def _intact(self, path: Path) -> str:
         """Empty when ``path`` still has the digest recorded for it; else why not."""
@@ -105,16 +127,22 @@ class EngineProvider:
 
     # --- obtaining one -------------------------------------------------------------------------------------------
     def obtain(self, manifest: Manifest, plan: EnginePlan, model_path: Path, *,
-               local_only: bool = False) -> tuple[Engine, str, list[str]]:
+               local_only: bool = False, max_batch_size: int | None = None) -> tuple[Engine, str, list[str]]:
         """``(engine, source, notes)``: ``source`` is cache, manifest, shared or built; ``notes`` says what was set
         aside on the way (quarantined engines, refused shared ones). ``local_only`` skips prebuilt and shared
-        engines (after one of them failed validation, only an engine built here is tried)."""
+        engines (after one of them failed validation, only an engine built here is tried). ``max_batch_size``:
+        the model's own cap (default: the device's)."""
+        with self._build_lock:
+            return self._obtain(manifest, plan, model_path, local_only, max_batch_size or self.max_batch_size)
+
+    def _obtain(self, manifest: Manifest, plan: EnginePlan, model_path: Path, local_only: bool,
+                batch: int) -> tuple[Engine, str, list[str]]:
         path, notes = self.path(manifest, plan), []
         if path.exists():
             problem = self._intact(path)
             if not problem:
                 try:
-                    return self._load(plan, model_path, path), "cache", notes
+                    return self._load(plan, model_path, path, batch), "cache", notes
                 except EngineError as exc:
                     problem = f"it does not load: {exc}"
             self.cache.quarantine(path, problem)
@@ -123,12 +151,12 @@ class EngineProvider:
                                         or self._fetch_shared(manifest, plan, path, notes))
         if source:
             try:
-                return self._load(plan, model_path, path), source, notes
+                return self._load(plan, model_path, path, batch), source, notes
             except EngineError as exc:
                 self.cache.quarantine(path, f"{source} engine does not load: {exc}")
                 notes.append(f"{source} engine set aside: it does not load ({exc})")
         timing = self.cache.root / "engines" / "timing" / plan.timing_cache_file if plan.backend == "tensorrt" else None
-        engine, _ = build_engine(plan, model_path, path, max_batch_size=self.max_batch_size, timing_cache=timing,
+        engine, _ = build_engine(plan, model_path, path, max_batch_size=batch, timing_cache=timing,
                                  ort_threads=self.ort_threads, ort_spin=self.ort_spin)
         notes.extend(f"TensorRT: {m}" for m in getattr(engine, "build_messages", []))
         self._record(path, "built")
@@ -136,8 +164,8 @@ class EngineProvider:
             self._share(manifest, plan, path)
         return engine, "built", notes
 
-    def _load(self, plan: EnginePlan, model_path: Path, path: Path) -> Engine:
-        engine, built = build_engine(plan, model_path, path, max_batch_size=self.max_batch_size,
+    def _load(self, plan: EnginePlan, model_path: Path, path: Path, max_batch_size: int) -> Engine:
+        engine, built = build_engine(plan, model_path, path, max_batch_size=max_batch_size,
                                      ort_threads=self.ort_threads, ort_spin=self.ort_spin)
         assert not built  # the file exists: this only loads
         return engine

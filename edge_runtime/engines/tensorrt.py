@@ -137,6 +137,11 @@ class TrtEngine:
             raise EngineError(f"{engine_path.name} is not an engine for this TensorRT build and GPU"
                               f"{_said(self.logger)}")
         self._context = self._engine.create_execution_context()
+        workspace = getattr(self._engine, "device_memory_size_v2", None)
+        if workspace is None:  # TensorRT before 10.1
+            workspace = getattr(self._engine, "device_memory_size", 0)
+        self.memory_bytes = engine_path.stat().st_size + int(workspace)
+        """The engine's weights (its plan's size) and the activation memory its execution context allocates."""
         self._stream = _check(self._cuda.cudaStreamCreate(), "stream creation")
         self._buffers: dict[str, tuple[int, int]] = {}
         """name → (device pointer, capacity in bytes)"""

@@ -26,6 +26,7 @@ STATUS_FOR: dict[type[errors.EdgeloopError], grpc.StatusCode] = {
     errors.AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.CacheFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.InsufficientMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 """Most specific class first is not needed: lookup walks the exception's MRO."""
 
@@ -50,7 +51,8 @@ class _Undecodable:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions escaping unary handlers into the status from :data:`STATUS_FOR`.
 
-    ``on_result(method, code_name, seconds)``, when given, sees every unary call's outcome (metrics).
+    ``on_result(method, code_name, seconds, model_name)``, when given, sees every unary call's outcome (metrics;
+    ``model_name`` is the request's, or empty).
     """
 
     def __init__(self, on_result: Callable[[str, str, float], None] | None = None) -> None:
@@ -67,7 +69,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         decode = handler.request_deserializer
 
-        def deserialize(data: bytes) -> Any:
+        def deserialize(data: bytes) -> Any:  # noqa: ANN401 - any request message
             # grpc answers UNKNOWN (with a Python class name) when a deserializer raises; hand the handler a marker
             # instead, so an unparseable request gets INVALID_ARGUMENT like any other bad input
             try:
@@ -91,7 +93,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(code, message)
             finally:
                 if self._on_result is not None:
-                    self._on_result(method, code.name, time.perf_counter() - started)
+                    self._on_result(method, code.name, time.perf_counter() - started,
+                                    getattr(request, "model_name", "") or getattr(request, "name", ""))
 
         return grpc.unary_unary_rpc_method_handler(
             guarded, request_deserializer=deserialize,

@@ -17,7 +17,7 @@ from edge_runtime.serve.errors import ErrorInterceptor
 from edge_runtime.serve.servicer import InferenceServicer, RepositoryControl
 
 if TYPE_CHECKING:
-    from edge_runtime.lifecycle import ModelRuntime
+    from edge_runtime.repository import ModelRepository
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 LIVENESS_SERVICE = "edgeloop.liveness"
@@ -56,17 +56,18 @@ class TlsFiles:
         return grpc.ssl_server_credentials(pairs, root_certificates=read(self.client_ca), require_client_auth=True)
 
 
-async def start_server(runtime: ModelRuntime, *, bind_address: str, port: int, max_batch_size: int,
+async def start_server(runtime: ModelRepository, *, bind_address: str, port: int, max_batch_size: int,
                        max_message_bytes: int,
-                       on_result: Callable[[str, str, float], None] | None = None,
+                       on_result: Callable[[str, str, float, str], None] | None = None,
                        tls: TlsFiles | None = None, control: RepositoryControl | None = None,
                        alive: Callable[[], bool] | None = None,
                        liveness_period_s: float = 2.0) -> tuple[grpc.aio.Server, int]:
     """Start serving on ``bind_address:port`` (0: a free port); returns the server and the bound port.
 
-    Health reports SERVING for the overall server and the inference service exactly when the runtime is ready
-    (the desired version is validated and serving), which is what the pod's readiness probe asks. The liveness
-    service follows ``alive()`` (the life-cycle loop runs and is not wedged), checked every ``liveness_period_s``.
+    Health reports SERVING for the overall server and the inference service exactly when the device is ready (its
+    desired models validated and serving, by ``ready_policy``), which is what the pod's readiness probe asks. The
+    liveness service follows ``alive()`` (the life-cycle loops run, none wedged), checked every
+    ``liveness_period_s``.
     """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),

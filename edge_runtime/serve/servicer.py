@@ -18,7 +18,7 @@ from edge_runtime.serve.shm import SharedMemoryRegistry
 from edge_runtime.states import State
 
 if TYPE_CHECKING:
-    from edge_runtime.lifecycle import ModelRuntime
+    from edge_runtime.repository import ModelRepository
 
 EXTENSIONS = ["model_repository", "health", "dynamic_batching", "system_shared_memory"]
 
@@ -47,9 +47,10 @@ class RepositoryControl:
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    """Open Inference Protocol v2 over :class:`~edge_runtime.lifecycle.ModelRuntime`."""
+    """Open Inference Protocol v2 over :class:`~edge_runtime.repository.ModelRepository` (every model by name)."""
 
-    def __init__(self, runtime: ModelRuntime, max_batch_size: int, *, control: RepositoryControl | None = None) -> None:
+    def __init__(self, runtime: ModelRepository, max_batch_size: int, *,
+                 control: RepositoryControl | None = None) -> None:
         self.runtime = runtime
         self.max_batch_size = max_batch_size
         self.control = control or RepositoryControl(enabled=False)
@@ -103,16 +104,16 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:  # noqa: N802,E501
-        status = self.runtime.status()
-        ready = status["ready"] or status["serving_version"] is not None
-        entry = pb.RepositoryIndexResponse.ModelIndex(
-            name=status["model_name"], version=status["serving_version"] or "",
-            state="READY" if ready else ("LOADING" if State(status["state"]).loading
-                                         else "UNAVAILABLE"),
-            reason=status["error"],
-        )
-        models = [entry] if (ready or not request.ready) else []
-        return pb.RepositoryIndexResponse(models=models)
+        response = pb.RepositoryIndexResponse()
+        for status in self.runtime.index():
+            serving = status["serving_version"] is not None
+            if request.ready and not serving:
+                continue
+            state = "READY" if serving else ("LOADING" if State(status["state"]).loading else "UNAVAILABLE")
+            reason = status["error"] or ("unloaded through the repository API" if status["paused"] else "")
+            response.models.add(name=status["model_name"], version=status["serving_version"] or "", state=state,
+                                reason=reason)
+        return response
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:  # noqa: N802,E501
         self.control.authorize(context)

@@ -58,15 +58,18 @@ def accuracy_of(path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def publish_model(store, signing_key, trained: TrainedModels, version: str, *, files: dict[str, Path] | None = None,
-                  name: str = "digits-cnn", channel: str | None = "stable", prefix: str = "") -> Manifest:
-    """Publish ``files`` (default: the good model) as ``version``; references always come from the good model,
-    so shipping the untrained files makes a version that must fail on-device validation."""
+                  name: str = "digits-cnn", channel: str | None = "stable", prefix: str = "",
+                  reference_files: dict[str, Path] | None = None) -> Manifest:
+    """Publish ``files`` (default: the good model) as ``version``; references come from ``reference_files``
+    (default: the good model), so shipping the untrained files makes a version that must fail on-device
+    validation."""
     files = files or trained.good
+    reference_files = reference_files or trained.good
     layout = ArtifactLayout(prefix)
     staging = Path(files["fp32"]).parent / f"stage-{version}"
     staging.mkdir(exist_ok=True)
     np.savez(staging / "validation.npz", inputs=trained.x_val.astype(np.float32), labels=trained.y_val)
-    references = {n: accuracy_of(p, trained.x_val, trained.y_val) for n, p in trained.good.items()}
+    references = {n: accuracy_of(p, trained.x_val, trained.y_val) for n, p in reference_files.items()}
     for variant, path in files.items():  # variants the good model has no file for are their own reference
         references.setdefault(variant, accuracy_of(path, trained.x_val, trained.y_val))
     variants = []
@@ -115,9 +118,9 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> None
 
 async def wait_ready(app, timeout: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
-    while not app.runtime.ready():
+    while not app.repository.ready():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"runtime not ready within {timeout}s: {app.runtime.status()}")
+            raise AssertionError(f"runtime not ready within {timeout}s: {app.repository.status()}")
         await asyncio.sleep(0.05)
 
 

@@ -263,8 +263,8 @@ def test_a_wedged_loop_turns_liveness_off(running):
     edge, _ = running
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    runtime = edge.app.runtime
-    runtime.settings = runtime.settings.model_copy(update={"liveness_timeout_s": 0.5})
+    runtime, shared = edge.app.runtime, edge.app.repository.shared
+    shared.settings = shared.settings.model_copy(update={"liveness_timeout_s": 0.5})
     runtime._heartbeat -= 10  # as if the loop had been stuck in a build for a while
     with grpc.insecure_channel(edge.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)

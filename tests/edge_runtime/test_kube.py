@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from kubernetes import client
 
-from edge_runtime.errors import RolloutFailed
+from edge_runtime.errors import ConfigError, RolloutFailed
 from edge_runtime.kube import NodeReporter, daemonset_rollouts, fleet_nodes, rollout
 
 
@@ -190,3 +190,35 @@ def test_rollout_rolls_back_when_devices_never_converge_or_helm_fails(kube, tmp_
     with pytest.raises(RolloutFailed) as info:
         rollout("stable", "helm/edge-runtime", namespace="edgeloop", api=core, helm=helm, poll_s=0.05)
     assert "timed out" in str(info.value) and log.read_text().splitlines()[-1].startswith("rollback stable")
+
+
+def test_rollout_of_one_model_moves_its_version_only_and_waits_for_that_model(kube, tmp_path):
+    """A device serving two models: the rollout keeps the release's values but one model's version (from `helm get
+    values`), and converges on that model's state in the `models` annotation while the other keeps failing."""
+    core = client.CoreV1Api(kube.api_client())
+    current = {"models": [{"name": "digits-cnn", "version": "stable"}, {"name": "kws", "version": "v1"}],
+               "ring": "stable"}
+    script = tmp_path / "helm"
+    log = tmp_path / "helm.log"
+    script.write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+if [ "$1" = "get" ]; then echo '{json.dumps(current)}'; exit 0; fi
+if [ "$1" = "upgrade" ]; then cp "$(echo "$@" | sed 's/.* -f \\([^ ]*\\).*/\\1/')" {tmp_path}/given.json; exit 0; fi
+exit 0
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    timer = threading.Timer(0.5, lambda: NodeReporter("orin-2", core).report({"ready": False, "models": [
+        {"model_name": "digits-cnn", "state": "failed", "desired": "stable", "desired_version": "v7",
+         "serving_version": "v6", "validation": "failed: top1_accuracy 0.10"},
+        {"model_name": "kws", "state": "serving", "desired": "v2", "desired_version": "v2", "serving_version": "v2"},
+    ]}))
+    timer.start()
+    nodes = rollout("stable", "helm/edge-runtime", namespace="edgeloop", api=core, helm=str(script), ring="stable",
+                    model="kws", version="v2", poll_s=0.05, timeout_s=30)
+    assert nodes[0].model("kws")["serving_version"] == "v2" and nodes[0].get("state") == "failed"
+    given = json.loads((tmp_path / "given.json").read_text())
+    assert given["models"] == [{"name": "digits-cnn", "version": "stable"}, {"name": "kws", "version": "v2"}]
+    assert "rollback" not in log.read_text()
+    with pytest.raises(ConfigError, match="does not serve model 'other'"):
+        rollout("stable", "helm/edge-runtime", namespace="edgeloop", api=core, helm=str(script),
+                model="other", version="v2", poll_s=0.05, timeout_s=5)

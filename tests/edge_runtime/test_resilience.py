@@ -138,8 +138,10 @@ def test_metrics_are_scraped_while_serving(store, signing_key, trained, edge_set
         for _ in range(3):
             triton_predict(client, trained.x_val[:2])
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert 'edgeloop_requests_total{code="OK"} 3.0' in body
-        assert "edgeloop_ready 1.0" in body and 'edgeloop_model_state{state="serving"} 1.0' in body
-        assert "edgeloop_batch_size_count" in body
+        assert 'edgeloop_requests_total{code="OK",model="digits-cnn"} 3.0' in body
+        assert "edgeloop_ready 1.0" in body
+        assert 'edgeloop_model_state{model="digits-cnn",state="serving"} 1.0' in body
+        assert 'edgeloop_model_ready{model="digits-cnn"} 1.0' in body
+        assert 'edgeloop_batch_size_count{model="digits-cnn"}' in body
     finally:
         edge.stop()

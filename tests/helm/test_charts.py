@@ -149,6 +149,28 @@ def test_rings_select_differently_labelled_nodes():
     assert canary["spec"]["nodeSelector"]["edgeloop.io/device-class"] == "jetson"
 
 
+def test_several_models_reach_the_runtime_as_one_desired_file():
+    """The `models` list becomes the one ConfigMap the runtime reads, in the runtime's own field names; moving one
+    model's version changes that model's entry only and restarts no pod."""
+    from edge_runtime.desired import entries_from
+    from edge_runtime.settings import ModelEntry
+
+    values = CHARTS / "edge-runtime" / "ci" / "multi-model-values.yaml"
+    before = render("edge-runtime", values)
+    after = render("edge-runtime", values, "models[1].version=v20261125-0002")
+    assert pod_template(before) == pod_template(after)
+    desired = [json.loads(d["data"]["desired.json"]) for d in after
+               if d["kind"] == "ConfigMap" and "desired.json" in d["data"]][0]
+    entries = entries_from(desired, "in the ConfigMap", [ModelEntry(name="unused")])
+    assert [(e.name, e.version, e.max_batch_size) for e in entries] == [
+        ("digits-cnn", "stable", None), ("keyword-spotter", "v20261125-0002", 8)]
+    env = {e["name"]: e.get("value") for e in pod_template(after)["spec"]["containers"][0]["env"]}
+    assert env["EDGE_READY_POLICY"] == "any" and env["EDGE_MEMORY_BUDGET_BYTES"] == "2147483648"
+    bad = subprocess.run([HELM, "template", "x", str(CHARTS / "edge-runtime"), "--set", "models[0].name=Bad Name"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode != 0 and "models" in bad.stderr
+
+
 def test_schema_rejects_bad_values():
     result = subprocess.run([HELM, "template", "x", str(CHARTS / "edge-runtime"), "--set", "model.version=Not Valid"],
                             capture_output=True, text=True, timeout=60, check=False)

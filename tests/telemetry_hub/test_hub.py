@@ -41,9 +41,10 @@ def hub_store(request, tmp_path):
         pytest.skip(f"no PostgreSQL reachable at {POSTGRES_URL.split('@')[-1]} (.ci/run starts one)")
     store = HubStore(POSTGRES_URL)
     with store.engine.begin() as conn:  # a clean slate for this test
-        from telemetry_hub.store import devices, events
+        from telemetry_hub.store import device_models, devices, events
 
         conn.execute(events.delete())
+        conn.execute(device_models.delete())
         conn.execute(devices.delete())
     return store
 
@@ -180,11 +181,12 @@ def test_a_database_from_an_older_hub_gains_new_columns(tmp_path):
                    "target_key VARCHAR(128), desired_version VARCHAR(128), serving_version VARCHAR(128), "
                    "state VARCHAR(32), validation_result TEXT, p50_ms FLOAT, p99_ms FLOAT, last_seen_ms BIGINT, "
                    "facts_json TEXT)")
-        db.execute("INSERT INTO devices (device_id, state) VALUES ('jetson-0', 'serving')")
+        db.execute("INSERT INTO devices (device_id, model_name, state) VALUES ('jetson-0', 'digits-cnn', 'serving')")
     store = HubStore(f"sqlite:///{path}")
     store.ingest("jetson-0", [event("batch_sweep", 9, chosen={"max_batch_size": 8}, points=[])])
-    (row,) = store.fleet()
-    assert row["state"] == "serving" and json.loads(row["batching_json"])["chosen"]["max_batch_size"] == 8
+    (row,) = store.fleet()  # the old row became the device's row for its model, and the new event updated it
+    assert (row["model_name"], row["state"]) == ("digits-cnn", "serving")
+    assert json.loads(row["batching_json"])["chosen"]["max_batch_size"] == 8
 
 
 def test_the_variant_choice_reaches_the_fleet_view_and_table(hub_store):
@@ -284,12 +286,14 @@ def test_fleet_status_pages_through_a_large_fleet_with_filters_and_counts(tmp_pa
     store = HubStore(f"sqlite:///{tmp_path / 'fleet.sqlite'}")
     now = int(time.time() * 1000)
     with store.engine.begin() as conn:  # 2,500 devices, as many ingests would leave them
-        from telemetry_hub.store import devices
+        from telemetry_hub.store import device_models, devices
 
-        conn.execute(devices.insert(), [
+        conn.execute(devices.insert(), [{"device_id": f"jetson-{i:05d}", "last_seen_ms": now - (i % 7) * 60_000,
+                                         "facts_json": "{}"} for i in range(2500)])
+        conn.execute(device_models.insert(), [
             {"device_id": f"jetson-{i:05d}", "model_name": "digits-cnn",
              "state": "failed" if i % 100 == 0 else "serving", "serving_version": "v2" if i % 2 else "v1",
-             "desired_version": "v2", "last_seen_ms": now - (i % 7) * 60_000, "facts_json": "{}",
+             "desired_version": "v2", "last_seen_ms": now - (i % 7) * 60_000,
              "validation_result": "", "target_key": "", "batching_json": "", "variant_json": ""}
             for i in range(2500)])
 
@@ -315,3 +319,30 @@ def test_fleet_status_pages_through_a_large_fleet_with_filters_and_counts(tmp_pa
     assert pages[0].total == 2500 and dict(pages[0].state_counts) == {"serving": 2475, "failed": 25}
     assert len(failed) == 25 and all(d.state == "failed" for d in failed)
     assert len(stale) == sum(1 for i in range(2500) if i % 7 >= 6)  # not seen for more than 5 minutes
+
+
+def test_a_device_serving_several_models_has_a_row_per_model(hub_store):
+    """Each model's events name it; a stats event carries every model: the fleet view has a row per device and
+    model, filters apply to the model rows, and pages never split or repeat a row."""
+    hub_store.ingest("jetson-9", [
+        event("facts", 1, facts={"arch": "aarch64"}),
+        event("serving", 2, version="v1", target_key="trt10.3-sm87"),
+        IncomingEvent(str(uuid.uuid4()), "failed", 3, json.dumps({"model_name": "kws", "version": "v4",
+                                                                  "error": "validation"})),
+        IncomingEvent(str(uuid.uuid4()), "stats", 4, json.dumps({"ready": False, "models": [
+            {"model_name": "digits-cnn", "state": "serving", "serving_version": "v1", "p50_ms": 0.5},
+            {"model_name": "kws", "state": "failed", "serving_version": "v3", "p50_ms": 2.0}]})),
+    ])
+    rows = {r["model_name"]: r for r in hub_store.fleet() if r["device_id"] == "jetson-9"}
+    assert set(rows) == {"digits-cnn", "kws"}
+    assert (rows["digits-cnn"]["state"], rows["digits-cnn"]["serving_version"], rows["digits-cnn"]["p50_ms"]) == \
+        ("serving", "v1", 0.5)
+    assert (rows["kws"]["state"], rows["kws"]["desired_version"], rows["kws"]["serving_version"]) == \
+        ("failed", "v4", "v3")
+    assert json.loads(rows["kws"]["facts_json"]) == {"arch": "aarch64"}
+    assert [r["model_name"] for r in hub_store.fleet(model_name="kws")] == ["kws"]
+    assert hub_store.fleet_summary(state="failed") == {"failed": 1}
+    first = hub_store.fleet(limit=1)
+    rest = hub_store.fleet(after=(first[0]["device_id"], first[0]["model_name"]))
+    assert [(r["device_id"], r["model_name"]) for r in first + rest] == \
+        [(r["device_id"], r["model_name"]) for r in hub_store.fleet()]

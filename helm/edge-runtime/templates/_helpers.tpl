@@ -37,5 +37,18 @@ app.kubernetes.io/part-of: edgeloop
 
 {{/* What the device should serve; its checksum on the pod template rolls the fleet when it changes. */}}
 {{- define "edge-runtime.desired" -}}
+{{- if .Values.models -}}
+{{- $models := list -}}
+{{- range .Values.models -}}
+{{- $m := dict "name" .name "version" (default "stable" .version) -}}
+{{- if .variant }}{{ $_ := set $m "variant" .variant }}{{ end -}}
+{{- if .maxBatchSize }}{{ $_ := set $m "max_batch_size" (int .maxBatchSize) }}{{ end -}}
+{{- if hasKey . "maxQueueDelayUs" }}{{ $_ := set $m "max_queue_delay_us" (int .maxQueueDelayUs) }}{{ end -}}
+{{- if .batchingBudgetMs }}{{ $_ := set $m "batching_budget_ms" .batchingBudgetMs }}{{ end -}}
+{{- $models = append $models $m -}}
+{{- end -}}
+{{- dict "models" $models | toJson -}}
+{{- else -}}
 {"model_name": {{ .Values.model.name | quote }}, "model_version": {{ .Values.model.version | quote }}}
+{{- end -}}
 {{- end }}

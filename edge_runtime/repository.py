@@ -1,0 +1,263 @@
+"""The model repository: every model this device serves, each with its own life cycle, behind one endpoint.
+
+Desired state is a set of models (see :mod:`edge_runtime.desired`). Each has its own :class:`ModelRuntime` (its
+own reconcile loop, back-off, state, batcher and telemetry) so one model failing never touches the others; they
+share one store, one cache and size cap, one engine provider (one build at a time) and one memory budget.
+
+The repository's own loop watches the desired file: a model added there starts its life cycle, a model removed
+there is drained and released, and every model re-reads its entry at once when the file changes.
+
+Readiness (``ready_policy``): ``all`` — every desired model (those not unloaded through the repository API) is
+validated and serving its desired version; ``any`` — at least one is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.contract import check_name
+from edge_runtime.desired import DesiredModels
+from edge_runtime.device import DeviceFacts
+from edge_runtime.errors import ModelNotFound
+from edge_runtime.lifecycle import CycleResult, DeviceResources, ModelRuntime, Reporter, describe
+from edge_runtime.settings import EdgeSettings
+from edge_runtime.slot import ServingModel
+from edge_runtime.states import State
+from edge_runtime.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class ModelRepository:
+    """The device's models, by name. All coroutines run on one event loop."""
+
+    def __init__(self, settings: EdgeSettings, facts: DeviceFacts, *, store: ObjectStore | None = None,
+                 report: Reporter | None = None,
+                 on_batch: Callable[[str, int, float], None] | None = None) -> None:
+        self.shared = DeviceResources.create(settings, facts, store)
+        self.desired = DesiredModels(settings)
+        self._report = report or (lambda kind, payload: None)
+        self._on_batch = on_batch
+        self.runtimes: dict[str, ModelRuntime] = {}
+        """Model name → its life cycle, in the order the desired state lists them."""
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._heartbeat = time.monotonic()
+        try:
+            names = list(self.desired.read())
+        except Exception as exc:  # noqa: BLE001 - the settings' models start; the loop reports the file's problem
+            log.warning("the desired state does not read: %s", describe(exc))
+            names = [e.name for e in settings.desired_models()]
+        for name in names:
+            self._add(name)
+
+    # --- the set of models ---------------------------------------------------------------------------------------
+    @property
+    def settings(self) -> EdgeSettings:
+        return self.shared.settings
+
+    @property
+    def facts(self) -> DeviceFacts:
+        return self.shared.facts
+
+    @facts.setter
+    def facts(self, value: DeviceFacts) -> None:
+        self.shared.facts = value
+
+    def _add(self, name: str) -> ModelRuntime:
+        on_batch = self._on_batch
+        runtime = ModelRuntime(name, self.shared, self.desired, report=self._report,
+                               on_batch=(lambda rows, seconds: on_batch(name, rows, seconds)) if on_batch else None,
+                               keep=lambda: self.keeps(excluding=name))
+        for listener in self._listeners:
+            runtime.on_change(listener)
+        self.runtimes[name] = runtime
+        return runtime
+
+    def keeps(self, excluding: str = "") -> set[tuple[str, str]]:
+        """Versions the cache must keep for every model (but ``excluding``): serving, desired, being brought up."""
+        kept: set[tuple[str, str]] = set()
+        for name, runtime in self.runtimes.items():
+            if name != excluding:
+                kept |= runtime.keeps()
+        return kept
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every state change of any model (health, metrics, node annotations)."""
+        self._listeners.append(listener)
+        for runtime in self.runtimes.values():
+            runtime.on_change(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - a hook must not break the repository
+                log.exception("state listener failed")
+
+    def only(self) -> ModelRuntime:
+        """The life cycle of the one model this device serves (the simple case); ModelNotFound when it serves
+        several or none."""
+        if len(self.runtimes) != 1:
+            raise ModelNotFound(f"this device serves {len(self.runtimes)} models: name one of "
+                                f"{sorted(self.runtimes)}")
+        return next(iter(self.runtimes.values()))
+
+    def runtime(self, name: str) -> ModelRuntime:
+        """The life cycle of model ``name``, or ModelNotFound naming what this device serves."""
+        runtime = self.runtimes.get(name)
+        if runtime is None:
+            served = ", ".join(repr(n) for n in self.runtimes) or "none"
+            raise ModelNotFound(f"model {name!r} is not served here (this device serves {served})")
+        return runtime
+
+    # --- state -----------------------------------------------------------------------------------------------
+    def active(self) -> list[ModelRuntime]:
+        """The desired models: all but those unloaded through the repository API."""
+        return [r for r in self.runtimes.values() if not r.paused]
+
+    def ready(self) -> bool:
+        """Server readiness by ``ready_policy`` (see the module docstring)."""
+        active = self.active()
+        if not active:
+            return False
+        ready = [r.ready() for r in active]
+        return all(ready) if self.settings.ready_policy == "all" else any(ready)
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for telemetry and the CLI: readiness, and each model's status."""
+        return {"ready": self.ready(), "ready_policy": self.settings.ready_policy,
+                "models": [r.status() for r in self.runtimes.values()]}
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every model with its status (the repository index)."""
+        return [r.status() for r in self.runtimes.values()]
+
+    def beat(self) -> None:
+        self._heartbeat = time.monotonic()
+
+    def wedged(self) -> bool:
+        """The repository's loop or any model's loop has been silent past ``liveness_timeout_s``."""
+        if time.monotonic() - self._heartbeat > self.settings.liveness_timeout_s:
+            return True
+        return any(r.wedged() for r in self.runtimes.values())
+
+    def loops_alive(self) -> bool:
+        """No model's loop has ended (only cancellation ends one)."""
+        return not any(task.done() for task in self._tasks.values())
+
+    # --- serving -------------------------------------------------------------------------------------------------
+    def model(self, name: str, version: str = "") -> ServingModel:
+        """The serving model called ``name`` (and ``version`` when given), or the right error."""
+        return self.runtime(name).model(name, version)
+
+    async def infer(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, Any]]:
+        """Run a request through model ``name``'s batcher; returns ``(version, outputs)``."""
+        serving = self.model(name, version)
+        return serving.version, await serving.batcher.infer(inputs)
+
+    # --- the repository API ----------------------------------------------------------------------------------
+    async def load(self, name: str, version: str | None = None) -> CycleResult:
+        """Serve ``name`` now (added to the desired set when no source lists it), pinned to ``version`` when given;
+        returns when that cycle ends (its error, when it fails)."""
+        check_name(name, "model name")
+        self.desired.pin(name, version)
+        runtime = self.runtimes.get(name) or self._add(name)
+        self._start(runtime)
+        self._changed()
+        return await runtime.load(version)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``; the others are untouched. It stays unloaded until a load request."""
+        await self.runtime(name).unload()
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    def _start(self, runtime: ModelRuntime) -> None:
+        task = self._tasks.get(runtime.name)
+        if task is None or task.done():
+            self._tasks[runtime.name] = asyncio.get_running_loop().create_task(
+                runtime.run_forever(), name=f"edgeloop-model-{runtime.name}")
+
+    async def _retire(self, name: str) -> None:
+        """Model ``name`` left the desired set: stop its loop, drain and release it."""
+        runtime = self.runtimes.pop(name)
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await runtime.close()
+        self._report("removed", {"model_name": name, "version": runtime.desired_version})
+        self._changed()
+
+    async def sync(self) -> None:
+        """Bring the set of life cycles to the desired set and wake every model to re-read its entry. A desired file
+        that does not read is reported; the models keep what they serve."""
+        self.desired.mark_seen()  # before reading: an edit from now on is noticed as a change
+        try:
+            desired = self.desired.read()
+        except Exception as exc:  # noqa: BLE001 - a bad file must not stop the repository
+            reason = describe(exc)
+            log.warning("the desired state does not read: %s", reason)
+            self._report("failed", {"error": reason, "error_kind": type(exc).__name__, "scope": "desired state"})
+            for runtime in self.runtimes.values():
+                runtime.wake()  # each reports the failure under its own name too
+            return
+        for name in [n for n in self.runtimes if n not in desired]:
+            await self._retire(name)
+        for name in desired:
+            if name not in self.runtimes:
+                self._add(name)
+                self._changed()
+        for runtime in self.runtimes.values():
+            self._start(runtime)
+            if not runtime.paused:
+                runtime.wake()
+
+    async def run_forever(self, period_s: float = 1.0) -> None:
+        """Start every model's loop, then watch the desired file (and the loops) every ``period_s``."""
+        await self.sync()
+        while True:
+            self.beat()
+            try:
+                if self.desired.changed():
+                    await self.sync()
+                for name, task in list(self._tasks.items()):
+                    if task.done() and name in self.runtimes:  # only a bug ends a model's loop: say so, start again
+                        error = task.exception() if not task.cancelled() else None
+                        log.error("the life-cycle loop of %s ended (%s): starting it again", name,
+                                  describe(error) if error else "cancelled")
+                        self._start(self.runtimes[name])
+            except Exception as exc:  # noqa: BLE001 - the repository's loop outlives anything
+                log.exception("repository loop: %s", describe(exc))
+            await asyncio.sleep(period_s)
+
+    async def close(self) -> None:
+        """Stop every loop; drain and release every model."""
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for runtime in self.runtimes.values():
+            await runtime.close()
+
+    def state_summary(self) -> str:
+        """One state for the device: ``failed`` if any model failed, ``serving`` if every active one serves, else
+        the first other state."""
+        states = [r.state for r in self.active()]
+        if not states:
+            return State.UNLOADED.value
+        if State.FAILED in states:
+            return State.FAILED.value
+        if all(s == State.SERVING for s in states):
+            return State.SERVING.value
+        return next(s for s in states if s != State.SERVING).value
