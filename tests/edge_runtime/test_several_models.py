@@ -177,7 +177,8 @@ def test_the_desired_file_adds_and_removes_models(store, signing_key, trained, e
         staged.replace(desired)
 
     write([{"name": CNN, "version": "v1"}])
-    edge = RunningEdge(edge_settings(store.bucket, desired_file=desired, ready_policy="any"))
+    edge = RunningEdge(edge_settings(store.bucket, desired_file=desired, ready_policy="any",
+                                     repository_control=True, control_token="t0ken"))
     try:
         edge.wait_ready()
         repository = edge.app.repository
@@ -191,6 +192,17 @@ def test_the_desired_file_adds_and_removes_models(store, signing_key, trained, e
         write([{"name": LINEAR}, {"name": LINEAR}])  # refused, nothing moves
         wait_until(lambda: any("listed twice" in e.get("error", "") for e in edge.events("failed")), timeout=30)
         assert list(repository.runtimes) == [LINEAR] and repository.runtime(LINEAR).serving is not None
+        # repository control serves a model the file does not list, beside the file's; the file's next edit keeps it
+        import tritonclient.grpc as triton
+
+        client = triton.InferenceServerClient(edge.address)
+        write([{"name": LINEAR}])
+        wait_until(lambda: not repository.desired.changed(), timeout=10)
+        client.load_model(CNN, headers={"authorization": "Bearer t0ken"})
+        assert client.is_model_ready(CNN) and client.is_model_ready(LINEAR)
+        write([{"name": LINEAR, "version": "v1"}])
+        wait_until(lambda: not repository.desired.changed(), timeout=10)
+        assert set(repository.runtimes) == {CNN, LINEAR} and client.is_model_ready(CNN)
     finally:
         edge.stop()
 
