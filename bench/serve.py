@@ -201,8 +201,11 @@ class Edgeloop(Server):
 
     def _histogram(self) -> tuple[float, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-                  if line.startswith(("edgeloop_batch_size_sum", "edgeloop_batch_size_count"))}
+        values: dict[str, float] = {}
+        for line in text.splitlines():  # edgeloop_batch_size_sum{model="..."} 123.0: summed over the models
+            if line.startswith(("edgeloop_batch_size_sum", "edgeloop_batch_size_count")):
+                name = line.split("{")[0].split()[0]
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
         return values.get("edgeloop_batch_size_sum", 0.0), values.get("edgeloop_batch_size_count", 0.0)
 
     def mark(self) -> None:
