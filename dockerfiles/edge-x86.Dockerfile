@@ -7,13 +7,20 @@ COPY pyproject.toml README.md ./
 COPY edge_runtime ./edge_runtime
 COPY edgeloop ./edgeloop
 RUN python -m venv /opt/edgeloop && /opt/edgeloop/bin/pip install ".[edge]"
+# EDGE_SERVING_ENGINE=triton: the tritonserver inside the nvidia-pytriton wheel (the binary the tests run), in a venv
+# of its own (it needs numpy<2); its Python backend runs edgeloop's ONNX Runtime engines with the same onnxruntime.
+RUN python -m venv /opt/triton \
+ && /opt/triton/bin/pip install "nvidia-pytriton==0.7.0" "numpy<2" \
+      "onnxruntime==$(/opt/edgeloop/bin/python -c 'import onnxruntime; print(onnxruntime.__version__)')"
 
 FROM python:3.11.11-slim-bookworm
 COPY --from=build /opt/edgeloop /opt/edgeloop
-ENV PATH=/opt/edgeloop/bin:$PATH PYTHONUNBUFFERED=1 EDGE_CACHE_DIR=/var/cache/edgeloop
+COPY --from=build /opt/triton /opt/triton
+ENV PATH=/opt/edgeloop/bin:$PATH PYTHONUNBUFFERED=1 EDGE_CACHE_DIR=/var/cache/edgeloop \
+    EDGE_TRITON_PYTHON=/opt/triton/bin/python
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp edgeloop
 USER 10001
 WORKDIR /tmp
-EXPOSE 8001 9091
+EXPOSE 8001 8002 8005 9091
 ENTRYPOINT ["edgeloop"]
 CMD ["edge", "serve"]

@@ -34,6 +34,10 @@ class EdgeApp:
     facts: DeviceFacts | None = None
     store: Any = None
     grpc_port: int = 0
+    """The inference port apps call: edgeloop's server, or Triton's with ``serving_engine`` triton."""
+    control_port: int = 0
+    """edgeloop's own gRPC server (health, readiness, repository control): the inference port itself with the
+    builtin engine, ``control_port`` with Triton."""
     repository: ModelRepository | None = None
     outbox: Outbox | None = None
     sender: TelemetrySender | None = None
@@ -108,6 +112,7 @@ class EdgeApp:
         task.add_done_callback(self._pending.discard)
 
     async def start(self) -> None:
+        tls = self._tls()  # a bad TLS setting fails before anything starts
         self.facts = self.facts or await asyncio.to_thread(
             detect, self.settings.tegra_release_file, self.settings.device_model_file, self.settings.device_module)
         self.outbox = Outbox(self.settings.cache_dir / "telemetry-outbox.sqlite", self.settings.device_id,
@@ -140,13 +145,23 @@ class EdgeApp:
                 self.node = None
             self.repository.on_change(self._annotate_node)
         self.report("facts", {"facts": self.facts.to_dict(), "node_labels": labels})
-        self._server, self.grpc_port = await start_server(
-            self.repository, bind_address=self.settings.bind_address, port=self.settings.grpc_port,
-            max_batch_size=self.settings.max_request_batch_size, max_message_bytes=self.settings.max_message_bytes,
-            on_result=self._on_result, tls=self._tls(), alive=self.alive,
-            control=RepositoryControl(self.settings.repository_control,
-                                      self.settings.control_token.get_secret_value()
-                                      if self.settings.control_token else None))
+        triton = self.repository.triton
+        if triton is not None:
+            await self.repository.start_triton()  # before any model loads; a Triton that cannot start fails here
+        try:
+            self._server, self.control_port = await start_server(
+                self.repository, bind_address=self.settings.bind_address,
+                port=self.settings.control_port if triton is not None else self.settings.grpc_port,
+                max_batch_size=self.settings.max_request_batch_size, max_message_bytes=self.settings.max_message_bytes,
+                on_result=self._on_result, tls=tls, alive=self.alive,
+                control=RepositoryControl(self.settings.repository_control,
+                                          self.settings.control_token.get_secret_value()
+                                          if self.settings.control_token else None))
+        except BaseException:
+            if triton is not None:  # nothing may outlive a start that failed
+                await asyncio.to_thread(triton.stop)
+            raise
+        self.grpc_port = triton.grpc_port if triton is not None else self.control_port
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.bind_address, self.settings.metrics_port)
         loop = asyncio.get_running_loop()
@@ -157,6 +172,9 @@ class EdgeApp:
 
     def _tls(self) -> TlsFiles | None:
         s = self.settings
+        if s.serving_engine == "triton" and (s.tls_cert_file or s.tls_key_file):
+            raise ConfigError("TLS on the inference port is not available with serving_engine triton yet: use the "
+                              "builtin engine for TLS, or terminate TLS in front of the pod")
         if s.tls_cert_file is None and s.tls_key_file is None:
             if s.tls_client_ca_file is not None:
                 raise ConfigError("tls_client_ca_file needs tls_cert_file and tls_key_file (mutual TLS is TLS first)")
@@ -170,6 +188,7 @@ class EdgeApp:
         figures."""
         assert self.repository is not None
         models = []
+        triton = self.repository.triton.metrics() if self.repository.triton is not None else {}
         for status in self.repository.index():
             recent = self.latencies_ms.pop(status["model_name"], None)
             values = np.array(recent) if recent else None
@@ -178,6 +197,7 @@ class EdgeApp:
                 "requests": 0 if values is None else int(values.size),
                 "p50_ms": None if values is None else round(float(np.percentile(values, 50)), 3),
                 "p99_ms": None if values is None else round(float(np.percentile(values, 99)), 3),
+                **({"triton": triton[status["model_name"]]} if status["model_name"] in triton else {}),
             })
         jetson = None
         if self.facts is not None and self.facts.is_jetson:

@@ -43,6 +43,7 @@ from edge_runtime.engines.base import Engine
 from edge_runtime.engines.provider import EngineProvider
 from edge_runtime.errors import (
     EdgeloopError,
+    EngineError,
     InsufficientMemory,
     ManifestInvalid,
     ModelNotFound,
@@ -96,6 +97,8 @@ class DeviceResources:
     trusted: list[Any]
     engines: EngineProvider
     memory: MemoryBudget
+    triton: Any = None
+    """The supervised :class:`~edge_runtime.triton.TritonServer` when ``serving_engine`` is ``triton``."""
 
     @classmethod
     def create(cls, settings: EdgeSettings, facts: DeviceFacts, store: ObjectStore | None = None) -> DeviceResources:
@@ -113,8 +116,16 @@ class DeviceResources:
             fleet_signing_key=(load_signing_key(settings.engine_signing_key_file)
                                if settings.engine_signing_key_file else None),
             ort_threads=settings.ort_intra_op_threads, ort_spin=settings.ort_spin_wait)
+        triton = None
+        if settings.serving_engine == "triton":
+            from edge_runtime.triton import TritonServer, find_triton
+
+            work = cache.root / "triton"
+            triton = TritonServer(find_triton(settings.triton_home, settings.triton_python, work), work / "models",
+                                  bind_address=settings.bind_address, grpc_port=settings.grpc_port,
+                                  metrics_port=settings.triton_metrics_port, log_path=work / "tritonserver.log")
         return cls(settings, facts, store, layout, cache, load_verify_keys(settings.verify_key_file), engines,
-                   MemoryBudget(settings.memory_budget_bytes, settings.memory_reserve_bytes))
+                   MemoryBudget(settings.memory_budget_bytes, settings.memory_reserve_bytes), triton)
 
 
 class ModelRuntime:
@@ -523,6 +534,10 @@ class ModelRuntime:
             choice_b = await asyncio.to_thread(self._tune, engine, validation_path, manifest)
             max_batch, delay_us = choice_b.max_batch_size, choice_b.max_queue_delay_us
         self.batching = (max_batch, delay_us)
+        if self.shared.triton is not None:  # Triton serves it: validate through Triton, then swap Triton's version
+            engine, result = await asyncio.to_thread(self._promote_through_triton, manifest, plan, engine,
+                                                     validation_path, max_batch, delay_us)
+            self.last_validation = result
         batcher = DynamicBatcher(engine, max_batch_size=max_batch, max_queue_delay_us=delay_us,
                                  on_batch=self._on_batch)
         # requests already queued on the old model finish there; new ones go to the new model at once
@@ -537,6 +552,107 @@ class ModelRuntime:
         keep = {(name, version)} | ({(old.name, old.version)} if old else set()) | self._keep_others()
         await asyncio.to_thread(self.cache.evict, keep)
         return CycleResult(version, changed=True, downloaded_bytes=downloaded, built=source == "built")
+
+    # --- Triton as the data plane ----------------------------------------------------------------------------
+    def _promote_through_triton(self, manifest: Manifest, plan: EnginePlan, engine: Engine, validation_path: Path,
+                                max_batch: int, delay_us: int) -> tuple[Engine, ValidationResult]:
+        """Hand the engine that passed here to Triton: load it under a candidate name, validate it again through
+        Triton's own front end, and only then write it as the model's next version and load it (Triton swaps versions
+        once the new one loaded; the old one serves until then, and stays when the load fails)."""
+        from edge_runtime.triton import (
+            CANDIDATE_SUFFIX,
+            TritonEngine,
+            next_version_number,
+            prune_versions,
+            remove_model,
+            write_model,
+        )
+
+        triton = self.shared.triton
+        assert triton is not None
+        repo = triton.repo
+        holder = self._holders.pop(id(engine), "")
+        io = {"inputs": engine.inputs, "outputs": engine.outputs}
+        platform, memory = engine.platform, int(getattr(engine, "memory_bytes", 0) or 0)
+        engine.close()  # Triton runs it from here on (one copy in memory)
+        shape = {"engine_path": self.engines.path(manifest, plan), "platform": platform, **io,
+                 "max_batch_size": max_batch, "max_queue_delay_us": delay_us, "edgeloop_version": manifest.version,
+                 "variant": plan.variant.name, "threads": max(1, self.settings.ort_intra_op_threads),
+                 "spin": bool(self.settings.ort_spin_wait)}
+        candidate = self.name + CANDIDATE_SUFFIX
+        try:
+            write_model(repo, candidate, 1, **shape)
+            triton.load(candidate)
+            staged = TritonEngine(triton, candidate, max_batch_size=max_batch, platform=platform, **io)
+            result = validate(staged, validation_path, manifest, plan.variant.name,
+                              latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
+        except BaseException:
+            self.memory.release(holder)
+            raise
+        finally:
+            try:
+                triton.unload(candidate)
+            except EdgeloopError as exc:
+                log.warning("could not unload %s from Triton: %s", candidate, exc)
+            remove_model(repo, candidate)
+        self._report("validated", {"version": manifest.version, "source": "triton", **result.to_dict()})
+        if not result.passed:
+            self.memory.release(holder)
+            raise ValidationFailed(f"{manifest.name}/{manifest.version} failed validation through Triton "
+                                   f"({plan.target_key}): {result.reason}")
+        model_dir = repo / self.name
+        previous = (model_dir / "config.pbtxt").read_text() if (model_dir / "config.pbtxt").exists() else None
+        number = next_version_number(model_dir)
+        folder = write_model(repo, self.name, number, **shape)
+        try:
+            triton.load(self.name)
+            if not triton.model_ready(self.name, str(number)):
+                raise EngineError(f"Triton loaded {self.name} but version {number} is not ready")
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)  # Triton keeps serving the old version; so does the repository
+            if previous is not None:
+                (model_dir / "config.pbtxt").write_text(previous)
+            self.memory.release(holder)
+            raise
+        prune_versions(repo, self.name, keep=number)
+        served = TritonEngine(triton, self.name, max_batch_size=max_batch, platform=platform, memory_bytes=memory,
+                              **io)
+        served.version = str(number)
+        self._holders[id(served)] = holder
+        return served, result
+
+    def _unload_from_triton(self, *, remove: bool = False) -> None:
+        triton = self.shared.triton
+        if triton is None or not triton.running():
+            return
+        try:
+            triton.unload(self.name)
+        except EdgeloopError as exc:
+            log.warning("could not unload %s from Triton: %s", self.name, exc)
+        if remove:
+            from edge_runtime.triton import remove_model
+
+            remove_model(triton.repo, self.name)
+
+    async def reload_into_triton(self) -> None:
+        """After tritonserver restarted: load this model's last good version again (it is still on disk)."""
+        if self.serving is None or self.paused or self.shared.triton is None:
+            return
+        try:
+            await asyncio.to_thread(self.shared.triton.load, self.name)
+        except Exception as exc:
+            reason = f"Triton restarted but could not load {self.name} again: {describe(exc)}"
+            self._set_state(State.FAILED, reason)
+            self._report("failed", {"version": self.serving.version, "error": reason, "error_kind": type(exc).__name__,
+                                    "serving_version": self.serving.version})
+            raise
+        self._set_state(State.SERVING)
+        self._report("serving", {"version": self.serving.version, "variant": self.serving.plan.variant.name,
+                                 "target_key": str(self.serving.plan.target_key),
+                                 "validation": self.serving.validation.to_dict(), "previous": self.serving.version,
+                                 "reloaded_into_triton": True})
 
     # --- which variant ---------------------------------------------------------------------------------------
     def _candidate_plans(self, manifest: Manifest) -> list[EnginePlan]:
@@ -644,9 +760,12 @@ class ModelRuntime:
         self.model(self.name)  # UNAVAILABLE when nothing serves, as for any request
         self.paused = True
         await self.slot.unload()
+        await asyncio.to_thread(self._unload_from_triton)
         self._set_state(State.UNLOADED)
         self._report("unloaded", {"version": self.desired_version})
 
-    async def close(self) -> None:
-        """Drain and release the serving model."""
+    async def close(self, *, retire: bool = False) -> None:
+        """Drain and release the serving model; ``retire`` (it left the desired set): Triton drops it too."""
         await self.slot.unload()
+        if retire:
+            await asyncio.to_thread(self._unload_from_triton, remove=True)

@@ -50,6 +50,10 @@ class ModelRepository:
         self._tasks: dict[str, asyncio.Task] = {}
         self._listeners: list[Callable[[], None]] = []
         self._heartbeat = time.monotonic()
+        self.triton_up = False
+        """tritonserver runs and holds every serving model (engine triton)."""
+        self._triton_retry_at = 0.0
+        self._triton_delay = settings.retry_initial_s
         try:
             names = list(self.desired.read())
         except Exception as exc:  # noqa: BLE001 - the settings' models start; the loop reports the file's problem
@@ -66,6 +70,11 @@ class ModelRepository:
     @property
     def facts(self) -> DeviceFacts:
         return self.shared.facts
+
+    @property
+    def triton(self) -> Any:  # noqa: ANN401 - edge_runtime.triton.TritonServer, imported only when used
+        """The supervised tritonserver (``serving_engine`` triton), else ``None``."""
+        return self.shared.triton
 
     @facts.setter
     def facts(self, value: DeviceFacts) -> None:
@@ -124,17 +133,22 @@ class ModelRepository:
         return [r for r in self.runtimes.values() if not r.paused]
 
     def ready(self) -> bool:
-        """Server readiness by ``ready_policy`` (see the module docstring)."""
+        """Server readiness by ``ready_policy`` (see the module docstring); with Triton serving, also that
+        tritonserver runs."""
         active = self.active()
-        if not active:
+        if not active or (self.triton is not None and not self.triton_up):
             return False
         ready = [r.ready() for r in active]
         return all(ready) if self.settings.ready_policy == "all" else any(ready)
 
     def status(self) -> dict[str, Any]:
         """A snapshot for telemetry and the CLI: readiness, and each model's status."""
-        return {"ready": self.ready(), "ready_policy": self.settings.ready_policy,
-                "models": [r.status() for r in self.runtimes.values()]}
+        status = {"ready": self.ready(), "ready_policy": self.settings.ready_policy,
+                  "models": [r.status() for r in self.runtimes.values()]}
+        if self.triton is not None:
+            status["triton"] = {"running": self.triton_up, "restarts": self.triton.restarts,
+                                "grpc_port": self.triton.grpc_port, "metrics_port": self.triton.metrics_port}
+        return status
 
     def index(self) -> list[dict[str, Any]]:
         """Every model with its status (the repository index)."""
@@ -193,7 +207,7 @@ class ModelRepository:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await runtime.close()
+        await runtime.close(retire=True)
         self._report("removed", {"model_name": name, "version": runtime.desired_version})
         self._changed()
 
@@ -221,12 +235,53 @@ class ModelRepository:
             if not runtime.paused:
                 runtime.wake()
 
+    async def start_triton(self) -> None:
+        """Start tritonserver (engine triton) before any model loads; EngineError with its log if it cannot."""
+        if self.triton is not None and not self.triton.running():
+            await asyncio.to_thread(self.triton.start)
+            self.triton_up = True
+            self._changed()
+
+    async def _watch_triton(self) -> None:
+        """tritonserver exiting is a fault like any other: reported, restarted with back-off, and every model's last
+        good version loaded into it again."""
+        if self.triton is None or (self.triton_up and self.triton.running()):
+            return
+        if self.triton_up:  # it was running: it died
+            self.triton_up = False
+            reason = f"tritonserver exited (code {self.triton.exit_code()}): {self.triton.log_tail(2)}"
+            log.error("%s; restarting it in %.1fs", reason, self._triton_delay)
+            self._report("failed", {"error": reason, "error_kind": "EngineError", "scope": "triton"})
+            self._triton_retry_at = time.monotonic() + self._triton_delay
+            self._changed()
+        if time.monotonic() < self._triton_retry_at:
+            return
+        try:
+            self.triton.stop()
+            await asyncio.to_thread(self.triton.start)
+        except Exception as exc:  # noqa: BLE001 - try again after the back-off
+            self._triton_delay = min(self._triton_delay * 2, self.settings.retry_max_s)
+            self._triton_retry_at = time.monotonic() + self._triton_delay
+            self._report("failed", {"error": f"tritonserver did not restart: {describe(exc)}",
+                                    "error_kind": type(exc).__name__, "scope": "triton"})
+            return
+        self.triton.restarts += 1
+        self.triton_up = True
+        self._triton_delay = self.settings.retry_initial_s
+        for runtime in self.runtimes.values():
+            with contextlib.suppress(Exception):  # reported by the runtime; its loop retries
+                await runtime.reload_into_triton()
+        self._report("triton_restarted", {"restarts": self.triton.restarts})
+        self._changed()
+
     async def run_forever(self, period_s: float = 1.0) -> None:
-        """Start every model's loop, then watch the desired file (and the loops) every ``period_s``."""
+        """Start every model's loop, then watch the desired file (and the loops, and tritonserver) every
+        ``period_s``."""
         await self.sync()
         while True:
             self.beat()
             try:
+                await self._watch_triton()
                 if self.desired.changed():
                     await self.sync()
                 for name, task in list(self._tasks.items()):
@@ -240,7 +295,7 @@ class ModelRepository:
             await asyncio.sleep(period_s)
 
     async def close(self) -> None:
-        """Stop every loop; drain and release every model."""
+        """Stop every loop; drain and release every model; stop tritonserver."""
         for task in self._tasks.values():
             task.cancel()
         for task in self._tasks.values():
@@ -249,6 +304,9 @@ class ModelRepository:
         self._tasks.clear()
         for runtime in self.runtimes.values():
             await runtime.close()
+        if self.triton is not None:
+            self.triton_up = False
+            await asyncio.to_thread(self.triton.stop)
 
     def state_summary(self) -> str:
         """One state for the device: ``failed`` if any model failed, ``serving`` if every active one serves, else

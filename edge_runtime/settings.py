@@ -103,6 +103,18 @@ class EdgeSettings(BaseSettings):
     latency_budget_p99_ms: float | None = Field(None, gt=0, description="fail validation above this batch-1 p99")
 
     # --- serving
+    serving_engine: Literal["builtin", "triton"] = Field(
+        "builtin", description="who serves the inference port: edgeloop's embedded server (builtin), or a supervised "
+                               "NVIDIA Triton that edgeloop builds, validates and swaps models for (triton)")
+    triton_home: Path | None = Field(
+        None, description="a Triton install (bin/tritonserver, backends/), e.g. /opt/tritonserver (engine triton)")
+    triton_python: Path | None = Field(
+        None, description="else: the python of a virtualenv with nvidia-pytriton (its tritonserver), numpy<2 and "
+                          "onnxruntime (engine triton)")
+    triton_metrics_port: int = Field(8002, ge=0, le=65535, description="Triton's Prometheus port (0: pick one)")
+    control_port: int = Field(
+        8005, ge=0, le=65535, description="with engine triton, edgeloop's own gRPC (health, readiness, repository "
+                                          "control) moves here; Triton takes grpc_port (0: pick one)")
     bind_address: str = Field("127.0.0.1", description="address the gRPC and metrics servers bind to")
     grpc_port: int = Field(8001, ge=0, le=65535, description="Open Inference Protocol gRPC port (0: pick one)")
     metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus /metrics port (0: disabled)")

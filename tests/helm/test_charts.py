@@ -171,6 +171,20 @@ def test_several_models_reach_the_runtime_as_one_desired_file():
     assert bad.returncode != 0 and "models" in bad.stderr
 
 
+def test_one_value_switches_the_data_plane_to_triton():
+    """serving.engine=triton: Triton takes the inference port, the probes ask edgeloop on its control port."""
+    builtin = pod_template(render("edge-runtime", None))["spec"]["containers"][0]
+    triton = pod_template(render("edge-runtime", None, "serving.engine=triton"))["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in triton["env"]}
+    assert env["EDGE_SERVING_ENGINE"] == "triton" and "EDGE_TRITON_HOME" not in env  # the image's own default
+    assert env["EDGE_CONTROL_PORT"] == "8005"
+    assert {p["name"]: p["containerPort"] for p in triton["ports"]} == {"grpc": 8001, "metrics": 9091,
+                                                                         "control": 8005, "triton-metrics": 8002}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert triton[probe]["grpc"]["port"] == 8005 and builtin[probe]["grpc"]["port"] == 8001
+    assert {e["name"]: e.get("value") for e in builtin["env"]}["EDGE_SERVING_ENGINE"] == "builtin"
+
+
 def test_schema_rejects_bad_values():
     result = subprocess.run([HELM, "template", "x", str(CHARTS / "edge-runtime"), "--set", "model.version=Not Valid"],
                             capture_output=True, text=True, timeout=60, check=False)

@@ -1,0 +1,344 @@
+"""NVIDIA Triton as the data plane (``EDGE_SERVING_ENGINE=triton``): edgeloop fetches, builds, validates and swaps;
+a supervised ``tritonserver`` serves the device's inference port.
+
+* :func:`find_triton` locates the binary: a Triton install (``EDGE_TRITON_HOME``: the JetPack release or the x86
+  image's ``/opt/tritonserver``) or the ``tritonserver`` inside the ``nvidia-pytriton`` wheel of a virtualenv
+  (``EDGE_TRITON_PYTHON``: its interpreter; the wheel needs numpy < 2, so it lives apart from edgeloop's own).
+* :class:`TritonServer` starts it in explicit model-control mode (gRPC on the inference port, metrics on their own
+  port, HTTP off), talks to it over the Open Inference Protocol (ServerLive, the repository extension, ModelInfer),
+  and restarts it when it dies.
+* :func:`write_model` writes one model version: a TensorRT plan (``platform: tensorrt_plan``), or the Python-backend
+  model in ``triton_backend/model.py`` over the ONNX Runtime engine edgeloop built, with a generated
+  ``config.pbtxt`` (inputs, outputs, ``max_batch_size``, dynamic batching from the tuned limits, one instance,
+  ``version_policy: latest 1`` so that loading a new version swaps it in only once it loaded).
+* :class:`TritonEngine` is an :class:`~edge_runtime.engines.base.Engine` whose runs go through Triton: validation
+  runs through it on the engine Triton serves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from edge_runtime.engines.base import DATATYPE_TO_NUMPY, TensorInfo
+from edge_runtime.errors import ConfigError, EngineError, InvalidInput
+from edge_runtime.protos import inference_pb2 as pb
+from edge_runtime.protos import inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+BACKEND_MODEL = Path(__file__).with_name("triton_backend") / "model.py"
+CANDIDATE_SUFFIX = "__candidate"
+"""Name under which a version is validated through Triton before it takes the model's name (``_`` is outside the
+model-name pattern, so no real model can collide with it)."""
+_TRITON_TYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16",
+                 "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32",
+                 "FP64": "TYPE_FP64"}
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where ``tritonserver`` is, its backends, and the environment it needs."""
+
+    binary: Path
+    backends: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def find_triton(home: Path | None, python: Path | None, work: Path) -> TritonInstall:
+    """The Triton to run: ``home`` (a Triton install: ``bin/tritonserver``, ``backends/``), else the wheel in
+    ``python``'s virtualenv. For the wheel, the Python backend's stub for that interpreter is copied beside the
+    wheel's backends (into ``work``), and the wheel's libraries and the interpreter's own ``libpython`` go first on
+    ``LD_LIBRARY_PATH`` (otherwise the stub loads another libpython). ConfigError, saying what to set, if neither
+    is usable."""
+    if home is not None:
+        binary = Path(home) / "bin" / "tritonserver"
+        if not binary.exists():
+            raise ConfigError(f"no tritonserver under EDGE_TRITON_HOME={home} (expected bin/tritonserver)")
+        lib = str(Path(home) / "lib")
+        return TritonInstall(binary, Path(home) / "backends",
+                             {"LD_LIBRARY_PATH": ":".join(p for p in (lib, os.environ.get("LD_LIBRARY_PATH")) if p)})
+    if python is None:
+        raise ConfigError("serving engine triton needs EDGE_TRITON_HOME (a Triton install) or EDGE_TRITON_PYTHON (the "
+                          "python of a virtualenv with nvidia-pytriton, numpy<2 and onnxruntime)")
+    probe = ("import json, sys, sysconfig, pathlib, pytriton; "
+             "print(json.dumps({'site': str(pathlib.Path(pytriton.__file__).parent.parent), "
+             "'libdir': sysconfig.get_config_var('LIBDIR'), 'py': f'{sys.version_info[0]}.{sys.version_info[1]}'}))")
+    try:
+        found = json.loads(subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=60,
+                                          check=True).stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        raise ConfigError(f"EDGE_TRITON_PYTHON={python} has no nvidia-pytriton (pip install nvidia-pytriton "
+                          f"'numpy<2' onnxruntime in that virtualenv)") from exc
+    site = Path(found["site"])
+    home_dir = site / "pytriton" / "tritonserver"
+    stub = home_dir / "python_backend_stubs" / found["py"] / "triton_python_backend_stub"
+    if not (home_dir / "bin" / "tritonserver").exists() or not stub.exists():
+        raise ConfigError(f"the nvidia-pytriton wheel under {site} has no tritonserver or no Python-backend stub for "
+                          f"Python {found['py']}")
+    backends = Path(work) / "triton-backends"
+    if not (backends / "python" / "triton_python_backend_stub").exists():
+        staging = backends.with_name(backends.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(home_dir / "backends", staging)
+        shutil.copy(stub, staging / "python" / "triton_python_backend_stub")
+        shutil.rmtree(backends, ignore_errors=True)
+        staging.rename(backends)
+    libs = [str(site / "nvidia_pytriton.libs"), found["libdir"], os.environ.get("LD_LIBRARY_PATH", "")]
+    env = {"LD_LIBRARY_PATH": ":".join(p for p in libs if p),
+           "PATH": f"{Path(python).parent}:{os.environ.get('PATH', '')}"}
+    return TritonInstall(home_dir / "bin" / "tritonserver", backends, env)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM when the runtime dies, however it dies (no orphan Triton
+    holding the inference port)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TritonServer:
+    """One supervised ``tritonserver`` (explicit model control) over the model repository ``repo``."""
+
+    def __init__(self, install: TritonInstall, repo: Path, *, bind_address: str, grpc_port: int, metrics_port: int,
+                 log_path: Path, start_timeout_s: float = 120.0) -> None:
+        self.install = install
+        self.repo = Path(repo)
+        self.bind_address = bind_address
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.log_path = Path(log_path)
+        self.start_timeout_s = start_timeout_s
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._channel: grpc.Channel | None = None
+        self._stub: inference_pb2_grpc.GRPCInferenceServiceStub | None = None
+
+    # --- the process -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start tritonserver and wait until it is live; EngineError with the end of its log if it is not."""
+        self.repo.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [str(self.install.binary), f"--model-repository={self.repo}", "--model-control-mode=explicit",
+                f"--backend-directory={self.install.backends}", f"--grpc-address={self.bind_address}",
+                f"--grpc-port={self.grpc_port}", "--allow-http=false", "--allow-metrics=true",
+                f"--metrics-port={self.metrics_port}", "--exit-on-error=false", "--log-verbose=0"]
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**os.environ, **self.install.env}, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.live():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise EngineError(f"tritonserver did not start: {self.log_tail()}")
+            time.sleep(0.2)
+        log.info("tritonserver live on %s:%d (metrics :%d)", self.bind_address, self.grpc_port, self.metrics_port)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = self._stub = None
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            said = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return "no log"
+        return " | ".join(said[-lines:]) or "nothing logged"
+
+    # --- the Open Inference Protocol to it ---------------------------------------------------------------------
+    @property
+    def stub(self) -> inference_pb2_grpc.GRPCInferenceServiceStub:
+        if self._stub is None:
+            host = "127.0.0.1" if self.bind_address in ("0.0.0.0", "::", "[::]") else self.bind_address
+            self._channel = grpc.insecure_channel(f"{host}:{self.grpc_port}", options=[
+                ("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)])
+            self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
+
+    def live(self) -> bool:
+        try:
+            return self.stub.ServerLive(pb.ServerLiveRequest(), timeout=2).live
+        except grpc.RpcError:
+            return False
+
+    def load(self, name: str, timeout_s: float = 300.0) -> None:
+        """Load (or reload: the new version swaps in once loaded) model ``name``; EngineError with Triton's words."""
+        try:
+            self.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise EngineError(f"Triton could not load {name}: {exc.details()}") from exc
+
+    def unload(self, name: str) -> None:
+        try:
+            self.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=60)
+        except grpc.RpcError as exc:
+            raise EngineError(f"Triton could not unload {name}: {exc.details()}") from exc
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            return self.stub.ModelReady(pb.ModelReadyRequest(name=name, version=version), timeout=5).ready
+        except grpc.RpcError:
+            return False
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Triton's per-model counters from its Prometheus endpoint: model → {requests, failures, executions,
+        inferences, queue_us, compute_us} (empty where this build exports none)."""
+        import urllib.request
+
+        names = {"nv_inference_request_success": "requests", "nv_inference_request_failure": "failures",
+                 "nv_inference_exec_count": "executions", "nv_inference_count": "inferences",
+                 "nv_inference_queue_duration_us": "queue_us", "nv_inference_compute_infer_duration_us": "compute_us"}
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=3).read().decode()
+        except OSError:
+            return {}
+        figures: dict[str, dict[str, float]] = {}
+        for line in text.splitlines():
+            metric = line.split("{", 1)[0]
+            if metric not in names or 'model="' not in line:
+                continue
+            model = line.split('model="', 1)[1].split('"', 1)[0]
+            per_model = figures.setdefault(model, {})
+            per_model[names[metric]] = per_model.get(names[metric], 0.0) + float(line.rsplit(" ", 1)[1])
+        return figures
+
+
+def next_version_number(model_dir: Path) -> int:
+    """One above the highest version folder under ``model_dir`` (Triton versions are positive integers)."""
+    numbers = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(numbers, default=0) + 1
+
+
+def _dims(info: TensorInfo, batched: bool) -> str:
+    shape = info.shape[1:] if batched else info.shape
+    return ", ".join(str(d) for d in shape)
+
+
+def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platform: str,
+                inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...], max_batch_size: int,
+                max_queue_delay_us: int, edgeloop_version: str, variant: str, threads: int = 1,
+                spin: bool = False) -> Path:
+    """Write version ``number`` of Triton model ``name`` (config.pbtxt replaced atomically); returns its folder.
+
+    A TensorRT plan is linked in as ``model.plan``; any other engine is served by the Python-backend model over the
+    ONNX Runtime engine at ``engine_path``. A model whose inputs have no dynamic batch axis gets
+    ``max_batch_size: 0`` (no batching), as Triton requires."""
+    model_dir = Path(repo) / name
+    folder = model_dir / str(number)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    tensorrt = platform == "tensorrt_plan"
+    if tensorrt:
+        (folder / "model.plan").symlink_to(Path(engine_path).resolve())
+    else:
+        shutil.copy(BACKEND_MODEL, folder / "model.py")
+        (folder / "engine.json").write_text(json.dumps({"engine": str(Path(engine_path).resolve()),
+                                                        "threads": threads, "spin": spin}))
+    batched = bool(inputs) and all(i.shape and i.shape[0] == -1 for i in inputs) and max_batch_size > 1
+    lines = [f'name: "{name}"', 'platform: "tensorrt_plan"' if tensorrt else 'backend: "python"',
+             f"max_batch_size: {max_batch_size if batched else 0}"]
+    for kind, tensors in (("input", inputs), ("output", outputs)):
+        entries = []
+        for t in tensors:
+            if t.datatype not in _TRITON_TYPES:
+                raise ConfigError(f"{name}: Triton has no type for {t.name} ({t.datatype})")
+            kind_of = _TRITON_TYPES[t.datatype]
+            entries.append(f'  {{ name: "{t.name}" data_type: {kind_of} dims: [ {_dims(t, batched)} ] }}')
+        lines.append(f"{kind} [\n" + ",\n".join(entries) + "\n]")
+    if batched:
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}")
+    lines.append(f'instance_group [ {{ count: 1 kind: {"KIND_GPU" if tensorrt else "KIND_CPU"} }} ]')
+    lines.append("version_policy: { latest: { num_versions: 1 } }")
+    parameters = {"edgeloop_version": edgeloop_version, "variant": variant}
+    for key, value in parameters.items():
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}')
+    config = model_dir / "config.pbtxt"
+    staged = model_dir / "config.pbtxt.tmp"
+    staged.write_text("\n".join(lines) + "\n")
+    staged.replace(config)
+    return folder
+
+
+def prune_versions(repo: Path, name: str, keep: int) -> None:
+    """Remove every version folder of ``name`` but ``keep`` (after Triton swapped to it)."""
+    for folder in (Path(repo) / name).glob("*"):
+        if folder.is_dir() and folder.name.isdigit() and int(folder.name) != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_model(repo: Path, name: str) -> None:
+    shutil.rmtree(Path(repo) / name, ignore_errors=True)
+
+
+class TritonEngine:
+    """An :class:`~edge_runtime.engines.base.Engine` whose runs go through Triton's gRPC endpoint (so validation
+    measures the engine Triton serves, behind Triton's own front end and batcher)."""
+
+    def __init__(self, server: TritonServer, name: str, inputs: tuple[TensorInfo, ...],
+                 outputs: tuple[TensorInfo, ...], max_batch_size: int, platform: str, memory_bytes: int = 0) -> None:
+        self.server, self.name = server, name
+        self.inputs, self.outputs = inputs, outputs
+        self.max_batch_size = max_batch_size
+        self.platform = platform
+        self.memory_bytes = memory_bytes
+        self.version = ""
+        """Triton's version number of what serves (set after a load)."""
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = pb.ModelInferRequest(model_name=self.name)
+        for info in self.inputs:
+            array = np.ascontiguousarray(inputs[info.name], dtype=DATATYPE_TO_NUMPY[info.datatype])
+            request.inputs.add(name=info.name, datatype=info.datatype, shape=list(array.shape))
+            request.raw_input_contents.append(array.tobytes())
+        for info in self.outputs:
+            request.outputs.add(name=info.name)
+        try:
+            response = self.server.stub.ModelInfer(request, timeout=60)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidInput(f"Triton refused the batch: {exc.details()}") from exc
+            raise EngineError(f"Triton failed to run a batch on {self.name}: {exc.details()}") from exc
+        results = {}
+        for out, raw in zip(response.outputs, response.raw_output_contents, strict=False):
+            dtype = DATATYPE_TO_NUMPY[out.datatype]
+            results[out.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(out.shape))
+        return results
+
+    def close(self) -> None:
+        """Nothing to free here: Triton holds the engine (the life cycle unloads it from Triton when it must)."""
+

@@ -1,0 +1,55 @@
+"""Triton Python-backend model that runs an engine edgeloop built and validated (ONNX Runtime, on the CPU).
+
+Triton copies nothing from edgeloop but this file: it runs in Triton's Python stub, with numpy, onnxruntime and
+``triton_python_backend_utils`` only. Each version folder holds ``engine.json`` (the engine file and the session
+options), which edgeloop writes with the version, so an older version folder always runs its own engine. Requests
+that Triton's dynamic batcher hands over together run as one batch and are split back per request.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        with open(os.path.join(folder, "engine.json")) as f:
+            engine = json.load(f)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(engine.get("threads", 1))
+        spin = "1" if engine.get("spin") else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        self.session = ort.InferenceSession(engine["engine"], options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.batched = int(config.get("max_batch_size", 0)) > 0
+
+    def execute(self, requests):
+        feeds = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs}
+                 for r in requests]
+        if not self.batched or len(feeds) == 1:
+            return [self._respond(self.session.run(None, feed)) for feed in feeds]
+        sizes = [len(feed[self.inputs[0]]) for feed in feeds]
+        shapes = {tuple(feed[name].shape[1:]) for feed in feeds for name in self.inputs[:1]}
+        if len(shapes) > 1:  # different non-batch shapes never share a run
+            return [self._respond(self.session.run(None, feed)) for feed in feeds]
+        merged = {name: np.concatenate([feed[name] for feed in feeds]) for name in self.inputs}
+        results = self.session.run(None, merged)
+        responses, offset = [], 0
+        for size in sizes:
+            responses.append(self._respond([value[offset: offset + size] for value in results]))
+            offset += size
+        return responses
+
+    def _respond(self, values):
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.ascontiguousarray(value))
+                                           for name, value in zip(self.outputs, values, strict=True)])
+
+    def finalize(self):
+        self.session = None
