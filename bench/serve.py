@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 SERVER_CORE, CLIENT_CORE = 0, 1
 KSERVE_PYTHON = os.environ.get("KSERVE_PYTHON", "/tmp/kserve-venv/bin/python")
-TRITON_VENV = Path(os.environ.get("TRITON_VENV", "/tmp/triton-venv"))
+TRITON_VENV = Path(os.environ.get("TRITON_VENV", ROOT / ".tools" / "triton"))
+"""A venv with nvidia-pytriton, numpy<2 and onnxruntime: ``make test`` makes ``.tools/triton``."""
 
 
 def free_port() -> int:
@@ -65,8 +66,8 @@ def cpu_seconds(pid: int) -> float:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / ticks
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-            pids.extend(int(c) for c in children)
+            for task in Path(f"/proc/{p}/task").iterdir():  # children of every thread (Triton's stubs, say)
+                pids.extend(int(c) for c in (task / "children").read_text().split())
         except (OSError, IndexError, ValueError):
             continue
     return total
@@ -285,10 +286,22 @@ TRITON_MODEL = textwrap.dedent('''
 ''')
 
 
+def triton_counts(port: int) -> tuple[float, float]:
+    """(successful requests, executions) from a Triton metrics endpoint; their ratio is the mean formed batch."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:  # a build without a metrics endpoint: the formed batch stays unknown
+        return 0.0, 0.0
+    requests = sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("nv_inference_request_success"))
+    execs = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("nv_inference_exec_count"))
+    return requests, execs
+
+
 class Triton(Server):
     name = "Triton (Python backend)"
 
-    def __init__(self, model: str, onnx: Path, shape: tuple[int, ...], work: Path) -> None:
+    def __init__(self, model: str, onnx: Path, shape: tuple[int, ...], work: Path, max_batch: int = 16) -> None:
         super().__init__()
         self.model = model
         site = next(TRITON_VENV.glob("lib/python3*/site-packages"))
@@ -298,7 +311,7 @@ class Triton(Server):
         (repo / model / "1" / "model.py").write_text(TRITON_MODEL.replace("ONNX_PATH", str(onnx)))
         dims = ", ".join(str(d) for d in shape)
         (repo / model / "config.pbtxt").write_text(
-            f'name: "{model}"\nbackend: "python"\nmax_batch_size: 16\n'
+            f'name: "{model}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
             f'input [{{ name: "input" data_type: TYPE_FP32 dims: [{dims}] }}]\n'
             f'output [{{ name: "logits" data_type: TYPE_FP32 dims: [10] }}]\n'
             'dynamic_batching { max_queue_delay_microseconds: 500 }\n'
@@ -330,14 +343,7 @@ class Triton(Server):
             time.sleep(0.3)
 
     def _counts(self) -> tuple[float, float]:
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        except OSError:  # this build may have no metrics endpoint (CPU-only): the formed batch stays unknown
-            return 0.0, 0.0
-        requests = sum(float(line.split()[-1]) for line in text.splitlines()
-                       if line.startswith("nv_inference_request_success"))
-        execs = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("nv_inference_exec_count"))
-        return requests, execs
+        return triton_counts(self.metrics_port)
 
     def mark(self) -> None:
         self._mark = self._counts()
@@ -347,6 +353,46 @@ class Triton(Server):
         if execs - self._mark[1] <= 0:
             return None
         return (requests - self._mark[0]) / (execs - self._mark[1])
+
+
+class EdgeloopTriton(Edgeloop):
+    """edgeloop as the control plane, Triton as the data plane (``EDGE_SERVING_ENGINE=triton``), configured as the
+    Triton-alone server here: max batch 16, 500 µs queue delay, one instance, one ONNX Runtime thread."""
+
+    def __init__(self, s3, bucket: str, model: str, work: Path, max_batch: int = 16) -> None:  # noqa: ANN001
+        self.triton_metrics_port = free_port()
+        extra = {"EDGE_SERVING_ENGINE": "triton", "EDGE_TRITON_PYTHON": str(TRITON_VENV / "bin" / "python"),
+                 "EDGE_TRITON_METRICS_PORT": str(self.triton_metrics_port), "EDGE_CONTROL_PORT": str(free_port()),
+                 "EDGE_MAX_QUEUE_DELAY_US": "500"}
+        saved = {k: os.environ.get(k) for k in extra}
+        os.environ.update(extra)  # Edgeloop.__init__ launches with os.environ
+        try:
+            super().__init__(s3, bucket, model, work, max_batch)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        self.name = "edgeloop + Triton"
+
+    def ready(self) -> None:
+        """Triton is ready as soon as it is live (explicit model control); the model, once edgeloop validated it."""
+        import tritonclient.grpc as triton
+
+        wait_port(self.port, 180)
+        client = triton.InferenceServerClient(self.address)
+        deadline = time.monotonic() + 180
+        while not client.is_model_ready(self.model):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("edgeloop + Triton did not serve the model (see its log)")
+            time.sleep(0.3)
+
+    def _counts(self) -> tuple[float, float]:  # Triton's counters give the formed batch
+        return triton_counts(self.triton_metrics_port)
+
+    mark = Triton.mark
+    mean_batch = Triton.mean_batch
 
 
 def in_process_ort(path: Path, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -505,8 +551,10 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--servers", default="edgeloop,edgeloop-nobatch,kserve,triton")
+    parser.add_argument("--servers", default="edgeloop,edgeloop-nobatch,edgeloop-triton,kserve,triton")
     parser.add_argument("--models", default="small,large")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="largest batch of every batching server (edgeloop, edgeloop + Triton, Triton)")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "serve.png")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "serve.md")
     parser.add_argument("--profile", action="store_true",
@@ -541,9 +589,14 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
                 payload = request_bytes(model, shape)
                 candidates = []
                 if "edgeloop" in wanted:
-                    candidates.append(lambda m=model: Edgeloop(s3, "bench", m, work, 16))
+                    candidates.append(lambda m=model: Edgeloop(s3, "bench", m, work, args.max_batch))
                 if "edgeloop-nobatch" in wanted:
                     candidates.append(lambda m=model: Edgeloop(s3, "bench", m, work, 1))
+                if "edgeloop-triton" in wanted:
+                    if TRITON_VENV.exists():
+                        candidates.append(lambda m=model: EdgeloopTriton(s3, "bench", m, work, args.max_batch))
+                    else:
+                        skipped.append(f"edgeloop + Triton: no {TRITON_VENV} (make test creates .tools/triton)")
                 if "kserve" in wanted:
                     if Path(KSERVE_PYTHON).exists():
                         candidates.append(lambda m=model, o=onnx: KServe(m, o, work))
@@ -552,7 +605,7 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
                                        f"/tmp/kserve-venv/bin/pip install kserve onnxruntime)")
                 if "triton" in wanted:
                     if TRITON_VENV.exists():
-                        candidates.append(lambda m=model, o=onnx, sh=shape: Triton(m, o, sh, work))
+                        candidates.append(lambda m=model, o=onnx, sh=shape: Triton(m, o, sh, work, args.max_batch))
                     else:
                         skipped.append(f"Triton: no {TRITON_VENV} (a venv with nvidia-pytriton, numpy<2, onnxruntime)")
                 for make in candidates:
@@ -599,6 +652,15 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
     for model, (b1, b16) in ceilings.items():
         lines.append(f"- in-process ONNX Runtime, one core, {model}: {b1:.0f} samples/s at batch 1, {b16:.0f} at "
                      f"batch 16")
+    rps = {(r["model"], r["server"], r["concurrency"]): r["rps"] for r in rows}
+    for model in ceilings:
+        c = max(levels)
+        ours, alone = rps.get((model, "edgeloop + Triton", c)), rps.get((model, Triton.name, c))
+        ks = kserve.get((model, c))
+        if ours and alone:
+            versus_kserve = f", {ours / ks:.2f}x KServe" if ks else ""
+            lines.append(f"- {model}, c={c}: edgeloop + Triton serves {ours / alone:.2f}x what Triton alone serves "
+                         f"(same model, same batching){versus_kserve}")
     if shm_result:
         ratio = shm_result["shared memory"] / max(shm_result["protobuf bytes"], 1e-9)
         lines.append(f"- 3×224×224 FP32 input at c=8 (edgeloop): {shm_result['protobuf bytes']:.0f} req/s as protobuf "

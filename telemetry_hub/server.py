@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,17 @@ class HubSettings(BaseSettings):
     max_concurrent_rpcs: int = Field(
         64, gt=0, description="calls in progress at once; more get RESOURCE_EXHAUSTED at once (devices back off) "
                               "instead of queueing until they time out")
+    stats_retention_days: int = Field(
+        14, ge=1, description="days of stats events kept (PostgreSQL: whole day partitions dropped); state changes "
+                              "are kept")
+    maintenance_interval_s: float = Field(
+        3600.0, gt=0, description="how often retention runs (and PostgreSQL's day partitions are made ahead)")
+    max_connection_age_s: float = Field(
+        300.0, gt=0, description="connections are closed (gracefully) after this long, so devices spread again over "
+                                 "the replicas behind a Service")
 
+
+log = logging.getLogger(__name__)
 
 READER = None
 """The principal of a reader token (it is bound to no device)."""
@@ -163,8 +174,11 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
 
 async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tuple[grpc.aio.Server, int, HubStore]:
     """Start the hub; returns ``(server, bound port, store)``."""
-    store = store or HubStore(settings.database_url)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    store = store or HubStore(settings.database_url, stats_retention_days=settings.stats_retention_days)
+    age_ms = int(settings.max_connection_age_s * 1000)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+                             options=[("grpc.max_connection_age_ms", age_ms),
+                                      ("grpc.max_connection_age_grace_ms", min(age_ms, 30_000))])
     telemetry_pb2_grpc.add_TelemetryHubServicer_to_server(TelemetryServicer(store, load_tokens(settings)), server)
     address = f"{settings.bind_address}:{settings.port}"
     if settings.tls_cert_file or settings.tls_key_file:
@@ -177,6 +191,24 @@ async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tup
     if port == 0:
         raise ConfigError(f"cannot bind the hub to {settings.bind_address}:{settings.port}: is the port in use?")
     await server.start()
+
+    async def maintain() -> None:  # every replica may run it (it takes a lock)
+        while True:
+            await asyncio.sleep(settings.maintenance_interval_s)
+            try:
+                done = await asyncio.to_thread(store.apply_retention)
+                log.info("retention: %s", done)
+            except Exception as exc:  # noqa: BLE001 - the next round tries again; the hub keeps serving
+                log.warning("retention failed: %s", exc)
+
+    maintenance = asyncio.get_running_loop().create_task(maintain(), name="hub-maintenance")
+    grpc_stop = server.stop
+
+    async def stop(grace: float | None) -> None:  # stopping the hub stops its maintenance too
+        maintenance.cancel()
+        await grpc_stop(grace)
+
+    server.stop = stop
     return server, port, store
 
 

@@ -1,5 +1,11 @@
 """Event and device-state storage through SQLAlchemy: ``sqlite:///hub.sqlite`` by default, or a PostgreSQL URL
-(``postgresql+psycopg://user:pass@host/db``)."""
+(``postgresql+psycopg://user:pass@host/db``).
+
+The schema is Alembic's (``telemetry_hub/migrations``): the hub upgrades the database at start, one replica at a
+time (a PostgreSQL advisory lock), and stamps a database an older hub created before it migrates it. State changes
+(every event but ``stats``) are kept in ``events``; ``stats`` events go to ``stats``, partitioned by day on
+PostgreSQL, and :meth:`HubStore.apply_retention` drops the days older than the retention (SQLite: deletes them).
+"""
 
 from __future__ import annotations
 
@@ -42,6 +48,19 @@ events = Table(
     Column("payload", Text, nullable=False),
     Column("received_ms", BigInteger, nullable=False),
 )
+stats = Table(
+    "stats", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("device_id", String(128), nullable=False),
+    Column("ts_ms", BigInteger, primary_key=True),
+    Column("payload", Text, nullable=False),
+    Column("received_ms", BigInteger, nullable=False),
+)
+"""Periodic ``stats`` events, by day (PostgreSQL: one partition per day, ``stats_dYYYYMMDD``)."""
+DAY_MS = 86_400_000
+DAYS_AHEAD = 7
+"""Partitions made ahead of today; stats stamped further ahead (a device clock far off) are acknowledged, not kept."""
+MIGRATION_LOCK = 727_170
 devices = Table(
     "devices", metadata,
     Column("device_id", String(128), primary_key=True),
@@ -158,45 +177,82 @@ def _changes(kind: str, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     return device, models
 
 
-class HubStore:
-    """Tables are created on first use."""
+def _partition_name(day: int) -> str:
+    """``stats_dYYYYMMDD`` for the day ``day`` (days since the epoch): names sort as the days do."""
+    return "stats_d" + time.strftime("%Y%m%d", time.gmtime(day * 86_400))
 
-    def __init__(self, url: str) -> None:
+
+class HubStore:
+    """The hub's database: migrated to the current schema when opened (see the module docstring)."""
+
+    def __init__(self, url: str, *, stats_retention_days: int = 14) -> None:
         _private_sqlite_file(url)
+        self.stats_retention_days = stats_retention_days
         try:
             self.engine = create_engine(url)
-            metadata.create_all(self.engine)
-            self._add_missing_columns()
-            self._carry_over_models()
+            self.migrate()
+            self.apply_retention()
         except ImportError as exc:
             raise ConfigError(f"no database driver for {url.split(':', 1)[0]}: pip install 'edgeloop[hub]'") from exc
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"cannot open the hub database: {exc.__class__.__name__}") from exc
 
-    def _add_missing_columns(self) -> None:
-        """Additive schema changes for a database an older hub created (new columns are nullable)."""
-        existing = inspect(self.engine)
-        with self.engine.begin() as conn:
-            for table in metadata.sorted_tables:
-                have = {c["name"] for c in existing.get_columns(table.name)}
-                for column in table.columns:
-                    if column.name not in have:
-                        kind = column.type.compile(dialect=self.engine.dialect)
-                        conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+    @property
+    def postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
 
-    def _carry_over_models(self) -> None:
-        """A database from a hub before several models kept each device's one model in ``devices``: copy those
-        rows into ``device_models`` once (idempotent, so replicas starting together do no harm)."""
-        have = {c["name"] for c in inspect(self.engine).get_columns("devices")}
-        if not {"model_name", *MODEL_FIELDS[:4]} <= have:
-            return
+    def migrate(self) -> str:
+        """Bring the schema to Alembic's head (one replica at a time); returns the revision. A database a hub before
+        migrations created is stamped with the revision its tables match first."""
+        from alembic import command
+        from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
         with self.engine.begin() as conn:
-            if conn.execute(select(func.count()).select_from(device_models)).scalar_one():
-                return
-            columns = ["device_id", "model_name", "last_seen_ms", *(f for f in MODEL_FIELDS if f in have)]
-            listed = ", ".join(f'"{c}"' for c in columns)
-            conn.execute(text(f"INSERT INTO device_models ({listed}) SELECT {listed} FROM devices "
-                              f"WHERE model_name IS NOT NULL AND model_name <> '' ON CONFLICT DO NOTHING"))
+            if self.postgresql:  # replicas starting together: the first migrates, the others find it done
+                conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+            config.attributes["connection"] = conn
+            tables = set(inspect(conn).get_table_names())
+            if "devices" in tables and "alembic_version" not in tables:  # a hub before migrations made it
+                if "events" not in tables:  # the first schema, as far as it got
+                    events.create(conn)
+                command.stamp(config, "0002" if "device_models" in tables else "0001")
+            command.upgrade(config, "head")
+            return MigrationContext.configure(conn).get_current_revision() or ""
+
+    def apply_retention(self, now_ms: int | None = None) -> dict[str, int]:
+        """Keep ``stats`` for ``stats_retention_days``: PostgreSQL drops whole day partitions past it and makes the
+        ones up to :data:`DAYS_AHEAD` days ahead; SQLite deletes the rows. State changes are never removed.
+        Safe to run on every replica at once. Returns what it did."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        first_day = now_ms // DAY_MS - self.stats_retention_days
+        cutoff_ms = first_day * DAY_MS
+        done = {"created": 0, "dropped": 0, "deleted": 0}
+        with self.engine.begin() as conn:
+            if not self.postgresql:
+                done["deleted"] = conn.execute(stats.delete().where(stats.c.ts_ms < cutoff_ms)).rowcount or 0
+                return done
+            conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK + 1})"))
+            existing = set(conn.execute(text(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'stats'")).scalars())
+            for day in range(first_day, now_ms // DAY_MS + DAYS_AHEAD + 1):
+                name = _partition_name(day)
+                if name not in existing:
+                    conn.execute(text(f"CREATE TABLE {name} PARTITION OF stats FOR VALUES FROM ({day * DAY_MS}) "
+                                      f"TO ({(day + 1) * DAY_MS})"))
+                    done["created"] += 1
+            for name in existing:
+                if name.startswith("stats_d") and name < _partition_name(first_day):
+                    conn.execute(text(f"DROP TABLE {name}"))
+                    done["dropped"] += 1
+        return done
+
+    def stats_window(self, now_ms: int) -> tuple[int, int]:
+        """The timestamps a ``stats`` event is kept for: within the retention, and not past the days made ahead."""
+        return (now_ms // DAY_MS - self.stats_retention_days) * DAY_MS, (now_ms // DAY_MS + DAYS_AHEAD + 1) * DAY_MS
 
     def ingest(self, device_id: str, batch: Iterable[IncomingEvent]) -> tuple[list[str], int]:
         """Store events not seen before (by id) and update the device row; returns ``(acknowledged ids,
@@ -213,11 +269,24 @@ class HubStore:
         insert_ = self._insert()
         with self.engine.begin() as conn:
             inserted: set[str] = set()
-            if batch:  # idempotent by event id, race-free across replicas: a resend or a racing twin inserts nothing
+            # idempotent by event id, race-free across replicas: a resend or a racing twin inserts nothing
+            changes_only = [e for e in batch if e.kind != "stats"]
+            low, high = self.stats_window(now)
+            periodic = [e for e in batch if e.kind == "stats" and low <= e.timestamp_ms < high]
+            if changes_only:
                 rows = [{"id": e.id, "device_id": device_id, "kind": e.kind, "ts_ms": e.timestamp_ms,
-                         "payload": e.payload_json, "received_ms": now} for e in batch]
+                         "payload": e.payload_json, "received_ms": now} for e in changes_only]
                 statement = insert_(events).values(rows).on_conflict_do_nothing(index_elements=["id"])
-                inserted = set(conn.execute(statement.returning(events.c.id)).scalars())
+                inserted |= set(conn.execute(statement.returning(events.c.id)).scalars())
+            if periodic:  # a resend carries its original's timestamp, so it meets it in the same day
+                rows = [{"id": e.id, "device_id": device_id, "ts_ms": e.timestamp_ms, "payload": e.payload_json,
+                         "received_ms": now} for e in periodic]
+                statement = insert_(stats).values(rows).on_conflict_do_nothing(index_elements=["id", "ts_ms"])
+                inserted |= set(conn.execute(statement.returning(stats.c.id)).scalars())
+            late = len([e for e in batch if e.kind == "stats"]) - len(periodic)
+            if late:
+                log.info("device %s sent %d stats events outside the retention window; acknowledged, not kept",
+                         device_id, late)
             fresh = [e for e in batch if e.id in inserted]
             changes: dict[str, Any] = {}
             per_model: dict[str, dict[str, Any]] = {}
@@ -238,7 +307,7 @@ class HubStore:
             self._upsert(conn, devices, {"device_id": device_id}, changes)
             for model, update in sorted(per_model.items()):
                 self._upsert(conn, device_models, {"device_id": device_id, "model_name": model}, update)
-        return ids, len(batch) - len(inserted)
+        return ids, len(changes_only) + len(periodic) - len(inserted)
 
     def _upsert(self, conn: Any, table: Table, key: dict[str, str], changes: dict[str, Any]) -> None:  # noqa: ANN401
         """Insert the row ``key`` with ``changes``, or apply them to it; ``last_seen_ms`` never goes back."""
@@ -313,11 +382,16 @@ class HubStore:
         return filters
 
     def count_events(self, device_id: str | None = None, kind: str | None = None) -> int:
-        """Stored events (optionally of one device and kind)."""
-        query = select(func.count()).select_from(events)
-        if device_id:
-            query = query.where(events.c.device_id == device_id)
-        if kind:
-            query = query.where(events.c.kind == kind)
+        """Stored events (optionally of one device and kind), state changes and stats together."""
+        total = 0
         with self.engine.connect() as conn:
-            return int(conn.execute(query).scalar_one())
+            for table in (events, stats):
+                if kind and (kind == "stats") != (table is stats):
+                    continue
+                query = select(func.count()).select_from(table)
+                if device_id:
+                    query = query.where(table.c.device_id == device_id)
+                if kind and table is events:
+                    query = query.where(events.c.kind == kind)
+                total += int(conn.execute(query).scalar_one())
+        return total

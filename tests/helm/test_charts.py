@@ -185,6 +185,19 @@ def test_one_value_switches_the_data_plane_to_triton():
     assert {e["name"]: e.get("value") for e in builtin["env"]}["EDGE_SERVING_ENGINE"] == "builtin"
 
 
+def test_the_hub_scales_out_on_postgresql_only():
+    docs = render("telemetry-hub", CHARTS / "telemetry-hub" / "ci" / "replicas-values.yaml")
+    kinds = {d["kind"]: d for d in docs}
+    assert "replicas" not in kinds["Deployment"]["spec"]  # the autoscaler owns the count
+    assert kinds["HorizontalPodAutoscaler"]["spec"]["minReplicas"] == 2
+    assert kinds["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    env = {e["name"]: e.get("value") for e in kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HUB_STATS_RETENTION_DAYS"] == "14" and env["HUB_MAX_CONNECTION_AGE_S"] == "300"
+    refused = subprocess.run([HELM, "template", "x", str(CHARTS / "telemetry-hub"), "--set", "replicas=3"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode != 0 and "SQLite has one writer" in refused.stderr
+
+
 def test_schema_rejects_bad_values():
     result = subprocess.run([HELM, "template", "x", str(CHARTS / "edge-runtime"), "--set", "model.version=Not Valid"],
                             capture_output=True, text=True, timeout=60, check=False)

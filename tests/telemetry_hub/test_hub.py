@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import socket
+import time
 import uuid
 
 import grpc
@@ -41,16 +42,21 @@ def hub_store(request, tmp_path):
         pytest.skip(f"no PostgreSQL reachable at {POSTGRES_URL.split('@')[-1]} (.ci/run starts one)")
     store = HubStore(POSTGRES_URL)
     with store.engine.begin() as conn:  # a clean slate for this test
-        from telemetry_hub.store import device_models, devices, events
+        from telemetry_hub.store import device_models, devices, events, stats
 
         conn.execute(events.delete())
+        conn.execute(stats.delete())
         conn.execute(device_models.delete())
         conn.execute(devices.delete())
     return store
 
 
+NOW_MS = int(time.time() * 1000)
+"""Events are stamped now (+ the test's order): stats outside the retention window are acknowledged, not kept."""
+
+
 def event(kind: str, ts: int, **payload) -> IncomingEvent:
-    return IncomingEvent(str(uuid.uuid4()), kind, ts, json.dumps({"model_name": "digits-cnn", **payload}))
+    return IncomingEvent(str(uuid.uuid4()), kind, NOW_MS + ts, json.dumps({"model_name": "digits-cnn", **payload}))
 
 
 def test_ingest_deduplicates_and_builds_the_fleet_view(hub_store):
@@ -98,7 +104,7 @@ async def _report(port: int, token: str | None, device: str) -> pb.ReportRespons
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
         return await telemetry_pb2_grpc.TelemetryHubStub(channel).Report(
             pb.ReportRequest(device_id=device, events=[pb.Event(id=str(uuid.uuid4()), device_id=device, kind="stats",
-                                                                 timestamp_ms=1, payload_json="{}")]),
+                                                                 timestamp_ms=NOW_MS, payload_json="{}")]),
             metadata=metadata, timeout=5)
 
 
@@ -184,6 +190,7 @@ def test_a_database_from_an_older_hub_gains_new_columns(tmp_path):
         db.execute("INSERT INTO devices (device_id, model_name, state) VALUES ('jetson-0', 'digits-cnn', 'serving')")
     store = HubStore(f"sqlite:///{path}")
     store.ingest("jetson-0", [event("batch_sweep", 9, chosen={"max_batch_size": 8}, points=[])])
+    assert store.migrate() == "0003"  # stamped as the first schema, then migrated to the head
     (row,) = store.fleet()  # the old row became the device's row for its model, and the new event updated it
     assert (row["model_name"], row["state"]) == ("digits-cnn", "serving")
     assert json.loads(row["batching_json"])["chosen"]["max_batch_size"] == 8
@@ -222,7 +229,7 @@ def test_the_sqlite_database_is_private(tmp_path):
 def test_a_malformed_event_is_acknowledged_and_does_not_block_the_batch(hub_store):
     good = event("stats", 5, state="serving", p50_ms=0.5)
     bad_payload = event("validated", 6, value="not a number", passed=True)
-    too_long = IncomingEvent("x" * 200, "stats", 7, "{}")
+    too_long = IncomingEvent("x" * 200, "stats", NOW_MS + 7, "{}")
     ids, _ = hub_store.ingest("jetson-7", [good, bad_payload, too_long])
     assert ids == [good.id, bad_payload.id, too_long.id]  # all acknowledged: the device's outbox moves on
     assert hub_store.count_events("jetson-7") == 2  # the malformed one is not stored
@@ -327,9 +334,9 @@ def test_a_device_serving_several_models_has_a_row_per_model(hub_store):
     hub_store.ingest("jetson-9", [
         event("facts", 1, facts={"arch": "aarch64"}),
         event("serving", 2, version="v1", target_key="trt10.3-sm87"),
-        IncomingEvent(str(uuid.uuid4()), "failed", 3, json.dumps({"model_name": "kws", "version": "v4",
+        IncomingEvent(str(uuid.uuid4()), "failed", NOW_MS + 3, json.dumps({"model_name": "kws", "version": "v4",
                                                                   "error": "validation"})),
-        IncomingEvent(str(uuid.uuid4()), "stats", 4, json.dumps({"ready": False, "models": [
+        IncomingEvent(str(uuid.uuid4()), "stats", NOW_MS + 4, json.dumps({"ready": False, "models": [
             {"model_name": "digits-cnn", "state": "serving", "serving_version": "v1", "p50_ms": 0.5},
             {"model_name": "kws", "state": "failed", "serving_version": "v3", "p50_ms": 2.0}]})),
     ])
@@ -346,3 +353,40 @@ def test_a_device_serving_several_models_has_a_row_per_model(hub_store):
     rest = hub_store.fleet(after=(first[0]["device_id"], first[0]["model_name"]))
     assert [(r["device_id"], r["model_name"]) for r in first + rest] == \
         [(r["device_id"], r["model_name"]) for r in hub_store.fleet()]
+
+
+def test_stats_are_kept_for_the_retention_and_state_changes_for_good(hub_store):
+    """Stats live by day (PostgreSQL: a partition per day, made ahead and dropped whole); retention removes the days
+    past it and never a state change; stats stamped outside the window are acknowledged but not kept."""
+    from telemetry_hub.store import DAY_MS, stats
+
+    old = [IncomingEvent(str(uuid.uuid4()), "stats", NOW_MS - 10 * DAY_MS, json.dumps({"model_name": "m"})),
+           IncomingEvent(str(uuid.uuid4()), "serving", NOW_MS - 10 * DAY_MS, json.dumps({"model_name": "m",
+                                                                                     "version": "v1"}))]
+    ids, duplicates = hub_store.ingest("retained", [*old, event("stats", 1)])
+    assert len(ids) == 3 and duplicates == 0
+    skewed = IncomingEvent(str(uuid.uuid4()), "stats", NOW_MS + 30 * DAY_MS, "{}")  # a clock far ahead
+    too_old = IncomingEvent(str(uuid.uuid4()), "stats", NOW_MS - 30 * DAY_MS, "{}")
+    assert hub_store.ingest("retained", [skewed, too_old])[0] == [skewed.id, too_old.id]
+    assert hub_store.count_events("retained", "stats") == 2 and hub_store.count_events("retained") == 3
+    done = hub_store.apply_retention(now_ms=NOW_MS + 11 * DAY_MS)  # 11 days on, 14 kept: 3 days back stay
+    assert hub_store.count_events("retained", "stats") == 1  # the 10-day-old one went, yesterday's stays
+    assert hub_store.count_events("retained", "serving") == 1  # state changes are kept
+    if hub_store.postgresql:
+        assert done["dropped"] >= 1
+        from sqlalchemy import text
+
+        from telemetry_hub.store import DAYS_AHEAD, _partition_name
+
+        with hub_store.engine.connect() as conn:
+            parts = set(conn.execute(text("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = "
+                                          "i.inhrelid WHERE i.inhparent = 'stats'::regclass")).scalars())
+        later = (NOW_MS + 11 * DAY_MS) // DAY_MS
+        wanted = {_partition_name(d) for d in range(later - 14, later + DAYS_AHEAD + 1)}
+        assert wanted <= parts and not {p for p in parts if p < _partition_name(later - 14)}
+    else:
+        assert done["deleted"] == 1
+    with hub_store.engine.connect() as conn:  # a resend of a kept stats event is still a duplicate
+        kept = conn.execute(stats.select().where(stats.c.device_id == "retained")).first()
+    again = IncomingEvent(kept.id, "stats", kept.ts_ms, kept.payload)
+    assert hub_store.ingest("retained", [again])[1] == 1
