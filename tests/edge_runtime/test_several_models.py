@@ -226,3 +226,35 @@ def test_the_memory_budget_without_a_setting_follows_what_the_kernel_reports(tmp
     budget.release("a/v1/fp32#1")
     budget.check("b/v1 (fp32)", 30 << 20, basis="its weights")
     assert MemoryBudget(None, meminfo=tmp_path / "missing").free_bytes() is None  # unknown: nothing is refused
+
+
+def test_engines_are_built_one_at_a_time_whichever_model_asks(store, signing_key, trained, edge_settings, linear,
+                                                               monkeypatch):
+    """Two models starting together: their engines are built (and loaded) one after the other, never at once (a
+    TensorRT build takes the GPU and gigabytes of shared memory on a Jetson). A spy around the real builder holds
+    each build a little longer so an overlap could not hide."""
+    import time as clock
+
+    import edge_runtime.engines.provider as provider
+
+    real, inside, overlaps, builds = provider.build_engine, [0], [0], []
+
+    def spy(*args, **kwargs):
+        inside[0] += 1
+        overlaps[0] = max(overlaps[0], inside[0])
+        try:
+            clock.sleep(0.3)
+            builds.append(args[0].variant.name)
+            return real(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(provider, "build_engine", spy)
+    publish_model(store, signing_key, trained, "v1")
+    publish_linear(store, signing_key, trained, linear, "v1")
+    edge = RunningEdge(edge_settings(store.bucket, models=[{"name": CNN}, {"name": LINEAR}]))
+    try:
+        edge.wait_ready()
+        assert len(builds) >= 2 and overlaps[0] == 1
+    finally:
+        edge.stop()
