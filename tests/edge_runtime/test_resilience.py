@@ -104,10 +104,11 @@ def test_runtime_telemetry_survives_a_hub_outage(store, signing_key, trained, ed
         edge.app.outbox.add = add
         from sqlalchemy import select
 
-        from telemetry_hub.store import events
+        from telemetry_hub.store import events, stats
 
-        with hub_store.engine.connect() as conn:
-            at_hub = list(conn.execute(select(events.c.id).where(events.c.device_id == "test-jetson")).scalars())
+        with hub_store.engine.connect() as conn:  # state changes and stats, each in its own table
+            at_hub = [i for table in (events, stats) for i in conn.execute(
+                select(table.c.id).where(table.c.device_id == "test-jetson")).scalars()]
         assert len(at_hub) == len(set(at_hub)) > before_outage
         assert set(written) <= set(at_hub)  # every event written after start-up arrived, once
         assert len(set(at_hub) - set(written)) == 1  # and the "facts" event start() wrote before we counted
