@@ -99,6 +99,7 @@ async def offer(addresses: list[str], tokens: dict[str, str], rate: float, secon
     devices = list(tokens)
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    details: dict[str, str] = {}
     acked: list[str] = []
     sent = 0
     rng = random.Random(0)
@@ -122,6 +123,7 @@ async def offer(addresses: list[str], tokens: dict[str, str], rate: float, secon
                 code = exc.code().name
                 if code not in RETRIED or attempt == 3:
                     errors[code] = errors.get(code, 0) + 1
+                    details.setdefault(code, exc.details())
                     return
                 await asyncio.sleep(delay * (0.5 + rng.random()))
                 delay *= 2
@@ -144,7 +146,7 @@ async def offer(addresses: list[str], tokens: dict[str, str], rate: float, secon
     for channel in channels:
         await channel.close()
     return {"sent": sent, "offered_rate": sent / offered_seconds, "acked": acked, "latencies": latencies,
-            "errors": errors, "elapsed": elapsed}
+            "errors": errors, "details": details, "elapsed": elapsed}
 
 
 def audit(url: str, acked: list[str]) -> tuple[int, int]:
@@ -268,7 +270,7 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, three backends
                 rows.append(row)
                 print(f"{label:20s} offered {row['offered']:7.0f}/s accepted {row['accepted']:7.0f}/s "
                       f"p50 {row['p50']:7.1f} ms p99 {row['p99']:8.1f} ms errors {row['errors']} "
-                      f"cpu/event {row['cpu_us']:.0f} µs lost {lost} twice {twice}", flush=True)
+                      f"cpu/event {row['cpu_us']:.0f} µs lost {lost} twice {twice} {result['details']}", flush=True)
         for size in [int(s) for s in args.fleet_sizes.split(",")]:
             for backend in ("sqlite", "postgresql"):
                 if backend == "postgresql" and not have_postgres:
