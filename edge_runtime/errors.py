@@ -135,6 +135,11 @@ class InsufficientMemory(EdgeloopError):
     pod (on a Jetson the CPU and GPU share one RAM)."""
 
 
+class Overloaded(EdgeloopError):
+    """A server has as many calls in progress as it takes: refused at once, so the caller backs off instead of
+    queueing until its deadline."""
+
+
 class AccessDenied(EdgeloopError):
     """The caller is known but may not do this (repository control turned off, a device token reading the fleet)."""
 

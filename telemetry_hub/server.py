@@ -8,9 +8,11 @@ sha256, never compared one by one. TLS (and mutual TLS) with ``HUB_TLS_*``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import grpc
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from edge_runtime.errors import AccessDenied, ConfigError, HubAuthError
+from edge_runtime.errors import AccessDenied, ConfigError, HubAuthError, Overloaded
 from edge_runtime.protos import telemetry_pb2 as pb
 from edge_runtime.protos import telemetry_pb2_grpc
 from edge_runtime.serve.errors import ErrorInterceptor
@@ -112,12 +114,85 @@ def load_tokens(settings: HubSettings) -> Tokens:
     return Tokens(tokens)
 
 
-class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
-    """Report (ingest) and FleetStatus, each a handful of lines over :class:`HubStore`."""
+class GroupWriter:
+    """Group commit: the Report calls that arrive while a transaction is being written are written together in the
+    next one (:meth:`HubStore.ingest_many`), and each call is answered once its events are committed. Under load the
+    groups grow by themselves, so the database cost per call falls as the load rises; when idle a call is written
+    at once. A group that fails is retried call by call, so one bad call fails alone."""
 
-    def __init__(self, store: HubStore, tokens: Tokens) -> None:
+    def __init__(self, store: HubStore, max_calls: int = 256) -> None:
+        self.store = store
+        self.max_calls = max_calls
+        self._queue: asyncio.Queue[tuple[str, list[IncomingEvent], asyncio.Future]] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.groups = 0
+        self.calls = 0
+
+    async def submit(self, device_id: str, batch: list[IncomingEvent]) -> tuple[list[str], int]:
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((device_id, batch, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._write_forever(), name="hub-group-writer")
+        return await future
+
+    async def _write_forever(self) -> None:
+        while True:
+            items = [await self._queue.get()]
+            while len(items) < self.max_calls and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            items = [i for i in items if not i[2].done()]  # callers that gave up (deadline, cancel) are skipped
+            if not items:
+                continue
+            self.groups += 1
+            self.calls += len(items)
+            try:
+                results: list[Any] = await asyncio.to_thread(self.store.ingest_many, [(d, b) for d, b, _ in items])
+            except Exception as exc:  # noqa: BLE001 - isolate the bad call: the others must not fail with it
+                if len(items) == 1:
+                    results = [exc]
+                else:
+                    results = []
+                    for device_id, batch, _ in items:
+                        try:
+                            results.append(await asyncio.to_thread(self.store.ingest, device_id, batch))
+                        except Exception as one:  # noqa: BLE001 - handed to that call, mapped by the interceptor
+                            results.append(one)
+            for (_, _, future), result in zip(items, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
+    """Report (ingest, grouped into shared transactions) and FleetStatus over :class:`HubStore`, behind an admission
+    limit of our own: grpc.aio's ``maximum_concurrent_rpcs`` stops refusing after the first wave of overload
+    (grpc/grpc#41531), so calls past ``max_in_flight`` are refused here, at once, with RESOURCE_EXHAUSTED."""
+
+    def __init__(self, store: HubStore, tokens: Tokens, max_in_flight: int = 64) -> None:
         self.store = store
         self.tokens = tokens
+        self.writer = GroupWriter(store)
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(f"the hub has {self.in_flight} calls in progress: retry after a back-off")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def _authenticate(self, context: grpc.aio.ServicerContext, device_id: str | None) -> None:
         """``device_id`` set: the caller must hold that device's token; ``None``: a reader token."""
@@ -129,10 +204,11 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
             raise AccessDenied(f"this token may not report as device {device_id!r}")
 
     async def Report(self, request: pb.ReportRequest, context: grpc.aio.ServicerContext) -> pb.ReportResponse:  # noqa: N802
-        self._authenticate(context, request.device_id)
-        batch = [IncomingEvent(e.id, e.kind, e.timestamp_ms, e.payload_json) for e in request.events]
-        ids, duplicates = await asyncio.to_thread(self.store.ingest, request.device_id, batch)
-        return pb.ReportResponse(acknowledged_ids=ids, duplicates=duplicates)
+        with self._admitted():
+            self._authenticate(context, request.device_id)
+            batch = [IncomingEvent(e.id, e.kind, e.timestamp_ms, e.payload_json) for e in request.events]
+            ids, duplicates = await self.writer.submit(request.device_id, batch)
+            return pb.ReportResponse(acknowledged_ids=ids, duplicates=duplicates)
 
     async def FleetStatus(self, request: pb.FleetStatusRequest, context: grpc.aio.ServicerContext) -> pb.FleetStatusResponse:  # noqa: N802,E501
         self._authenticate(context, None)
@@ -176,10 +252,11 @@ async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tup
     """Start the hub; returns ``(server, bound port, store)``."""
     store = store or HubStore(settings.database_url, stats_retention_days=settings.stats_retention_days)
     age_ms = int(settings.max_connection_age_s * 1000)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()],
                              options=[("grpc.max_connection_age_ms", age_ms),
                                       ("grpc.max_connection_age_grace_ms", min(age_ms, 30_000))])
-    telemetry_pb2_grpc.add_TelemetryHubServicer_to_server(TelemetryServicer(store, load_tokens(settings)), server)
+    servicer = TelemetryServicer(store, load_tokens(settings), settings.max_concurrent_rpcs)
+    telemetry_pb2_grpc.add_TelemetryHubServicer_to_server(servicer, server)
     address = f"{settings.bind_address}:{settings.port}"
     if settings.tls_cert_file or settings.tls_key_file:
         if not (settings.tls_cert_file and settings.tls_key_file):
@@ -204,9 +281,10 @@ async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tup
     maintenance = asyncio.get_running_loop().create_task(maintain(), name="hub-maintenance")
     grpc_stop = server.stop
 
-    async def stop(grace: float | None) -> None:  # stopping the hub stops its maintenance too
+    async def stop(grace: float | None) -> None:  # stopping the hub stops its maintenance and writer too
         maintenance.cancel()
         await grpc_stop(grace)
+        await servicer.writer.close()
 
     server.stop = stop
     return server, port, store

@@ -255,70 +255,91 @@ class HubStore:
         return (now_ms // DAY_MS - self.stats_retention_days) * DAY_MS, (now_ms // DAY_MS + DAYS_AHEAD + 1) * DAY_MS
 
     def ingest(self, device_id: str, batch: Iterable[IncomingEvent]) -> tuple[list[str], int]:
-        """Store events not seen before (by id) and update the device row; returns ``(acknowledged ids,
+        """Store events not seen before (by id) and update the device's rows; returns ``(acknowledged ids,
         duplicates)``. Every id in ``batch`` is acknowledged: new ones are stored, old ones were already."""
-        batch = list(batch)
-        ids = [e.id for e in batch]
-        # a malformed event is acknowledged but not stored: refusing the batch would leave it in the device's
-        # outbox forever, and every event behind it too
-        malformed = {e.id for e in batch if not _well_formed(e)}
-        if malformed:
-            log.warning("device %s sent %d malformed events; acknowledged, not stored", device_id, len(malformed))
-            batch = [e for e in batch if e.id not in malformed]
+        return self.ingest_many([(device_id, list(batch))])[0]
+
+    def ingest_many(self, calls: list[tuple[str, list[IncomingEvent]]]) -> list[tuple[list[str], int]]:
+        """:meth:`ingest` for several devices' calls in one transaction (the hub groups the calls that arrive
+        together): one multi-row insert per table, one multi-row upsert per kind of row change, rows in key order
+        (so replicas writing the same devices cannot deadlock). Returns each call's ``(acknowledged ids,
+        duplicates)``."""
         now = int(time.time() * 1000)
+        low, high = self.stats_window(now)
+        kept: list[list[IncomingEvent]] = []
+        for device_id, batch in calls:
+            # a malformed event is acknowledged but not stored: refusing the batch would leave it in the device's
+            # outbox forever, and every event behind it too
+            good = [e for e in batch if _well_formed(e)]
+            if len(good) < len(batch):
+                log.warning("device %s sent %d malformed events; acknowledged, not stored", device_id,
+                            len(batch) - len(good))
+            stored = [e for e in good if e.kind != "stats" or low <= e.timestamp_ms < high]
+            if len(stored) < len(good):
+                log.info("device %s sent %d stats events outside the retention window; acknowledged, not kept",
+                         device_id, len(good) - len(stored))
+            kept.append(stored)
         insert_ = self._insert()
         with self.engine.begin() as conn:
             inserted: set[str] = set()
             # idempotent by event id, race-free across replicas: a resend or a racing twin inserts nothing
-            changes_only = [e for e in batch if e.kind != "stats"]
-            low, high = self.stats_window(now)
-            periodic = [e for e in batch if e.kind == "stats" and low <= e.timestamp_ms < high]
+            changes_only = [{"id": e.id, "device_id": d, "kind": e.kind, "ts_ms": e.timestamp_ms,
+                             "payload": e.payload_json, "received_ms": now}
+                            for (d, _), batch in zip(calls, kept, strict=True) for e in batch if e.kind != "stats"]
+            periodic = [{"id": e.id, "device_id": d, "ts_ms": e.timestamp_ms, "payload": e.payload_json,
+                         "received_ms": now}
+                        for (d, _), batch in zip(calls, kept, strict=True) for e in batch if e.kind == "stats"]
             if changes_only:
-                rows = [{"id": e.id, "device_id": device_id, "kind": e.kind, "ts_ms": e.timestamp_ms,
-                         "payload": e.payload_json, "received_ms": now} for e in changes_only]
-                statement = insert_(events).values(rows).on_conflict_do_nothing(index_elements=["id"])
+                statement = insert_(events).values(changes_only).on_conflict_do_nothing(index_elements=["id"])
                 inserted |= set(conn.execute(statement.returning(events.c.id)).scalars())
             if periodic:  # a resend carries its original's timestamp, so it meets it in the same day
-                rows = [{"id": e.id, "device_id": device_id, "ts_ms": e.timestamp_ms, "payload": e.payload_json,
-                         "received_ms": now} for e in periodic]
-                statement = insert_(stats).values(rows).on_conflict_do_nothing(index_elements=["id", "ts_ms"])
+                statement = insert_(stats).values(periodic).on_conflict_do_nothing(index_elements=["id", "ts_ms"])
                 inserted |= set(conn.execute(statement.returning(stats.c.id)).scalars())
-            late = len([e for e in batch if e.kind == "stats"]) - len(periodic)
-            if late:
-                log.info("device %s sent %d stats events outside the retention window; acknowledged, not kept",
-                         device_id, late)
-            fresh = [e for e in batch if e.id in inserted]
-            changes: dict[str, Any] = {}
-            per_model: dict[str, dict[str, Any]] = {}
-            for event in sorted(fresh, key=lambda e: e.timestamp_ms):
-                try:
-                    payload = json.loads(event.payload_json or "{}")
-                    device, models = _changes(event.kind, payload if isinstance(payload, dict) else {})
-                except (ValueError, TypeError, KeyError, AttributeError):  # stored, but it changes no state
-                    log.warning("event %s of %s has a payload the fleet view cannot use", event.id, device_id)
-                    continue
-                changes.update(device)
-                for model, update in models.items():
-                    per_model.setdefault(model[:128], {}).update(update)
-                    per_model[model[:128]]["last_seen_ms"] = event.timestamp_ms
-            if batch:
-                changes["last_seen_ms"] = max(e.timestamp_ms for e in batch)
-            # one statement per row, so a device's first two calls on two replicas cannot collide
-            self._upsert(conn, devices, {"device_id": device_id}, changes)
-            for model, update in sorted(per_model.items()):
-                self._upsert(conn, device_models, {"device_id": device_id, "model_name": model}, update)
-        return ids, len(changes_only) + len(periodic) - len(inserted)
+            device_rows: dict[str, dict[str, Any]] = {}
+            model_rows: dict[tuple[str, str], dict[str, Any]] = {}
+            results: list[tuple[list[str], int]] = []
+            claimed: set[str] = set()
+            for (device_id, batch), stored in zip(calls, kept, strict=True):
+                fresh = [e for e in stored if e.id in inserted and e.id not in claimed]
+                claimed |= {e.id for e in fresh}  # an id two calls carried was new for the first one only
+                changes = device_rows.setdefault(device_id, {})
+                for event in sorted(fresh, key=lambda e: e.timestamp_ms):
+                    try:
+                        payload = json.loads(event.payload_json or "{}")
+                        device, models = _changes(event.kind, payload if isinstance(payload, dict) else {})
+                    except (ValueError, TypeError, KeyError, AttributeError):  # stored, but it changes no state
+                        log.warning("event %s of %s has a payload the fleet view cannot use", event.id, device_id)
+                        continue
+                    changes.update(device)
+                    for model, update in models.items():
+                        row = model_rows.setdefault((device_id, model[:128]), {})
+                        row.update(update)
+                        row["last_seen_ms"] = max(row.get("last_seen_ms", 0), event.timestamp_ms)
+                if batch:
+                    changes["last_seen_ms"] = max(changes.get("last_seen_ms", 0),
+                                                  max(e.timestamp_ms for e in batch))
+                results.append(([e.id for e in batch], len(stored) - len(fresh)))
+            # one statement per set of changed columns, so a device's first two calls on two replicas cannot collide
+            self._upsert_rows(conn, devices, ["device_id"],
+                              [{"device_id": d, **c} for d, c in sorted(device_rows.items())])
+            self._upsert_rows(conn, device_models, ["device_id", "model_name"],
+                              [{"device_id": d, "model_name": m, **c} for (d, m), c in sorted(model_rows.items())])
+        return results
 
-    def _upsert(self, conn: Any, table: Table, key: dict[str, str], changes: dict[str, Any]) -> None:  # noqa: ANN401
-        """Insert the row ``key`` with ``changes``, or apply them to it; ``last_seen_ms`` never goes back."""
-        upsert = self._insert()(table).values(**key, **changes)
-        if not changes:
-            conn.execute(upsert.on_conflict_do_nothing(index_elements=list(key)))
-            return
-        updates = {k: upsert.excluded[k] for k in changes}
-        if "last_seen_ms" in changes:
-            updates["last_seen_ms"] = self._greatest(table.c.last_seen_ms, upsert.excluded.last_seen_ms)
-        conn.execute(upsert.on_conflict_do_update(index_elements=list(key), set_=updates))
+    def _upsert_rows(self, conn: Any, table: Table, key: list[str], rows: list[dict[str, Any]]) -> None:  # noqa: ANN401
+        """Upsert ``rows`` (unique on ``key``), grouped by the columns they change: one statement per group."""
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault(tuple(sorted(k for k in row if k not in key)), []).append(row)
+        for changed, members in groups.items():
+            upsert = self._insert()(table).values(members)
+            if not changed:
+                conn.execute(upsert.on_conflict_do_nothing(index_elements=key))
+                continue
+            updates = {k: upsert.excluded[k] for k in changed}
+            if "last_seen_ms" in changed:
+                updates["last_seen_ms"] = self._greatest(table.c.last_seen_ms, upsert.excluded.last_seen_ms)
+            conn.execute(upsert.on_conflict_do_update(index_elements=key, set_=updates))
 
     def _insert(self):  # noqa: ANN202 - the dialect's insert construct (with ON CONFLICT)
         if self.engine.dialect.name == "postgresql":

@@ -27,6 +27,7 @@ STATUS_FOR: dict[type[errors.EdgeloopError], grpc.StatusCode] = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.CacheFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.InsufficientMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 """Most specific class first is not needed: lookup walks the exception's MRO."""
 
