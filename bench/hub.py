@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 SERVER_CORE, CLIENT_CORE = 0, 1
 POSTGRES_URL = os.environ.get("EDGELOOP_TEST_POSTGRES_URL",
                               "postgresql+psycopg://edgeloop:edgeloop@127.0.0.1:5432/edgeloop")
-RETRIED = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
+RETRIED = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
 
 
 def free_port() -> int:
@@ -123,7 +123,7 @@ async def offer(addresses: list[str], tokens: dict[str, str], rate: float, secon
                 code = exc.code().name
                 if code not in RETRIED or attempt == 3:
                     errors[code] = errors.get(code, 0) + 1
-                    details.setdefault(code, exc.details())
+                    details.setdefault(code, f"{exc.details()} | {exc.debug_error_string()[:300]} | attempt {attempt}")
                     return
                 await asyncio.sleep(delay * (0.5 + rng.random()))
                 delay *= 2

@@ -254,7 +254,13 @@ async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tup
     age_ms = int(settings.max_connection_age_s * 1000)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()],
                              options=[("grpc.max_connection_age_ms", age_ms),
-                                      ("grpc.max_connection_age_grace_ms", min(age_ms, 30_000))])
+                                      ("grpc.max_connection_age_grace_ms", min(age_ms, 30_000)),
+                                      # calls the event loop has not picked up yet: past these, gRPC cancels the
+                                      # newest at once (a device backs off) instead of letting them age
+                                      ("grpc.server.max_pending_requests", settings.max_concurrent_rpcs),
+                                      ("grpc.server.max_pending_requests_hard_limit",
+                                       2 * settings.max_concurrent_rpcs),
+                                      ("grpc.server_max_unrequested_time_in_server", 1)])
     servicer = TelemetryServicer(store, load_tokens(settings), settings.max_concurrent_rpcs)
     telemetry_pb2_grpc.add_TelemetryHubServicer_to_server(servicer, server)
     address = f"{settings.bind_address}:{settings.port}"

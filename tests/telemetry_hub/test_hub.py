@@ -282,7 +282,9 @@ def test_an_overloaded_hub_refuses_at_once_instead_of_queueing(tmp_path):
         return results, codes, store
 
     results, codes, store = asyncio.run(scenario())
-    assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED} and codes  # refused fast, nothing INTERNAL
+    # refused fast, nothing INTERNAL: by the hub's admission limit (RESOURCE_EXHAUSTED), or, for calls the event loop
+    # had not even picked up, by gRPC's pending-call limit (CANCELLED); devices back off from both
+    assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED} and codes
     accepted = [r for r in results if not isinstance(r, BaseException)]
     assert store.count_events("jetson-1") == len(accepted) >= 1
 
