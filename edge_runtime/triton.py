@@ -5,8 +5,9 @@ a supervised ``tritonserver`` serves the device's inference port.
   image's ``/opt/tritonserver``) or the ``tritonserver`` inside the ``nvidia-pytriton`` wheel of a virtualenv
   (``EDGE_TRITON_PYTHON``: its interpreter; the wheel needs numpy < 2, so it lives apart from edgeloop's own).
 * :class:`TritonServer` starts it in explicit model-control mode (gRPC on the inference port, metrics on their own
-  port, HTTP off), talks to it over the Open Inference Protocol (ServerLive, the repository extension, ModelInfer),
-  and restarts it when it dies.
+  port, HTTP off, the repository API restricted to calls carrying a per-start secret header that only edgeloop
+  holds), talks to it over the Open Inference Protocol (ServerLive, the repository extension, ModelInfer), and
+  restarts it when it dies.
 * :func:`write_model` writes one model version: a TensorRT plan (``platform: tensorrt_plan``), or the Python-backend
   model in ``triton_backend/model.py`` over the ONNX Runtime engine edgeloop built, with a generated
   ``config.pbtxt`` (inputs, outputs, ``max_batch_size``, dynamic batching from the tuned limits, one instance,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -132,6 +134,10 @@ class TritonServer:
         self.start_timeout_s = start_timeout_s
         self.process: subprocess.Popen | None = None
         self.restarts = 0
+        self._control_key, self._control_value = "edgeloop-control", secrets.token_hex(16)
+        self._control = ((f"triton-grpc-protocol-{self._control_key}", self._control_value),)  # Triton prefixes it
+        """Triton's repository API (load, unload) answers only calls carrying this header: apps on the inference
+        port must not unload what edgeloop validated (repository control stays edgeloop's, with its own auth)."""
         self._channel: grpc.Channel | None = None
         self._stub: inference_pb2_grpc.GRPCInferenceServiceStub | None = None
 
@@ -143,7 +149,8 @@ class TritonServer:
         argv = [str(self.install.binary), f"--model-repository={self.repo}", "--model-control-mode=explicit",
                 f"--backend-directory={self.install.backends}", f"--grpc-address={self.bind_address}",
                 f"--grpc-port={self.grpc_port}", "--allow-http=false", "--allow-metrics=true",
-                f"--metrics-port={self.metrics_port}", "--exit-on-error=false", "--log-verbose=0"]
+                f"--metrics-port={self.metrics_port}", "--exit-on-error=false", "--log-verbose=0",
+                f"--grpc-restricted-protocol=model-repository:{self._control_key}={self._control_value}"]
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                             env={**os.environ, **self.install.env}, preexec_fn=_die_with_parent)
@@ -180,6 +187,11 @@ class TritonServer:
             return "no log"
         return " | ".join(said[-lines:]) or "nothing logged"
 
+    @property
+    def control_headers(self) -> dict[str, str]:
+        """The header Triton's repository API (load, unload, index) requires from this start on."""
+        return dict(self._control)
+
     # --- the Open Inference Protocol to it ---------------------------------------------------------------------
     @property
     def stub(self) -> inference_pb2_grpc.GRPCInferenceServiceStub:
@@ -199,13 +211,15 @@ class TritonServer:
     def load(self, name: str, timeout_s: float = 300.0) -> None:
         """Load (or reload: the new version swaps in once loaded) model ``name``; EngineError with Triton's words."""
         try:
-            self.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=timeout_s)
+            self.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=timeout_s,
+                                          metadata=self._control)
         except grpc.RpcError as exc:
             raise EngineError(f"Triton could not load {name}: {exc.details()}") from exc
 
     def unload(self, name: str) -> None:
         try:
-            self.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=60)
+            self.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=60,
+                                            metadata=self._control)
         except grpc.RpcError as exc:
             raise EngineError(f"Triton could not unload {name}: {exc.details()}") from exc
 

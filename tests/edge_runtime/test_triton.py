@@ -82,6 +82,11 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
         assert triton_config(client, MODEL) == {"edgeloop_version": "v1", "variant": served}
         through = [e for e in edge.events("validated") if e.get("source") == "triton"]
         assert through and through[0]["version"] == "v1" and through[0]["passed"]
+        from tritonclient.utils import InferenceServerException
+
+        with pytest.raises(InferenceServerException):  # apps on the inference port cannot unload what edgeloop serves
+            client.unload_model(MODEL)
+        assert client.is_model_ready(MODEL)
         with __import__("grpc").insecure_channel(f"127.0.0.1:{edge.app.control_port}") as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING  # the pod's probes ask edgeloop
@@ -110,8 +115,8 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
         assert failures == [] and answered[0] > 0
         assert triton_config(client, MODEL)["edgeloop_version"] == "v2"
         # Triton unloads the old version once its requests finished; then one version serves, and no candidate
-        wait_until(lambda: [(m["name"], m.get("version"), m.get("state")) for m in
-                            client.get_model_repository_index(as_json=True)["models"]
+        wait_until(lambda: [(m["name"], m.get("version"), m.get("state")) for m in client.get_model_repository_index(
+                            headers=repository.triton.control_headers, as_json=True)["models"]
                             if m.get("state") != "UNAVAILABLE"] == [(MODEL, "2", "READY")], timeout=30)
 
         # a version that fails validation never reaches Triton: the old one keeps serving there
