@@ -72,8 +72,9 @@ class EngineProvider:
         self.fleet_keys = fleet_keys or []
         self.fleet_signing_key = fleet_signing_key
         self._build_lock = threading.Lock()
-        """One engine obtained (built, fetched or loaded) at a time on this device, whichever model asks: a TensorRT
-        build takes the GPU and gigabytes of shared memory on a Jetson, and a load's memory is measured alone."""
+        """One engine built or loaded at a time on this device, whichever model asks: a TensorRT build takes the GPU
+        and gigabytes of shared memory on a Jetson, and a load's memory is measured alone. Downloads (a prebuilt or
+        shared engine) run outside it, so a slow S3 holds up no other model."""
 
     # --- where the engine file lives ---------------------------------------------------------------------------
     def path(self, manifest: Manifest, plan: EnginePlan) -> Path:
@@ -132,8 +133,7 @@ class EngineProvider:
         aside on the way (quarantined engines, refused shared ones). ``local_only`` skips prebuilt and shared
         engines (after one of them failed validation, only an engine built here is tried). ``max_batch_size``:
         the model's own cap (default: the device's)."""
-        with self._build_lock:
-            return self._obtain(manifest, plan, model_path, local_only, max_batch_size or self.max_batch_size)
+        return self._obtain(manifest, plan, model_path, local_only, max_batch_size or self.max_batch_size)
 
     def _obtain(self, manifest: Manifest, plan: EnginePlan, model_path: Path, local_only: bool,
                 batch: int) -> tuple[Engine, str, list[str]]:
@@ -156,8 +156,9 @@ class EngineProvider:
                 self.cache.quarantine(path, f"{source} engine does not load: {exc}")
                 notes.append(f"{source} engine set aside: it does not load ({exc})")
         timing = self.cache.root / "engines" / "timing" / plan.timing_cache_file if plan.backend == "tensorrt" else None
-        engine, _ = build_engine(plan, model_path, path, max_batch_size=batch, timing_cache=timing,
-                                 ort_threads=self.ort_threads, ort_spin=self.ort_spin)
+        with self._build_lock:
+            engine, _ = build_engine(plan, model_path, path, max_batch_size=batch, timing_cache=timing,
+                                     ort_threads=self.ort_threads, ort_spin=self.ort_spin)
         notes.extend(f"TensorRT: {m}" for m in getattr(engine, "build_messages", []))
         self._record(path, "built")
         if self.share:
@@ -165,8 +166,9 @@ class EngineProvider:
         return engine, "built", notes
 
     def _load(self, plan: EnginePlan, model_path: Path, path: Path, max_batch_size: int) -> Engine:
-        engine, built = build_engine(plan, model_path, path, max_batch_size=max_batch_size,
-                                     ort_threads=self.ort_threads, ort_spin=self.ort_spin)
+        with self._build_lock:
+            engine, built = build_engine(plan, model_path, path, max_batch_size=max_batch_size,
+                                         ort_threads=self.ort_threads, ort_spin=self.ort_spin)
         assert not built  # the file exists: this only loads
         return engine
 
