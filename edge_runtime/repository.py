@@ -29,7 +29,6 @@ from edge_runtime.errors import ModelNotFound
 from edge_runtime.lifecycle import CycleResult, DeviceResources, ModelRuntime, Reporter, describe
 from edge_runtime.settings import EdgeSettings
 from edge_runtime.slot import ServingModel
-from edge_runtime.states import State
 from edge_runtime.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -307,15 +306,3 @@ class ModelRepository:
         if self.triton is not None:
             self.triton_up = False
             await asyncio.to_thread(self.triton.stop)
-
-    def state_summary(self) -> str:
-        """One state for the device: ``failed`` if any model failed, ``serving`` if every active one serves, else
-        the first other state."""
-        states = [r.state for r in self.active()]
-        if not states:
-            return State.UNLOADED.value
-        if State.FAILED in states:
-            return State.FAILED.value
-        if all(s == State.SERVING for s in states):
-            return State.SERVING.value
-        return next(s for s in states if s != State.SERVING).value
