@@ -36,22 +36,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.serve import cpu_seconds, free_port  # noqa: E402 - after the path the benchmarks import from
+
 SERVER_CORE, CLIENT_CORE = 0, 1
 POSTGRES_URL = os.environ.get("EDGELOOP_TEST_POSTGRES_URL",
                               "postgresql+psycopg://edgeloop:edgeloop@127.0.0.1:5432/edgeloop")
 RETRIED = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU of ``pid`` (the hub is one process), seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Hub:

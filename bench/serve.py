@@ -286,6 +286,20 @@ TRITON_MODEL = textwrap.dedent('''
 ''')
 
 
+def wait_model_ready(server: Server, failure: str, timeout_s: float = 180.0) -> None:
+    """Until ``server`` says its model is ready (Triton's server readiness says nothing about one model); RuntimeError
+    with ``failure`` when it exits or ``timeout_s`` passes."""
+    import tritonclient.grpc as triton
+
+    wait_port(server.port, timeout_s)
+    client = triton.InferenceServerClient(server.address)
+    deadline = time.monotonic() + timeout_s
+    while not client.is_model_ready(server.model):
+        if time.monotonic() > deadline or server.process.poll() is not None:
+            raise RuntimeError(failure)
+        time.sleep(0.3)
+
+
 def triton_counts(port: int) -> tuple[float, float]:
     """(successful requests, executions) from a Triton metrics endpoint; their ratio is the mean formed batch."""
     try:
@@ -332,15 +346,7 @@ class Triton(Server):
                      f"--metrics-port={self.metrics_port}", "--log-verbose=0"], env, work / f"triton-{model}.log")
 
     def ready(self) -> None:
-        import tritonclient.grpc as triton
-
-        wait_port(self.port, 180)
-        client = triton.InferenceServerClient(self.address)
-        deadline = time.monotonic() + 180
-        while not client.is_model_ready(self.model):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError("tritonserver did not load the model (see its log)")
-            time.sleep(0.3)
+        wait_model_ready(self, "tritonserver did not load the model (see its log)")
 
     def _counts(self) -> tuple[float, float]:
         return triton_counts(self.metrics_port)
@@ -378,15 +384,7 @@ class EdgeloopTriton(Edgeloop):
 
     def ready(self) -> None:
         """Triton is ready as soon as it is live (explicit model control); the model, once edgeloop validated it."""
-        import tritonclient.grpc as triton
-
-        wait_port(self.port, 180)
-        client = triton.InferenceServerClient(self.address)
-        deadline = time.monotonic() + 180
-        while not client.is_model_ready(self.model):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError("edgeloop + Triton did not serve the model (see its log)")
-            time.sleep(0.3)
+        wait_model_ready(self, "edgeloop + Triton did not serve the model (see its log)")
 
     def _counts(self) -> tuple[float, float]:  # Triton's counters give the formed batch
         return triton_counts(self.triton_metrics_port)
