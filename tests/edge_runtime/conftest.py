@@ -104,6 +104,15 @@ def move_channel(store, signing_key, version: str, name: str = "digits-cnn", cha
     move(store, ArtifactLayout(), name, channel, version, signing_key)
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for servers that must be told one, not pick their own)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> None:
     """Poll ``predicate`` (sync) until true or fail after ``timeout`` seconds."""
     import time

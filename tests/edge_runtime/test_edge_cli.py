@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,9 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.edge_runtime.conftest import publish_model
+from tests.edge_runtime.conftest import free_port, publish_model
 
 EDGELOOP = str(Path(sys.executable).parent / "edgeloop")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_bad_settings_are_one_line(tmp_path):
@@ -40,7 +33,7 @@ def test_serve_then_infer_then_sigterm(store, signing_key, trained, local_s3, ke
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     publish_model(store, signing_key, trained, "v1")
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "edge.yaml"
     config.write_text(f"s3_bucket: {store.bucket}\ncache_dir: {tmp_path / 'cache'}\nmetrics_port: 0\n"
                       f"verify_key_file: {key_dir / 'verify-key.pem'}\n")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgeloop.samples import digits_linear, gemm_classifier
-from tests.edge_runtime.conftest import RunningEdge, move_channel, publish_model, wait_until
+from tests.edge_runtime.conftest import RunningEdge, free_port, move_channel, publish_model, wait_until
 
 CNN = "digits-cnn"
 LINEAR = "digits-linear"
@@ -29,14 +29,6 @@ def linear(tmp_path_factory) -> Path:
 def publish_linear(store, signing_key, trained, linear: Path, version: str):
     return publish_model(store, signing_key, trained, version, name=LINEAR, files={"fp32": linear},
                          reference_files={"fp32": linear})
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_models_serve_side_by_side_and_fail_swap_and_unload_independently(

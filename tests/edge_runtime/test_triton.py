@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.edge_runtime.conftest import RunningEdge, move_channel, publish_model, wait_until
+from tests.edge_runtime.conftest import RunningEdge, free_port, move_channel, publish_model, wait_until
 
 TRITON_PYTHON = Path(__file__).resolve().parents[2] / ".tools" / "triton" / "bin" / "python"
 MODEL = "digits-cnn"
@@ -38,14 +38,6 @@ def triton_python(tmp_path_factory) -> Path:
     if probe.returncode == 127 or "error while loading shared libraries" in said or "model-repository" not in said:
         pytest.skip(f"the tritonserver binary cannot run here: {said.strip().splitlines()[-1:] or probe.returncode}")
     return TRITON_PYTHON
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def triton_config(client, model: str) -> dict[str, str]:
