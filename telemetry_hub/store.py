@@ -227,8 +227,8 @@ class HubStore:
         ones up to :data:`DAYS_AHEAD` days ahead; SQLite deletes the rows. State changes are never removed.
         Safe to run on every replica at once. Returns what it did."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        first_day = now_ms // DAY_MS - self.stats_retention_days
-        cutoff_ms = first_day * DAY_MS
+        cutoff_ms, end_ms = self.stats_window(now_ms)  # the days ingest keeps are the days that have partitions
+        first_day = cutoff_ms // DAY_MS
         done = {"created": 0, "dropped": 0, "deleted": 0}
         with self.engine.begin() as conn:
             if not self.postgresql:
@@ -238,7 +238,7 @@ class HubStore:
             existing = set(conn.execute(text(
                 "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
                 "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'stats'")).scalars())
-            for day in range(first_day, now_ms // DAY_MS + DAYS_AHEAD + 1):
+            for day in range(first_day, end_ms // DAY_MS):
                 name = _partition_name(day)
                 if name not in existing:
                     conn.execute(text(f"CREATE TABLE {name} PARTITION OF stats FOR VALUES FROM ({day * DAY_MS}) "
