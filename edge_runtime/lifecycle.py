@@ -718,11 +718,9 @@ class ModelRuntime:
         """Run the next cycle now (a changed desired file)."""
         self._wake.set()
 
-    async def load(self, version: str | None = None) -> CycleResult:
-        """Repository extension: serve this model now; with ``version`` (a version or channel) pin it above the
-        desired file and the settings until a load without one clears the pin. (The server allows this RPC only when
-        repository control is on, and only to an authenticated caller.)"""
-        self.desired_models.pin(self.name, version)
+    async def load(self) -> CycleResult:
+        """Repository extension: serve this model again now, whatever the desired state says of it (the repository
+        pinned its version there first: :meth:`ModelRepository.load`)."""
         self.paused = False
         return await self.reconcile()
 

@@ -185,7 +185,7 @@ class ModelRepository:
         runtime = self.runtimes.get(name) or self._add(name)
         self._start(runtime)
         self._changed()
-        return await runtime.load(version)
+        return await runtime.load()
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name``; the others are untouched. It stays unloaded until a load request."""
