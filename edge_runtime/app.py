@@ -119,10 +119,10 @@ class EdgeApp:
                              max_events=self.settings.outbox_max_events)
         if self.settings.hub_address:
             token = self.settings.hub_token.get_secret_value() if self.settings.hub_token else None
-            tls = HubTls(self.settings.hub_tls_ca_file, self.settings.hub_tls_cert_file,
-                         self.settings.hub_tls_key_file) if self.settings.hub_tls_ca_file else None
+            hub_tls = HubTls(self.settings.hub_tls_ca_file, self.settings.hub_tls_cert_file,
+                             self.settings.hub_tls_key_file) if self.settings.hub_tls_ca_file else None
             self.sender = TelemetrySender(self.outbox, self.settings.hub_address, token,
-                                          interval_s=self.settings.telemetry_interval_s, tls=tls)
+                                          interval_s=self.settings.telemetry_interval_s, tls=hub_tls)
         self.repository = ModelRepository(self.settings, self.facts, store=self.store, report=self.report,
                                           on_batch=self.metrics.observe_batch)
         self.repository.on_change(self._on_change)

@@ -70,10 +70,12 @@ def _client(edge, pki, *, with_cert: bool) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(edge.address, ssl=True, root_certificates=str(pki["ca"]), **extra)
 
 
-def test_tls_on_the_inference_endpoint(store, signing_key, trained, edge_settings, pki):
+@pytest.mark.parametrize("hub_address", [None, "127.0.0.1:9"], ids=["no hub", "plaintext hub"])
+def test_tls_on_the_inference_endpoint(store, signing_key, trained, edge_settings, pki, hub_address):
+    """The endpoint's TLS, whatever the telemetry hub's (a hub without TLS once switched the endpoint's off)."""
     publish_model(store, signing_key, trained, "v1")
-    edge = RunningEdge(edge_settings(store.bucket, tls_cert_file=pki["server_cert"], tls_key_file=pki["server_key"]),
-                       store=store)
+    edge = RunningEdge(edge_settings(store.bucket, tls_cert_file=pki["server_cert"], tls_key_file=pki["server_key"],
+                                     hub_address=hub_address, hub_token="tok" if hub_address else None), store=store)
     try:
         edge.wait_ready()
         assert _client(edge, pki, with_cert=False).is_model_ready(MODEL)  # TLS, no client certificate needed
