@@ -256,7 +256,7 @@ class ModelRepository:
         if time.monotonic() < self._triton_retry_at:
             return
         try:
-            self.triton.stop()
+            await asyncio.to_thread(self.triton.stop)  # off the event loop: it may wait for the process to end
             await asyncio.to_thread(self.triton.start)
         except Exception as exc:  # noqa: BLE001 - try again after the back-off
             self._triton_delay = min(self._triton_delay * 2, self.settings.retry_max_s)
