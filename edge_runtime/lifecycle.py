@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.cache import ArtifactCache
+from edge_runtime.cache import ArtifactCache, write_atomic
 from edge_runtime.choice import (
     VariantChoice,
     VariantFigures,
@@ -609,11 +610,9 @@ class ModelRuntime:
             if not triton.model_ready(self.name, str(number)):
                 raise EngineError(f"Triton loaded {self.name} but version {number} is not ready")
         except BaseException:
-            import shutil
-
             shutil.rmtree(folder, ignore_errors=True)  # Triton keeps serving the old version; so does the repository
             if previous is not None:
-                (model_dir / "config.pbtxt").write_text(previous)
+                write_atomic(model_dir / "config.pbtxt", previous.encode())
             self.memory.release(holder)
             raise
         prune_versions(repo, self.name, keep=number)

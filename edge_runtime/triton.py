@@ -32,6 +32,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from edge_runtime.cache import write_atomic
 from edge_runtime.engines.base import DATATYPE_TO_NUMPY, TensorInfo
 from edge_runtime.errors import ConfigError, EngineError, InvalidInput
 from edge_runtime.protos import inference_pb2 as pb
@@ -301,10 +302,7 @@ def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platfo
     parameters = {"edgeloop_version": edgeloop_version, "variant": variant}
     for key, value in parameters.items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}')
-    config = model_dir / "config.pbtxt"
-    staged = model_dir / "config.pbtxt.tmp"
-    staged.write_text("\n".join(lines) + "\n")
-    staged.replace(config)
+    write_atomic(model_dir / "config.pbtxt", ("\n".join(lines) + "\n").encode())
     return folder
 
 
