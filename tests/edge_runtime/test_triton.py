@@ -131,9 +131,10 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
         crashed = [e for e in edge.events("failed") if e.get("scope") == "triton"]
         assert crashed and "tritonserver exited" in crashed[0]["error"]
         assert edge.events("triton_restarted")
-        stats = edge.app.stats()
-        assert stats["models"][0]["triton"]["requests"] >= 1  # Triton's own counters, scraped into telemetry
-        assert json.dumps(stats)  # the stats event stays JSON
+        # Triton's own counters, scraped into telemetry (Triton refreshes them every couple of seconds, and the
+        # restart started them from zero)
+        wait_until(lambda: edge.app.stats()["models"][0].get("triton", {}).get("requests", 0) >= 1, timeout=15)
+        assert json.dumps(edge.app.stats())  # the stats event stays JSON
     finally:
         edge.stop()
     assert not repository.triton.running()  # stopping the runtime stops tritonserver
