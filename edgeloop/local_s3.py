@@ -155,6 +155,10 @@ class LocalS3:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-s3.iam=false",
+            # every bucket takes volumes of its own, and weed mini sizes them at 1 GiB and counts them from the free
+            # disk: with many buckets (one per test) and a fuller disk it runs out ("no free volumes left"). Small
+            # volumes (sparse files) give hundreds; objects larger than one are chunked across several.
+            "-master.volumeSizeLimitMB=64",
             f"-s3.localSocket={self.data_dir / 's3.sock'}",
             *(f"-{name}={port}" for name, port in ports.items()),
         ]
