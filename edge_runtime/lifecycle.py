@@ -530,17 +530,19 @@ class ModelRuntime:
 
         # the engine's cap: the setting, or less (a fixed-batch model, a TensorRT profile); never past it
         max_batch = engine.max_batch_size
-        delay_us = self.max_queue_delay_us
+        delay_us, company_us = self.max_queue_delay_us, self.settings.company_queue_delay_us
         if self.batching_budget_ms is not None:
             choice_b = await asyncio.to_thread(self._tune, engine, validation_path, manifest)
             max_batch, delay_us = choice_b.max_batch_size, choice_b.max_queue_delay_us
+            slack_us = (choice_b.budget_ms - choice_b.expected_worst_ms) * 1000 + delay_us
+            company_us = int(min(company_us, max(0.0, slack_us)))
         self.batching = (max_batch, delay_us)
         if self.shared.triton is not None:  # Triton serves it: validate through Triton, then swap Triton's version
             engine, result = await asyncio.to_thread(self._promote_through_triton, manifest, plan, engine,
                                                      validation_path, max_batch, delay_us)
             self.last_validation = result
         batcher = DynamicBatcher(engine, max_batch_size=max_batch, max_queue_delay_us=delay_us,
-                                 on_batch=self._on_batch)
+                                 company_delay_us=company_us, on_batch=self._on_batch)
         # requests already queued on the old model finish there; new ones go to the new model at once
         holder = self._holder(engine)
         old = await self.slot.swap(ServingModel(name, version, manifest, plan, engine, batcher, result,

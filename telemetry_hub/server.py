@@ -24,7 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from edge_runtime.errors import AccessDenied, ConfigError, HubAuthError, Overloaded
 from edge_runtime.protos import telemetry_pb2 as pb
 from edge_runtime.protos import telemetry_pb2_grpc
-from edge_runtime.serve.errors import ErrorInterceptor
+from edge_runtime.serve.errors import ErrorMapping
 from edge_runtime.serve.server import TlsFiles
 from edge_runtime.telemetry import HubTls
 from telemetry_hub.store import HubStore, IncomingEvent
@@ -252,8 +252,7 @@ async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tup
     """Start the hub; returns ``(server, bound port, store)``."""
     store = store or HubStore(settings.database_url, stats_retention_days=settings.stats_retention_days)
     age_ms = int(settings.max_connection_age_s * 1000)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()],
-                             options=[("grpc.max_connection_age_ms", age_ms),
+    server = grpc.aio.server(options=[("grpc.max_connection_age_ms", age_ms),
                                       ("grpc.max_connection_age_grace_ms", min(age_ms, 30_000)),
                                       # calls the event loop has not picked up yet: past these, gRPC cancels the
                                       # newest at once (a device backs off) instead of letting them age
@@ -262,7 +261,7 @@ async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tup
                                        2 * settings.max_concurrent_rpcs),
                                       ("grpc.server_max_unrequested_time_in_server", 1)])
     servicer = TelemetryServicer(store, load_tokens(settings), settings.max_concurrent_rpcs)
-    telemetry_pb2_grpc.add_TelemetryHubServicer_to_server(servicer, server)
+    ErrorMapping().add_servicer(telemetry_pb2_grpc.add_TelemetryHubServicer_to_server, servicer, server)
     address = f"{settings.bind_address}:{settings.port}"
     if settings.tls_cert_file or settings.tls_key_file:
         if not (settings.tls_cert_file and settings.tls_key_file):

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edge_runtime.protos import inference_pb2, inference_pb2_grpc
 from edge_runtime.protos._pool import POOL
-from edge_runtime.serve.errors import ErrorInterceptor
+from edge_runtime.serve.errors import ErrorMapping
 from edge_runtime.serve.servicer import InferenceServicer, RepositoryControl
 
 if TYPE_CHECKING:
@@ -74,9 +74,10 @@ async def start_server(runtime: ModelRepository, *, bind_address: str, port: int
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(on_result)], options=options)
+    server = grpc.aio.server(options=options)
     servicer = InferenceServicer(runtime, max_batch_size, control=control)
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    ErrorMapping(on_result).add_servicer(inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer,
+                                         server)
     server.edgeloop_shared_memory = servicer.shared  # released when the app stops
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

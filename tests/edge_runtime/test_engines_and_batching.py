@@ -184,3 +184,70 @@ def test_a_bad_request_fails_alone_and_big_requests_are_split(trained):
 
 def test_facts_are_plain_data():
     assert replace(CPU, dla_cores=2).to_dict()["dla_cores"] == 2
+
+
+async def _serialized_clients(batcher, x, clients: int, rounds: int, accept_s: float) -> list:  # noqa: ANN001
+    """``clients`` closed-loop clients whose requests reach the batcher one per event-loop turn, each after
+    ``accept_s`` of event-loop work: how a Python gRPC server (grpc.aio) hands requests over."""
+    import time
+
+    loop = asyncio.get_running_loop()
+    arrivals: asyncio.Queue = asyncio.Queue()
+
+    async def acceptor() -> None:
+        while True:
+            ticket = await arrivals.get()
+            time.sleep(accept_s)  # the event loop is busy receiving and decoding this request
+            ticket.set_result(None)
+            await asyncio.sleep(0)  # the next one comes on a later turn
+
+    async def client(i: int) -> list:
+        out = []
+        for _ in range(rounds):
+            ticket = loop.create_future()
+            arrivals.put_nowait(ticket)
+            await ticket
+            out.append(await batcher.infer({"input": x[i : i + 1]}))
+        return out
+
+    accepting = loop.create_task(acceptor())
+    try:
+        return await asyncio.gather(*(client(i) for i in range(clients)))
+    finally:
+        accepting.cancel()
+
+
+def test_company_wait_fills_batches_when_requests_trickle_in_and_spares_a_lone_client(trained):
+    import time
+
+    from edge_runtime.engines.onnxruntime import OrtEngine
+
+    engine = _SlowEngine(OrtEngine(trained.good["fp32"], max_batch_size=16), 0.0)
+    x = trained.x_val[:32].astype(np.float32)
+
+    async def scenario(company_us: int, clients: int, rounds: int) -> tuple[float, list]:
+        batcher = DynamicBatcher(engine, max_batch_size=16, company_delay_us=company_us)
+        started = time.perf_counter()
+        results = await _serialized_clients(batcher, x, clients, rounds, 0.0005)
+        elapsed = time.perf_counter() - started
+        await batcher.close()
+        return elapsed, results
+
+    engine.runs.clear()
+    _, results = asyncio.run(scenario(0, 32, 8))  # nobody waits: the engine is always free, runs stay tiny
+    assert max(engine.runs) <= 2, engine.runs
+    engine.runs.clear()
+    _, results = asyncio.run(scenario(20_000, 32, 16))  # waiting brings company: batches fill
+    runs = engine.runs
+    # until the first probe (after 64 runs without waiting) runs stay tiny; from then on every batch is full, but
+    # the last (what is left when the clients stop)
+    assert 16 in runs and runs.index(16) <= 68 and set(runs[runs.index(16):-1]) == {16}, runs
+    expected = engine._engine.infer({"input": x})["logits"]
+    for i, answers in enumerate(results):
+        for answer in answers:
+            np.testing.assert_allclose(answer["logits"][0], expected[i], rtol=1e-5, atol=1e-5)
+
+    engine.runs.clear()
+    elapsed, _ = asyncio.run(scenario(20_000, 1, 600))  # a lone client never brings company: only probes wait
+    assert engine.runs == [1] * 600
+    assert elapsed < 2.0, elapsed  # nine probes of 1 ms, not 600 waits of 20 ms (12 s)

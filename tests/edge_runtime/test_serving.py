@@ -106,6 +106,22 @@ def test_malformed_requests_get_the_right_code_and_the_server_keeps_serving(serv
     assert after.outputs[0].shape == [2, 10]
 
 
+def test_bytes_that_are_no_request_get_invalid_argument(served):
+    """The error mapping wraps each registered handler's decoding too (not a per-call interceptor)."""
+    edge, _ = served
+    with grpc.insecure_channel(edge.address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff\xff not protobuf", timeout=10)
+        assert stub_live(channel)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ModelInfer message" in info.value.details()
+
+
+def stub_live(channel: grpc.Channel) -> bool:
+    return inference_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10).live
+
+
 def test_oversized_and_too_large_batches(served, edge_settings, trained):
     edge, _ = served
     client = triton.InferenceServerClient(edge.address)
