@@ -111,8 +111,10 @@ def request_bytes(model: str, shape: tuple[int, ...], seed: int = 0) -> bytes:
     return request.SerializeToString()
 
 
-async def drive(address: str, payload: bytes, concurrency: int, count: int) -> tuple[list[float], float, int]:
-    """``count`` calls with ``concurrency`` in flight; (latencies ms, seconds, errors)."""
+async def drive(address: str, payload: bytes, concurrency: int, count: int,
+                warmup: int = 20) -> tuple[list[float], float, int]:
+    """``warmup`` calls one at a time, then ``count`` calls with ``concurrency`` in flight; (latencies ms, seconds,
+    errors) of the ``count``."""
     import grpc
 
     latencies: list[float] = []
@@ -120,7 +122,7 @@ async def drive(address: str, payload: bytes, concurrency: int, count: int) -> t
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=lambda b: b,
                                    response_deserializer=lambda b: b)
-        for _ in range(20):  # warm-up
+        for _ in range(warmup):
             await call(payload, timeout=30)
         remaining = count
 
@@ -433,10 +435,13 @@ def check_answers(server: Server, shape: tuple[int, ...], onnx: Path) -> None:
 def measure(server: Server, payload: bytes, levels: list[int], count: int) -> list[dict]:
     rows = []
     for concurrency in levels:
+        # warm up at this level (as perf_analyzer does), so what is measured is the steady state at this load, for
+        # every server alike: caches warm, batchers settled
+        asyncio.run(drive(server.address, payload, concurrency, max(100, count // 10)))
         if hasattr(server, "mark"):
             server.mark()
         cpu_before = cpu_seconds(server.process.pid)
-        latencies, seconds, errors = asyncio.run(drive(server.address, payload, concurrency, count))
+        latencies, seconds, errors = asyncio.run(drive(server.address, payload, concurrency, count, warmup=0))
         cpu = cpu_seconds(server.process.pid) - cpu_before
         done = len(latencies)
         rows.append({"server": server.name, "concurrency": concurrency, "rps": done / seconds,
@@ -499,7 +504,9 @@ def shared_memory_vs_bytes(edge: Edgeloop, count: int, concurrency: int = 8) -> 
     try:
         result = {}
         for label, request in (("protobuf bytes", as_bytes), ("shared memory", via_shm)):
-            latencies, seconds, _ = asyncio.run(drive(edge.address, request.SerializeToString(), concurrency, count))
+            asyncio.run(drive(edge.address, request.SerializeToString(), concurrency, max(100, count // 10)))
+            latencies, seconds, _ = asyncio.run(drive(edge.address, request.SerializeToString(), concurrency, count,
+                                                      warmup=0))
             result[label] = len(latencies) / seconds
         return result
     finally:
