@@ -154,6 +154,7 @@ class EdgeApp:
                 port=self.settings.control_port if triton is not None else self.settings.grpc_port,
                 max_batch_size=self.settings.max_request_batch_size, max_message_bytes=self.settings.max_message_bytes,
                 on_result=self._on_result, tls=tls, alive=self.alive,
+                shm_release_after_s=self.settings.shm_release_after_s,
                 control=RepositoryControl(self.settings.repository_control,
                                           self.settings.control_token.get_secret_value()
                                           if self.settings.control_token else None))
@@ -227,6 +228,8 @@ class EdgeApp:
             shared = getattr(self._server, "edgeloop_shared_memory", None)
             if shared is not None:
                 shared.unregister()  # every region apps registered
+            for task in list(getattr(self._server, "edgeloop_background", ())):
+                task.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

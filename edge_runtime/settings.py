@@ -135,6 +135,10 @@ class EdgeSettings(BaseSettings):
         None, description="ONNX Runtime worker threads spin between runs (unset: only on CPUs with more than 4 cores; "
                           "spinning burns a core a small device needs)")
     max_message_bytes: int = Field(16 << 20, gt=0, description="gRPC max receive/send message size, bytes")
+    shm_release_after_s: float = Field(
+        10.0, ge=0, description="a shared-memory region is released this long after the connection that registered "
+                                "it closed (0: only when unregistered); one whose object was deleted or replaced, "
+                                "at once")
     tls_cert_file: Path | None = Field(None, description="server certificate (PEM): set with tls_key_file for TLS")
     tls_key_file: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca_file: Path | None = Field(

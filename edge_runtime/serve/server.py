@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,12 @@ from edge_runtime.protos import inference_pb2, inference_pb2_grpc
 from edge_runtime.protos._pool import POOL
 from edge_runtime.serve.errors import ErrorMapping
 from edge_runtime.serve.servicer import InferenceServicer, RepositoryControl
+from edge_runtime.serve.shm import connected_peers
 
 if TYPE_CHECKING:
     from edge_runtime.repository import ModelRepository
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 LIVENESS_SERVICE = "edgeloop.liveness"
@@ -61,7 +65,8 @@ async def start_server(runtime: ModelRepository, *, bind_address: str, port: int
                        on_result: Callable[[str, str, float, str], None] | None = None,
                        tls: TlsFiles | None = None, control: RepositoryControl | None = None,
                        alive: Callable[[], bool] | None = None,
-                       liveness_period_s: float = 2.0) -> tuple[grpc.aio.Server, int]:
+                       liveness_period_s: float = 2.0,
+                       shm_release_after_s: float = 10.0) -> tuple[grpc.aio.Server, int]:
     """Start serving on ``bind_address:port`` (0: a free port); returns the server and the bound port.
 
     Health reports SERVING for the overall server and the inference service exactly when the device is ready (its
@@ -120,6 +125,18 @@ async def start_server(runtime: ModelRepository, *, bind_address: str, port: int
 
         watcher = asyncio.get_running_loop().create_task(watch_liveness(), name="edgeloop-liveness")
         pending.add(watcher)
+
+    async def sweep_shared_memory(port: int) -> None:
+        """Release regions whose object is gone or whose client has left (see shm.SharedMemoryRegistry.sweep)."""
+        import asyncio
+
+        while True:
+            await asyncio.sleep(liveness_period_s)
+            try:
+                servicer.shared.sweep(lambda: connected_peers(port), shm_release_after_s)
+            except Exception:  # a background loop reports and goes on
+                log.exception("shared-memory sweep failed")
+
     _share_with_reflection(health_pb2.DESCRIPTOR)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server,
@@ -132,4 +149,9 @@ async def start_server(runtime: ModelRepository, *, bind_address: str, port: int
 
         raise ConfigError(f"cannot bind the gRPC server to {bind_address}:{port}: is the port in use?")
     await server.start()
+    import asyncio
+
+    sweeper = asyncio.get_running_loop().create_task(sweep_shared_memory(bound), name="edgeloop-shm-sweep")
+    pending.add(sweeper)
+    server.edgeloop_background = pending  # the liveness and shared-memory loops, cancelled when the app stops
     return server, bound

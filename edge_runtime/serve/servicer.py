@@ -89,7 +89,8 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return outputs_to_response(request, version, outputs, names, self.shared)
 
     async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:  # noqa: N802,E501
-        self.shared.register(request.name, request.key, int(request.offset), int(request.byte_size))
+        self.shared.register(request.name, request.key, int(request.offset), int(request.byte_size),
+                             owner=context.peer() or "")
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:  # noqa: N802,E501
