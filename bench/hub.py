@@ -544,8 +544,10 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, three backends
                      f"({over['offered']:.0f}/s) as single-event calls retried 3 times, it accepts "
                      f"{over['accepted']:.0f}/s, {over['accepted'] / peak_one:.0%} of its peak, refusing the rest "
                      f"after {over['refusal_p50']:.1f} ms (p50)")
-        lines.append(f"- the same 3x as a fleet of {fleet['devices']} runtime senders (stats every 10 s, outbox, "
-                     f"batches, back-off): {fleet['accepted']:.0f} events/s accepted, "
+        lines.append(f"- a fleet of {fleet['devices']} runtime senders (stats every 10 s, 3x the peak; outbox, "
+                     f"batches, back-off) offered {fleet['offered']:.0f} events/s "
+                     f"({fleet['offered'] / peak_one:.1f}x the peak: all the load generator's core could start): "
+                     f"{fleet['accepted']:.0f} events/s accepted, "
                      f"{fleet['accepted'] / peak_one:.0%} of the peak, {fleet['queued']} events still in outboxes at "
                      f"the end, {fleet['lost']} lost, {fleet['twice']} stored twice")
         lines.append(f"- two hubs @ {args.hub_cpu:g} core each ÷ one: "
