@@ -81,11 +81,16 @@ def test_import_publish_validate_serve(tmp_path, local_s3, key_dir, edge_setting
     assert [o.name for o in manifest.outputs] == ["scores", "boxes"] and manifest.inputs[0].shape == [-1, 4, -1]
     assert all(v.accuracy >= 0.95 for v in manifest.variants)  # agreement with FP32, measured in the cloud
 
-    edge = RunningEdge(edge_settings(store.bucket, model_name="detector"))
+    # with a latency budget the device sweeps batch sizes on the imported version's own calibration inputs (an
+    # import has no "inputs" array in validation.npz; that once hung the device in `validating`)
+    edge = RunningEdge(edge_settings(store.bucket, model_name="detector", batching_budget_ms=50.0))
     try:
         edge.wait_ready()
         validated = edge.events("validated")[-1]
         assert validated["metric"] == "output_agreement" and validated["passed"]
+        (sweep,) = edge.events("batch_sweep")
+        assert [p["batch"] for p in sweep["points"]][0] == 1 and sweep["chosen"]["expected_worst_ms"] <= 50.0
+        assert edge.app.runtime.serving.batcher.max_batch_size == sweep["chosen"]["max_batch_size"]
         client = triton.InferenceServerClient(edge.address)
         meta = client.get_model_metadata("detector")
         assert [o.name for o in meta.outputs] == ["scores", "boxes"]
