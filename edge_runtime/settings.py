@@ -123,10 +123,10 @@ class EdgeSettings(BaseSettings):
         0, ge=0, description="extra wait for company when the engine is free and the batch not full, µs (0: none; "
                              "batches form from what queues while the engine is busy)")
     company_queue_delay_us: int = Field(
-        3000, ge=0, description="wait for company while waiting brings it (recent waits gained a request or more "
-                                "each; a lone client is probed every 32 runs), µs: under load a Python gRPC layer "
-                                "hands requests over one at a time, and a fuller batch costs less per request (0: off; "
-                                "capped by the batching budget's slack)")
+        3000, ge=0, description="wait for company while waiting brings it, µs: under load a Python gRPC layer hands "
+                                "requests over one at a time, and a fuller batch costs less per request; a 1 ms probe "
+                                "every 64th run starts it, two waits that bring nobody stop it, so a lone client "
+                                "waits only on probes (0: off; capped by the batching budget's slack)")
     max_request_batch_size: int = Field(
         256, gt=0, description="most samples one request may carry (larger than an engine run: split and rejoined)")
     ort_intra_op_threads: int = Field(
