@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,8 +97,6 @@ async def start_server(runtime: ModelRepository, *, bind_address: str, port: int
     pending: set = set()
 
     def on_change() -> None:
-        import asyncio
-
         task = asyncio.get_running_loop().create_task(publish_health())
         pending.add(task)
         task.add_done_callback(pending.discard)
@@ -109,8 +108,6 @@ async def start_server(runtime: ModelRepository, *, bind_address: str, port: int
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     async def watch_liveness() -> None:
-        import asyncio
-
         last = True
         while True:
             await asyncio.sleep(liveness_period_s)
@@ -121,15 +118,11 @@ async def start_server(runtime: ModelRepository, *, bind_address: str, port: int
                 last = now
 
     if alive is not None:
-        import asyncio
-
         watcher = asyncio.get_running_loop().create_task(watch_liveness(), name="edgeloop-liveness")
         pending.add(watcher)
 
     async def sweep_shared_memory(port: int) -> None:
         """Release regions whose object is gone or whose client has left (see shm.SharedMemoryRegistry.sweep)."""
-        import asyncio
-
         while True:
             await asyncio.sleep(liveness_period_s)
             try:
@@ -149,8 +142,6 @@ async def start_server(runtime: ModelRepository, *, bind_address: str, port: int
 
         raise ConfigError(f"cannot bind the gRPC server to {bind_address}:{port}: is the port in use?")
     await server.start()
-    import asyncio
-
     sweeper = asyncio.get_running_loop().create_task(sweep_shared_memory(bound), name="edgeloop-shm-sweep")
     pending.add(sweeper)
     server.edgeloop_background = pending  # the liveness and shared-memory loops, cancelled when the app stops
