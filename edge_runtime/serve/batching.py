@@ -64,7 +64,7 @@ class DynamicBatcher:
         """The largest engine run; requests may be larger (they are split)."""
         self.delay_s = max_queue_delay_us / 1e6
         self.company_delay_s = company_delay_us / 1e6
-        """The wait for company while waiting brings it (see :meth:`_company_delay`)."""
+        """The wait for company while waiting brings it (see :meth:`_company_wait`)."""
         self._waiting = False  # waiting for company brings it (see _company_wait)
         self._unwaited = self._waits = self._empty = 0
         self._expect = self.max_batch_size  # samples the last open-ended wait gathered

@@ -163,6 +163,11 @@ class SharedMemoryRegistry:
         return region
 
 
+def _host(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address as both sides write it: an IPv4 client of a dual-stack server (``::ffff:a.b.c.d``) as IPv4."""
+    return str(getattr(ip, "ipv4_mapped", None) or ip)
+
+
 def peer_address(peer: str) -> tuple[str, int] | None:
     """(address, port) of a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``); None for other kinds
     (unix sockets)."""
@@ -173,8 +178,7 @@ def peer_address(peer: str) -> tuple[str, int] | None:
         return None
     host, _, port = rest.rpartition(":")
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-        return str(getattr(ip, "ipv4_mapped", None) or ip), int(port)
+        return _host(ipaddress.ip_address(host.strip("[]"))), int(port)
     except ValueError:
         return None
 
@@ -201,6 +205,5 @@ def connected_peers(local_port: int, proc: Path = Path("/proc/net")) -> set[tupl
             raw = bytes.fromhex(address)
             if sys.byteorder == "little":  # the kernel prints each 32-bit word in host order
                 raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            ip = ipaddress.ip_address(raw)
-            peers.add((str(getattr(ip, "ipv4_mapped", None) or ip), int(port, 16)))
+            peers.add((_host(ipaddress.ip_address(raw)), int(port, 16)))
     return peers if read else None
