@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edge_runtime.cache import ArtifactCache, write_atomic
 from edge_runtime.choice import (
     VariantChoice,
@@ -281,11 +279,6 @@ class ModelRuntime:
     def model(self, name: str, version: str = "") -> ServingModel:
         """The serving model called ``name`` (and ``version`` when given), or the right error."""
         return self.slot.lookup(name, version, configured=self.name, state=str(self.state))
-
-    async def infer(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, Any]]:
-        """Run a request through the serving model's batcher; returns ``(version, outputs)``."""
-        serving = self.model(name, version)
-        return serving.version, await serving.batcher.infer(inputs)
 
     # --- the life cycle ----------------------------------------------------------------------------------------
     def read_desired(self) -> tuple[str, str]:

@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from edge_runtime.contract import check_name
 from edge_runtime.desired import DesiredModels
 from edge_runtime.device import DeviceFacts
@@ -170,11 +168,6 @@ class ModelRepository:
     def model(self, name: str, version: str = "") -> ServingModel:
         """The serving model called ``name`` (and ``version`` when given), or the right error."""
         return self.runtime(name).model(name, version)
-
-    async def infer(self, name: str, version: str, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, Any]]:
-        """Run a request through model ``name``'s batcher; returns ``(version, outputs)``."""
-        serving = self.model(name, version)
-        return serving.version, await serving.batcher.infer(inputs)
 
     # --- the repository API ----------------------------------------------------------------------------------
     async def load(self, name: str, version: str | None = None) -> CycleResult:

@@ -85,8 +85,8 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         model = self.runtime.model(request.model_name, request.model_version)
         inputs = request_to_inputs(request, model.engine.inputs, self.max_batch_size, self.shared)  # largest *request*
         names = requested_outputs(request, model.engine.outputs)
-        version, outputs = await self.runtime.infer(request.model_name, request.model_version, inputs)
-        return outputs_to_response(request, version, outputs, names, self.shared)
+        outputs = await model.batcher.infer(inputs)  # the model looked up above: one lookup per request
+        return outputs_to_response(request, model.version, outputs, names, self.shared)
 
     async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:  # noqa: N802,E501
         self.shared.register(request.name, request.key, int(request.offset), int(request.byte_size),
