@@ -127,6 +127,11 @@ class DeviceResources:
                    MemoryBudget(settings.memory_budget_bytes, settings.memory_reserve_bytes), triton)
 
 
+def _what(manifest: Manifest, plan: EnginePlan) -> str:
+    """How memory messages name an engine: ``name/version (variant)``."""
+    return f"{manifest.name}/{manifest.version} ({plan.variant.name})"
+
+
 class ModelRuntime:
     """Holds one model's serving version and drives its life cycle. All public coroutines run on one event loop."""
 
@@ -367,7 +372,7 @@ class ModelRuntime:
     def _check_memory(self, manifest: Manifest, plan: EnginePlan) -> None:
         """:class:`InsufficientMemory` unless the engine for ``plan`` fits what is free: by what it held when it was
         last loaded here, or (never loaded here) by its weights."""
-        what = f"{manifest.name}/{manifest.version} ({plan.variant.name})"
+        what = _what(manifest, plan)
         recorded = self.engines.recorded_memory(manifest, plan)
         if recorded is not None:
             self.memory.check(what, recorded, basis="recorded when it was last loaded here")
@@ -392,7 +397,7 @@ class ModelRuntime:
         """The engine for ``plan`` if its memory needs fit the device's budget (checked before with what was recorded
         when it was last loaded here, or its weights; and after, with what loading it took), else
         :class:`InsufficientMemory`. What it holds counts against the budget until :meth:`_drop`."""
-        what = f"{manifest.name}/{manifest.version} ({plan.variant.name})"
+        what = _what(manifest, plan)
         self._check_memory(manifest, plan)
         engine, source, notes = self.engines.obtain(manifest, plan, model_path, local_only=local_only,
                                                     max_batch_size=self.max_batch_size)
@@ -412,7 +417,7 @@ class ModelRuntime:
     def _holder(self, engine: Engine) -> str:
         return self._holders.pop(id(engine), "")
 
-    def _drop(self, manifest: Manifest, plan: EnginePlan, engine: Engine) -> None:
+    def _drop(self, engine: Engine) -> None:
         """Close an engine that will not serve, and give its memory back to the budget."""
         engine.close()
         self.memory.release(self._holder(engine))
@@ -472,7 +477,7 @@ class ModelRuntime:
             if not result.passed and source != "built":
                 # an engine that came from elsewhere (cache, manifest, another device) fails: set it aside and
                 # validate one built here from the verified ONNX before blaming the version
-                self._drop(manifest, plan, engine)
+                self._drop(engine)
                 await asyncio.to_thread(self.engines.quarantine, manifest, plan,
                                         f"{source} engine failed validation: {result.reason}")
                 self._set_state(State.BUILDING)
@@ -487,7 +492,7 @@ class ModelRuntime:
                 self._report("validated", {"version": version, "source": source, **result.to_dict()})
             self.last_validation = result
             if not result.passed:
-                self._drop(manifest, plan, engine)
+                self._drop(engine)
                 failures.append(f"{plan.variant.name}: {result.reason}")
                 figures.append(VariantFigures(plan.variant.name, str(plan.target_key), False, result.value,
                                               reason=result.reason))
@@ -499,10 +504,10 @@ class ModelRuntime:
                 figures.append(figure)
                 # one engine open at a time besides the fastest so far (device memory on a Jetson is shared)
                 if candidates and figure.score_ms >= candidates[0][4]:
-                    self._drop(manifest, plan, engine)
+                    self._drop(engine)
                     continue
                 for kept in candidates:
-                    self._drop(manifest, kept[0], kept[1])
+                    self._drop(kept[1])
                 candidates = [(plan, engine, result, source, figure.score_ms)]
             else:
                 candidates.append((plan, engine, result, source, 0.0))
@@ -567,7 +572,7 @@ class ModelRuntime:
         triton = self.shared.triton
         assert triton is not None
         repo = triton.repo
-        holder = self._holders.pop(id(engine), "")
+        holder = self._holder(engine)
         io = {"inputs": engine.inputs, "outputs": engine.outputs}
         platform, memory = engine.platform, int(getattr(engine, "memory_bytes", 0) or 0)
         engine.close()  # Triton runs it from here on (one copy in memory)
