@@ -21,7 +21,7 @@ import grpc
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from edge_runtime.errors import AccessDenied, ConfigError, HubAuthError, Overloaded
+from edge_runtime.errors import AccessDenied, ConfigError, HubAuthError, InvalidInput, Overloaded
 from edge_runtime.protos import telemetry_pb2 as pb
 from edge_runtime.protos import telemetry_pb2_grpc
 from edge_runtime.serve.errors import ErrorMapping
@@ -213,8 +213,6 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
     async def FleetStatus(self, request: pb.FleetStatusRequest, context: grpc.aio.ServicerContext) -> pb.FleetStatusResponse:  # noqa: N802,E501
         self._authenticate(context, None)
         if request.page_size < 0:
-            from edge_runtime.errors import InvalidInput
-
             raise InvalidInput("page_size must not be negative")
         size = min(request.page_size or PAGE_SIZE, MAX_PAGE_SIZE)
         filters = {"state": request.state, "model_name": request.model_name, "version": request.version,
@@ -225,8 +223,6 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
                 device, model = json.loads(request.page_token)
                 after = (str(device), str(model))
             except (ValueError, TypeError) as exc:
-                from edge_runtime.errors import InvalidInput
-
                 raise InvalidInput("page_token is not one this hub handed out") from exc
         rows = await asyncio.to_thread(self.store.fleet, limit=size + 1, after=after, **filters)
         more, rows = len(rows) > size, rows[:size]
