@@ -289,12 +289,14 @@ class HubStore:
             periodic = [{"id": e.id, "device_id": d, "ts_ms": e.timestamp_ms, "payload": e.payload_json,
                          "received_ms": now}
                         for (d, _), batch in zip(calls, kept, strict=True) for e in batch if e.kind == "stats"]
+            # rows as executemany parameters, not .values(rows): SQLAlchemy then renders the multi-row INSERT from
+            # one cached compiled statement (its "insertmanyvalues") instead of compiling one per group size
             if changes_only:
-                statement = insert_(events).values(changes_only).on_conflict_do_nothing(index_elements=["id"])
-                inserted |= set(conn.execute(statement.returning(events.c.id)).scalars())
+                statement = insert_(events).on_conflict_do_nothing(index_elements=["id"])
+                inserted |= set(conn.execute(statement.returning(events.c.id), changes_only).scalars())
             if periodic:  # a resend carries its original's timestamp, so it meets it in the same day
-                statement = insert_(stats).values(periodic).on_conflict_do_nothing(index_elements=["id", "ts_ms"])
-                inserted |= set(conn.execute(statement.returning(stats.c.id)).scalars())
+                statement = insert_(stats).on_conflict_do_nothing(index_elements=["id", "ts_ms"])
+                inserted |= set(conn.execute(statement.returning(stats.c.id), periodic).scalars())
             device_rows: dict[str, dict[str, Any]] = {}
             model_rows: dict[tuple[str, str], dict[str, Any]] = {}
             results: list[tuple[list[str], int]] = []
@@ -332,14 +334,17 @@ class HubStore:
         for row in rows:
             groups.setdefault(tuple(sorted(k for k in row if k not in key)), []).append(row)
         for changed, members in groups.items():
-            upsert = self._insert()(table).values(members)
+            upsert = self._insert()(table)
             if not changed:
-                conn.execute(upsert.on_conflict_do_nothing(index_elements=key))
-                continue
-            updates = {k: upsert.excluded[k] for k in changed}
-            if "last_seen_ms" in changed:
-                updates["last_seen_ms"] = self._greatest(table.c.last_seen_ms, upsert.excluded.last_seen_ms)
-            conn.execute(upsert.on_conflict_do_update(index_elements=key, set_=updates))
+                statement = upsert.on_conflict_do_nothing(index_elements=key)
+            else:
+                updates = {k: upsert.excluded[k] for k in changed}
+                if "last_seen_ms" in changed:
+                    updates["last_seen_ms"] = self._greatest(table.c.last_seen_ms, upsert.excluded.last_seen_ms)
+                statement = upsert.on_conflict_do_update(index_elements=key, set_=updates)
+            # RETURNING makes SQLAlchemy send the rows as one multi-row statement (its "insertmanyvalues"), not as
+            # one statement per row
+            conn.execute(statement.returning(table.c[key[0]]), members).all()
 
     def _insert(self):  # noqa: ANN202 - the dialect's insert construct (with ON CONFLICT)
         if self.engine.dialect.name == "postgresql":
