@@ -1,7 +1,7 @@
 """Hub benchmark: the telemetry hub under a simulated fleet, on SQLite, one PostgreSQL hub and two replicas.
 
     .venv/bin/python bench/hub.py [--rates 50,200,1000,3000] [--seconds 10] [--devices 10000]
-                                  [--fleet-sizes 1000,10000,50000] [--hub-cpu 0.3] [--capped-rates 150,300,450,600]
+                                  [--fleet-sizes 1000,10000,50000] [--hub-cpu 0.3] [--capped-rates 150,300,375,450,600]
                                   [--out bench/hub.md] [--plot bench/hub.png]
 
 Each hub is ``edgeloop hub serve`` in its own process pinned to core 0 (PostgreSQL, when used, runs where the
@@ -20,7 +20,9 @@ can two hubs on one core add capacity. So overload and scale-out run with each h
 by a CFS quota (what a pod's CPU limit is; needs root and a writable cgroup tree, else skipped and said): a ramp
 to one hub's peak; 3× that peak as single-event calls retried three times, and as a fleet of simulated devices
 that send through the runtime's own ``TelemetrySender`` (stats every 10 s into an outbox, batches of up to 200,
-exponential back-off with jitter); and two such hubs on the doubled ramp. Never part of the test run.
+exponential back-off with jitter; ``--fleet-processes`` load-generator processes on both cores, as one cannot start
+that many senders); and two such hubs on the doubled ramp, one on each core, as replicas on two nodes would be.
+Never part of the test run.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ SERVER_CORE, CLIENT_CORE = 0, 1
 POSTGRES_URL = os.environ.get("EDGELOOP_TEST_POSTGRES_URL",
                               "postgresql+psycopg://edgeloop:edgeloop@127.0.0.1:5432/edgeloop")
 RETRIED = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
+REFUSED = ("RESOURCE_EXHAUSTED", "CANCELLED")
+"""How an overloaded hub turns a call away: past its in-flight limit (RESOURCE_EXHAUSTED), or past gRPC's bound on
+calls the hub has not picked up yet (CANCELLED)."""
 
 
 class CpuCap:
@@ -96,13 +101,14 @@ def cgroups_writable() -> str | None:
 
 
 class Hub:
-    """``edgeloop hub serve`` pinned to the server core (and held to ``cpu`` of it, when given)."""
+    """``edgeloop hub serve`` pinned to ``core`` (and held to ``cpu`` of it, when given)."""
 
-    def __init__(self, url: str, tokens_file: Path, reader: str, log: Path, cpu: float | None = None) -> None:
+    def __init__(self, url: str, tokens_file: Path, reader: str, log: Path, cpu: float | None = None,
+                 core: int = SERVER_CORE) -> None:
         self.port = free_port()
         env = {**os.environ, "HUB_DATABASE_URL": url, "HUB_TOKENS_FILE": str(tokens_file), "HUB_READ_TOKENS": reader,
                "HUB_PORT": str(self.port), "HUB_BIND_ADDRESS": "127.0.0.1"}
-        self.process = subprocess.Popen(["taskset", "-c", str(SERVER_CORE), str(ROOT / ".venv/bin/edgeloop"), "hub",
+        self.process = subprocess.Popen(["taskset", "-c", str(core), str(ROOT / ".venv/bin/edgeloop"), "hub",
                                          "serve"], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                         start_new_session=True)
         self.cap = CpuCap(self.process.pid, cpu) if cpu else None
@@ -143,7 +149,7 @@ async def offer(addresses: list[str], tokens: dict[str, str], rate: float, secon
     stubs = [telemetry_pb2_grpc.TelemetryHubStub(c) for c in channels]
     devices = list(tokens)
     latencies: list[float] = []
-    refusals: list[float] = []  # ms until each RESOURCE_EXHAUSTED (a refusal should come at once)
+    refusals: list[float] = []  # ms until each refusal (it should come at once)
     errors: dict[str, int] = {}
     details: dict[str, str] = {}
     acked: list[str] = []
@@ -175,7 +181,7 @@ async def offer(addresses: list[str], tokens: dict[str, str], rate: float, secon
                 return
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
-                if code == "RESOURCE_EXHAUSTED":
+                if code in REFUSED:
                     refusals.append((time.perf_counter() - started) * 1e3)
                 if code not in RETRIED or attempt == 3:
                     errors[code] = errors.get(code, 0) + 1
@@ -308,12 +314,14 @@ class MemoryOutbox:
         return len(self._events)
 
 
-async def simulate_fleet(address: str, tokens: dict[str, str], devices: int, interval_s: float,
-                         seconds: float) -> dict:
-    """``devices`` devices, each adding a stats event every ``interval_s`` (jittered start) to its outbox and sending
-    it as the runtime does (:class:`TelemetrySender`: at once when not backing off, batches of up to 200, a 10 s
-    deadline, exponential back-off with jitter on any failure); all share one channel. Returns what was
-    acknowledged, what waits in outboxes at the end, and the failures the senders saw."""
+async def simulate_fleet(address: str, tokens: dict[str, str], interval_s: float, measured_from: float,
+                         stop: float) -> dict:
+    """One device per entry of ``tokens``, each adding a stats event every ``interval_s`` (jittered start, from
+    ``measured_from - interval_s`` on, ``time.perf_counter`` which every process shares) to its outbox until
+    ``stop``, and sending it as the runtime does (:class:`TelemetrySender`: at once when not backing off, batches of
+    up to 200, a 10 s deadline, exponential back-off with jitter on any failure); all share one channel. Returns
+    the events offered and acknowledged from ``measured_from`` on, every acknowledged id, what waits in outboxes at
+    ``stop``, and the failures the senders saw (code → ms until each failed send failed)."""
     import logging
 
     import grpc
@@ -324,11 +332,10 @@ async def simulate_fleet(address: str, tokens: dict[str, str], devices: int, int
     logging.getLogger("edge_runtime.telemetry").setLevel(logging.ERROR)  # a warning per backing-off device
     payload = json.dumps({"ready": True, "models": [{"model_name": "digits-cnn", "state": "serving", "p50_ms": 0.4}]})
     channel = grpc.aio.insecure_channel(address)
-    names = list(tokens)[:devices]
     acknowledged: list[tuple[float, str]] = []
-    outboxes = [MemoryOutbox(d, acknowledged) for d in names]
+    outboxes = [MemoryOutbox(d, acknowledged) for d in tokens]
     senders = [TelemetrySender(o, address, tokens[o.device_id], interval_s=3600) for o in outboxes]
-    failed: dict[str, list[float]] = {}  # code -> ms until each failed send failed
+    failed: dict[str, list[float]] = {}
     for sender in senders:
         sender._channel = channel  # noqa: SLF001 - one shared connection, not one per simulated device
         flush = sender.flush
@@ -341,32 +348,57 @@ async def simulate_fleet(address: str, tokens: dict[str, str], devices: int, int
                 failed.setdefault(exc.code().name, []).append((time.perf_counter() - started) * 1e3)
                 raise
         sender.flush = timed
-    rng = random.Random(1)
-    # the devices start spread over the first interval; what is offered and accepted counts from then on
-    measured_from = time.perf_counter() + interval_s
-    stop = measured_from + seconds
+    rng = random.Random(os.getpid())
     offered = 0
 
     async def device(outbox: MemoryOutbox, sender: TelemetrySender) -> None:
         nonlocal offered
-        await asyncio.sleep(rng.random() * interval_s)
-        while time.perf_counter() < stop:
+        await asyncio.sleep(max(0.0, measured_from - interval_s - time.perf_counter()) + rng.random() * interval_s)
+        while (now := time.perf_counter()) < stop:
             outbox.add(pb.Event(id=str(uuid.uuid4()), device_id=outbox.device_id, kind="stats",
                                 timestamp_ms=int(time.time() * 1000), payload_json=payload))
-            offered += time.perf_counter() >= measured_from
+            offered += now >= measured_from
             sender.wake()
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(min(interval_s, stop - now))
 
     sending = [asyncio.ensure_future(s.run_forever()) for s in senders]
     await asyncio.gather(*(device(o, s) for o, s in zip(outboxes, senders, strict=True)))
-    elapsed = time.perf_counter() - measured_from
     for task in sending:
         task.cancel()
     await asyncio.gather(*sending, return_exceptions=True)
     await channel.close()
-    return {"offered": offered / elapsed, "acked": [i for _, i in acknowledged],
-            "accepted": sum(1 for when, _ in acknowledged if when >= measured_from) / elapsed,
+    return {"offered": offered, "acked": [i for _, i in acknowledged],
+            "accepted": sum(1 for when, _ in acknowledged if measured_from <= when < stop),
             "queued": sum(o.count() for o in outboxes), "failed": failed}
+
+
+def _fleet_share(address: str, tokens: dict[str, str], interval_s: float, measured_from: float, stop: float) -> dict:
+    """One load-generator process's share of a simulated fleet (run in a process pool)."""
+    os.sched_setaffinity(0, {SERVER_CORE, CLIENT_CORE})  # the hub is held to its CPU limit, not to a core of its own
+    return asyncio.run(simulate_fleet(address, tokens, interval_s, measured_from, stop))
+
+
+def run_fleet(address: str, tokens: dict[str, str], interval_s: float, seconds: float, processes: int) -> dict:
+    """:func:`simulate_fleet` split over ``processes`` load-generator processes (one Python process cannot start
+    3× a hub's peak of senders), measured over the same ``seconds``; their results summed."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    names = list(tokens)
+    shares = [{d: tokens[d] for d in names[i::processes]} for i in range(processes)]
+    measured_from = time.perf_counter() + 5.0 + interval_s  # time for the processes to start
+    stop = measured_from + seconds
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        results = list(pool.map(_fleet_share, [address] * processes, shares, [interval_s] * processes,
+                                [measured_from] * processes, [stop] * processes))
+    failed: dict[str, list[float]] = {}
+    for result in results:
+        for code, ms in result["failed"].items():
+            failed.setdefault(code, []).extend(ms)
+    return {"offered": sum(r["offered"] for r in results) / seconds,
+            "accepted": sum(r["accepted"] for r in results) / seconds,
+            "acked": [i for r in results for i in r["acked"]], "queued": sum(r["queued"] for r in results),
+            "failed": failed}
 
 
 def measure_rate(label: str, url: str, replicas: int, rate: float, seconds: float, tokens: dict[str, str],
@@ -374,8 +406,10 @@ def measure_rate(label: str, url: str, replicas: int, rate: float, seconds: floa
     """``replicas`` hubs on ``url`` (each held to ``cpu`` of a core, when given) offered ``rate`` calls/s; one row."""
     if not url.startswith("sqlite"):
         reset(url)
-    hubs = [Hub(url, tokens_file, reader, work / f"{label.replace(' ', '-')}-{rate:.0f}-{n}.log", cpu)
-            for n in range(replicas)]
+    # whole-core hubs share the server core (they show how replicas split the load); CPU-limited ones get a core
+    # each, as replicas on two nodes would: two quotas and PostgreSQL on one core starve each other
+    hubs = [Hub(url, tokens_file, reader, work / f"{label.replace(' ', '-')}-{rate:.0f}-{n}.log", cpu,
+                SERVER_CORE if cpu is None else (SERVER_CORE, CLIENT_CORE)[n % 2]) for n in range(replicas)]
     try:
         cpu_before = sum(cpu_seconds(h.process.pid) for h in hubs)
         result = asyncio.run(offer([h.address for h in hubs], tokens, rate, seconds))
@@ -406,18 +440,21 @@ def fleet_overload(label: str, rate: float, args: argparse.Namespace, tokens: di
     hub = Hub(POSTGRES_URL, tokens_file, reader, work / "fleet-overload.log", args.hub_cpu)
     try:
         cpu_before = cpu_seconds(hub.process.pid)
-        result = asyncio.run(simulate_fleet(hub.address, tokens, devices, interval, 2 * args.seconds))
+        fleet = dict(list(tokens.items())[:devices])
+        result = run_fleet(hub.address, fleet, interval, 2 * args.seconds, args.fleet_processes)
         used = cpu_seconds(hub.process.pid) - cpu_before
     finally:
         hub.stop()
     lost, twice = audit(POSTGRES_URL, result["acked"])
     accepted = len(result["acked"])
     errors = {f"{code} (sends)": len(ms) for code, ms in result["failed"].items()}
-    refused = result["failed"].get("RESOURCE_EXHAUSTED", [0.0])
+    refused = [ms for code in REFUSED for ms in result["failed"].get(code, [])] or [0.0]
     row = {"backend": label, "offered": result["offered"], "accepted": result["accepted"], "p50": None,
            "p99": None, "refusal_p50": float(np.percentile(refused, 50)), "errors": errors,
            "cpu_us": used / max(accepted, 1) * 1e6, "lost": lost, "twice": twice, "sent": result["offered"],
-           "queued": result["queued"], "devices": devices}
+           "queued": result["queued"], "devices": devices,
+           "refused_by": {code: float(np.percentile(ms, 50)) for code, ms in result["failed"].items()
+                          if code in REFUSED}}
     print(f"{label}: {devices} devices offered {row['offered']:.0f} events/s, accepted {row['accepted']:.0f}/s, "
           f"{result['queued']} waiting in outboxes, failed sends {errors}, lost {lost} twice {twice}",
           flush=True)
@@ -453,8 +490,10 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, three backends
     parser.add_argument("--backends", default="sqlite,postgresql,postgresql-2")
     parser.add_argument("--hub-cpu", type=float, default=0.3,
                         help="CPU limit (cores) of each hub in the overload and scale-out runs (0: skip them)")
-    parser.add_argument("--capped-rates", default="150,300,450,600",
+    parser.add_argument("--capped-rates", default="150,300,375,450,600",
                         help="the ramp for one CPU-limited hub (two hubs get twice each rate)")
+    parser.add_argument("--fleet-processes", type=int, default=2,
+                        help="load-generator processes that share the simulated fleet of runtime senders")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "hub.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "hub.png")
     args = parser.parse_args()
@@ -549,12 +588,13 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, three backends
                      f"({over['offered']:.0f}/s) as single-event calls retried 3 times, it accepts "
                      f"{over['accepted']:.0f}/s, {over['accepted'] / peak_one:.0%} of its peak, refusing the rest "
                      f"after {over['refusal_p50']:.1f} ms (p50)")
-        lines.append(f"- a fleet of {fleet['devices']} runtime senders (stats every 10 s, 3x the peak; outbox, "
-                     f"batches, back-off) offered {fleet['offered']:.0f} events/s "
-                     f"({fleet['offered'] / peak_one:.1f}x the peak: all the load generator's core could start): "
-                     f"{fleet['accepted']:.0f} events/s accepted, "
-                     f"{fleet['accepted'] / peak_one:.0%} of the peak, {fleet['queued']} events still in outboxes at "
-                     f"the end, {fleet['lost']} lost, {fleet['twice']} stored twice")
+        refusals = "; ".join(f"{code} after {ms:.0f} ms (p50)" for code, ms in sorted(fleet["refused_by"].items()))
+        lines.append(f"- a fleet of {fleet['devices']} runtime senders (stats every 10 s; outbox, batches, back-off) "
+                     f"offered {fleet['offered']:.0f} events/s ({fleet['offered'] / peak_one:.1f}x the peak, from "
+                     f"{args.fleet_processes} load-generator processes): {fleet['accepted']:.0f} events/s accepted, "
+                     f"{fleet['accepted'] / peak_one:.0%} of the peak; the rest refused ({refusals}) and sent again "
+                     f"after a back-off, {fleet['queued']} events still in outboxes at the end; {fleet['lost']} lost, "
+                     f"{fleet['twice']} stored twice")
         lines.append(f"- two hubs @ {args.hub_cpu:g} core each ÷ one: "
                      f"{max(r['accepted'] for r in two) / peak_one:.2f}x")
     for reason in skipped:
