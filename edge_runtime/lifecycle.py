@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.aio import wait_event
 from edge_runtime.cache import ArtifactCache, write_atomic
 from edge_runtime.choice import (
     VariantChoice,
@@ -745,12 +746,9 @@ class ModelRuntime:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 self.beat()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                if await wait_event(self._wake, min(1.0, deadline - time.monotonic())):
                     self._wake.clear()
                     break
-                except (asyncio.TimeoutError, TimeoutError):
-                    continue
 
     async def unload(self) -> None:
         """Stop serving this model (repository extension); the loop loads it again only on a load request."""

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from edge_runtime.aio import wait_event
 from edge_runtime.protos import telemetry_pb2 as pb
 from edge_runtime.protos import telemetry_pb2_grpc
 
@@ -184,11 +185,8 @@ class TelemetrySender:
                 await asyncio.sleep(wait)
                 self._wake.clear()
                 continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            if await wait_event(self._wake, wait):
                 self._wake.clear()
-            except (asyncio.TimeoutError, TimeoutError):
-                pass
 
     def _count(self) -> int | str:
         try:

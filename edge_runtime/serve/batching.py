@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from edge_runtime.aio import wait_event
 from edge_runtime.engines.base import Engine
 from edge_runtime.errors import NotReady
 
@@ -118,9 +119,7 @@ class DynamicBatcher:
                 waiting, deadline = rows, loop.time() + delay
                 while rows < target and loop.time() < deadline:
                     self._arrived.clear()
-                    try:
-                        await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
-                    except (asyncio.TimeoutError, TimeoutError):
+                    if not await wait_event(self._arrived, deadline - loop.time()):
                         break
                     rows = sum(_rows(i) for i in self._pending)
                 if not self.delay_s:

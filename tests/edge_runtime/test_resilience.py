@@ -146,3 +146,45 @@ def test_metrics_are_scraped_while_serving(store, signing_key, trained, edge_set
         assert 'edgeloop_batch_size_count{model="digits-cnn"}' in body
     finally:
         edge.stop()
+
+
+def test_a_loop_woken_as_it_is_cancelled_still_ends(tmp_path):
+    """Before Python 3.12 ``asyncio.wait_for(event.wait(), t)`` swallows a cancellation that arrives while the event
+    is being set (python/cpython#86296); the runtime's loops that wait for wake-ups (telemetry sender, model loop,
+    batcher) wait through :func:`wait_event` instead, so cancelling them always ends them."""
+    import asyncio
+
+    from edge_runtime.aio import wait_event
+    from edge_runtime.telemetry import Outbox, TelemetrySender
+
+    async def scenario() -> tuple[bool, bool, bool, bool]:
+        event = asyncio.Event()
+        timed_out = not await wait_event(event, 0.01)
+        event.set()
+        already_set = await wait_event(event, 10)
+        event.clear()
+
+        async def waits_forever() -> None:
+            while True:
+                await wait_event(event, 10)
+                event.clear()
+
+        loop = asyncio.ensure_future(waits_forever())
+        await asyncio.sleep(0.01)
+        event.set()  # woken and cancelled in the same turn of the event loop
+        loop.cancel()
+        loop_ended = bool((await asyncio.wait({loop}, timeout=2))[0])
+
+        # the runtime's telemetry sender, with no hub to send to: nothing pending, so it waits for a wake-up
+        sender = TelemetrySender(Outbox(tmp_path / "outbox.sqlite", "dev-1"), "127.0.0.1:9", None, interval_s=30)
+        task = asyncio.ensure_future(sender.run_forever())
+        await asyncio.sleep(0.2)
+        sender.wake()
+        task.cancel()
+        sender_ended = bool((await asyncio.wait({task}, timeout=2))[0])
+        for t in (loop, task):
+            t.cancel()
+        await sender.close()
+        return timed_out, already_set, loop_ended, sender_ended
+
+    assert asyncio.run(scenario()) == (True, True, True, True)
