@@ -580,8 +580,8 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, three backends
         lines.append(f"| {r['backend']} | {r['offered']:.0f} | {r['accepted']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | "
                      f"{errors} | {r['cpu_us']:.0f} | {r['lost']} | {r['twice']} |")
     if capped:
-        lines += ["", "Each hub held to a CPU limit (as a pod's), so the overload and two-replica loads fit the load "
-                  "generator's core:", "", "| hubs | offered events/s | accepted events/s | p50 ms | p99 ms | "
+        lines += ["", "Each hub held to a CPU limit (as a pod's), so that 3× overload and two replicas are loads the "
+                  "load generator can offer:", "", "| hubs | offered events/s | accepted events/s | p50 ms | p99 ms | "
                   "refused after (p50 ms) | errors (after retries) | hub CPU µs/event | lost | stored twice |",
                   "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for r in capped:
