@@ -443,12 +443,12 @@ def fleet_overload(label: str, rate: float, args: argparse.Namespace, tokens: di
                    reader: str, work: Path) -> dict:
     """One CPU-limited hub under a simulated fleet offering ``rate`` stats events/s (devices at a 10 s interval)."""
     interval = 10.0
-    devices = int(rate * interval)
+    fleet = dict(list(tokens.items())[: int(rate * interval)])  # as many as there are tokens; offered/s says
+    devices = len(fleet)
     reset(POSTGRES_URL)
     hub = Hub(POSTGRES_URL, tokens_file, reader, work / "fleet-overload.log", args.hub_cpu)
     try:
         cpu_before = cpu_seconds(hub.process.pid)
-        fleet = dict(list(tokens.items())[:devices])
         # longer than the other runs: the first refusals send every device into its back-off at once, and the
         # fleet needs a while to settle into what a sustained overload looks like
         result = run_fleet(hub.address, fleet, interval, 6 * args.seconds, args.fleet_processes)
