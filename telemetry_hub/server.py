@@ -54,6 +54,10 @@ class HubSettings(BaseSettings):
                               "are kept")
     maintenance_interval_s: float = Field(
         3600.0, gt=0, description="how often retention runs (and PostgreSQL's day partitions are made ahead)")
+    otlp_endpoint: str | None = Field(
+        None, description="OpenTelemetry collector, OTLP/gRPC (e.g. http://otel-collector:4317; https:// for TLS): "
+                          "set, one replica pushes the fleet's latest state there as gauges")
+    otlp_interval_s: float = Field(60.0, gt=0, description="how often the fleet's gauges are pushed over OTLP")
     max_connection_age_s: float = Field(
         300.0, gt=0, description="connections are closed (gracefully) after this long, so devices spread again over "
                                  "the replicas behind a Service")
@@ -280,12 +284,19 @@ async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tup
                 log.warning("retention failed: %s", exc)
 
     maintenance = asyncio.get_running_loop().create_task(maintain(), name="hub-maintenance")
+    metrics = None
+    if settings.otlp_endpoint:
+        from telemetry_hub.otlp import FleetMetrics
+
+        metrics = FleetMetrics(store, settings.otlp_endpoint, settings.otlp_interval_s)
     grpc_stop = server.stop
 
-    async def stop(grace: float | None) -> None:  # stopping the hub stops its maintenance and writer too
+    async def stop(grace: float | None) -> None:  # stopping the hub stops its maintenance, writer and export too
         maintenance.cancel()
         await grpc_stop(grace)
         await servicer.writer.close()
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
 
     server.stop = stop
     return server, port, store

@@ -422,3 +422,103 @@ def test_calls_that_arrive_together_are_committed_together_and_answered_each(hub
     rows = {r["device_id"]: r for r in hub_store.fleet() if r["device_id"].startswith("grouped-")}
     assert len(rows) == 20 and all(r["state"] == "serving" for r in rows.values())
     assert rows["grouped-05"]["serving_version"] == "v1"  # the later call (n=25) won: 25 % 3 == 1
+
+
+class _Collector:
+    """A real OTLP/gRPC metrics receiver on loopback (OpenTelemetry's own service definition): it keeps what the hub
+    pushes."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+
+        self.points: list[tuple[str, str, dict[str, str], float]] = []  # (instance, metric, attributes, value)
+        collector = self
+
+        class Service(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request, context):  # noqa: N802
+                for resource_metrics in request.resource_metrics:
+                    resource = {a.key: a.value.string_value for a in resource_metrics.resource.attributes}
+                    for scope in resource_metrics.scope_metrics:
+                        for metric in scope.metrics:
+                            for point in metric.gauge.data_points:
+                                value = point.as_double if point.HasField("as_double") else point.as_int
+                                attributes = {a.key: a.value.string_value for a in point.attributes}
+                                collector.points.append((resource["service.instance.id"], metric.name, attributes,
+                                                         value))
+                return metrics_service_pb2.ExportMetricsServiceResponse()
+
+        self.server = grpc.server(ThreadPoolExecutor(2))
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Service(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+def test_the_fleet_is_pushed_over_otlp_by_one_replica(hub_store):
+    """``HUB_OTLP_ENDPOINT`` set: the latest p50/p99 per device and model, the time since last seen and the count per
+    state reach an OTLP collector as gauges, from exactly one replica (on PostgreSQL, the one holding the export
+    lock; when it stops, another takes over)."""
+    from telemetry_hub.otlp import FleetMetrics
+
+    collector = _Collector()
+    payload = {"ready": True, "models": [{"model_name": "digits-cnn", "state": "serving", "serving_version": "v7",
+                                          "p50_ms": 0.4, "p99_ms": 1.25}]}
+    hub_store.ingest("jetson-1", [IncomingEvent(str(uuid.uuid4()), "stats", NOW_MS, json.dumps(payload))])
+    endpoint = f"http://127.0.0.1:{collector.port}"
+    first = FleetMetrics(hub_store, endpoint, 0.2, instance="hub-a")
+    second = FleetMetrics(HubStore(hub_store.engine.url.render_as_string(hide_password=False)), endpoint, 0.2,
+                          instance="hub-b")
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(m == "edgeloop.model.latency.p99" for _, m, _, _ in
+                                                      collector.points):
+            time.sleep(0.1)
+        points = list(collector.points)
+        first.close()  # hub-a goes: hub-b takes over at its next export
+        hub_b_exported = False
+        while time.monotonic() < deadline and not hub_b_exported:
+            time.sleep(0.1)
+            hub_b_exported = any(i == "hub-b" and m == "edgeloop.model.latency.p50" for i, m, _, _ in
+                                 collector.points)
+    finally:
+        second.close()
+        collector.server.stop(0)
+    series = {"device.id": "jetson-1", "model.name": "digits-cnn", "model.version": "v7"}
+    assert ("edgeloop.model.latency.p50", series, 0.4) in [(m, a, v) for _, m, a, v in points]
+    assert ("edgeloop.model.latency.p99", series, 1.25) in [(m, a, v) for _, m, a, v in points]
+    assert any(m == "edgeloop.device.last_seen.age" and a == series and 0 <= v < 600 for _, m, a, v in points)
+    assert ("edgeloop.fleet.models", {"state": "serving"}, 1) in [(m, a, v) for _, m, a, v in points]
+    if hub_store.postgresql:  # one replica exports while both run, the other once it is gone
+        assert {i for i, _, _, _ in points} == {"hub-a"}
+        assert hub_b_exported
+    else:  # SQLite has one hub: each exports
+        assert {i for i, _, _, _ in points} <= {"hub-a", "hub-b"}
+
+
+def test_the_hub_pushes_over_otlp_and_a_collector_that_is_down_costs_nothing_but_a_warning(tmp_path):
+    collector = _Collector()
+    nobody = socket.socket()
+    nobody.bind(("127.0.0.1", 0))  # a port nothing listens on
+
+    async def scenario(endpoint: str) -> float:
+        settings = HubSettings(database_url=f"sqlite:///{tmp_path / f'h{len(endpoint)}.sqlite'}", port=0,
+                               tokens="jetson-1:tok", otlp_endpoint=endpoint, otlp_interval_s=0.2)
+        server, port, store = await start_hub(settings)
+        try:
+            store.ingest("jetson-1", [event("stats", 0, models=[{"model_name": "digits-cnn", "state": "serving"}])])
+            await asyncio.sleep(1.0)  # several exports
+            assert len((await _report(port, "tok", "jetson-1")).acknowledged_ids) == 1
+        finally:
+            started = time.monotonic()
+            await server.stop(0)
+        return time.monotonic() - started
+
+    try:
+        asyncio.run(scenario(f"http://127.0.0.1:{collector.port}"))
+        stopped_in = asyncio.run(scenario(f"http://127.0.0.1:{nobody.getsockname()[1]}"))
+    finally:
+        collector.server.stop(0)
+        nobody.close()
+    assert any(m == "edgeloop.fleet.models" for _, m, _, _ in collector.points)
+    assert stopped_in < 9  # the last export gives up after 5 s; stopping does not hang on it
