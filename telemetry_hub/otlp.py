@@ -67,7 +67,11 @@ class FleetMetrics:
         with self._lock:
             read_at, rows = self._snapshot
             if time.monotonic() - read_at > 1.0:
-                rows = self._read() if self._leading() else []
+                try:
+                    rows = self._read() if self._leading() else []
+                except Exception as exc:  # noqa: BLE001 - the database is away: skip this push, try the next
+                    log.warning("OTLP export skipped: cannot read the fleet (%s)", exc.__class__.__name__)
+                    rows = []
                 self._snapshot = (time.monotonic(), rows)
             return rows
 
