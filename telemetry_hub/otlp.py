@@ -94,7 +94,12 @@ class FleetMetrics:
             except Exception:  # noqa: BLE001 - the connection, and the lock with it, is gone: try again below
                 self._release()
         conn = self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        if conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": EXPORT_LOCK}).scalar():
+        try:
+            taken = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": EXPORT_LOCK}).scalar()
+        except Exception:
+            conn.close()
+            raise
+        if taken:
             self._lock_conn = conn
             log.info("this replica exports the fleet's metrics over OTLP")
             return True
