@@ -159,7 +159,7 @@ class GroupWriter:
                     for device_id, batch, _ in items:
                         try:
                             results.append(await asyncio.to_thread(self.store.ingest, device_id, batch))
-                        except Exception as one:  # noqa: BLE001 - handed to that call, mapped by the interceptor
+                        except Exception as one:  # noqa: BLE001 - handed to that call, mapped by ErrorMapping
                             results.append(one)
             for (_, _, future), result in zip(items, results, strict=True):
                 if future.done():

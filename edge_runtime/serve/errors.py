@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -122,15 +122,3 @@ class _Registrations:
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         self.services.append((service, handlers))
 
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """:class:`ErrorMapping` for handlers registered some other way (generic handlers), applied on every call."""
-
-    def __init__(self, on_result: Callable[[str, str, float, str], None] | None = None) -> None:
-        self._mapping = ErrorMapping(on_result)
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        return self._mapping.wrap(handler_call_details.method, await continuation(handler_call_details))

@@ -1,4 +1,5 @@
-"""Every row of the error → gRPC status table, through a real grpc.aio server and the real interceptor."""
+"""Every row of the error → gRPC status table, through a real grpc.aio server and the real mapping
+(:meth:`ErrorMapping.add_servicer`, as both servers register their services)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import grpc
 import pytest
 
 from edge_runtime import errors
-from edge_runtime.serve.errors import INTERNAL_MESSAGE, STATUS_FOR, ErrorInterceptor, status_for
+from edge_runtime.serve.errors import INTERNAL_MESSAGE, STATUS_FOR, ErrorMapping, status_for
 
 ROWS = [(cls, code) for cls, code in STATUS_FOR.items()] + [
     (errors.EngineError, grpc.StatusCode.INTERNAL),  # ours, unmapped: hidden like anything else
@@ -18,12 +19,19 @@ ROWS = [(cls, code) for cls, code in STATUS_FOR.items()] + [
 ]
 
 
-def _serve_raising(exc: BaseException):
+def _add_raiser(exc: BaseException):
+    """An ``add_..._to_server`` function for a service whose one method raises ``exc``, registering it the way
+    grpcio-tools' generated code does."""
+
     async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise exc
 
-    method = grpc.unary_unary_rpc_method_handler(handler)
-    return grpc.method_handlers_generic_handler("test.Raiser", {"Raise": method})
+    def add_to_server(servicer: object, server: grpc.aio.Server) -> None:
+        handlers = {"Raise": grpc.unary_unary_rpc_method_handler(handler)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Raiser", handlers),))
+        server.add_registered_method_handlers("test.Raiser", handlers)
+
+    return add_to_server
 
 
 @pytest.mark.parametrize(("cls", "code"), ROWS, ids=[c.__name__ for c, _ in ROWS])
@@ -32,8 +40,8 @@ def test_each_row_reaches_the_client(cls, code):
     exc = cls(message)
 
     async def scenario():
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-        server.add_generic_rpc_handlers((_serve_raising(exc),))
+        server = grpc.aio.server()
+        ErrorMapping().add_servicer(_add_raiser(exc), None, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
