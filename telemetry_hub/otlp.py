@@ -15,8 +15,14 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from typing import Any
 
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
 from sqlalchemy import text
 
 from telemetry_hub.store import MIGRATION_LOCK, HubStore
@@ -26,7 +32,6 @@ log = logging.getLogger(__name__)
 EXPORT_LOCK = MIGRATION_LOCK + 2
 """The advisory lock the exporting replica holds (the migration and retention locks are the two below)."""
 
-PAGE = 5000
 EXPORT_TIMEOUT_S = 5
 
 
@@ -34,11 +39,6 @@ class FleetMetrics:
     """Observable gauges over :class:`HubStore`'s latest rows, exported by an OpenTelemetry ``MeterProvider``."""
 
     def __init__(self, store: HubStore, endpoint: str, interval_s: float, instance: str | None = None) -> None:
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-        from opentelemetry.sdk.resources import Resource
-
         self.store = store
         self._lock = threading.Lock()
         self._lock_conn: Any = None
@@ -76,12 +76,8 @@ class FleetMetrics:
             return rows
 
     def _read(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        after = None
-        while page := self.store.fleet(limit=PAGE, after=after):
-            rows += [r for r in page if r["model_name"]]
-            after = (page[-1]["device_id"], page[-1]["model_name"])
-        return rows
+        """Every device and model row (one query: the rows are all kept for this push anyway)."""
+        return [r for r in self.store.fleet() if r["model_name"]]
 
     def _leading(self) -> bool:
         """Whether this replica exports: it holds (or now takes) the export lock."""
@@ -116,30 +112,22 @@ class FleetMetrics:
                 log.debug("closing the export lock's connection failed", exc_info=True)
             self._lock_conn = None
 
-    def _p50(self, _options: Any) -> list[Any]:  # noqa: ANN401
+    def _p50(self, _options: CallbackOptions) -> list[Observation]:
         return self._latency("p50_ms")
 
-    def _p99(self, _options: Any) -> list[Any]:  # noqa: ANN401
+    def _p99(self, _options: CallbackOptions) -> list[Observation]:
         return self._latency("p99_ms")
 
-    def _latency(self, field: str) -> list[Any]:
-        from opentelemetry.metrics import Observation
-
+    def _latency(self, field: str) -> list[Observation]:
         return [Observation(r[field], _attributes(r)) for r in self._rows() if r[field] is not None]
 
-    def _age(self, _options: Any) -> list[Any]:  # noqa: ANN401
-        from opentelemetry.metrics import Observation
-
+    def _age(self, _options: CallbackOptions) -> list[Observation]:
         now_ms = time.time() * 1000
         return [Observation(max(0.0, (now_ms - r["last_seen_ms"]) / 1000), _attributes(r)) for r in self._rows()
                 if r["last_seen_ms"]]
 
-    def _states(self, _options: Any) -> list[Any]:  # noqa: ANN401
-        from opentelemetry.metrics import Observation
-
-        counts: dict[str, int] = {}
-        for row in self._rows():
-            counts[row["state"] or "unknown"] = counts.get(row["state"] or "unknown", 0) + 1
+    def _states(self, _options: CallbackOptions) -> list[Observation]:
+        counts = Counter(row["state"] or "unknown" for row in self._rows())
         return [Observation(n, {"state": state}) for state, n in sorted(counts.items())]
 
     def close(self) -> None:
