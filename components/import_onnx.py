@@ -24,7 +24,6 @@ from edge_runtime.contract import FileRef, Manifest, Preprocessing, TensorSpec, 
 from edge_runtime.errors import ConfigError, GateFailed
 from edge_runtime.validate import output_agreement
 
-_ONNX_TO_DATATYPE = {1: "FP32", 10: "FP16", 11: "FP64", 7: "INT64", 6: "INT32", 3: "INT8", 2: "UINT8", 9: "BOOL"}
 VARIANTS = ("fp32", "fp16", "int8-qdq", "int8-ort")
 
 
@@ -68,13 +67,18 @@ def tensor_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs and outputs of an ONNX graph; every symbolic or unknown dimension becomes -1."""
     import onnx
 
+    from components.intake import ONNX_TO_DATATYPE
+
     graph = onnx.load(str(model_path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
 
     def spec(value: Any) -> TensorSpec:
         kind = value.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
-        return TensorSpec(name=value.name, datatype=_ONNX_TO_DATATYPE.get(kind.elem_type, "FP32"), shape=shape)
+        if kind.elem_type not in ONNX_TO_DATATYPE:  # the intake refuses these; a direct call says so too
+            raise ConfigError(f"{value.name!r} is {onnx.TensorProto.DataType.Name(kind.elem_type)}: edgeloop serves "
+                              f"{', '.join(sorted(set(ONNX_TO_DATATYPE.values())))} tensors")
+        return TensorSpec(name=value.name, datatype=ONNX_TO_DATATYPE[kind.elem_type], shape=shape)
 
     return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
 

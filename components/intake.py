@@ -11,10 +11,11 @@ What it changes (each change is recorded, and goes into the manifest's ``trainin
   keeps its fixed batch, and calibration, agreement, validation and serving all run at that batch (the manifest's
   input shape says so, the batcher never merges past it, TensorRT's profile is fixed).
 
-What it refuses, with one line that names the node or tensor and says what to do: sequence, map or optional inputs,
-inputs of unknown rank, operators outside the standard ONNX domains (TensorRT 10.3 has no parser for them),
-sequence/string operators, and an opset that cannot be converted. Models over 2 GB keep their weights as external
-data next to the graph.
+What it refuses, with one line that names the node or tensor and says what to do: sequence, map or optional inputs
+or outputs, inputs of unknown rank, inputs or outputs of a type edgeloop does not serve (strings, bfloat16, 8-bit
+floats, ...), operators outside the standard ONNX domains (TensorRT 10.3 has no parser for them), sequence/string
+operators, and an opset that cannot be converted. Models over 2 GB keep their weights as external data next to the
+graph.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ UNSUPPORTED_OPS = {"SequenceConstruct", "SequenceAt", "SequenceInsert", "Sequenc
 EXTERNAL_DATA_BYTES = 1800 << 20
 """Above this the graph is saved with its weights in a side file (protobuf's 2 GB limit)."""
 INTAKE_FILE = "intake.json"
+ONNX_TO_DATATYPE = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 9: "BOOL",
+                    10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64"}
+"""ONNX element types (``onnx.TensorProto.DataType``) edgeloop serves, as Open Inference Protocol datatypes; strings,
+bfloat16, complex, 8-bit floats and 4-bit integers are refused at intake."""
 
 
 class ModelRefused(ConfigError):
@@ -79,17 +84,22 @@ def _check_types(model: Any) -> dict[str, str]:
 
     types = {}
     initializers = {i.name for i in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
+    inputs = [("input", v) for v in model.graph.input if v.name not in initializers]
+    for role, value in inputs + [("output", v) for v in model.graph.output]:
         kind = value.type.WhichOneof("value")
         if kind != "tensor_type":
-            raise ModelRefused(f"input {value.name!r} is a {kind.replace('_type', '')}, not a tensor: edgeloop serves "
-                               f"tensors only; re-export the model with tensor inputs")
-        if not value.type.tensor_type.HasField("shape"):
+            raise ModelRefused(f"{role} {value.name!r} is {(kind or 'untyped').replace('_type', '')}, not a tensor: "
+                               f"edgeloop serves tensors only; re-export the model with tensor {role}s")
+        tensor = value.type.tensor_type
+        if role == "input" and not tensor.HasField("shape"):
             raise ModelRefused(f"input {value.name!r} has an unknown rank: re-export it with a fixed number of "
                                f"dimensions (dynamic sizes are fine)")
-        types[value.name] = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+        if tensor.elem_type not in ONNX_TO_DATATYPE:
+            raise ModelRefused(f"{role} {value.name!r} is {onnx.TensorProto.DataType.Name(tensor.elem_type)}, which "
+                               f"edgeloop does not serve: re-export the model with {role}s of "
+                               f"{', '.join(sorted(set(ONNX_TO_DATATYPE.values())))}")
+        if role == "input":
+            types[value.name] = onnx.TensorProto.DataType.Name(tensor.elem_type)
     for node in model.graph.node:
         if node.domain not in STANDARD_DOMAINS:
             raise ModelRefused(f"node {node.name or node.op_type!r} uses {node.domain}::{node.op_type}, which TensorRT "

@@ -45,8 +45,8 @@ CANDIDATE_SUFFIX = "__candidate"
 """Name under which a version is validated through Triton before it takes the model's name (``_`` is outside the
 model-name pattern, so no real model can collide with it)."""
 _TRITON_TYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16",
-                 "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32",
-                 "FP64": "TYPE_FP64"}
+                 "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
+                 "UINT64": "TYPE_UINT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64"}
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,11 @@ def next_version_number(model_dir: Path) -> int:
     return max(numbers, default=0) + 1
 
 
+def batches(inputs: tuple[TensorInfo, ...], max_batch_size: int) -> bool:
+    """Whether Triton batches the model: every input has a dynamic batch axis, and batches may exceed one."""
+    return bool(inputs) and all(i.shape and i.shape[0] == -1 for i in inputs) and max_batch_size > 1
+
+
 def _dims(info: TensorInfo, batched: bool) -> str:
     shape = info.shape[1:] if batched else info.shape
     return ", ".join(str(d) for d in shape)
@@ -284,7 +289,7 @@ def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platfo
         shutil.copy(BACKEND_MODEL, folder / "model.py")
         (folder / "engine.json").write_text(json.dumps({"engine": str(Path(engine_path).resolve()),
                                                         "threads": threads, "spin": spin}))
-    batched = bool(inputs) and all(i.shape and i.shape[0] == -1 for i in inputs) and max_batch_size > 1
+    batched = batches(inputs, max_batch_size)
     lines = [f'name: "{name}"', 'platform: "tensorrt_plan"' if tensorrt else 'backend: "python"',
              f"max_batch_size: {max_batch_size if batched else 0}"]
     for kind, tensors in (("input", inputs), ("output", outputs)):
@@ -293,7 +298,10 @@ def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platfo
             if t.datatype not in _TRITON_TYPES:
                 raise ConfigError(f"{name}: Triton has no type for {t.name} ({t.datatype})")
             kind_of = _TRITON_TYPES[t.datatype]
-            entries.append(f'  {{ name: "{t.name}" data_type: {kind_of} dims: [ {_dims(t, batched)} ] }}')
+            dims = _dims(t, batched)
+            # Triton needs a dimension besides the batch: a [batch] tensor is [batch, 1] to clients (its rule)
+            shape = f"dims: [ {dims} ]" if dims else "dims: [ 1 ] reshape: { shape: [ ] }"
+            entries.append(f'  {{ name: "{t.name}" data_type: {kind_of} {shape} }}')
         lines.append(f"{kind} [\n" + ",\n".join(entries) + "\n]")
     if batched:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}")
@@ -330,11 +338,16 @@ class TritonEngine:
         self.memory_bytes = memory_bytes
         self.version = ""
         """Triton's version number of what serves (set after a load)."""
+        self._batched = batches(inputs, max_batch_size)
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run a batch through Triton; tensors keep the model's shapes (a [batch] tensor, [batch, 1] on Triton's side,
+        is reshaped both ways)."""
         request = pb.ModelInferRequest(model_name=self.name)
         for info in self.inputs:
             array = np.ascontiguousarray(inputs[info.name], dtype=DATATYPE_TO_NUMPY[info.datatype])
+            if self._batched and array.ndim == 1:
+                array = array.reshape(-1, 1)
             request.inputs.add(name=info.name, datatype=info.datatype, shape=list(array.shape))
             request.raw_input_contents.append(array.tobytes())
         for info in self.outputs:
@@ -349,6 +362,10 @@ class TritonEngine:
         for out, raw in zip(response.outputs, response.raw_output_contents, strict=False):
             dtype = DATATYPE_TO_NUMPY[out.datatype]
             results[out.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(out.shape))
+        if self._batched:
+            for info in self.outputs:
+                if len(info.shape) == 1 and info.name in results:
+                    results[info.name] = results[info.name].reshape(-1)
         return results
 
     def close(self) -> None:

@@ -17,7 +17,8 @@ SCHEMA_VERSION = 2
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 """Model names, versions and channels: lower case, safe in S3 keys, Kubernetes annotations and file names."""
 
-Datatype = Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
+Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+                   "FP64", "BYTES"]
 Precision = Literal["fp32", "fp16", "int8"]
 
 

@@ -138,3 +138,117 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
     finally:
         edge.stop()
     assert not repository.triton.running()  # stopping the runtime stops tritonserver
+
+
+def _models(folder: Path) -> dict[str, Path]:
+    """ONNX models of the shapes and types users publish: several inputs and outputs of different ranks, a
+    dynamic sequence axis, unsigned and 16-bit integers, FP16, BOOL, and a fixed batch."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+    from torch import nn
+
+    from tests.pipelines.test_import_real_models import _sensor_model
+
+    class ImageAndTokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.fc = nn.Embedding(50, 8), nn.Linear(16, 4)
+
+        def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pooled = self.embed(tokens).mean(1)
+            return self.fc(torch.cat([image.flatten(1)[:, :8], pooled], 1)), self.embed(tokens)
+
+    torch.manual_seed(0)
+    paths = {name: folder / f"{name}.onnx" for name in ("two_in_two_out", "sensor", "half", "flags", "fixed",
+                                                        "per_sample")}
+    with torch.no_grad():
+        torch.onnx.export(ImageAndTokens().eval(), (torch.randn(2, 1, 4, 4), torch.randint(0, 50, (2, 5))),
+                          str(paths["two_in_two_out"]), input_names=["image", "tokens"],
+                          output_names=["scores", "embedded"], opset_version=17, dynamo=False,
+                          dynamic_axes={"image": {0: "b"}, "tokens": {0: "b", 1: "t"}, "scores": {0: "b"},
+                                        "embedded": {0: "b", 1: "t"}})
+        torch.onnx.export(nn.Linear(6, 3).eval(), (torch.randn(1, 6),), str(paths["fixed"]), input_names=["x"],
+                          output_names=["y"], opset_version=17, dynamo=False)
+    _sensor_model(paths["sensor"])
+    for name, op, kind, shape in (("half", "Relu", TensorProto.FLOAT16, ["b", 6]),
+                                  ("flags", "Not", TensorProto.BOOL, ["b", 6]),
+                                  ("per_sample", "Neg", TensorProto.FLOAT, ["b"])):  # one value per sample
+        graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], name,
+                                  [helper.make_tensor_value_info("x", kind, shape)],
+                                  [helper.make_tensor_value_info("y", kind, shape)])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                  str(paths[name]))
+    return paths
+
+
+def test_triton_serves_models_of_every_shape_and_type_like_onnx_runtime(tmp_path, triton_python):
+    """The model edgeloop writes into Triton's repository (config.pbtxt and the Python-backend model), for the class
+    of models the builtin server takes: concurrent tritonclient calls, merged by Triton's dynamic batcher, answer
+    exactly what ONNX Runtime answers for each request alone. A tensor with no axis but the batch is [batch, 1] to
+    Triton's clients (Triton requires a dimension besides the batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as triton
+
+    from edge_runtime.engines.onnxruntime import OrtEngine
+    from edge_runtime.triton import TritonEngine, TritonServer, find_triton, write_model
+
+    install = find_triton(None, triton_python, tmp_path / "work")
+    server = TritonServer(install, tmp_path / "repo", bind_address="127.0.0.1", grpc_port=0, metrics_port=0,
+                          log_path=tmp_path / "triton.log")
+    rng = np.random.default_rng(0)
+
+    def sample(info, batch: int) -> np.ndarray:  # noqa: ANN001 - TensorInfo
+        shape = [batch if i == 0 and d == -1 else (int(rng.integers(2, 7)) if d == -1 else d)
+                 for i, d in enumerate(info.shape)]
+        if info.datatype in ("INT64", "UINT16", "INT16"):
+            return rng.integers(0, 50, shape).astype({"INT64": np.int64, "UINT16": np.uint16,
+                                                      "INT16": np.int16}[info.datatype])
+        if info.datatype == "BOOL":
+            return rng.random(shape) > 0.5
+        return rng.standard_normal(shape).astype(np.float16 if info.datatype == "FP16" else np.float32)
+
+    server.start()
+    try:
+        for name, path in _models(tmp_path).items():
+            engine = OrtEngine(path, max_batch_size=8, threads=1)
+            write_model(server.repo, name, 1, engine_path=path, platform=engine.platform, inputs=engine.inputs,
+                        outputs=engine.outputs, max_batch_size=engine.max_batch_size, max_queue_delay_us=2000,
+                        edgeloop_version="v1", variant="fp32")
+            server.load(name)
+            batches = [int(rng.integers(1, 3)) if engine.max_batch_size > 1 else 1 for _ in range(48)]
+            requests = [{i.name: sample(i, batch) for i in engine.inputs} for batch in batches]
+
+            def ask(inputs: dict[str, np.ndarray], model: str = name, outputs=engine.outputs,  # noqa: ANN001
+                    batched: bool = engine.max_batch_size > 1) -> dict:
+                with triton.InferenceServerClient(f"127.0.0.1:{server.grpc_port}") as client:
+                    tensors = []
+                    for key, value in inputs.items():
+                        if value.ndim == 1 and batched:  # Triton's rule: [batch] is [batch, 1]
+                            value = value.reshape(-1, 1)  # noqa: PLW2901
+                        tensor = triton.InferInput(key, list(value.shape), triton.np_to_triton_dtype(value.dtype))
+                        tensor.set_data_from_numpy(value)
+                        tensors.append(tensor)
+                    reply = client.infer(model, tensors)
+                    return {o.name: reply.as_numpy(o.name) for o in outputs}
+
+            # edgeloop's own client of Triton (validation runs through it) keeps the model's shapes
+            through = TritonEngine(server, name, engine.inputs, engine.outputs, engine.max_batch_size, engine.platform)
+            for key, want in engine.infer(requests[0]).items():
+                assert through.infer(requests[0])[key].shape == want.shape, (name, key)
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(ask, requests))
+            for inputs, got in zip(requests, answers, strict=True):
+                expected = engine.infer(inputs)
+                for key, want in expected.items():
+                    if want.ndim == 1 and engine.max_batch_size > 1:  # Triton's rule: a [batch] output is [batch, 1]
+                        want = want.reshape(-1, 1)  # noqa: PLW2901
+                    assert got[key].dtype == want.dtype and got[key].shape == want.shape, (name, key)
+                    assert np.allclose(got[key].astype(np.float64), want.astype(np.float64), atol=1e-3), (name, key)
+            executions = server.metrics().get(name, {})
+            if engine.max_batch_size > 1 and name != "two_in_two_out":  # varying sequence lengths never merge
+                assert executions["executions"] < executions["requests"], name  # Triton merged requests
+            engine.close()
+    finally:
+        server.stop()
