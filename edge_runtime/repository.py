@@ -51,6 +51,10 @@ class ModelRepository:
         """tritonserver runs and holds every serving model (engine triton)."""
         self._triton_retry_at = 0.0
         self._triton_delay = settings.retry_initial_s
+        self._stubs_missing: dict[str, float] = {}
+        """Model → when its Python-backend stub was first seen missing (missing at a later look is a fault)."""
+        self._stub_backoff: dict[str, tuple[float, float]] = {}
+        """Model → (next reload allowed at, the delay after that one) while its stub stays dead."""
         try:
             names = list(self.desired.read())
         except Exception as exc:  # noqa: BLE001 - the settings' models start; the loop reports the file's problem
@@ -237,7 +241,10 @@ class ModelRepository:
     async def _watch_triton(self) -> None:
         """tritonserver exiting is a fault like any other: reported, restarted with back-off, and every model's last
         good version loaded into it again."""
-        if self.triton is None or (self.triton_up and self.triton.running()):
+        if self.triton is None:
+            return
+        if self.triton_up and self.triton.running():
+            await self._watch_stubs()
             return
         if self.triton_up:  # it was running: it died
             self.triton_up = False
@@ -265,6 +272,43 @@ class ModelRepository:
                 await runtime.reload_into_triton()
         self._report("triton_restarted", {"restarts": self.triton.restarts})
         self._changed()
+
+    async def _watch_stubs(self) -> None:
+        """A Python-backend model whose stub died leaves tritonserver running and the model "ready" while every
+        request to it fails ("Stub process is not healthy"). Missing at two looks in a row, it is reported and the model
+        loaded again, which starts a new stub (with back-off while that does not help)."""
+        expected = {name: (runtime, str(getattr(runtime.serving.engine, "version", "")))
+                    for name, runtime in self.runtimes.items()
+                    if runtime.serving is not None and not runtime.paused
+                    and getattr(runtime.serving.engine, "platform", "") != "tensorrt_plan"}
+        alive = await asyncio.to_thread(self.triton.python_stubs) if expected else set()
+        if alive is None:  # no /proc: nothing to go by
+            return
+        now = time.monotonic()
+        for name in set(self._stubs_missing) - set(expected):
+            self._stubs_missing.pop(name)
+            self._stub_backoff.pop(name, None)
+        for name, (runtime, version) in expected.items():
+            # a live stub of this version, or of a newer one (Triton swapping to what this runtime is about to serve)
+            if not version.isdigit() or any(n == name and v.isdigit() and int(v) >= int(version) for n, v in alive):
+                self._stubs_missing.pop(name, None)
+                self._stub_backoff.pop(name, None)
+                continue
+            if self._stubs_missing.setdefault(name, now) == now:
+                continue  # first look
+            retry_at, delay = self._stub_backoff.get(name, (0.0, self.settings.retry_initial_s))
+            if now < retry_at:
+                continue
+            self._stub_backoff[name] = (now + delay, min(delay * 2, self.settings.retry_max_s))
+            reason = (f"the Triton Python-backend stub of {name} (Triton version {version}) died, so every request to "
+                      f"it failed: loading it again")
+            log.error("%s", reason)
+            self._report("failed", {"model_name": name, "version": runtime.serving.version, "error": reason,
+                                    "error_kind": "EngineError", "scope": "triton"})
+            with contextlib.suppress(Exception):  # reported by the runtime; tried again after the back-off
+                # unloaded first: Triton skips loading a model whose files did not change, dead stub or not
+                await asyncio.to_thread(self.triton.unload, name)
+                await runtime.reload_into_triton()
 
     async def run_forever(self, period_s: float = 1.0) -> None:
         """Start every model's loop, then watch the desired file (and the loops, and tritonserver) every

@@ -181,6 +181,30 @@ class TritonServer:
                 self.process.kill()
                 self.process.wait(5)
 
+    def python_stubs(self) -> set[tuple[str, str]] | None:
+        """(model, version) of every live Python-backend stub of this ``tritonserver``, from /proc (``None`` where
+        that cannot be read). A stub that died (killed for memory, crashed in ONNX Runtime) is a zombie child until
+        Triton reaps it, which it does not do on its own: it has no command line, and does not count."""
+        if self.process is None:
+            return set()
+        found: set[tuple[str, str]] = set()
+        try:
+            entries = [e for e in Path("/proc").iterdir() if e.name.isdigit()]
+        except OSError:
+            return None
+        for entry in entries:
+            try:
+                state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+                argv = (entry / "cmdline").read_bytes().split(b"\0") if int(parent) == self.process.pid else []
+            except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+                continue
+            if state == "Z" or len(argv) < 2 or not argv[0].endswith(b"triton_python_backend_stub"):
+                continue
+            model_py = Path(argv[1].decode(errors="replace"))  # <repo>/<model>/<version>/model.py
+            if model_py.parent.parent.parent == self.repo:
+                found.add((model_py.parent.parent.name, model_py.parent.name))
+        return found
+
     def log_tail(self, lines: int = 5) -> str:
         try:
             said = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]

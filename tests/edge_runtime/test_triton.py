@@ -135,6 +135,21 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
         # restart started them from zero)
         wait_until(lambda: edge.app.stats()["models"][0].get("triton", {}).get("requests", 0) >= 1, timeout=15)
         assert json.dumps(edge.app.stats())  # the stats event stays JSON
+
+        # the Python-backend stub killed (as the OOM killer would): tritonserver lives on and calls the model ready
+        # while every request fails; edgeloop sees the stub gone, reports it and loads the model again
+        version = edge.app.runtime.serving.engine.version
+        assert (MODEL, version) in repository.triton.python_stubs()
+        stubs = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "cmdline").exists()
+                 and f"/{MODEL}/{version}/model.py".encode() in (p / "cmdline").read_bytes()]
+        assert len(stubs) == 1
+        os.kill(stubs[0], signal.SIGKILL)
+        wait_until(lambda: [e for e in edge.events("failed") if "stub" in e.get("error", "")], timeout=30)
+        wait_until(lambda: (MODEL, version) in repository.triton.python_stubs() and client.is_model_ready(MODEL),
+                   timeout=30)
+        assert np.allclose(infer(triton.InferenceServerClient(edge.address)), expected, atol=1e-4)
+        died = [e for e in edge.events("failed") if "stub" in e.get("error", "")]
+        assert died[0]["model_name"] == MODEL and died[0]["scope"] == "triton" and len(died) == 1
     finally:
         edge.stop()
     assert not repository.triton.running()  # stopping the runtime stops tritonserver
