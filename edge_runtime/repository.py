@@ -30,6 +30,9 @@ from edge_runtime.slot import ServingModel
 from edge_runtime.store import ObjectStore
 
 log = logging.getLogger(__name__)
+TRITON_UNANSWERED = 3
+"""ServerLive failures in a row (each waits up to 2 s, a look a second) after which a running tritonserver counts
+as hung and is killed and restarted."""
 
 
 class ModelRepository:
@@ -51,6 +54,8 @@ class ModelRepository:
         """tritonserver runs and holds every serving model (engine triton)."""
         self._triton_retry_at = 0.0
         self._triton_delay = settings.retry_initial_s
+        self._triton_unanswered = 0
+        """ServerLive calls tritonserver failed in a row while its process ran."""
         self._stubs_missing: dict[str, float] = {}
         """Model → when its Python-backend stub was first seen missing (missing at a later look is a fault)."""
         self._stub_backoff: dict[str, tuple[float, float]] = {}
@@ -239,16 +244,26 @@ class ModelRepository:
             self._changed()
 
     async def _watch_triton(self) -> None:
-        """tritonserver exiting is a fault like any other: reported, restarted with back-off, and every model's last
-        good version loaded into it again."""
+        """tritonserver exiting, or no longer answering ServerLive (hung, stopped) at :data:`TRITON_UNANSWERED`
+        looks in a row, is a fault like any other: reported, (killed and) restarted with back-off, and every model's
+        last good version loaded into it again."""
         if self.triton is None:
             return
+        hung = None
         if self.triton_up and self.triton.running():
-            await self._watch_stubs()
-            return
-        if self.triton_up:  # it was running: it died
+            if await asyncio.to_thread(self.triton.live):
+                self._triton_unanswered = 0
+                await self._watch_stubs()
+                return
+            self._triton_unanswered += 1
+            if self._triton_unanswered < TRITON_UNANSWERED:
+                return
+            hung = f"tritonserver stopped answering (ServerLive failed {self._triton_unanswered} times in a row)"
+            await asyncio.to_thread(self.triton.stop, 0)  # SIGTERM, then SIGKILL at once: a hung one ignores SIGTERM
+        if self.triton_up:  # it was running: it died, or hung and was killed
             self.triton_up = False
-            reason = f"tritonserver exited (code {self.triton.exit_code()}): {self.triton.log_tail(2)}"
+            self._triton_unanswered = 0
+            reason = hung or f"tritonserver exited (code {self.triton.exit_code()}): {self.triton.log_tail(2)}"
             log.error("%s; restarting it in %.1fs", reason, self._triton_delay)
             self._report("failed", {"error": reason, "error_kind": "EngineError", "scope": "triton"})
             self._triton_retry_at = time.monotonic() + self._triton_delay

@@ -150,6 +150,13 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
         assert np.allclose(infer(triton.InferenceServerClient(edge.address)), expected, atol=1e-4)
         died = [e for e in edge.events("failed") if "stub" in e.get("error", "")]
         assert died[0]["model_name"] == MODEL and died[0]["scope"] == "triton" and len(died) == 1
+
+        # tritonserver hung (stopped): its process runs but answers nothing; killed, restarted, the model loaded again
+        os.kill(repository.triton.process.pid, signal.SIGSTOP)
+        wait_until(lambda: repository.triton.restarts == 2 and repository.triton_up, timeout=60)
+        wait_until(lambda: client.is_model_ready(MODEL), timeout=30)
+        assert np.allclose(infer(triton.InferenceServerClient(edge.address)), expected, atol=1e-4)
+        assert [e for e in edge.events("failed") if "stopped answering" in e.get("error", "")]
     finally:
         edge.stop()
     assert not repository.triton.running()  # stopping the runtime stops tritonserver
