@@ -40,6 +40,7 @@ from edge_runtime.desired import DesiredModels
 from edge_runtime.device import DeviceFacts
 from edge_runtime.engines import EnginePlan, candidate_variants, named_variant, plan_for, resolve_backend
 from edge_runtime.engines.base import Engine
+from edge_runtime.engines.onnxruntime import spins
 from edge_runtime.engines.provider import EngineProvider
 from edge_runtime.errors import (
     EdgeloopError,
@@ -579,8 +580,8 @@ class ModelRuntime:
         engine.close()  # Triton runs it from here on (one copy in memory)
         shape = {"engine_path": self.engines.path(manifest, plan), "platform": platform, **io,
                  "max_batch_size": max_batch, "max_queue_delay_us": delay_us, "edgeloop_version": manifest.version,
-                 "variant": plan.variant.name, "threads": max(1, self.settings.ort_intra_op_threads),
-                 "spin": bool(self.settings.ort_spin_wait)}
+                 "variant": plan.variant.name, "threads": self.settings.ort_intra_op_threads,
+                 "spin": spins(self.settings.ort_spin_wait)}  # as the builtin engine reads the same settings
         candidate = self.name + CANDIDATE_SUFFIX
         try:
             write_model(repo, candidate, 1, **shape)

@@ -50,6 +50,12 @@ def build_ort(model_path: Path, engine_path: Path, device: str = "cpu") -> Path:
     return engine_path
 
 
+def spins(spin: bool | None) -> bool:
+    """Whether ONNX Runtime's workers spin between runs: as set, else only on CPUs with more than 4 cores (fast on a
+    big server, a burnt core on a small device)."""
+    return spin if spin is not None else (os.cpu_count() or 1) > 4
+
+
 class OrtEngine:
     """An ONNX Runtime session over a (pre-optimized) ONNX file."""
 
@@ -62,8 +68,7 @@ class OrtEngine:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
-        # ONNX Runtime's workers spin between runs by default: fast on a big server, a burnt core on a small device
-        spinning = spin if spin is not None else (os.cpu_count() or 1) > 4
+        spinning = spins(spin)
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         from edge_runtime.memory import resident_bytes

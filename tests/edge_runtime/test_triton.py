@@ -72,6 +72,9 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
             None, {"input": x})[0]
         assert np.allclose(infer(client), expected, atol=1e-4)
         assert triton_config(client, MODEL) == {"edgeloop_version": "v1", "variant": served}
+        # ONNX Runtime in Triton reads the runtime's settings as the builtin engine does (0 threads: all cores)
+        engine_json = json.loads(next((repository.triton.repo / MODEL).glob("*/engine.json")).read_text())
+        assert (engine_json["threads"], engine_json["spin"]) == (0, (os.cpu_count() or 1) > 4)
         through = [e for e in edge.events("validated") if e.get("source") == "triton"]
         assert through and through[0]["version"] == "v1" and through[0]["passed"]
         from tritonclient.utils import InferenceServerException
