@@ -606,16 +606,17 @@ class ModelRuntime:
         model_dir = repo / self.name
         previous = (model_dir / "config.pbtxt").read_text() if (model_dir / "config.pbtxt").exists() else None
         number = next_version_number(model_dir)
-        folder = write_model(repo, self.name, number, **shape)
+        folder = model_dir / str(number)
         try:
+            write_model(repo, self.name, number, **shape)  # leaves nothing behind when it fails (a full disk)
             triton.load(self.name)
             if not triton.model_ready(self.name, str(number)):
                 raise EngineError(f"Triton loaded {self.name} but version {number} is not ready")
         except BaseException:
+            self.memory.release(holder)
             shutil.rmtree(folder, ignore_errors=True)  # Triton keeps serving the old version; so does the repository
             if previous is not None:
                 write_atomic(model_dir / "config.pbtxt", previous.encode())
-            self.memory.release(holder)
             raise
         prune_versions(repo, self.name, keep=number)
         served = TritonEngine(triton, self.name, max_batch_size=max_batch, platform=platform, memory_bytes=memory,

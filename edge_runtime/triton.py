@@ -297,22 +297,40 @@ def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platfo
                 inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...], max_batch_size: int,
                 max_queue_delay_us: int, edgeloop_version: str, variant: str, threads: int = 1,
                 spin: bool = False) -> Path:
-    """Write version ``number`` of Triton model ``name`` (config.pbtxt replaced atomically); returns its folder.
+    """Write version ``number`` of Triton model ``name``; returns its folder.
 
     A TensorRT plan is linked in as ``model.plan``; any other engine is served by the Python-backend model over the
     ONNX Runtime engine at ``engine_path``. A model whose inputs have no dynamic batch axis gets
-    ``max_batch_size: 0`` (no batching), as Triton requires."""
+    ``max_batch_size: 0`` (no batching), as Triton requires. Nothing is ever half-written where Triton looks (a
+    full disk, a crash): the version folder is filled under a name Triton ignores and renamed whole, then
+    config.pbtxt is replaced atomically; a failure leaves the repository as it was."""
+    tensorrt = platform == "tensorrt_plan"
+    config = _config(name, tensorrt, inputs, outputs, max_batch_size, max_queue_delay_us, edgeloop_version, variant)
     model_dir = Path(repo) / name
     folder = model_dir / str(number)
+    staging = model_dir / f".{number}.staging"  # not an integer: Triton skips it
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    tensorrt = platform == "tensorrt_plan"
-    if tensorrt:
-        (folder / "model.plan").symlink_to(Path(engine_path).resolve())
-    else:
-        shutil.copy(BACKEND_MODEL, folder / "model.py")
-        (folder / "engine.json").write_text(json.dumps({"engine": str(Path(engine_path).resolve()),
-                                                        "threads": threads, "spin": spin}))
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        if tensorrt:
+            (staging / "model.plan").symlink_to(Path(engine_path).resolve())
+        else:
+            shutil.copy(BACKEND_MODEL, staging / "model.py")
+            write_atomic(staging / "engine.json", json.dumps({"engine": str(Path(engine_path).resolve()),
+                                                              "threads": threads, "spin": spin}).encode())
+        staging.rename(folder)
+        write_atomic(model_dir / "config.pbtxt", config.encode())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _config(name: str, tensorrt: bool, inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...],
+            max_batch_size: int, max_queue_delay_us: int, edgeloop_version: str, variant: str) -> str:
+    """The config.pbtxt of :func:`write_model`; ConfigError for a tensor type Triton does not have."""
     batched = batches(inputs, max_batch_size)
     lines = [f'name: "{name}"', 'platform: "tensorrt_plan"' if tensorrt else 'backend: "python"',
              f"max_batch_size: {max_batch_size if batched else 0}"]
@@ -334,8 +352,7 @@ def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platfo
     parameters = {"edgeloop_version": edgeloop_version, "variant": variant}
     for key, value in parameters.items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}')
-    write_atomic(model_dir / "config.pbtxt", ("\n".join(lines) + "\n").encode())
-    return folder
+    return "\n".join(lines) + "\n"
 
 
 def prune_versions(repo: Path, name: str, keep: int) -> None:

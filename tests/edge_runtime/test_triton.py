@@ -277,3 +277,60 @@ def test_triton_serves_models_of_every_shape_and_type_like_onnx_runtime(tmp_path
             engine.close()
     finally:
         server.stop()
+
+
+def test_a_version_that_cannot_be_written_whole_leaves_the_repository_as_it_was(tmp_path, triton_python,
+                                                                                 monkeypatch):
+    """A full disk while writing version 2 (or a type Triton lacks) leaves no part of it where Triton looks: a later
+    load, such as the one after a tritonserver restart, still serves version 1."""
+    import errno
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    import edge_runtime.triton as triton_module
+    from edge_runtime.engines.base import TensorInfo
+    from edge_runtime.engines.onnxruntime import OrtEngine
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.triton import TritonEngine, TritonServer, find_triton, write_model
+
+    path = tmp_path / "neg.onnx"
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "neg",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    engine = OrtEngine(path, max_batch_size=4, threads=1)
+    repo = tmp_path / "repo"
+    args = {"engine_path": path, "platform": engine.platform, "inputs": engine.inputs, "outputs": engine.outputs,
+            "max_batch_size": 4, "max_queue_delay_us": 0, "variant": "fp32"}
+    write_model(repo, "neg", 1, edgeloop_version="v1", **args)
+    before = {p.relative_to(repo): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+
+    real_write = triton_module.write_atomic
+
+    def disk_full(target, data):  # noqa: ANN001, ANN202 - write_atomic's signature
+        if target.name == "engine.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real_write(target, data)
+
+    monkeypatch.setattr(triton_module, "write_atomic", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_model(repo, "neg", 2, edgeloop_version="v2", **args)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="no type"):
+        write_model(repo, "neg", 2, edgeloop_version="v2",
+                    **{**args, "inputs": (TensorInfo("x", "BYTES", (-1, 3)),)})
+    assert {p.relative_to(repo): p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (repo / "neg").iterdir()) == ["1", "config.pbtxt"]
+
+    server = TritonServer(find_triton(None, triton_python, tmp_path / "work"), repo, bind_address="127.0.0.1",
+                          grpc_port=0, metrics_port=0, log_path=tmp_path / "triton.log")
+    server.start()
+    try:
+        server.load("neg")
+        assert server.model_ready("neg", "1")
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        assert np.array_equal(TritonEngine(server, "neg", engine.inputs, engine.outputs, 4, engine.platform).infer(
+            {"x": x})["y"], -x)
+    finally:
+        server.stop()
