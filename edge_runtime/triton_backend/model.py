@@ -3,7 +3,8 @@
 Triton copies nothing from edgeloop but this file: it runs in Triton's Python stub, with numpy, onnxruntime and
 ``triton_python_backend_utils`` only. Each version folder holds ``engine.json`` (the engine file and the session
 options), which edgeloop writes with the version, so an older version folder always runs its own engine. Requests
-that Triton's dynamic batcher hands over together run as one batch and are split back per request.
+that Triton's dynamic batcher hands over together run as one batch and are split back per request; when that run
+fails, each runs alone, so only the request at fault gets an error (as in edgeloop's own batcher).
 """
 
 import json
@@ -34,18 +35,31 @@ class TritonPythonModel:
         feeds = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs}
                  for r in requests]
         if not self.batched or len(feeds) == 1:
-            return [self._respond(self.session.run(None, feed)) for feed in feeds]
+            return [self._run_alone(feed) for feed in feeds]
         sizes = [len(feed[self.inputs[0]]) for feed in feeds]
         shapes = {tuple(feed[name].shape[1:]) for feed in feeds for name in self.inputs[:1]}
         if len(shapes) > 1:  # different non-batch shapes never share a run
-            return [self._respond(self.session.run(None, feed)) for feed in feeds]
+            return [self._run_alone(feed) for feed in feeds]
         merged = {name: np.concatenate([feed[name] for feed in feeds]) for name in self.inputs}
-        results = self.session.run(None, merged)
+        try:
+            results = self.session.run(None, merged)
+        except Exception:  # find the culprit: each request alone, so only it fails
+            return [self._run_alone(feed) for feed in feeds]
         responses, offset = [], 0
         for size in sizes:
             responses.append(self._respond([value[offset: offset + size] for value in results]))
             offset += size
         return responses
+
+    def _run_alone(self, feed):
+        """One request's response, or its own error: INVALID_ARG where ONNX Runtime blames the input (an index out of
+        range, say), INTERNAL otherwise."""
+        try:
+            return self._respond(self.session.run(None, feed))
+        except Exception as exc:  # noqa: BLE001 - becomes this request's error, the others are answered
+            code = pb_utils.TritonError.INVALID_ARG if type(exc).__name__ == "InvalidArgument" else \
+                pb_utils.TritonError.INTERNAL
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ONNX Runtime: {exc}", code))
 
     def _respond(self, values):
         return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.ascontiguousarray(value))

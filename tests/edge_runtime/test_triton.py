@@ -334,3 +334,58 @@ def test_a_version_that_cannot_be_written_whole_leaves_the_repository_as_it_was(
             {"x": x})["y"], -x)
     finally:
         server.stop()
+
+
+def test_a_bad_request_merged_with_good_ones_fails_alone(tmp_path, triton_python):
+    """Triton's batcher merges eight concurrent requests (20 ms queue delay); one carries a token id outside the
+    embedding table. ONNX Runtime refuses the merged run, the model runs each alone: seven answers and one
+    INVALID_ARGUMENT, as edgeloop's own batcher does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onnx
+    import tritonclient.grpc as triton
+    from onnx import TensorProto, helper, numpy_helper
+    from tritonclient.utils import InferenceServerException
+
+    from edge_runtime.engines.onnxruntime import OrtEngine
+    from edge_runtime.triton import TritonServer, find_triton, write_model
+
+    path = tmp_path / "embed.onnx"
+    table = np.arange(200, dtype=np.float32).reshape(50, 4)
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["vectors"])], "embed",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 3])],
+                              [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["b", 3, 4])],
+                              [numpy_helper.from_array(table, "table")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    engine = OrtEngine(path, max_batch_size=8, threads=1)
+    server = TritonServer(find_triton(None, triton_python, tmp_path / "work"), tmp_path / "repo",
+                          bind_address="127.0.0.1", grpc_port=0, metrics_port=0, log_path=tmp_path / "triton.log")
+    server.start()
+    try:
+        write_model(server.repo, "embed", 1, engine_path=path, platform=engine.platform, inputs=engine.inputs,
+                    outputs=engine.outputs, max_batch_size=8, max_queue_delay_us=20_000, edgeloop_version="v1",
+                    variant="fp32")
+        server.load("embed")
+        ids = [np.array([[i, i + 1, 999 if i == 3 else i + 2]], np.int64) for i in range(8)]
+
+        def ask(value: np.ndarray):  # noqa: ANN202 - an answer or the error
+            with triton.InferenceServerClient(f"127.0.0.1:{server.grpc_port}") as client:
+                tensor = triton.InferInput("ids", list(value.shape), "INT64")
+                tensor.set_data_from_numpy(value)
+                try:
+                    return client.infer("embed", [tensor]).as_numpy("vectors")
+                except InferenceServerException as exc:
+                    return exc
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, ids))
+        counts = server.metrics()["embed"]
+        assert counts["executions"] < 8  # the eight were merged
+        for i, (value, answer) in enumerate(zip(ids, answers, strict=True)):
+            if i == 3:
+                assert isinstance(answer, InferenceServerException) and "INVALID_ARGUMENT" in str(answer.status())
+                assert "out of data bounds" in answer.message()
+            else:
+                assert np.array_equal(answer, table[value])
+    finally:
+        server.stop()
