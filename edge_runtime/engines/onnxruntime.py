@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.engines.base import TensorInfo
-from edge_runtime.errors import EdgeloopError, EngineError
+from edge_runtime.errors import EdgeloopError, EngineError, InvalidInput
 
 _ORT_TYPES = {
     "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(int64)": "INT64",
@@ -94,9 +94,14 @@ class OrtEngine:
         return TensorInfo(arg.name, _ORT_TYPES.get(arg.type, arg.type), shape)
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run a batch; InvalidInput where ONNX Runtime blames the values (an index outside a table, say: the
+        server checked names, types and shapes already), EngineError for anything else."""
         try:
             values = self._session.run(None, inputs)
         except Exception as exc:
+            if type(exc).__name__ == "InvalidArgument":  # onnxruntime's own class, not importable by a stable name
+                said = str(exc).split("Status Message: ", 1)[-1].strip()
+                raise InvalidInput(f"ONNX Runtime refused the input: {said}") from exc
             raise EngineError(f"ONNX Runtime failed to run a batch: {exc}") from exc
         return {info.name: value for info, value in zip(self.outputs, values, strict=True)}
 

@@ -252,3 +252,35 @@ def test_company_wait_fills_batches_when_requests_trickle_in_and_spares_a_lone_c
     elapsed, _ = asyncio.run(scenario(20_000, 1, 600))  # a lone client never brings company: only probes wait
     assert engine.runs == [1] * 600
     assert elapsed < 2.0, elapsed  # nine probes of 1 ms, not 600 waits of 20 ms (12 s)
+
+
+def test_values_onnx_runtime_refuses_are_the_request_s_fault_and_fail_alone(tmp_path):
+    """A token id outside an embedding table passes every check on names, types and shapes; ONNX Runtime refuses
+    it. That is InvalidInput (INVALID_ARGUMENT, with ONNX Runtime's reason), and only its request fails."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_runtime.engines.onnxruntime import OrtEngine
+    from edge_runtime.errors import InvalidInput
+
+    table = np.arange(200, dtype=np.float32).reshape(50, 4)
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["vectors"])], "embed",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 3])],
+                              [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["b", 3, 4])],
+                              [numpy_helper.from_array(table, "table")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "embed.onnx"))
+    engine = OrtEngine(tmp_path / "embed.onnx", max_batch_size=8, threads=1)
+    ids = [np.array([[i, i + 1, 999 if i == 2 else i + 2]], np.int64) for i in range(5)]
+
+    async def scenario():  # noqa: ANN202
+        batcher = DynamicBatcher(engine, max_batch_size=8)
+        results = await asyncio.gather(*(batcher.infer({"ids": x}) for x in ids), return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[2], InvalidInput) and "out of data bounds" in str(results[2])
+    assert "\n" not in str(results[2])
+    assert all(np.array_equal(r["vectors"], table[x]) for i, (x, r) in enumerate(zip(ids, results, strict=True))
+               if i != 2)
