@@ -257,20 +257,12 @@ def test_company_wait_fills_batches_when_requests_trickle_in_and_spares_a_lone_c
 def test_values_onnx_runtime_refuses_are_the_request_s_fault_and_fail_alone(tmp_path):
     """A token id outside an embedding table passes every check on names, types and shapes; ONNX Runtime refuses
     it. That is InvalidInput (INVALID_ARGUMENT, with ONNX Runtime's reason), and only its request fails."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     from edge_runtime.engines.onnxruntime import OrtEngine
     from edge_runtime.errors import InvalidInput
+    from tests.onnx_models import embedding_model
 
     table = np.arange(200, dtype=np.float32).reshape(50, 4)
-    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["vectors"])], "embed",
-                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 3])],
-                              [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["b", 3, 4])],
-                              [numpy_helper.from_array(table, "table")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
-              str(tmp_path / "embed.onnx"))
-    engine = OrtEngine(tmp_path / "embed.onnx", max_batch_size=8, threads=1)
+    engine = OrtEngine(embedding_model(tmp_path / "embed.onnx", table), max_batch_size=8, threads=1)
     ids = [np.array([[i, i + 1, 999 if i == 2 else i + 2]], np.int64) for i in range(5)]
 
     async def scenario():  # noqa: ANN202

@@ -168,12 +168,11 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
 def _models(folder: Path) -> dict[str, Path]:
     """ONNX models of the shapes and types users publish: several inputs and outputs of different ranks, a
     dynamic sequence axis, unsigned and 16-bit integers, FP16, BOOL, and a fixed batch."""
-    import onnx
     import torch
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
     from torch import nn
 
-    from tests.pipelines.test_import_real_models import _sensor_model
+    from tests.onnx_models import elementwise_model, sensor_model
 
     class ImageAndTokens(nn.Module):
         def __init__(self) -> None:
@@ -195,15 +194,11 @@ def _models(folder: Path) -> dict[str, Path]:
                                         "embedded": {0: "b", 1: "t"}})
         torch.onnx.export(nn.Linear(6, 3).eval(), (torch.randn(1, 6),), str(paths["fixed"]), input_names=["x"],
                           output_names=["y"], opset_version=17, dynamo=False)
-    _sensor_model(paths["sensor"])
+    sensor_model(paths["sensor"])
     for name, op, kind, shape in (("half", "Relu", TensorProto.FLOAT16, ["b", 6]),
                                   ("flags", "Not", TensorProto.BOOL, ["b", 6]),
                                   ("per_sample", "Neg", TensorProto.FLOAT, ["b"])):  # one value per sample
-        graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], name,
-                                  [helper.make_tensor_value_info("x", kind, shape)],
-                                  [helper.make_tensor_value_info("y", kind, shape)])
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
-                  str(paths[name]))
+        elementwise_model(paths[name], op, kind, shape)
     return paths
 
 
@@ -285,20 +280,16 @@ def test_a_version_that_cannot_be_written_whole_leaves_the_repository_as_it_was(
     load, such as the one after a tritonserver restart, still serves version 1."""
     import errno
 
-    import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     import edge_runtime.triton as triton_module
     from edge_runtime.engines.base import TensorInfo
     from edge_runtime.engines.onnxruntime import OrtEngine
     from edge_runtime.errors import ConfigError
     from edge_runtime.triton import TritonEngine, TritonServer, find_triton, write_model
+    from tests.onnx_models import elementwise_model
 
-    path = tmp_path / "neg.onnx"
-    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "neg",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    path = elementwise_model(tmp_path / "neg.onnx", "Neg", TensorProto.FLOAT, ["b", 3])
     engine = OrtEngine(path, max_batch_size=4, threads=1)
     repo = tmp_path / "repo"
     args = {"engine_path": path, "platform": engine.platform, "inputs": engine.inputs, "outputs": engine.outputs,
@@ -342,21 +333,15 @@ def test_a_bad_request_merged_with_good_ones_fails_alone(tmp_path, triton_python
     INVALID_ARGUMENT, as edgeloop's own batcher does."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import onnx
     import tritonclient.grpc as triton
-    from onnx import TensorProto, helper, numpy_helper
     from tritonclient.utils import InferenceServerException
 
     from edge_runtime.engines.onnxruntime import OrtEngine
     from edge_runtime.triton import TritonServer, find_triton, write_model
+    from tests.onnx_models import embedding_model
 
-    path = tmp_path / "embed.onnx"
     table = np.arange(200, dtype=np.float32).reshape(50, 4)
-    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["vectors"])], "embed",
-                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 3])],
-                              [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["b", 3, 4])],
-                              [numpy_helper.from_array(table, "table")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    path = embedding_model(tmp_path / "embed.onnx", table)
     engine = OrtEngine(path, max_batch_size=8, threads=1)
     server = TritonServer(find_triton(None, triton_python, tmp_path / "work"), tmp_path / "repo",
                           bind_address="127.0.0.1", grpc_port=0, metrics_port=0, log_path=tmp_path / "triton.log")

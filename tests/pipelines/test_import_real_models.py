@@ -262,42 +262,11 @@ def test_int64_and_bool_inputs_at_opset_17_with_a_dynamic_batch(tmp_path, local_
     assert output_agreement({"logits": expected}, got) >= 0.95
 
 
-def _sensor_model(path: Path) -> Path:
-    """A raw 12-bit sensor frame (UINT16) and a per-frame INT16 offset → FP32 scores, and the winning class as UINT32
-    and as UINT64: the integer types a camera or a counter hands over, built with onnx.helper (torch exports no
-    unsigned 16/32/64-bit inputs)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w"),
-               numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b"),
-               numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "fc"),
-               numpy_helper.from_array(np.array(1 / 4096, np.float32), "scale")]
-    nodes = [helper.make_node("Cast", ["raw"], ["raw_f"], to=TensorProto.FLOAT),
-             helper.make_node("Mul", ["raw_f", "scale"], ["x"]),
-             helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]),
-             helper.make_node("MatMul", ["f", "fc"], ["m"]),
-             helper.make_node("Cast", ["offset"], ["offset_f"], to=TensorProto.FLOAT),
-             helper.make_node("Add", ["m", "offset_f"], ["scores"]),
-             helper.make_node("ArgMax", ["scores"], ["best"], axis=1, keepdims=0),
-             helper.make_node("Cast", ["best"], ["label"], to=TensorProto.UINT32),
-             helper.make_node("Cast", ["best"], ["label64"], to=TensorProto.UINT64)]
-    graph = helper.make_graph(
-        nodes, "sensor", [helper.make_tensor_value_info("raw", TensorProto.UINT16, ["batch", 1, 8, 8]),
-                          helper.make_tensor_value_info("offset", TensorProto.INT16, ["batch", 1])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 4]),
-         helper.make_tensor_value_info("label", TensorProto.UINT32, ["batch"]),
-         helper.make_tensor_value_info("label64", TensorProto.UINT64, ["batch"])], weights)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-    return path
-
-
 def test_unsigned_and_16_bit_integer_tensors_keep_their_types_end_to_end(tmp_path, local_s3, key_dir,
                                                                          edge_settings):
-    source = _sensor_model(tmp_path / "sensor.onnx")
+    from tests.onnx_models import sensor_model
+
+    source = sensor_model(tmp_path / "sensor.onnx")
     rng = np.random.default_rng(1)
 
     def frames(count: int) -> dict[str, np.ndarray]:
