@@ -374,3 +374,54 @@ def test_a_bad_request_merged_with_good_ones_fails_alone(tmp_path, triton_python
                 assert np.array_equal(answer, table[value])
     finally:
         server.stop()
+
+
+def test_two_models_through_triton_and_a_dead_stub_touches_only_its_own(store, signing_key, trained, edge_settings,
+                                                                       triton_python, tmp_path):
+    """Two models, each with its own life cycle, served by one Triton: both answer like ONNX Runtime; the stub of one
+    killed, the other keeps answering, and only the one is reported and loaded again."""
+    import onnxruntime as ort
+    import tritonclient.grpc as triton
+
+    from edgeloop.samples import digits_linear
+
+    linear_name = "digits-linear"
+    linear = digits_linear(tmp_path / "linear")[0]
+    publish_model(store, signing_key, trained, "v1")
+    publish_model(store, signing_key, trained, "v1", name=linear_name, files={"fp32": linear},
+                  reference_files={"fp32": linear})
+    edge = RunningEdge(edge_settings(store.bucket, models=[{"name": MODEL}, {"name": linear_name, "max_batch_size": 4}],
+                                     serving_engine="triton", triton_python=triton_python, grpc_port=free_port(),
+                                     triton_metrics_port=0, control_port=0))
+    x = trained.x_val[:3]
+
+    def infer(client, model: str) -> np.ndarray:  # noqa: ANN001
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        return client.infer(model, [tensor]).as_numpy("logits")
+
+    def expected(path: Path) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+    try:
+        edge.wait_ready(180)
+        client = triton.InferenceServerClient(edge.address)
+        triton_server = edge.app.repository.triton
+        assert np.allclose(infer(client, linear_name), expected(linear), atol=1e-4)
+        served = {r.name: r.serving for r in edge.app.repository.runtimes.values()}
+        cnn_expected = expected(trained.good[served[MODEL].plan.variant.name])
+        assert np.allclose(infer(client, MODEL), cnn_expected, atol=1e-4)
+        version = served[linear_name].engine.version
+        assert {(MODEL, served[MODEL].engine.version), (linear_name, version)} <= triton_server.python_stubs()
+        stub = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "cmdline").exists()
+                    and f"/{linear_name}/{version}/model.py".encode() in (p / "cmdline").read_bytes())
+        os.kill(stub, signal.SIGKILL)
+        for _ in range(20):
+            assert np.allclose(infer(client, MODEL), cnn_expected, atol=1e-4)  # the other model is untouched
+        wait_until(lambda: [e for e in edge.events("failed") if "stub" in e.get("error", "")], timeout=30)
+        wait_until(lambda: (linear_name, version) in triton_server.python_stubs() and client.is_model_ready(
+            linear_name), timeout=30)
+        assert np.allclose(infer(client, linear_name), expected(linear), atol=1e-4)
+        assert [e["model_name"] for e in edge.events("failed") if "stub" in e.get("error", "")] == [linear_name]
+    finally:
+        edge.stop()
