@@ -356,9 +356,11 @@ def _config(name: str, tensorrt: bool, inputs: tuple[TensorInfo, ...], outputs: 
 
 
 def prune_versions(repo: Path, name: str, keep: int) -> None:
-    """Remove every version folder of ``name`` but ``keep`` (after Triton swapped to it)."""
+    """Remove every version folder of ``name`` but ``keep`` (after Triton swapped to it), and any staging folder a
+    crash left behind."""
     for folder in (Path(repo) / name).glob("*"):
-        if folder.is_dir() and folder.name.isdigit() and int(folder.name) != keep:
+        stale = folder.name.isdigit() and int(folder.name) != keep or folder.name.endswith(".staging")
+        if folder.is_dir() and stale:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -286,7 +286,7 @@ def test_a_version_that_cannot_be_written_whole_leaves_the_repository_as_it_was(
     from edge_runtime.engines.base import TensorInfo
     from edge_runtime.engines.onnxruntime import OrtEngine
     from edge_runtime.errors import ConfigError
-    from edge_runtime.triton import TritonEngine, TritonServer, find_triton, write_model
+    from edge_runtime.triton import TritonEngine, TritonServer, find_triton, prune_versions, write_model
     from tests.onnx_models import elementwise_model
 
     path = elementwise_model(tmp_path / "neg.onnx", "Neg", TensorProto.FLOAT, ["b", 3])
@@ -312,6 +312,9 @@ def test_a_version_that_cannot_be_written_whole_leaves_the_repository_as_it_was(
         write_model(repo, "neg", 2, edgeloop_version="v2",
                     **{**args, "inputs": (TensorInfo("x", "BYTES", (-1, 3)),)})
     assert {p.relative_to(repo): p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (repo / "neg").iterdir()) == ["1", "config.pbtxt"]
+    (repo / "neg" / ".7.staging").mkdir()  # what a crash mid-write leaves: swept with the old versions
+    prune_versions(repo, "neg", keep=1)
     assert sorted(p.name for p in (repo / "neg").iterdir()) == ["1", "config.pbtxt"]
 
     server = TritonServer(find_triton(None, triton_python, tmp_path / "work"), repo, bind_address="127.0.0.1",
