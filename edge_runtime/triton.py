@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -44,6 +45,8 @@ BACKEND_MODEL = Path(__file__).with_name("triton_backend") / "model.py"
 CANDIDATE_SUFFIX = "__candidate"
 """Name under which a version is validated through Triton before it takes the model's name (``_`` is outside the
 model-name pattern, so no real model can collide with it)."""
+_TRITON_ERROR = re.compile(r"E\d{4} ")
+"""How Triton's error lines begin (glog: severity, month, day)."""
 _TRITON_TYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16",
                  "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
                  "UINT64": "TYPE_UINT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64"}
@@ -134,6 +137,8 @@ class TritonServer:
         self.log_path = Path(log_path)
         self.start_timeout_s = start_timeout_s
         self.process: subprocess.Popen | None = None
+        self._log_from = 0
+        """Where this start's lines begin in the log (it is appended to across restarts)."""
         self.restarts = 0
         self._control_key, self._control_value = "edgeloop-control", secrets.token_hex(16)
         self._control = ((f"triton-grpc-protocol-{self._control_key}", self._control_value),)  # Triton prefixes it
@@ -153,6 +158,7 @@ class TritonServer:
                 f"--metrics-port={self.metrics_port}", "--exit-on-error=false", "--log-verbose=0",
                 f"--grpc-restricted-protocol=model-repository:{self._control_key}={self._control_value}"]
         with open(self.log_path, "ab") as out:
+            self._log_from = out.seek(0, os.SEEK_END)
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                             env={**os.environ, **self.install.env}, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.start_timeout_s
@@ -206,11 +212,16 @@ class TritonServer:
         return found
 
     def log_tail(self, lines: int = 5) -> str:
+        """What this start of tritonserver said last: its error lines (Triton's ``E<date>`` lines, without the
+        time/thread/source prefix) where it logged any, else its last lines; one line."""
         try:
-            said = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
+            with open(self.log_path, "rb") as log_file:
+                log_file.seek(self._log_from)
+                said = [line for line in log_file.read().decode(errors="replace").splitlines() if line.strip()]
         except OSError:
             return "no log"
-        return " | ".join(said[-lines:]) or "nothing logged"
+        errors = [line.split("] ", 1)[-1].strip().strip('"').strip() for line in said if _TRITON_ERROR.match(line)]
+        return " | ".join((errors or said)[-lines:]) or "nothing logged"
 
     @property
     def control_headers(self) -> dict[str, str]:

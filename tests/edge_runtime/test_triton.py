@@ -428,3 +428,25 @@ def test_two_models_through_triton_and_a_dead_stub_touches_only_its_own(store, s
         assert [e["model_name"] for e in edge.events("failed") if "stub" in e.get("error", "")] == [linear_name]
     finally:
         edge.stop()
+
+
+def test_a_tritonserver_that_cannot_start_says_why_in_one_line(tmp_path, triton_python):
+    """The inference port taken by another process: start fails with Triton's own reason (its error lines, not the
+    option table it printed before them), and a second start's failure does not repeat the first one's lines."""
+    import socket
+
+    from edge_runtime.errors import EngineError
+    from edge_runtime.triton import TritonServer, find_triton
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = TritonServer(find_triton(None, triton_python, tmp_path / "work"), tmp_path / "repo",
+                              bind_address="127.0.0.1", grpc_port=taken.getsockname()[1], metrics_port=0,
+                              log_path=tmp_path / "triton.log")
+        for _ in range(2):
+            with pytest.raises(EngineError) as info:
+                server.start()
+            said = str(info.value)
+            assert "\n" not in said and "already in use" in said and "exit_timeout" not in said
+            assert said.count("failed to start GRPC service") == 1, said  # this start's lines only
