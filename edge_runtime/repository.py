@@ -35,6 +35,12 @@ TRITON_UNANSWERED = 3
 as hung and is killed and restarted."""
 
 
+def _serves(stubs: set[tuple[str, str]], name: str, version: str) -> bool:
+    """A live stub of this Triton version of model ``name``, or of a newer one (Triton swapping to what the runtime is
+    about to serve); a version edgeloop does not know yet counts as served."""
+    return not version.isdigit() or any(n == name and v.isdigit() and int(v) >= int(version) for n, v in stubs)
+
+
 class ModelRepository:
     """The device's models, by name. All coroutines run on one event loop."""
 
@@ -297,6 +303,8 @@ class ModelRepository:
                     if runtime.serving is not None and not runtime.paused
                     and getattr(runtime.serving.engine, "platform", "") != "tensorrt_plan"}
         alive = await asyncio.to_thread(self.triton.python_stubs) if expected else set()
+        if alive is not None and not all(_serves(alive, name, version) for name, (_, version) in expected.items()):
+            alive = await asyncio.to_thread(self.triton.python_stubs, True)  # new stubs since, or a dead one
         if alive is None:  # no /proc: nothing to go by
             return
         now = time.monotonic()
@@ -304,8 +312,7 @@ class ModelRepository:
             self._stubs_missing.pop(name)
             self._stub_backoff.pop(name, None)
         for name, (runtime, version) in expected.items():
-            # a live stub of this version, or of a newer one (Triton swapping to what this runtime is about to serve)
-            if not version.isdigit() or any(n == name and v.isdigit() and int(v) >= int(version) for n, v in alive):
+            if _serves(alive, name, version):
                 self._stubs_missing.pop(name, None)
                 self._stub_backoff.pop(name, None)
                 continue

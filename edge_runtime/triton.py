@@ -139,6 +139,8 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._log_from = 0
         """Where this start's lines begin in the log (it is appended to across restarts)."""
+        self._stubs: dict[int, tuple[str, str]] = {}
+        """pid → (model, version) of the Python-backend stubs :meth:`python_stubs` found last."""
         self.restarts = 0
         self._control_key, self._control_value = "edgeloop-control", secrets.token_hex(16)
         self._control = ((f"triton-grpc-protocol-{self._control_key}", self._control_value),)  # Triton prefixes it
@@ -187,29 +189,36 @@ class TritonServer:
                 self.process.kill()
                 self.process.wait(5)
 
-    def python_stubs(self) -> set[tuple[str, str]] | None:
+    def python_stubs(self, rescan: bool = False) -> set[tuple[str, str]] | None:
         """(model, version) of every live Python-backend stub of this ``tritonserver``, from /proc (``None`` where
         that cannot be read). A stub that died (killed for memory, crashed in ONNX Runtime) is a zombie child until
-        Triton reaps it, which it does not do on its own: it has no command line, and does not count."""
+        Triton reaps it, which it does not do on its own, and does not count. The stubs found last are checked by
+        pid (one small read each); every process is looked at only when one of them is gone, or with ``rescan``
+        (to find the stubs of versions loaded since)."""
         if self.process is None:
             return set()
-        found: set[tuple[str, str]] = set()
+        if not rescan and self._stubs and all(_child_state(pid, self.process.pid) not in (None, "Z")
+                                              for pid in self._stubs):
+            return set(self._stubs.values())
         try:
-            entries = [e for e in Path("/proc").iterdir() if e.name.isdigit()]
+            pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
         except OSError:
             return None
-        for entry in entries:
-            try:
-                state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-                argv = (entry / "cmdline").read_bytes().split(b"\0") if int(parent) == self.process.pid else []
-            except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+        self._stubs = {}
+        for pid in pids:
+            if _child_state(pid, self.process.pid) in (None, "Z"):
                 continue
-            if state == "Z" or len(argv) < 2 or not argv[0].endswith(b"triton_python_backend_stub"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    argv = cmdline.read().split(b"\0")
+            except OSError:  # gone meanwhile
+                continue
+            if len(argv) < 2 or not argv[0].endswith(b"triton_python_backend_stub"):
                 continue
             model_py = Path(argv[1].decode(errors="replace"))  # <repo>/<model>/<version>/model.py
             if model_py.parent.parent.parent == self.repo:
-                found.add((model_py.parent.parent.name, model_py.parent.name))
-        return found
+                self._stubs[pid] = (model_py.parent.parent.name, model_py.parent.name)
+        return set(self._stubs.values())
 
     def log_tail(self, lines: int = 5) -> str:
         """What this start of tritonserver said last: its error lines (Triton's ``E<date>`` lines, without the
@@ -286,6 +295,16 @@ class TritonServer:
             per_model = figures.setdefault(model, {})
             per_model[names[metric]] = per_model.get(names[metric], 0.0) + float(line.rsplit(" ", 1)[1])
         return figures
+
+
+def _child_state(pid: int, parent: int) -> str | None:
+    """The state letter (``R``, ``S``, ``Z``, ...) of process ``pid`` if it is a child of ``parent``, else None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0].decode() if len(fields) > 1 and int(fields[1]) == parent else None
 
 
 def next_version_number(model_dir: Path) -> int:
