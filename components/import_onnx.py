@@ -67,7 +67,7 @@ def tensor_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs and outputs of an ONNX graph; every symbolic or unknown dimension becomes -1."""
     import onnx
 
-    from components.intake import ONNX_TO_DATATYPE
+    from components.intake import datatype
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
@@ -75,10 +75,7 @@ def tensor_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     def spec(value: Any) -> TensorSpec:
         kind = value.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
-        if kind.elem_type not in ONNX_TO_DATATYPE:  # the intake refuses these; a direct call says so too
-            raise ConfigError(f"{value.name!r} is {onnx.TensorProto.DataType.Name(kind.elem_type)}: edgeloop serves "
-                              f"{', '.join(sorted(set(ONNX_TO_DATATYPE.values())))} tensors")
-        return TensorSpec(name=value.name, datatype=ONNX_TO_DATATYPE[kind.elem_type], shape=shape)
+        return TensorSpec(name=value.name, datatype=datatype(kind.elem_type, repr(value.name)), shape=shape)
 
     return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
 

@@ -50,6 +50,17 @@ class ModelRefused(ConfigError):
     """An ONNX model the intake cannot bring into shape; ``str()`` names what and what to do."""
 
 
+def datatype(elem_type: int, what: str) -> str:
+    """The Open Inference Protocol datatype of an ONNX element type; ModelRefused naming ``what`` (``"input 'x'"``)
+    for a type edgeloop does not serve."""
+    import onnx
+
+    if elem_type not in ONNX_TO_DATATYPE:
+        raise ModelRefused(f"{what} is {onnx.TensorProto.DataType.Name(elem_type)}, which edgeloop does not serve: "
+                           f"re-export the model with tensors of {', '.join(sorted(set(ONNX_TO_DATATYPE.values())))}")
+    return ONNX_TO_DATATYPE[elem_type]
+
+
 @dataclass
 class IntakeReport:
     """What the intake found and changed."""
@@ -94,10 +105,7 @@ def _check_types(model: Any) -> dict[str, str]:
         if role == "input" and not tensor.HasField("shape"):
             raise ModelRefused(f"input {value.name!r} has an unknown rank: re-export it with a fixed number of "
                                f"dimensions (dynamic sizes are fine)")
-        if tensor.elem_type not in ONNX_TO_DATATYPE:
-            raise ModelRefused(f"{role} {value.name!r} is {onnx.TensorProto.DataType.Name(tensor.elem_type)}, which "
-                               f"edgeloop does not serve: re-export the model with {role}s of "
-                               f"{', '.join(sorted(set(ONNX_TO_DATATYPE.values())))}")
+        datatype(tensor.elem_type, f"{role} {value.name!r}")
         if role == "input":
             types[value.name] = onnx.TensorProto.DataType.Name(tensor.elem_type)
     for node in model.graph.node:
