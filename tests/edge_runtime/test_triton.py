@@ -40,6 +40,14 @@ def triton_python(tmp_path_factory) -> Path:
     return TRITON_PYTHON
 
 
+def bare_triton(tmp_path: Path, triton_python: Path, repo: Path | None = None, grpc_port: int = 0):  # noqa: ANN201
+    """A TritonServer (not started) over ``repo`` (default ``tmp_path/repo``), without edgeloop's runtime around it."""
+    from edge_runtime.triton import TritonServer, find_triton
+
+    return TritonServer(find_triton(None, triton_python, tmp_path / "work"), repo or tmp_path / "repo",
+                        bind_address="127.0.0.1", grpc_port=grpc_port, metrics_port=0, log_path=tmp_path / "triton.log")
+
+
 def triton_config(client, model: str) -> dict[str, str]:
     config = client.get_model_config(model, as_json=True)["config"]
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -212,11 +220,9 @@ def test_triton_serves_models_of_every_shape_and_type_like_onnx_runtime(tmp_path
     import tritonclient.grpc as triton
 
     from edge_runtime.engines.onnxruntime import OrtEngine
-    from edge_runtime.triton import TritonEngine, TritonServer, find_triton, write_model
+    from edge_runtime.triton import TritonEngine, write_model
 
-    install = find_triton(None, triton_python, tmp_path / "work")
-    server = TritonServer(install, tmp_path / "repo", bind_address="127.0.0.1", grpc_port=0, metrics_port=0,
-                          log_path=tmp_path / "triton.log")
+    server = bare_triton(tmp_path, triton_python)
     rng = np.random.default_rng(0)
 
     def sample(info, batch: int) -> np.ndarray:  # noqa: ANN001 - TensorInfo
@@ -286,7 +292,7 @@ def test_a_version_that_cannot_be_written_whole_leaves_the_repository_as_it_was(
     from edge_runtime.engines.base import TensorInfo
     from edge_runtime.engines.onnxruntime import OrtEngine
     from edge_runtime.errors import ConfigError
-    from edge_runtime.triton import TritonEngine, TritonServer, find_triton, prune_versions, write_model
+    from edge_runtime.triton import TritonEngine, prune_versions, write_model
     from tests.onnx_models import elementwise_model
 
     path = elementwise_model(tmp_path / "neg.onnx", "Neg", TensorProto.FLOAT, ["b", 3])
@@ -317,8 +323,7 @@ def test_a_version_that_cannot_be_written_whole_leaves_the_repository_as_it_was(
     prune_versions(repo, "neg", keep=1)
     assert sorted(p.name for p in (repo / "neg").iterdir()) == ["1", "config.pbtxt"]
 
-    server = TritonServer(find_triton(None, triton_python, tmp_path / "work"), repo, bind_address="127.0.0.1",
-                          grpc_port=0, metrics_port=0, log_path=tmp_path / "triton.log")
+    server = bare_triton(tmp_path, triton_python, repo)
     server.start()
     try:
         server.load("neg")
@@ -340,14 +345,13 @@ def test_a_bad_request_merged_with_good_ones_fails_alone(tmp_path, triton_python
     from tritonclient.utils import InferenceServerException
 
     from edge_runtime.engines.onnxruntime import OrtEngine
-    from edge_runtime.triton import TritonServer, find_triton, write_model
+    from edge_runtime.triton import write_model
     from tests.onnx_models import embedding_model
 
     table = np.arange(200, dtype=np.float32).reshape(50, 4)
     path = embedding_model(tmp_path / "embed.onnx", table)
     engine = OrtEngine(path, max_batch_size=8, threads=1)
-    server = TritonServer(find_triton(None, triton_python, tmp_path / "work"), tmp_path / "repo",
-                          bind_address="127.0.0.1", grpc_port=0, metrics_port=0, log_path=tmp_path / "triton.log")
+    server = bare_triton(tmp_path, triton_python)
     server.start()
     try:
         write_model(server.repo, "embed", 1, engine_path=path, platform=engine.platform, inputs=engine.inputs,
@@ -436,14 +440,11 @@ def test_a_tritonserver_that_cannot_start_says_why_in_one_line(tmp_path, triton_
     import socket
 
     from edge_runtime.errors import EngineError
-    from edge_runtime.triton import TritonServer, find_triton
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        server = TritonServer(find_triton(None, triton_python, tmp_path / "work"), tmp_path / "repo",
-                              bind_address="127.0.0.1", grpc_port=taken.getsockname()[1], metrics_port=0,
-                              log_path=tmp_path / "triton.log")
+        server = bare_triton(tmp_path, triton_python, grpc_port=taken.getsockname()[1])
         for _ in range(2):
             with pytest.raises(EngineError) as info:
                 server.start()
