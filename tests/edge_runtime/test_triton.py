@@ -48,6 +48,21 @@ def bare_triton(tmp_path: Path, triton_python: Path, repo: Path | None = None, g
                         bind_address="127.0.0.1", grpc_port=grpc_port, metrics_port=0, log_path=tmp_path / "triton.log")
 
 
+def stub_pids(server, model: str, version: str) -> list[int]:  # noqa: ANN001 - TritonServer
+    """Pids of ``server``'s own Python-backend stubs of that model version: its children only (the stubs of a
+    tritonserver killed before linger a moment as orphans)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):  # not a process, or gone meanwhile
+            continue
+        if parent == server.process.pid and f"/{model}/{version}/model.py".encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
 def triton_config(client, model: str) -> dict[str, str]:
     config = client.get_model_config(model, as_json=True)["config"]
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -151,8 +166,7 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
         # while every request fails; edgeloop sees the stub gone, reports it and loads the model again
         version = edge.app.runtime.serving.engine.version
         assert (MODEL, version) in repository.triton.python_stubs()
-        stubs = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "cmdline").exists()
-                 and f"/{MODEL}/{version}/model.py".encode() in (p / "cmdline").read_bytes()]
+        stubs = stub_pids(repository.triton, MODEL, version)
         assert len(stubs) == 1
         os.kill(stubs[0], signal.SIGKILL)
         wait_until(lambda: [e for e in edge.events("failed") if "stub" in e.get("error", "")], timeout=30)
@@ -420,8 +434,7 @@ def test_two_models_through_triton_and_a_dead_stub_touches_only_its_own(store, s
         assert np.allclose(infer(client, MODEL), cnn_expected, atol=1e-4)
         version = served[linear_name].engine.version
         assert {(MODEL, served[MODEL].engine.version), (linear_name, version)} <= triton_server.python_stubs()
-        stub = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "cmdline").exists()
-                    and f"/{linear_name}/{version}/model.py".encode() in (p / "cmdline").read_bytes())
+        (stub,) = stub_pids(triton_server, linear_name, version)
         os.kill(stub, signal.SIGKILL)
         for _ in range(20):
             assert np.allclose(infer(client, MODEL), cnn_expected, atol=1e-4)  # the other model is untouched
