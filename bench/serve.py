@@ -10,10 +10,13 @@ tritonclient check that each server answers correctly. Servers:
 
 * **edgeloop** — ``edgeloop edge serve`` on the model published to a SeaweedFS on loopback (FP32 variant, ONNX
   Runtime, default batching: max 16, no queue delay), and **edgeloop, batching off** (max batch 1);
+* **edgeloop + Triton** — the same, with ``EDGE_SERVING_ENGINE=triton``: edgeloop fetches, validates and swaps,
+  the wheel's ``tritonserver`` serves (batching as Triton alone below), the engine run by edgeloop's own Triton backend
+  (in tritonserver's process), and by Triton's Python backend (``edgeloop-triton-python``, as Triton alone runs it);
 * **KServe** — ``kserve`` 0.21 in its own virtualenv (``KSERVE_PYTHON``, default ``/tmp/kserve-venv/bin/python``),
   a model class over ONNX Runtime, gRPC v2;
 * **Triton** — the ``tritonserver`` binary inside the ``nvidia-pytriton`` wheel (``TRITON_VENV``, default
-  ``/tmp/triton-venv``), Python backend over ONNX Runtime, dynamic batching on (max 16);
+  ``.tools/triton``), Python backend over ONNX Runtime, dynamic batching on (max 16);
 * **in-process ONNX Runtime** on the same core: the ceiling.
 
 Reported per server, model and concurrency: requests/s, p50/p99 ms, server CPU per request (from /proc, the whole
@@ -365,13 +368,17 @@ class Triton(Server):
 
 class EdgeloopTriton(Edgeloop):
     """edgeloop as the control plane, Triton as the data plane (``EDGE_SERVING_ENGINE=triton``), configured as the
-    Triton-alone server here: max batch 16, 500 µs queue delay, one instance, one ONNX Runtime thread."""
+    Triton-alone server here: max batch 16, 500 µs queue delay, one instance, one ONNX Runtime thread. ``backend``
+    runs the engine in Triton: edgeloop's own (in tritonserver's process) or Triton's Python backend (what Triton
+    alone runs here)."""
 
-    def __init__(self, s3, bucket: str, model: str, work: Path, max_batch: int = 16) -> None:  # noqa: ANN001
+    def __init__(self, s3, bucket: str, model: str, work: Path, max_batch: int = 16,  # noqa: ANN001
+                 backend: str = "edgeloop") -> None:
         self.triton_metrics_port = free_port()
+        self.backend = backend
         extra = {"EDGE_SERVING_ENGINE": "triton", "EDGE_TRITON_PYTHON": str(TRITON_VENV / "bin" / "python"),
                  "EDGE_TRITON_METRICS_PORT": str(self.triton_metrics_port), "EDGE_CONTROL_PORT": str(free_port()),
-                 "EDGE_MAX_QUEUE_DELAY_US": "500"}
+                 "EDGE_MAX_QUEUE_DELAY_US": "500", "EDGE_TRITON_BACKEND": backend}
         saved = {k: os.environ.get(k) for k in extra}
         os.environ.update(extra)  # Edgeloop.__init__ launches with os.environ
         try:
@@ -382,17 +389,26 @@ class EdgeloopTriton(Edgeloop):
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-        self.name = "edgeloop + Triton"
+        self.name = EDGELOOP_TRITON[backend]
 
     def ready(self) -> None:
-        """Triton is ready as soon as it is live (explicit model control); the model, once edgeloop validated it."""
+        """Triton is ready as soon as it is live (explicit model control); the model, once edgeloop validated it
+        (and it is the backend this row is named after that serves it)."""
+        import tritonclient.grpc as triton
+
         wait_model_ready(self, "edgeloop + Triton did not serve the model (see its log)")
+        config = triton.InferenceServerClient(self.address).get_model_config(self.model, as_json=True)["config"]
+        if config.get("backend") != self.backend:
+            raise RuntimeError(f"served by Triton's {config.get('backend')} backend, not {self.backend}")
 
     def _counts(self) -> tuple[float, float]:  # Triton's counters give the formed batch
         return triton_counts(self.triton_metrics_port)
 
     mark = Triton.mark
     mean_batch = Triton.mean_batch
+
+
+EDGELOOP_TRITON = {"edgeloop": "edgeloop + Triton", "python": "edgeloop + Triton (Python backend)"}
 
 
 def in_process_ort(path: Path, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -556,7 +572,8 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--servers", default="edgeloop,edgeloop-nobatch,edgeloop-triton,kserve,triton")
+    parser.add_argument("--servers",
+                        default="edgeloop,edgeloop-nobatch,edgeloop-triton,edgeloop-triton-python,kserve,triton")
     parser.add_argument("--models", default="small,large")
     parser.add_argument("--max-batch", type=int, default=16,
                         help="largest batch of every batching server (edgeloop, edgeloop + Triton, Triton)")
@@ -597,11 +614,15 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
                     candidates.append(lambda m=model: Edgeloop(s3, "bench", m, work, args.max_batch))
                 if "edgeloop-nobatch" in wanted:
                     candidates.append(lambda m=model: Edgeloop(s3, "bench", m, work, 1))
-                if "edgeloop-triton" in wanted:
+                for key, backend in (("edgeloop-triton", "edgeloop"), ("edgeloop-triton-python", "python")):
+                    if key not in wanted:
+                        continue
                     if TRITON_VENV.exists():
-                        candidates.append(lambda m=model: EdgeloopTriton(s3, "bench", m, work, args.max_batch))
+                        candidates.append(lambda m=model, b=backend: EdgeloopTriton(s3, "bench", m, work,
+                                                                                    args.max_batch, b))
                     else:
-                        skipped.append(f"edgeloop + Triton: no {TRITON_VENV} (make test creates .tools/triton)")
+                        skipped.append(f"{EDGELOOP_TRITON[backend]}: no {TRITON_VENV} (make test creates "
+                                       ".tools/triton)")
                 if "kserve" in wanted:
                     if Path(KSERVE_PYTHON).exists():
                         candidates.append(lambda m=model, o=onnx: KServe(m, o, work))
@@ -660,12 +681,15 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
     rps = {(r["model"], r["server"], r["concurrency"]): r["rps"] for r in rows}
     for model in ceilings:
         c = max(levels)
-        ours, alone = rps.get((model, "edgeloop + Triton", c)), rps.get((model, Triton.name, c))
-        ks = kserve.get((model, c))
-        if ours and alone:
-            versus_kserve = f", {ours / ks:.2f}x KServe" if ks else ""
-            lines.append(f"- {model}, c={c}: edgeloop + Triton serves {ours / alone:.2f}x what Triton alone serves "
-                         f"(same model, same batching){versus_kserve}")
+        alone, ks = rps.get((model, Triton.name, c)), kserve.get((model, c))
+        for backend, how in (("python", "same model, backend and batching"),
+                             ("edgeloop", "same model and batching, edgeloop's backend")):
+            ours = rps.get((model, EDGELOOP_TRITON[backend], c))
+            if ours and (alone or ks):
+                versus = [f"{ours / alone:.2f}x what Triton alone serves ({how})" if alone else "",
+                          f"{ours / ks:.2f}x KServe" if ks else ""]
+                lines.append(f"- {model}, c={c}: {EDGELOOP_TRITON[backend]} serves "
+                             + ", ".join(v for v in versus if v))
     if shm_result:
         ratio = shm_result["shared memory"] / max(shm_result["protobuf bytes"], 1e-9)
         lines.append(f"- 3×224×224 FP32 input at c=8 (edgeloop): {shm_result['protobuf bytes']:.0f} req/s as protobuf "

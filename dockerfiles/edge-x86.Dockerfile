@@ -8,10 +8,15 @@ COPY edge_runtime ./edge_runtime
 COPY edgeloop ./edgeloop
 RUN python -m venv /opt/edgeloop && /opt/edgeloop/bin/pip install ".[edge]"
 # EDGE_SERVING_ENGINE=triton: the tritonserver inside the nvidia-pytriton wheel (the binary the tests run), in a venv
-# of its own (it needs numpy<2); its Python backend runs edgeloop's ONNX Runtime engines with the same onnxruntime.
+# of its own (it needs numpy<2), with the same onnxruntime for edgeloop's ONNX Runtime engines. edgeloop's own Triton
+# backend, which runs them inside tritonserver with that venv's interpreter, is prebuilt into the package here, with a
+# pinned C compiler from PyPI (zig's), so the runtime image needs none.
 RUN python -m venv /opt/triton \
  && /opt/triton/bin/pip install "nvidia-pytriton==0.7.0" "numpy<2" \
-      "onnxruntime==$(/opt/edgeloop/bin/python -c 'import onnxruntime; print(onnxruntime.__version__)')"
+      "onnxruntime==$(/opt/edgeloop/bin/python -c 'import onnxruntime; print(onnxruntime.__version__)')" \
+ && python -m venv /opt/compiler && /opt/compiler/bin/pip install "ziglang==0.17.1" \
+ && CC="/opt/compiler/bin/python -m ziglang cc -mcpu=baseline" \
+      /opt/edgeloop/bin/edgeloop edge triton-backend /opt/triton/bin/python
 
 FROM python:3.11.11-slim-bookworm
 COPY --from=build /opt/edgeloop /opt/edgeloop

@@ -102,6 +102,19 @@ def wav_to_input(wav: Path, manifest_path: Path) -> tuple[np.ndarray, list[str]]
     return features[None].astype(np.float32), manifest.labels
 
 
+@app.command("triton-backend")
+def triton_backend_command(
+    python: Annotated[Path | None, typer.Argument(help="the interpreter it embeds (default: this one)")] = None,
+) -> None:
+    """Build edgeloop's Triton backend (engine triton, ONNX Runtime engines) into the package, as images do at build
+    time; the runtime builds it itself where a C compiler is."""
+    import sys
+
+    from edge_runtime.triton_native import prebuild
+
+    console.print(f"built {prebuild(python or Path(sys.executable))}")
+
+
 @app.command("infer")
 def infer_command(
     inputs: Annotated[Path, typer.Argument(help=".npz with `inputs` (and optional `labels`), or a 16 kHz .wav")],

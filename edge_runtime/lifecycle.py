@@ -122,7 +122,8 @@ class DeviceResources:
             from edge_runtime.triton import TritonServer, find_triton
 
             work = cache.root / "triton"
-            triton = TritonServer(find_triton(settings.triton_home, settings.triton_python, work), work / "models",
+            install = find_triton(settings.triton_home, settings.triton_python, work, settings.triton_backend)
+            triton = TritonServer(install, work / "models",
                                   bind_address=settings.bind_address, grpc_port=settings.grpc_port,
                                   metrics_port=settings.triton_metrics_port, log_path=work / "tritonserver.log")
         return cls(settings, facts, store, layout, cache, load_verify_keys(settings.verify_key_file), engines,
@@ -581,7 +582,8 @@ class ModelRuntime:
         shape = {"engine_path": self.engines.path(manifest, plan), "platform": platform, **io,
                  "max_batch_size": max_batch, "max_queue_delay_us": delay_us, "edgeloop_version": manifest.version,
                  "variant": plan.variant.name, "threads": self.settings.ort_intra_op_threads,
-                 "spin": spins(self.settings.ort_spin_wait)}  # as the builtin engine reads the same settings
+                 "spin": spins(self.settings.ort_spin_wait),  # as the builtin engine reads the same settings
+                 "backend": triton.install.ort_backend}
         candidate = self.name + CANDIDATE_SUFFIX
         try:
             write_model(repo, candidate, 1, **shape)

@@ -297,7 +297,10 @@ class ModelRepository:
     async def _watch_stubs(self) -> None:
         """A Python-backend model whose stub died leaves tritonserver running and the model "ready" while every
         request to it fails ("Stub process is not healthy"). Missing at two looks in a row, it is reported and the model
-        loaded again, which starts a new stub (with back-off while that does not help)."""
+        loaded again, which starts a new stub (with back-off while that does not help). edgeloop's own backend has no
+        stubs: a crash there takes tritonserver down, which :meth:`_watch_triton` handles."""
+        if self.triton.install.ort_backend != "python":
+            return
         expected = {name: (runtime, str(getattr(runtime.serving.engine, "version", "")))
                     for name, runtime in self.runtimes.items()
                     if runtime.serving is not None and not runtime.paused

@@ -111,6 +111,10 @@ class EdgeSettings(BaseSettings):
     triton_python: Path | None = Field(
         None, description="else: the python of a virtualenv with nvidia-pytriton (its tritonserver), numpy<2 and "
                           "onnxruntime (engine triton)")
+    triton_backend: Literal["auto", "edgeloop", "python"] = Field(
+        "auto", description="what runs ONNX Runtime engines in Triton: edgeloop's backend, in tritonserver's process "
+                            "(edgeloop), Triton's Python backend, a stub process per model (python), or edgeloop's "
+                            "where it can be built or was prebuilt, else python (auto) (engine triton)")
     triton_metrics_port: int = Field(8002, ge=0, le=65535, description="Triton's Prometheus port (0: pick one)")
     control_port: int = Field(
         8005, ge=0, le=65535, description="with engine triton, edgeloop's own gRPC (health, readiness, repository "

@@ -3,13 +3,16 @@ a supervised ``tritonserver`` serves the device's inference port.
 
 * :func:`find_triton` locates the binary: a Triton install (``EDGE_TRITON_HOME``: the JetPack release or the x86
   image's ``/opt/tritonserver``) or the ``tritonserver`` inside the ``nvidia-pytriton`` wheel of a virtualenv
-  (``EDGE_TRITON_PYTHON``: its interpreter; the wheel needs numpy < 2, so it lives apart from edgeloop's own).
+  (``EDGE_TRITON_PYTHON``: its interpreter; the wheel needs numpy < 2, so it lives apart from edgeloop's own), and
+  the backend that serves ONNX Runtime engines: edgeloop's own (:mod:`edge_runtime.triton_native`, in-process) where
+  it can be built, else Triton's Python backend (``EDGE_TRITON_BACKEND``).
 * :class:`TritonServer` starts it in explicit model-control mode (gRPC on the inference port, metrics on their own
   port, HTTP off, the repository API restricted to calls carrying a per-start secret header that only edgeloop
   holds), talks to it over the Open Inference Protocol (ServerLive, the repository extension, ModelInfer), and
   restarts it when it dies.
-* :func:`write_model` writes one model version: a TensorRT plan (``platform: tensorrt_plan``), or the Python-backend
-  model in ``triton_backend/model.py`` over the ONNX Runtime engine edgeloop built, with a generated
+* :func:`write_model` writes one model version: a TensorRT plan (``platform: tensorrt_plan``), or the ONNX Runtime
+  engine edgeloop built for edgeloop's backend or for the Python-backend model in ``triton_backend/model.py``, with a
+  generated
   ``config.pbtxt`` (inputs, outputs, ``max_batch_size``, dynamic batching from the tuned limits, one instance,
   ``version_policy: latest 1`` so that loading a new version swaps it in only once it loaded).
 * :class:`TritonEngine` is an :class:`~edge_runtime.engines.base.Engine` whose runs go through Triton: validation
@@ -26,8 +29,9 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -38,6 +42,8 @@ from edge_runtime.engines.base import DATATYPE_TO_NUMPY, TensorInfo
 from edge_runtime.errors import ConfigError, EngineError, InvalidInput
 from edge_runtime.protos import inference_pb2 as pb
 from edge_runtime.protos import inference_pb2_grpc
+from edge_runtime.triton_native import ENGINE_MODULE, backend_library, install_backend
+from edge_runtime.triton_native import NAME as BACKEND_NAME
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +65,46 @@ class TritonInstall:
     binary: Path
     backends: Path
     env: dict[str, str] = field(default_factory=dict)
+    ort_backend: str = "python"
+    """The Triton backend that serves ONNX Runtime engines: edgeloop's own (``edgeloop``) or Triton's Python
+    backend (``python``)."""
 
 
-def find_triton(home: Path | None, python: Path | None, work: Path) -> TritonInstall:
+def find_triton(home: Path | None, python: Path | None, work: Path, backend: str = "auto") -> TritonInstall:
     """The Triton to run: ``home`` (a Triton install: ``bin/tritonserver``, ``backends/``), else the wheel in
-    ``python``'s virtualenv. For the wheel, the Python backend's stub for that interpreter is copied beside the
-    wheel's backends (into ``work``), and the wheel's libraries and the interpreter's own ``libpython`` go first on
-    ``LD_LIBRARY_PATH`` (otherwise the stub loads another libpython). ConfigError, saying what to set, if neither
-    is usable."""
+    ``python``'s virtualenv, and the backend that serves ONNX Runtime engines (``backend``: ``edgeloop``, edgeloop's
+    own, in-process; ``python``, Triton's Python backend; ``auto``, edgeloop's where it can be had, else Python's,
+    with a warning saying why). ConfigError, saying what to set or install, if what was asked for is not usable."""
+    install = _locate(home, python, work)
+    if backend == "python":
+        return install
+    embedded = Path(python) if python is not None else Path(sys.executable)  # its site-packages: numpy, onnxruntime
+    try:
+        library = backend_library(embedded, work)
+    except ConfigError as exc:
+        if backend == "edgeloop":
+            raise
+        log.warning("Triton runs ONNX Runtime engines in its Python backend: edgeloop's own cannot be had here (%s)",
+                    exc)
+        return install
+    backends = install.backends
+    if home is not None:  # an install's backend folder stays as it is: its backends are linked beside ours
+        backends = Path(work) / "triton-backends"
+        backends.mkdir(parents=True, exist_ok=True)
+        for entry in Path(install.backends).iterdir():
+            link = backends / entry.name
+            if link.is_symlink() or not link.exists():
+                link.unlink(missing_ok=True)
+                link.symlink_to(entry.resolve())
+    install_backend(library, backends)
+    return replace(install, backends=backends, ort_backend=BACKEND_NAME,
+                   env={**install.env, "EDGELOOP_TRITON_PYTHON": str(embedded)})
+
+
+def _locate(home: Path | None, python: Path | None, work: Path) -> TritonInstall:
+    """:func:`find_triton`'s binary. For the wheel, the Python backend's stub for that interpreter is copied beside
+    the wheel's backends (into ``work``), and the wheel's libraries and the interpreter's own ``libpython`` go first
+    on ``LD_LIBRARY_PATH`` (otherwise the stub loads another libpython)."""
     if home is not None:
         binary = Path(home) / "bin" / "tritonserver"
         if not binary.exists():
@@ -326,16 +364,18 @@ def _dims(info: TensorInfo, batched: bool) -> str:
 def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platform: str,
                 inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...], max_batch_size: int,
                 max_queue_delay_us: int, edgeloop_version: str, variant: str, threads: int = 1,
-                spin: bool = False) -> Path:
+                spin: bool = False, backend: str = "python") -> Path:
     """Write version ``number`` of Triton model ``name``; returns its folder.
 
-    A TensorRT plan is linked in as ``model.plan``; any other engine is served by the Python-backend model over the
-    ONNX Runtime engine at ``engine_path``. A model whose inputs have no dynamic batch axis gets
+    A TensorRT plan is linked in as ``model.plan``; any other engine is an ONNX Runtime engine at ``engine_path``,
+    served by ``backend``: edgeloop's own, or Triton's Python backend (with the model in
+    ``triton_backend/model.py``). A model whose inputs have no dynamic batch axis gets
     ``max_batch_size: 0`` (no batching), as Triton requires. Nothing is ever half-written where Triton looks (a
     full disk, a crash): the version folder is filled under a name Triton ignores and renamed whole, then
     config.pbtxt is replaced atomically; a failure leaves the repository as it was."""
     tensorrt = platform == "tensorrt_plan"
-    config = _config(name, tensorrt, inputs, outputs, max_batch_size, max_queue_delay_us, edgeloop_version, variant)
+    config = _config(name, "tensorrt_plan" if tensorrt else backend, inputs, outputs, max_batch_size,
+                     max_queue_delay_us, edgeloop_version, variant)
     model_dir = Path(repo) / name
     folder = model_dir / str(number)
     staging = model_dir / f".{number}.staging"  # not an integer: Triton skips it
@@ -346,7 +386,9 @@ def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platfo
         if tensorrt:
             (staging / "model.plan").symlink_to(Path(engine_path).resolve())
         else:
-            shutil.copy(BACKEND_MODEL, staging / "model.py")
+            if backend == "python":
+                shutil.copy(BACKEND_MODEL, staging / "model.py")
+                shutil.copy(ENGINE_MODULE, staging / ENGINE_MODULE.name)
             write_atomic(staging / "engine.json", json.dumps({"engine": str(Path(engine_path).resolve()),
                                                               "threads": threads, "spin": spin}).encode())
         staging.rename(folder)
@@ -358,11 +400,13 @@ def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platfo
     return folder
 
 
-def _config(name: str, tensorrt: bool, inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...],
+def _config(name: str, backend: str, inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...],
             max_batch_size: int, max_queue_delay_us: int, edgeloop_version: str, variant: str) -> str:
-    """The config.pbtxt of :func:`write_model`; ConfigError for a tensor type Triton does not have."""
+    """The config.pbtxt of :func:`write_model` (``backend``: ``tensorrt_plan``, or the backend of an ONNX Runtime
+    engine); ConfigError for a tensor type Triton does not have."""
     batched = batches(inputs, max_batch_size)
-    lines = [f'name: "{name}"', 'platform: "tensorrt_plan"' if tensorrt else 'backend: "python"',
+    tensorrt = backend == "tensorrt_plan"
+    lines = [f'name: "{name}"', 'platform: "tensorrt_plan"' if tensorrt else f'backend: "{backend}"',
              f"max_batch_size: {max_batch_size if batched else 0}"]
     for kind, tensors in (("input", inputs), ("output", outputs)):
         entries = []

@@ -1,8 +1,9 @@
 """Triton Python-backend model that runs an engine edgeloop built and validated (ONNX Runtime, on the CPU).
 
-Triton copies nothing from edgeloop but this file: it runs in Triton's Python stub, with numpy, onnxruntime and
-``triton_python_backend_utils`` only. Each version folder holds ``engine.json`` (the engine file and the session
-options), which edgeloop writes with the version, so an older version folder always runs its own engine. Requests
+Triton copies nothing from edgeloop but this file and ``edgeloop_engine.py`` (how both backends open the engine):
+it runs in Triton's Python stub, with numpy, onnxruntime and ``triton_python_backend_utils`` only. Each version
+folder holds ``engine.json`` (the engine file and the session options), which edgeloop writes with the version, so
+an older version folder always runs its own engine. Requests
 that Triton's dynamic batcher hands over together run as one batch and are split back per request; when that run
 fails, each runs alone, so only the request at fault gets an error (as in edgeloop's own batcher).
 """
@@ -11,22 +12,14 @@ import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+from edgeloop_engine import open_session  # copied beside this file
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        folder = os.path.join(args["model_repository"], args["model_version"])
-        with open(os.path.join(folder, "engine.json")) as f:
-            engine = json.load(f)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(engine.get("threads", 1))
-        spin = "1" if engine.get("spin") else "0"
-        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        self.session = ort.InferenceSession(engine["engine"], options, providers=["CPUExecutionProvider"])
+        self.session = open_session(os.path.join(args["model_repository"], args["model_version"]))
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.batched = int(config.get("max_batch_size", 0)) > 0

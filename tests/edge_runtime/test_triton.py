@@ -40,11 +40,13 @@ def triton_python(tmp_path_factory) -> Path:
     return TRITON_PYTHON
 
 
-def bare_triton(tmp_path: Path, triton_python: Path, repo: Path | None = None, grpc_port: int = 0):  # noqa: ANN201
-    """A TritonServer (not started) over ``repo`` (default ``tmp_path/repo``), without edgeloop's runtime around it."""
+def bare_triton(tmp_path: Path, triton_python: Path, repo: Path | None = None, grpc_port: int = 0,  # noqa: ANN201
+                backend: str = "auto"):
+    """A TritonServer (not started) over ``repo`` (default ``tmp_path/repo``), without edgeloop's runtime around it;
+    ``backend`` serves ONNX Runtime engines (asked for by name, it is the one, or find_triton fails)."""
     from edge_runtime.triton import TritonServer, find_triton
 
-    return TritonServer(find_triton(None, triton_python, tmp_path / "work"), repo or tmp_path / "repo",
+    return TritonServer(find_triton(None, triton_python, tmp_path / "work", backend), repo or tmp_path / "repo",
                         bind_address="127.0.0.1", grpc_port=grpc_port, metrics_port=0, log_path=tmp_path / "triton.log")
 
 
@@ -95,6 +97,8 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
             None, {"input": x})[0]
         assert np.allclose(infer(client), expected, atol=1e-4)
         assert triton_config(client, MODEL) == {"edgeloop_version": "v1", "variant": served}
+        # edgeloop's own backend runs it inside tritonserver (make test has the C compiler it is built with)
+        assert client.get_model_config(MODEL, as_json=True)["config"]["backend"] == "edgeloop"
         # ONNX Runtime in Triton reads the runtime's settings as the builtin engine does (0 threads: all cores)
         engine_json = json.loads(next((repository.triton.repo / MODEL).glob("*/engine.json")).read_text())
         assert (engine_json["threads"], engine_json["spin"]) == (0, (os.cpu_count() or 1) > 4)
@@ -162,29 +166,17 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
         wait_until(lambda: edge.app.stats()["models"][0].get("triton", {}).get("requests", 0) >= 1, timeout=15)
         assert json.dumps(edge.app.stats())  # the stats event stays JSON
 
-        # the Python-backend stub killed (as the OOM killer would): tritonserver lives on and calls the model ready
-        # while every request fails; edgeloop sees the stub gone, reports it and loads the model again
-        version = edge.app.runtime.serving.engine.version
-        assert (MODEL, version) in repository.triton.python_stubs()
-        stubs = stub_pids(repository.triton, MODEL, version)
-        assert len(stubs) == 1
-        os.kill(stubs[0], signal.SIGKILL)
-        wait_until(lambda: [e for e in edge.events("failed") if "stub" in e.get("error", "")], timeout=30)
-        wait_until(lambda: (MODEL, version) in repository.triton.python_stubs() and client.is_model_ready(MODEL),
-                   timeout=30)
-        assert np.allclose(infer(triton.InferenceServerClient(edge.address)), expected, atol=1e-4)
-        died = [e for e in edge.events("failed") if "stub" in e.get("error", "")]
-        assert died[0]["model_name"] == MODEL and died[0]["scope"] == "triton" and len(died) == 1
-
         # tritonserver hung (stopped): its process runs but answers nothing; killed, restarted, the model loaded again
         os.kill(repository.triton.process.pid, signal.SIGSTOP)
         wait_until(lambda: repository.triton.restarts == 2 and repository.triton_up, timeout=60)
         wait_until(lambda: client.is_model_ready(MODEL), timeout=30)
         assert np.allclose(infer(triton.InferenceServerClient(edge.address)), expected, atol=1e-4)
         assert [e for e in edge.events("failed") if "stopped answering" in e.get("error", "")]
+        triton_process = repository.triton.process
     finally:
         edge.stop()
-    assert not repository.triton.running()  # stopping the runtime stops tritonserver
+    assert not repository.triton.running()  # stopping the runtime stops tritonserver,
+    assert triton_process.returncode == 0  # on its SIGTERM (the interpreter edgeloop's backend embeds leaves it be)
 
 
 def _models(folder: Path) -> dict[str, Path]:
@@ -224,11 +216,15 @@ def _models(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def test_triton_serves_models_of_every_shape_and_type_like_onnx_runtime(tmp_path, triton_python):
-    """The model edgeloop writes into Triton's repository (config.pbtxt and the Python-backend model), for the class
-    of models the builtin server takes: concurrent tritonclient calls, merged by Triton's dynamic batcher, answer
-    exactly what ONNX Runtime answers for each request alone. A tensor with no axis but the batch is [batch, 1] to
-    Triton's clients (Triton requires a dimension besides the batch)."""
+BACKENDS = pytest.mark.parametrize("backend", ["edgeloop", "python"])
+
+
+@BACKENDS
+def test_triton_serves_models_of_every_shape_and_type_like_onnx_runtime(tmp_path, triton_python, backend):
+    """The model edgeloop writes into Triton's repository (config.pbtxt, and the engine for edgeloop's backend or for
+    the Python-backend model), for the class of models the builtin server takes: concurrent tritonclient calls,
+    merged by Triton's dynamic batcher, answer exactly what ONNX Runtime answers for each request alone. A tensor
+    with no axis but the batch is [batch, 1] to Triton's clients (Triton requires a dimension besides the batch)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import tritonclient.grpc as triton
@@ -236,7 +232,7 @@ def test_triton_serves_models_of_every_shape_and_type_like_onnx_runtime(tmp_path
     from edge_runtime.engines.onnxruntime import OrtEngine
     from edge_runtime.triton import TritonEngine, write_model
 
-    server = bare_triton(tmp_path, triton_python)
+    server = bare_triton(tmp_path, triton_python, backend=backend)
     rng = np.random.default_rng(0)
 
     def sample(info, batch: int) -> np.ndarray:  # noqa: ANN001 - TensorInfo
@@ -255,7 +251,7 @@ def test_triton_serves_models_of_every_shape_and_type_like_onnx_runtime(tmp_path
             engine = OrtEngine(path, max_batch_size=8, threads=1)
             write_model(server.repo, name, 1, engine_path=path, platform=engine.platform, inputs=engine.inputs,
                         outputs=engine.outputs, max_batch_size=engine.max_batch_size, max_queue_delay_us=2000,
-                        edgeloop_version="v1", variant="fp32")
+                        edgeloop_version="v1", variant="fp32", backend=server.install.ort_backend)
             server.load(name)
             batches = [int(rng.integers(1, 3)) if engine.max_batch_size > 1 else 1 for _ in range(48)]
             requests = [{i.name: sample(i, batch) for i in engine.inputs} for batch in batches]
@@ -349,7 +345,8 @@ def test_a_version_that_cannot_be_written_whole_leaves_the_repository_as_it_was(
         server.stop()
 
 
-def test_a_bad_request_merged_with_good_ones_fails_alone(tmp_path, triton_python):
+@BACKENDS
+def test_a_bad_request_merged_with_good_ones_fails_alone(tmp_path, triton_python, backend):
     """Triton's batcher merges eight concurrent requests (20 ms queue delay); one carries a token id outside the
     embedding table. ONNX Runtime refuses the merged run, the model runs each alone: seven answers and one
     INVALID_ARGUMENT, as edgeloop's own batcher does."""
@@ -365,12 +362,12 @@ def test_a_bad_request_merged_with_good_ones_fails_alone(tmp_path, triton_python
     table = np.arange(200, dtype=np.float32).reshape(50, 4)
     path = embedding_model(tmp_path / "embed.onnx", table)
     engine = OrtEngine(path, max_batch_size=8, threads=1)
-    server = bare_triton(tmp_path, triton_python)
+    server = bare_triton(tmp_path, triton_python, backend=backend)
     server.start()
     try:
         write_model(server.repo, "embed", 1, engine_path=path, platform=engine.platform, inputs=engine.inputs,
                     outputs=engine.outputs, max_batch_size=8, max_queue_delay_us=20_000, edgeloop_version="v1",
-                    variant="fp32")
+                    variant="fp32", backend=server.install.ort_backend)
         server.load("embed")
         ids = [np.array([[i, i + 1, 999 if i == 3 else i + 2]], np.int64) for i in range(8)]
 
@@ -399,8 +396,10 @@ def test_a_bad_request_merged_with_good_ones_fails_alone(tmp_path, triton_python
 
 def test_two_models_through_triton_and_a_dead_stub_touches_only_its_own(store, signing_key, trained, edge_settings,
                                                                        triton_python, tmp_path):
-    """Two models, each with its own life cycle, served by one Triton: both answer like ONNX Runtime; the stub of one
-    killed, the other keeps answering, and only the one is reported and loaded again."""
+    """Two models, each with its own life cycle, served by one Triton's Python backend (a stub process per model):
+    both answer like ONNX Runtime; the stub of one killed (as the OOM killer would), tritonserver lives on and calls
+    the model ready while every request to it fails; edgeloop sees the stub gone, reports it and loads the model
+    again, while the other model keeps answering."""
     import onnxruntime as ort
     import tritonclient.grpc as triton
 
@@ -412,8 +411,8 @@ def test_two_models_through_triton_and_a_dead_stub_touches_only_its_own(store, s
     publish_model(store, signing_key, trained, "v1", name=linear_name, files={"fp32": linear},
                   reference_files={"fp32": linear})
     edge = RunningEdge(edge_settings(store.bucket, models=[{"name": MODEL}, {"name": linear_name, "max_batch_size": 4}],
-                                     serving_engine="triton", triton_python=triton_python, grpc_port=free_port(),
-                                     triton_metrics_port=0, control_port=0))
+                                     serving_engine="triton", triton_python=triton_python, triton_backend="python",
+                                     grpc_port=free_port(), triton_metrics_port=0, control_port=0))
     x = trained.x_val[:3]
 
     def infer(client, model: str) -> np.ndarray:  # noqa: ANN001
@@ -464,3 +463,76 @@ def test_a_tritonserver_that_cannot_start_says_why_in_one_line(tmp_path, triton_
             said = str(info.value)
             assert "\n" not in said and "already in use" in said and "exit_timeout" not in said
             assert said.count("failed to start GRPC service") == 1, said  # this start's lines only
+
+
+def test_edgeloop_backend_is_built_once_found_prebuilt_and_otherwise_falls_back_saying_why(tmp_path, triton_python,
+                                                                                           monkeypatch, caplog):
+    """edgeloop's backend is compiled against the interpreter it embeds, once (keyed by the source and the
+    interpreter); a prebuilt one (images build it at build time) needs no compiler. Without a compiler, ``auto``
+    serves through Triton's Python backend with a warning that says why, ``edgeloop`` refuses in one line; a
+    source that does not compile says so in one line and leaves nothing half-built."""
+    from edge_runtime import triton_native
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.triton import find_triton
+
+    monkeypatch.setattr(triton_native, "PREBUILT", tmp_path / "prebuilt")
+    built = triton_native.backend_library(triton_python, tmp_path / "work")
+    assert built.name == "libtriton_edgeloop.so" and built.stat().st_size > 0
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert triton_native.backend_library(triton_python, tmp_path / "work") == built  # built once, not again
+    install = find_triton(None, triton_python, tmp_path / "work", "edgeloop")
+    assert install.ort_backend == "edgeloop" and install.env["EDGELOOP_TRITON_PYTHON"] == str(triton_python)
+    assert (install.backends / "edgeloop" / "libtriton_edgeloop.so").exists()
+    assert (install.backends / "edgeloop" / "edgeloop_engine.py").exists()
+
+    elsewhere = tmp_path / "elsewhere"  # no build there, and no compiler
+    with caplog.at_level("WARNING"):
+        assert find_triton(None, triton_python, elsewhere, "auto").ort_backend == "python"
+    assert "no C compiler" in caplog.text
+    with pytest.raises(ConfigError, match="no C compiler"):
+        find_triton(None, triton_python, elsewhere, "edgeloop")
+
+    monkeypatch.delenv("CC")
+    prebuilt = triton_native.prebuild(triton_python)  # what `edgeloop edge triton-backend` does in an image
+    assert prebuilt.parent.parent == tmp_path / "prebuilt"
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert triton_native.backend_library(triton_python, elsewhere) == prebuilt
+
+    monkeypatch.delenv("CC")
+    broken = tmp_path / "backend.c"
+    broken.write_text(triton_native.SOURCE.read_text().replace("return NULL;\n}", "return NULL\n}", 1))
+    monkeypatch.setattr(triton_native, "SOURCE", broken)
+    with pytest.raises(ConfigError) as info:
+        triton_native.backend_library(triton_python, elsewhere)
+    assert "did not compile" in str(info.value) and "\n" not in str(info.value)
+    assert [p.name for p in (elsewhere / "edgeloop-backend").iterdir()] == []  # nothing half-built
+
+
+def test_a_python_error_in_edgeloop_backend_fails_the_load_with_its_reason(tmp_path, triton_python):
+    """An engine the embedded interpreter cannot load (its file gone) fails Triton's load with ONNX Runtime's
+    reason, and tritonserver serves on."""
+    from onnx import TensorProto
+
+    from edge_runtime.engines.onnxruntime import OrtEngine
+    from edge_runtime.errors import EngineError
+    from edge_runtime.triton import TritonEngine, write_model
+    from tests.onnx_models import elementwise_model
+
+    path = elementwise_model(tmp_path / "neg.onnx", "Neg", TensorProto.FLOAT, ["b", 3])
+    engine = OrtEngine(path, max_batch_size=4, threads=1)
+    server = bare_triton(tmp_path, triton_python, backend="edgeloop")
+    server.start()
+    try:
+        args = {"platform": engine.platform, "inputs": engine.inputs, "outputs": engine.outputs,
+                "max_batch_size": 4, "max_queue_delay_us": 0, "edgeloop_version": "v1", "variant": "fp32",
+                "backend": "edgeloop"}
+        write_model(server.repo, "gone", 1, engine_path=tmp_path / "missing.onnx", **args)
+        with pytest.raises(EngineError, match="missing.onnx"):
+            server.load("gone")
+        write_model(server.repo, "neg", 1, engine_path=path, **args)
+        server.load("neg")
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        assert np.array_equal(TritonEngine(server, "neg", engine.inputs, engine.outputs, 4, engine.platform).infer(
+            {"x": x})["y"], -x)
+    finally:
+        server.stop()

@@ -177,7 +177,14 @@ def test_one_value_switches_the_data_plane_to_triton():
     triton = pod_template(render("edge-runtime", None, "serving.engine=triton"))["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in triton["env"]}
     assert env["EDGE_SERVING_ENGINE"] == "triton" and "EDGE_TRITON_HOME" not in env  # the image's own default
-    assert env["EDGE_CONTROL_PORT"] == "8005"
+    assert env["EDGE_CONTROL_PORT"] == "8005" and env["EDGE_TRITON_BACKEND"] == "auto"
+    python = pod_template(render("edge-runtime", None, "serving.engine=triton", "serving.tritonBackend=python"))
+    python_env = {e["name"]: e.get("value") for e in python["spec"]["containers"][0]["env"]}
+    assert python_env["EDGE_TRITON_BACKEND"] == "python"
+    refused = subprocess.run([HELM, "template", "x", str(CHARTS / "edge-runtime"), "--set", "serving.engine=triton",
+                              "--set", "serving.tritonBackend=stub"], capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert refused.returncode != 0 and "tritonBackend" in refused.stderr
     assert {p["name"]: p["containerPort"] for p in triton["ports"]} == {"grpc": 8001, "metrics": 9091,
                                                                          "control": 8005, "triton-metrics": 8002}
     for probe in ("readinessProbe", "livenessProbe"):
