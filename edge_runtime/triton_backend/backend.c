@@ -3,10 +3,11 @@
  * Triton's Python backend runs a model in a stub process and moves every request and response through shared
  * memory and a wake-up of each process; on one CPU core that costs about as much as the model. This backend embeds
  * the Python interpreter instead (the one of the virtualenv in EDGELOOP_TRITON_PYTHON, else the one it was built
- * against) and calls edgeloop_engine.py once per formed batch: the inputs of the requests Triton's dynamic batcher hands over
- * are copied into one buffer here, ONNX Runtime runs them as one batch (it releases the GIL while it runs), and the
- * outputs are split back into one response per request. When that run fails, each request runs alone, so that only
- * the request at fault gets an error (INVALID_ARG when ONNX Runtime blames the input, INTERNAL otherwise).
+ * against) and calls edgeloop_engine.py once per formed batch: the inputs of the requests Triton's dynamic batcher
+ * hands over are copied into one buffer here, ONNX Runtime runs them as one batch (it releases the GIL while it
+ * runs), and the outputs are split back into one response per request. When that run fails, each request runs
+ * alone, so that only the request at fault gets an error (INVALID_ARG when ONNX Runtime blames the input, INTERNAL
+ * otherwise).
  *
  * It needs only Triton's C backend API, of which it declares the part it calls (from tritonbackend.h and
  * tritonserver.h, API version 1.x: opaque handles, int-sized enums), and Python's C API.
@@ -151,7 +152,7 @@ TRITONSERVER_Error* TRITONBACKEND_Initialize(TRITONBACKEND_Backend* backend) {
     return err;
 }
 
-/* --- one model instance: an engine.Engine and what is known of its tensors ------------------------------------- */
+/* --- one model instance: an edgeloop_engine.Engine and what is known of its tensors ------------------------------- */
 typedef struct {
     PyObject* engine;
     bool batched;
