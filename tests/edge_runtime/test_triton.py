@@ -508,9 +508,13 @@ def test_edgeloop_backend_is_built_once_found_prebuilt_and_otherwise_falls_back_
     assert [p.name for p in (elsewhere / "edgeloop-backend").iterdir()] == []  # nothing half-built
 
 
-def test_a_python_error_in_edgeloop_backend_fails_the_load_with_its_reason(tmp_path, triton_python):
+def test_edgeloop_backend_refuses_an_engine_it_cannot_load_and_serves_shared_memory_clients(tmp_path,
+                                                                                           triton_python):
     """An engine the embedded interpreter cannot load (its file gone) fails Triton's load with ONNX Runtime's
-    reason, and tritonserver serves on."""
+    reason, and tritonserver serves on; a client passing tensors through Triton's system shared memory (input read
+    from, output written into its region) gets ONNX Runtime's answer."""
+    import tritonclient.grpc as triton
+    import tritonclient.utils.shared_memory as shm
     from onnx import TensorProto
 
     from edge_runtime.engines.onnxruntime import OrtEngine
@@ -534,5 +538,22 @@ def test_a_python_error_in_edgeloop_backend_fails_the_load_with_its_reason(tmp_p
         x = np.arange(6, dtype=np.float32).reshape(2, 3)
         assert np.array_equal(TritonEngine(server, "neg", engine.inputs, engine.outputs, 4, engine.platform).infer(
             {"x": x})["y"], -x)
+
+        client = triton.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+        key = f"/edgeloop-test-{os.getpid()}"
+        region = shm.create_shared_memory_region("tensors", key, 2 * x.nbytes)
+        try:
+            shm.set_shared_memory_region(region, [x])
+            client.register_system_shared_memory("tensors", key, 2 * x.nbytes)
+            tensor = triton.InferInput("x", list(x.shape), "FP32")
+            tensor.set_shared_memory("tensors", x.nbytes)
+            wanted = triton.InferRequestedOutput("y")
+            wanted.set_shared_memory("tensors", x.nbytes, offset=x.nbytes)
+            reply = client.infer("neg", [tensor], outputs=[wanted])
+            assert reply.get_output("y").shape == [2, 3]
+            assert np.array_equal(shm.get_contents_as_numpy(region, np.float32, [2, 3], offset=x.nbytes), -x)
+            client.unregister_system_shared_memory("tensors")
+        finally:
+            shm.destroy_shared_memory_region(region)
     finally:
         server.stop()
