@@ -16,6 +16,9 @@
 #include <Python.h>
 
 #include <dlfcn.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -179,6 +182,9 @@ static void instance_free(Instance* s) {
         PyGILState_Release(gil);
     }
     free(s);
+#ifdef __GLIBC__
+    malloc_trim(0); /* an unloaded version's session goes back to the system, not to the heap's free lists */
+#endif
 }
 
 /* Fill ``s`` from the engine's ``inputs`` (names), ``outputs`` ((name, datatype) pairs) and ``batched``. */
