@@ -561,8 +561,8 @@ def test_edgeloop_backend_refuses_an_engine_it_cannot_load_and_serves_shared_mem
 
 def test_edgeloop_backend_gives_back_the_memory_of_versions_it_unloaded(tmp_path, triton_python):
     """Version after version loaded into one tritonserver (a device that retrains daily swaps one a day for months),
-    each run once and the one before unloaded: the process keeps the size it had after the first few (ONNX Runtime's
-    sessions live in tritonserver's own heap with edgeloop's backend)."""
+    each run once and the one before unloaded: the process keeps about the size it had after the first few (ONNX
+    Runtime's sessions live in tritonserver's own heap with edgeloop's backend)."""
     import torch
     import tritonclient.grpc as tritonclient
     from torch import nn
@@ -593,7 +593,7 @@ def test_edgeloop_backend_gives_back_the_memory_of_versions_it_unloaded(tmp_path
 
     sizes = []
     try:
-        for number in range(1, 15):
+        for number in range(1, 19):
             write_model(server.repo, "conv", number, engine_path=path, platform=engine.platform, inputs=engine.inputs,
                         outputs=engine.outputs, max_batch_size=8, max_queue_delay_us=0, edgeloop_version=f"v{number}",
                         variant="fp32", backend="edgeloop")
@@ -605,5 +605,6 @@ def test_edgeloop_backend_gives_back_the_memory_of_versions_it_unloaded(tmp_path
             sizes.append(resident_mib())
     finally:
         server.stop()
-    # MiB over ten more versions (the least of the last few: a transient arena of Triton's own comes and goes)
-    assert min(sizes[-4:]) - sizes[3] < 8, [round(s) for s in sizes]
+    # the typical size of the last five against that of the first five (the heap's per-thread arenas come and go by
+    # a few MiB); without giving memory back it grows ~5 MiB a version here
+    assert float(np.median(sizes[-5:]) - np.median(sizes[:5])) < 24, [round(s) for s in sizes]
