@@ -12,9 +12,8 @@ a supervised ``tritonserver`` serves the device's inference port.
   restarts it when it dies.
 * :func:`write_model` writes one model version: a TensorRT plan (``platform: tensorrt_plan``), or the ONNX Runtime
   engine edgeloop built for edgeloop's backend or for the Python-backend model in ``triton_backend/model.py``, with a
-  generated
-  ``config.pbtxt`` (inputs, outputs, ``max_batch_size``, dynamic batching from the tuned limits, one instance,
-  ``version_policy: latest 1`` so that loading a new version swaps it in only once it loaded).
+  generated ``config.pbtxt`` (inputs, outputs, ``max_batch_size``, dynamic batching from the tuned limits, one
+  instance, ``version_policy: latest 1`` so that loading a new version swaps it in only once it loaded).
 * :class:`TritonEngine` is an :class:`~edge_runtime.engines.base.Engine` whose runs go through Triton: validation
   runs through it on the engine Triton serves.
 """

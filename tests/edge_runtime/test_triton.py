@@ -497,6 +497,11 @@ def test_edgeloop_backend_is_built_once_found_prebuilt_and_otherwise_falls_back_
     assert prebuilt.parent.parent == tmp_path / "prebuilt"
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert triton_native.backend_library(triton_python, elsewhere) == prebuilt
+    home = install.binary.parent.parent  # the wheel's tree has a Triton install's layout: bin/, backends/
+    installed = find_triton(home, triton_python, tmp_path / "home-work", "edgeloop")  # its backends stay as they are
+    assert (installed.backends / "edgeloop" / triton_native.LIBRARY).exists()
+    assert (installed.backends / "python").resolve() == (home / "backends" / "python").resolve()  # linked beside ours
+    assert not (home / "backends" / "edgeloop").exists()
 
     monkeypatch.delenv("CC")
     broken = tmp_path / "backend.c"
