@@ -33,18 +33,22 @@ LIBRARY = "libtriton_edgeloop.so"
 NAME = "edgeloop"
 """The backend's name in config.pbtxt (``backend: "edgeloop"``) and its folder under Triton's backend directory."""
 
-_PROBE = ("import json, sys, sysconfig; v = sysconfig.get_config_var; "
+_PROBE = ("import importlib.util, json, sys, sysconfig; v = sysconfig.get_config_var; "
           "print(json.dumps({'include': sysconfig.get_paths()['include'], 'libdir': v('LIBDIR'), "
-          "'soname': v('INSTSONAME'), 'ldversion': v('LDVERSION'), 'version': sys.version.split()[0]}))")
+          "'soname': v('INSTSONAME'), 'ldversion': v('LDVERSION'), 'version': sys.version.split()[0], "
+          "'missing': [m for m in ('numpy', 'onnxruntime') if importlib.util.find_spec(m) is None]}))")
 
 
 def python_facts(python: Path) -> dict[str, str]:
-    """What building against ``python`` needs: its headers, its shared libpython (folder and name), its version."""
+    """What building against ``python`` needs: its headers, its shared libpython (folder and name), its version;
+    ConfigError where it lacks one, or numpy and onnxruntime (the backend runs engines with them)."""
     try:
         facts = json.loads(subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=60,
                                           check=True).stdout)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         raise ConfigError(f"cannot ask {python} how it was built: {exc}") from exc
+    if facts.pop("missing"):
+        raise ConfigError(f"{python} cannot import numpy and onnxruntime, which the backend runs engines with")
     if not (Path(facts["include"]) / "Python.h").exists():
         raise ConfigError(f"{python} has no C headers at {facts['include']} (install python3-dev)")
     if not facts["libdir"] or not facts["soname"] or not (Path(facts["libdir"]) / facts["soname"]).exists():

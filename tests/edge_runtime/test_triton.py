@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -502,6 +503,11 @@ def test_edgeloop_backend_is_built_once_found_prebuilt_and_otherwise_falls_back_
     assert (installed.backends / "edgeloop" / triton_native.LIBRARY).exists()
     assert (installed.backends / "python").resolve() == (home / "backends" / "python").resolve()  # linked beside ours
     assert not (home / "backends" / "edgeloop").exists()
+
+    bare = tmp_path / "bare-venv"  # an interpreter without numpy and onnxruntime: nothing to run engines with
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    with pytest.raises(ConfigError, match="cannot import numpy and onnxruntime"):
+        triton_native.backend_library(bare / "bin" / "python", elsewhere)
 
     monkeypatch.delenv("CC")
     broken = tmp_path / "backend.c"
