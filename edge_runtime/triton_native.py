@@ -76,7 +76,10 @@ def build(facts: dict[str, str], into: Path) -> Path:
             f"-I{facts['include']}", "-o", str(staging / LIBRARY), str(SOURCE), f"-L{facts['libdir']}",
             f"-lpython{facts['ldversion']}", f"-Wl,-rpath,{facts['libdir']}"]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ConfigError(f"the C compiler did not run: {exc}") from exc
         if done.returncode != 0:
             said = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or [""]
             raise ConfigError(f"edgeloop's Triton backend did not compile: {said[0].strip()}")
