@@ -33,6 +33,12 @@ def open_session(folder: str) -> ort.InferenceSession:
     return ort.InferenceSession(engine["engine"], options, providers=["CPUExecutionProvider"])
 
 
+def failure(exc: Exception) -> tuple[bool, str]:
+    """(the caller's fault, the message) of a run ONNX Runtime failed: an input it refuses (an index out of range,
+    say) is the caller's fault, anything else is not."""
+    return type(exc).__name__ == "InvalidArgument", f"ONNX Runtime: {exc}"
+
+
 class Engine:
     """What the backend reads: ``inputs`` (names, in the order it passes buffers), ``outputs`` ((name, Triton type
     code) pairs, in the order :meth:`run` returns them) and ``batched`` (the first axis is the batch)."""
@@ -49,8 +55,7 @@ class Engine:
 
     def run(self, buffers: list, shapes: list) -> list | tuple:
         """The outputs (C-contiguous, of the configured types) for inputs given as raw buffers and their shapes; or
-        ``(caller's fault, message)`` when ONNX Runtime fails the run: an input it refuses (an index out of range,
-        say) is the caller's fault, anything else is not."""
+        ``(caller's fault, message)`` when ONNX Runtime fails the run (:func:`failure`)."""
         try:
             feed = {name: np.frombuffer(buffer, kind).reshape(shape)
                     for name, kind, buffer, shape in zip(self.inputs, self._input_types, buffers, shapes,
@@ -58,4 +63,4 @@ class Engine:
             values = self.session.run(self._output_names, feed)
             return [np.ascontiguousarray(value, kind) for value, kind in zip(values, self._output_types, strict=True)]
         except Exception as exc:  # noqa: BLE001 - becomes the request's error; the server goes on
-            return type(exc).__name__ == "InvalidArgument", f"ONNX Runtime: {exc}"
+            return failure(exc)

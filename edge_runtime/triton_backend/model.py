@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from edgeloop_engine import open_session  # copied beside this file
+from edgeloop_engine import failure, open_session  # copied beside this file
 
 
 class TritonPythonModel:
@@ -50,9 +50,9 @@ class TritonPythonModel:
         try:
             return self._respond(self.session.run(None, feed))
         except Exception as exc:  # noqa: BLE001 - becomes this request's error, the others are answered
-            code = pb_utils.TritonError.INVALID_ARG if type(exc).__name__ == "InvalidArgument" else \
-                pb_utils.TritonError.INTERNAL
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ONNX Runtime: {exc}", code))
+            fault, message = failure(exc)
+            code = pb_utils.TritonError.INVALID_ARG if fault else pb_utils.TritonError.INTERNAL
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
     def _respond(self, values):
         return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.ascontiguousarray(value))
