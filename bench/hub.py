@@ -146,8 +146,8 @@ async def offer(addresses: list[str], tokens: dict[str, str], rate: float, secon
     """Start single-event Report calls at ``rate``/s for ``seconds`` (open loop); returns what happened."""
     import grpc
 
-    from edge_runtime.protos import telemetry_pb2 as pb
-    from edge_runtime.protos import telemetry_pb2_grpc
+    from edgeloop_core.protos import telemetry_pb2 as pb
+    from edgeloop_core.protos import telemetry_pb2_grpc
 
     channels = [grpc.aio.insecure_channel(a) for a in addresses]
     stubs = [telemetry_pb2_grpc.TelemetryHubStub(c) for c in channels]
@@ -298,9 +298,9 @@ async def time_fleet_status(address: str, reader: str) -> tuple[float, float, in
 
 
 class MemoryOutbox:
-    """The runtime's :class:`~edge_runtime.telemetry.Outbox` contract (``device_id``, ``pending(limit)`` oldest first,
+    """The runtime's :class:`Outbox` contract (``device_id``, ``pending(limit)`` oldest first,
     ``acknowledge``, ``count``) in memory: a simulated fleet has too many devices for a SQLite file each. The sending
-    is the runtime's own :class:`~edge_runtime.telemetry.TelemetrySender`."""
+    is the runtime's own :class:`~edge_runtime.report.telemetry.TelemetrySender`."""
 
     def __init__(self, device_id: str, acknowledged: list[tuple[float, str]]) -> None:
         self.device_id = device_id
@@ -335,10 +335,10 @@ async def simulate_fleet(address: str, tokens: dict[str, str], interval_s: float
 
     import grpc
 
-    from edge_runtime.protos import telemetry_pb2 as pb
-    from edge_runtime.telemetry import TelemetrySender
+    from edge_runtime.report.telemetry import TelemetrySender
+    from edgeloop_core.protos import telemetry_pb2 as pb
 
-    logging.getLogger("edge_runtime.telemetry").setLevel(logging.ERROR)  # a warning per backing-off device
+    logging.getLogger("edge_runtime.report.telemetry").setLevel(logging.ERROR)  # a warning per backing-off device
     channel = grpc.aio.insecure_channel(address)
     acknowledged: list[tuple[float, str]] = []
     outboxes = [MemoryOutbox(d, acknowledged) for d in tokens]

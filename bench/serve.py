@@ -105,7 +105,7 @@ def build_models(work: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
 
 def request_bytes(model: str, shape: tuple[int, ...], seed: int = 0) -> bytes:
     """One batch-1 ModelInferRequest, serialized once."""
-    from edge_runtime.protos import inference_pb2 as pb
+    from edgeloop_core.protos import inference_pb2 as pb
 
     x = np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32)
     request = pb.ModelInferRequest(model_name=model)
@@ -501,7 +501,7 @@ def shared_memory_vs_bytes(edge: Edgeloop, count: int, concurrency: int = 8) -> 
     """req/s for a 3×224×224 FP32 input as protobuf bytes and through system shared memory (edgeloop)."""
     import tritonclient.utils.shared_memory as shm
 
-    from edge_runtime.protos import inference_pb2 as pb
+    from edgeloop_core.protos import inference_pb2 as pb
 
     x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
     as_bytes = pb.ModelInferRequest(model_name=edge.model)
@@ -538,7 +538,7 @@ def publish_fp32(store, work: Path, name: str, onnx: Path, shape: tuple[int, ...
     import onnxruntime as ort
 
     from components.publish import publish_version
-    from edge_runtime.contract import (
+    from edgeloop_core.contract import (
         ArtifactLayout,
         Manifest,
         TensorSpec,
@@ -588,8 +588,8 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
         sys.exit("needs two cores: one for the server, one for the load generator")
     os.sched_setaffinity(0, {CLIENT_CORE})
 
-    from edge_runtime.contract import generate_signing_key
     from edgeloop.local_s3 import LocalS3
+    from edgeloop_core.contract import generate_signing_key
 
     rows: list[dict] = []
     ceilings: dict[str, tuple[float, float]] = {}

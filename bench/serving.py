@@ -64,8 +64,8 @@ def main() -> None:
     from components.data import load_digits_dataset
     from components.export import export_onnx, quantize_ort_int8
     from components.train import train_model
-    from edge_runtime.contract import generate_signing_key, load_signing_key
     from edgeloop.local_s3 import LocalS3
+    from edgeloop_core.contract import generate_signing_key, load_signing_key
     from tests.edge_runtime.conftest import RunningEdge, TrainedModels, publish_model
 
     work = Path(tempfile.mkdtemp(prefix="edgeloop-bench-"))

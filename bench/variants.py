@@ -36,7 +36,7 @@ PARAMETERS = {
 async def device_choice(settings, store):  # noqa: ANN001,ANN201 - EdgeSettings, ObjectStore → VariantChoice
     """Start the edge runtime on the published version, wait until it serves, return its variant choice."""
     from edge_runtime.app import EdgeApp, wait_until_ready
-    from edge_runtime.device import detect
+    from edge_runtime.build.device import detect
 
     app = EdgeApp(settings, facts=detect(), store=store)
     await app.start()
@@ -54,10 +54,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "variants.md")
     args = parser.parse_args()
 
-    from edge_runtime.contract import generate_signing_key
     from edge_runtime.settings import EdgeSettings
     from edgeloop.local_s3 import LocalS3
     from edgeloop.speech import make_speech_commands
+    from edgeloop_core.contract import generate_signing_key
     from pipelines.local_run import run_local
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]

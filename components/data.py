@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.contract import Preprocessing
-from edge_runtime.errors import ConfigError
+from edgeloop_core.contract import Preprocessing
+from edgeloop_core.errors import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".webp"}
 
@@ -159,7 +159,7 @@ def local_folder(uri: str, suffixes: set[str] | None = None) -> Iterator[Path]:
             raise ConfigError(f"{uri}: not a directory")
         yield root
         return
-    from edge_runtime.store import ObjectStore
+    from edgeloop_core.store import ObjectStore
 
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     prefix = prefix.rstrip("/") + "/" if prefix else ""
@@ -222,10 +222,10 @@ def load_speech_commands(root: str | Path, *, seed: int = 0, noisy_copies: int =
 
     ``validation_list.txt`` and ``testing_list.txt`` (paths relative to ``root``) pick the held-out clips; the rest
     train. Each training clip is used clean and ``noisy_copies`` times mixed with a random stretch of a
-    ``_background_noise_`` recording at a random SNR. Clips become log-mel spectrograms (:mod:`edge_runtime.features`),
+    ``_background_noise_`` recording at a random SNR. Clips become log-mel spectrograms (:mod:`edgeloop_core.features`),
     normalised with the training set's mean and standard deviation (recorded in the preprocessing).
     """
-    from edge_runtime.features import MelConfig, fit_length, log_mel, read_wav
+    from edgeloop_core.features import MelConfig, fit_length, log_mel, read_wav
 
     root = Path(root)
     config = MelConfig()

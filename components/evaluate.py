@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from components.export import INPUT_NAME, VariantInfo
-from edge_runtime.errors import ConfigError, GateFailed
-from edge_runtime.timing import time_calls
+from edgeloop_core.errors import ConfigError, GateFailed
+from edgeloop_core.timing import time_calls
 
 BASELINE = "fp32-dense"
 PRUNED = "fp32"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_runtime.errors import ContractError
+from edgeloop_core.errors import ContractError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

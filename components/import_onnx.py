@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.contract import FileRef, Manifest, Preprocessing, TensorSpec, Validation, Variant, sha256_file
-from edge_runtime.errors import ConfigError, GateFailed
-from edge_runtime.validate import output_agreement
+from edgeloop_core.contract import FileRef, Manifest, Preprocessing, TensorSpec, Validation, Variant, sha256_file
+from edgeloop_core.errors import ConfigError, GateFailed
+from edgeloop_core.quality import output_agreement
 
 VARIANTS = ("fp32", "fp16", "int8-qdq", "int8-ort")
 
@@ -30,7 +30,7 @@ VARIANTS = ("fp32", "fp16", "int8-qdq", "int8-ort")
 def fetch_uri(uri: str, dest: Path) -> Path:
     """A local path, ``file://`` or ``s3://bucket/key`` (boto3's configuration) made local at ``dest``."""
     if uri.startswith("s3://"):
-        from edge_runtime.store import ObjectStore
+        from edgeloop_core.store import ObjectStore
 
         bucket, _, key = uri[len("s3://") :].partition("/")
         return ObjectStore(bucket).download_file(key, dest)
@@ -171,7 +171,7 @@ def _latencies(path: Path, inputs: dict[str, np.ndarray], fixed: int | None) -> 
     """ONNX Runtime CPU p50 at batch 1 (or the fixed batch) and at the largest batch the model allows."""
     import onnxruntime as ort
 
-    from edge_runtime.timing import repeat_batch, time_calls
+    from edgeloop_core.timing import repeat_batch, time_calls
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -265,8 +265,8 @@ def publish_imported(*, onnx_dir: str, holdout_path: str, model_name: str, bucke
                      s3_endpoint: str, tolerance: float, manifest_out: str) -> str:
     """Publish an imported model's variants and its output-agreement validation set; returns the version."""
     from components.publish import new_version, publish_version
-    from edge_runtime.contract import ArtifactLayout, load_signing_key
-    from edge_runtime.store import ObjectStore
+    from edgeloop_core.contract import ArtifactLayout, load_signing_key
+    from edgeloop_core.store import ObjectStore
 
     variants = [ImportedVariant(**v) for v in json.loads((Path(onnx_dir) / "variants.json").read_text())]
     version = new_version()

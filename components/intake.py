@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.errors import ConfigError, ContractError
+from edgeloop_core.errors import ConfigError, ContractError
 
 TARGET_OPSET = 17
 MIN_OPSET = 13

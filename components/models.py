@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edge_runtime.errors import ConfigError
+from edgeloop_core.errors import ConfigError
 
 ARCHITECTURES = ("cnn", "vit", "ast")
 

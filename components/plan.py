@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from components.data import DatasetSplits
-from edge_runtime.contract import ArtifactLayout, Manifest
-from edge_runtime.errors import ObjectNotFound
-from edge_runtime.fetch import resolve_version
-from edge_runtime.store import ObjectStore
+from edgeloop_core.contract import ArtifactLayout, Manifest
+from edgeloop_core.errors import ObjectNotFound
+from edgeloop_core.published import resolve_version
+from edgeloop_core.store import ObjectStore
 
 
 @dataclass(frozen=True)

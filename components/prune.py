@@ -11,7 +11,7 @@ from torch import nn
 
 from components.data import DatasetSplits
 from components.train import TrainHistory, accuracy, fit, pick_device, seed_everything
-from edge_runtime.errors import ConfigError
+from edgeloop_core.errors import ConfigError
 
 CHANNEL_DIVISOR = 16
 """FastNAS keeps channel and feature counts multiples of this (Model Optimizer's default is 32)."""

@@ -15,7 +15,7 @@ import numpy as np
 from components.data import DatasetSplits
 from components.evaluate import Evaluation
 from components.export import INPUT_NAME, OUTPUT_NAME, VariantInfo
-from edge_runtime.contract import (
+from edgeloop_core.contract import (
     ArtifactLayout,
     FileRef,
     Manifest,
@@ -28,13 +28,13 @@ from edge_runtime.contract import (
     sign_manifest,
     sign_pointer,
 )
-from edge_runtime.contract.channel import DEFAULT_TTL, ChannelPointer
-from edge_runtime.errors import ManifestInvalid, ObjectNotFound, StoreError, VersionExists
+from edgeloop_core.contract.channel import DEFAULT_TTL, ChannelPointer
+from edgeloop_core.errors import ManifestInvalid, ObjectNotFound, StoreError, VersionExists
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from edge_runtime.store import ObjectStore
+    from edgeloop_core.store import ObjectStore
 
 VALIDATION_FILE = "validation.npz"
 REPORT_FILE = "report.html"
@@ -208,8 +208,8 @@ def publish_from_paths(
 
     from components.export import load_variant_infos
     from components.plan import Plan
-    from edge_runtime.contract import load_signing_key
-    from edge_runtime.store import ObjectStore
+    from edgeloop_core.contract import load_signing_key
+    from edgeloop_core.store import ObjectStore
 
     signing_key = load_signing_key(signing_key_path)
     data = DatasetSplits.load(dataset_path)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from components.data import DatasetSplits
 from components.models import ModelSpec, build_model
-from edge_runtime.errors import ConfigError
+from edgeloop_core.errors import ConfigError
 
 
 @dataclass

@@ -9,6 +9,7 @@ WORKDIR /src
 RUN python -m venv /opt/edgeloop \
  && /opt/edgeloop/bin/pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
+COPY edgeloop_core ./edgeloop_core
 COPY edge_runtime ./edge_runtime
 COPY components ./components
 COPY pipelines ./pipelines

@@ -6,6 +6,7 @@ FROM nvcr.io/nvidia/l4t-tensorrt:r10.3.0-devel AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY edgeloop_core ./edgeloop_core
 COPY edge_runtime ./edge_runtime
 COPY edgeloop ./edgeloop
 RUN python3 -m venv --system-site-packages /opt/edgeloop \

@@ -4,6 +4,7 @@ FROM python:3.11.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY edgeloop_core ./edgeloop_core
 COPY edge_runtime ./edge_runtime
 COPY edgeloop ./edgeloop
 COPY telemetry_hub ./telemetry_hub

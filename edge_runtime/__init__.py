@@ -1,6 +1,6 @@
 """edgeloop's device side.
 
-The artifact contract lives in :mod:`edge_runtime.contract` because the runtime owns what it accepts; the cloud
+The artifact contract lives in :mod:`edgeloop_core.contract` because the runtime owns what it accepts; the cloud
 components import it. Nothing in this package imports torch, and everything runs on Python 3.10+.
 """
 

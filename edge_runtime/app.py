@@ -12,16 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.device import DeviceFacts, detect
-from edge_runtime.errors import ConfigError, EdgeloopError
-from edge_runtime.jetson import JetsonSensors
+from edge_runtime.build.device import DeviceFacts, detect
 from edge_runtime.lifecycle import ModelRuntime
-from edge_runtime.metrics import RuntimeMetrics
+from edge_runtime.report.jetson import JetsonSensors
+from edge_runtime.report.metrics import RuntimeMetrics
+from edge_runtime.report.telemetry import Outbox, TelemetrySender
 from edge_runtime.repository import ModelRepository
-from edge_runtime.serve.server import TlsFiles, start_server
+from edge_runtime.serve.server import start_server
 from edge_runtime.serve.servicer import RepositoryControl
 from edge_runtime.settings import EdgeSettings
-from edge_runtime.telemetry import HubTls, Outbox, TelemetrySender
+from edgeloop_core.errors import ConfigError, EdgeloopError
+from edgeloop_core.tls import HubTls, TlsFiles
 
 log = logging.getLogger("edgeloop.edge")
 
@@ -128,7 +129,7 @@ class EdgeApp:
         self.repository.on_change(self._on_change)
         labels: dict[str, str] = {}
         if self.settings.kube_node_name:
-            from edge_runtime.kube import NodeReporter
+            from edge_runtime.report.kube import NodeReporter
 
             try:
                 self.node = await asyncio.to_thread(NodeReporter, self.settings.kube_node_name)
@@ -136,7 +137,7 @@ class EdgeApp:
                 if self.facts.module is None and labels.get("edgeloop.io/module"):
                     from dataclasses import replace
 
-                    from edge_runtime.contract.target import module_slug
+                    from edgeloop_core.contract.target import module_slug
 
                     self.facts = replace(self.facts, module=module_slug(labels["edgeloop.io/module"]))
                     self.repository.facts = self.facts
@@ -261,7 +262,7 @@ async def serve(settings: EdgeSettings) -> None:
 async def wait_until_ready(app: EdgeApp, timeout_s: float = 120.0) -> None:
     """Wait until the device is ready (its models serve their desired versions, by ``ready_policy``);
     :class:`NotReady` with each model's state and last error after ``timeout_s``."""
-    from edge_runtime.errors import NotReady
+    from edgeloop_core.errors import NotReady
 
     deadline = asyncio.get_running_loop().time() + timeout_s
     while app.repository is None or not app.repository.ready():

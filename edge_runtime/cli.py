@@ -10,13 +10,11 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from edgeloop_core.console import console
+
 app = typer.Typer(help="The edge runtime: fetch, build, validate and serve a model over gRPC.", no_args_is_help=True)
-console = Console()
-if not console.is_terminal:  # logs and CI: wide enough for our tables
-    console = Console(width=140)
 
 
 @app.command("serve")
@@ -52,9 +50,9 @@ def send_dataset(address: str, model: str, inputs: np.ndarray, labels: np.ndarra
     """Send ``inputs`` through ``ModelInfer`` (tritonclient-compatible requests); accuracy and latency."""
     import grpc
 
-    from edge_runtime.errors import NotReady
-    from edge_runtime.protos import inference_pb2 as pb
-    from edge_runtime.protos import inference_pb2_grpc
+    from edgeloop_core.errors import NotReady
+    from edgeloop_core.protos import inference_pb2 as pb
+    from edgeloop_core.protos import inference_pb2_grpc
 
     with grpc.insecure_channel(address) as channel:
         stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -89,9 +87,9 @@ def send_dataset(address: str, model: str, inputs: np.ndarray, labels: np.ndarra
 
 def wav_to_input(wav: Path, manifest_path: Path) -> tuple[np.ndarray, list[str]]:
     """One WAV → the model's input tensor, with the feature settings and normalisation the manifest records."""
-    from edge_runtime.contract import Manifest
-    from edge_runtime.errors import ConfigError
-    from edge_runtime.features import MelConfig, log_mel, read_wav
+    from edgeloop_core.contract import Manifest
+    from edgeloop_core.errors import ConfigError
+    from edgeloop_core.features import MelConfig, log_mel, read_wav
 
     manifest = Manifest.from_json(manifest_path.read_bytes())
     pre = manifest.preprocessing
@@ -110,7 +108,7 @@ def triton_backend_command(
     time; the runtime builds it itself where a C compiler is."""
     import sys
 
-    from edge_runtime.triton_native import prebuild
+    from edge_runtime.serve.triton.native import prebuild
 
     console.print(f"built {prebuild(python or Path(sys.executable))}")
 
@@ -124,7 +122,7 @@ def infer_command(
     manifest: Annotated[Path | None, typer.Option(help="the version's manifest.json (for a .wav: features)")] = None,
 ) -> None:
     """Send a data set (or one WAV clip) to a running runtime; print accuracy and latency (or the keyword)."""
-    from edge_runtime.errors import ConfigError
+    from edgeloop_core.errors import ConfigError
 
     if inputs.suffix.lower() == ".wav":
         if manifest is None:

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.aio import wait_event
-from edge_runtime.cache import ArtifactCache, write_atomic
-from edge_runtime.choice import (
+from edge_runtime.build.choice import (
     VariantChoice,
     VariantFigures,
     choose_fastest,
@@ -27,7 +26,20 @@ from edge_runtime.choice import (
     save_choice,
     time_variant,
 )
-from edge_runtime.contract import (
+from edge_runtime.build.device import DeviceFacts
+from edge_runtime.build.engines import EnginePlan, candidate_variants, named_variant, plan_for, resolve_backend
+from edge_runtime.build.engines.base import Engine
+from edge_runtime.build.engines.onnxruntime import spins
+from edge_runtime.build.engines.provider import EngineProvider
+from edge_runtime.build.memory import MemoryBudget
+from edge_runtime.fetch.cache import ArtifactCache
+from edge_runtime.fetch.desired import DesiredModels
+from edge_runtime.serve.batching import DynamicBatcher
+from edge_runtime.serve.slot import ServingModel, ServingSlot
+from edge_runtime.settings import EdgeSettings, ModelEntry
+from edge_runtime.states import State
+from edge_runtime.validate import ValidationResult, read_validation_set, validate
+from edgeloop_core.contract import (
     ArtifactLayout,
     Manifest,
     check_name,
@@ -36,13 +48,7 @@ from edge_runtime.contract import (
     load_verify_keys,
     verify_manifest,
 )
-from edge_runtime.desired import DesiredModels
-from edge_runtime.device import DeviceFacts
-from edge_runtime.engines import EnginePlan, candidate_variants, named_variant, plan_for, resolve_backend
-from edge_runtime.engines.base import Engine
-from edge_runtime.engines.onnxruntime import spins
-from edge_runtime.engines.provider import EngineProvider
-from edge_runtime.errors import (
+from edgeloop_core.errors import (
     EdgeloopError,
     EngineError,
     InsufficientMemory,
@@ -51,15 +57,10 @@ from edge_runtime.errors import (
     NotReady,
     ValidationFailed,
 )
-from edge_runtime.fetch import read_manifest, resolve_desired
-from edge_runtime.memory import MemoryBudget
-from edge_runtime.serve.batching import DynamicBatcher
-from edge_runtime.settings import EdgeSettings, ModelEntry
-from edge_runtime.slot import ServingModel, ServingSlot
-from edge_runtime.states import State
-from edge_runtime.store import ObjectStore
-from edge_runtime.timing import Timing
-from edge_runtime.validate import ValidationResult, read_validation_set, validate
+from edgeloop_core.files import write_atomic
+from edgeloop_core.published import read_manifest, resolve_desired
+from edgeloop_core.store import ObjectStore
+from edgeloop_core.timing import Timing
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class DeviceResources:
     engines: EngineProvider
     memory: MemoryBudget
     triton: Any = None
-    """The supervised :class:`~edge_runtime.triton.TritonServer` when ``serving_engine`` is ``triton``."""
+    """The supervised :class:`TritonServer` when ``serving_engine`` is ``triton``."""
 
     @classmethod
     def create(cls, settings: EdgeSettings, facts: DeviceFacts, store: ObjectStore | None = None) -> DeviceResources:
@@ -119,7 +120,7 @@ class DeviceResources:
             ort_threads=settings.ort_intra_op_threads, ort_spin=settings.ort_spin_wait)
         triton = None
         if settings.serving_engine == "triton":
-            from edge_runtime.triton import TritonServer, find_triton
+            from edge_runtime.serve.triton.dataplane import TritonServer, find_triton
 
             work = cache.root / "triton"
             install = find_triton(settings.triton_home, settings.triton_python, work, settings.triton_backend)
@@ -290,7 +291,7 @@ class ModelRuntime:
 
     # --- the life cycle ----------------------------------------------------------------------------------------
     def read_desired(self) -> tuple[str, str]:
-        """What should serve (see :class:`~edge_runtime.desired.DesiredModels` for the precedence)."""
+        """What should serve (see :class:`~edge_runtime.fetch.desired.DesiredModels` for the precedence)."""
         entry = self.desired_models.entry(self.name)
         if entry is None:
             raise ModelNotFound(f"model {self.name!r} is no longer desired on this device")
@@ -563,7 +564,7 @@ class ModelRuntime:
         """Hand the engine that passed here to Triton: load it under a candidate name, validate it again through
         Triton's own front end, and only then write it as the model's next version and load it (Triton swaps versions
         once the new one loaded; the old one serves until then, and stays when the load fails)."""
-        from edge_runtime.triton import (
+        from edge_runtime.serve.triton.dataplane import (
             CANDIDATE_SUFFIX,
             TritonEngine,
             next_version_number,
@@ -636,7 +637,7 @@ class ModelRuntime:
         except EdgeloopError as exc:
             log.warning("could not unload %s from Triton: %s", self.name, exc)
         if remove:
-            from edge_runtime.triton import remove_model
+            from edge_runtime.serve.triton.dataplane import remove_model
 
             remove_model(triton.repo, self.name)
 
@@ -708,7 +709,7 @@ class ModelRuntime:
 
     def _tune(self, engine: Engine, validation_path: Path, manifest: Manifest):  # noqa: ANN202 - BatchingChoice
         """Sweep batch sizes on this device and choose the batcher's limits (reported as ``batch_sweep``)."""
-        from edge_runtime.tuning import choose, sweep
+        from edge_runtime.build.tuning import choose, sweep
 
         inputs, _ = read_validation_set(validation_path, manifest, engine)
         points = sweep(engine, {k: v[:1] for k, v in inputs.items()}, engine.max_batch_size)

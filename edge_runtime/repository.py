@@ -1,6 +1,6 @@
 """The model repository: every model this device serves, each with its own life cycle, behind one endpoint.
 
-Desired state is a set of models (see :mod:`edge_runtime.desired`). Each has its own :class:`ModelRuntime` (its
+Desired state is a set of models (see :mod:`edge_runtime.fetch.desired`). Each has its own :class:`ModelRuntime` (its
 own reconcile loop, back-off, state, batcher and telemetry) so one model failing never touches the others; they
 share one store, one cache and size cap, one engine provider (one build at a time) and one memory budget.
 
@@ -20,14 +20,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edge_runtime.contract import check_name
-from edge_runtime.desired import DesiredModels
-from edge_runtime.device import DeviceFacts
-from edge_runtime.errors import ModelNotFound
+from edge_runtime.build.device import DeviceFacts
+from edge_runtime.fetch.desired import DesiredModels
 from edge_runtime.lifecycle import CycleResult, DeviceResources, ModelRuntime, Reporter, describe
+from edge_runtime.serve.slot import ServingModel
 from edge_runtime.settings import EdgeSettings
-from edge_runtime.slot import ServingModel
-from edge_runtime.store import ObjectStore
+from edgeloop_core.contract import check_name
+from edgeloop_core.errors import ModelNotFound
+from edgeloop_core.store import ObjectStore
 
 log = logging.getLogger(__name__)
 TRITON_UNANSWERED = 3
@@ -84,7 +84,7 @@ class ModelRepository:
         return self.shared.facts
 
     @property
-    def triton(self) -> Any:  # noqa: ANN401 - edge_runtime.triton.TritonServer, imported only when used
+    def triton(self) -> Any:  # noqa: ANN401 - edge_runtime.serve.triton.dataplane.TritonServer, imported only when used
         """The supervised tritonserver (``serving_engine`` triton), else ``None``."""
         return self.shared.triton
 

@@ -11,11 +11,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from edge_runtime.errors import ConfigError
+from edgeloop_core.errors import ConfigError
 
 
 def _checked_name(value: str, info: ValidationInfo) -> str:
-    from edge_runtime.contract.channel import check_name
+    from edgeloop_core.contract.channel import check_name
 
     try:
         return check_name(value, info.field_name or "name")

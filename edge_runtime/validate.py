@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.contract import Manifest
-from edge_runtime.engines.base import Engine
-from edge_runtime.errors import ValidationFailed
-from edge_runtime.timing import time_calls
+from edge_runtime.build.engines.base import Engine
+from edgeloop_core.contract import Manifest
+from edgeloop_core.errors import ValidationFailed
+from edgeloop_core.quality import output_agreement
+from edgeloop_core.timing import time_calls
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,6 @@ class ValidationResult:
         return (f"{verdict} {self.metric} {self.value:.4f} >= {self.reference - self.tolerance:.4f}"
                 if self.passed else f"{verdict}: {self.reason}") + f" (p99 {self.p99_ms:.2f} ms)"
 
-
-def output_agreement(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
-    """Mean per-sample cosine similarity over every output (1.0: the same direction as the reference)."""
-    scores = []
-    for name, ref in reference.items():
-        a = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
-        b = np.asarray(got[name], dtype=np.float64).reshape(len(ref), -1)
-        denominator = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        scores.append(np.where(denominator > 0, (a * b).sum(axis=1) / np.maximum(denominator, 1e-30), 1.0))
-    return float(np.mean(np.concatenate(scores)))
 
 
 def _run_batched(engine: Engine, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

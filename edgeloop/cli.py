@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from edge_runtime.errors import EdgeloopError
+from edgeloop_core.errors import EdgeloopError
 
 app = typer.Typer(help="edgeloop: train, publish, deploy and serve models on Jetson fleets.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -38,7 +38,7 @@ def keys_command(
     out: str = typer.Option(..., help="folder for signing-key.pem (private, 0600) and verify-key.pem"),
 ) -> None:
     """Generate an ed25519 key pair for signing manifests."""
-    from edge_runtime.contract import generate_signing_key
+    from edgeloop_core.contract import generate_signing_key
 
     private, public = generate_signing_key(out)
     Console().print(f"wrote {private} (keep secret) and {public} (give to devices)")

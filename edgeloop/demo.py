@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from edge_runtime.contract import ArtifactLayout, generate_signing_key, load_verify_key
-from edge_runtime.fetch import verify_published
 from edgeloop.local_s3 import LocalS3
+from edgeloop_core.contract import ArtifactLayout, generate_signing_key, load_verify_key
+from edgeloop_core.published import verify_published
 
 BUCKET = "edgeloop"
 MODEL = "digits-cnn"

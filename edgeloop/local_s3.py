@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from edge_runtime.errors import ConfigError, StoreUnavailable
-from edge_runtime.store import ObjectStore
+from edgeloop_core.errors import ConfigError, StoreUnavailable
+from edgeloop_core.store import ObjectStore
 
 _PORT_NAMES = (
     "master.port",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.errors import ConfigError
+from edgeloop_core.errors import ConfigError
 
 WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 VOICES = ("en+m1", "en+m3", "en+f1", "en+f3", "en-us+m2", "en-us+f2")
@@ -33,7 +33,7 @@ def speak(word: str, voice: str, speed: int, pitch: int) -> np.ndarray:
 
     from scipy.signal import resample_poly
 
-    from edge_runtime.features import MelConfig, fit_length
+    from edgeloop_core.features import MelConfig, fit_length
 
     raw = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", word],
                          capture_output=True, check=True, timeout=30).stdout
@@ -48,7 +48,7 @@ def make_speech_commands(root: Path, *, seed: int = 0) -> Path:
     """Write the data set under ``root`` (created) and return it."""
     if not espeak_available():
         raise ConfigError("espeak-ng is not installed: apt-get install espeak-ng")
-    from edge_runtime.features import write_wav
+    from edgeloop_core.features import write_wav
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

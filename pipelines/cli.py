@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from edge_runtime.cli import console
+from edgeloop_core.console import console
 
 if TYPE_CHECKING:
     from components.evaluate import Evaluation
@@ -189,9 +189,9 @@ def verify_command(
     ] = None,
 ) -> None:
     """Check a published version: signature and every file's sha256."""
-    from edge_runtime.contract import ArtifactLayout, load_verify_keys
-    from edge_runtime.fetch import resolve_version, verify_published
-    from edge_runtime.store import ObjectStore
+    from edgeloop_core.contract import ArtifactLayout, load_verify_keys
+    from edgeloop_core.published import resolve_version, verify_published
+    from edgeloop_core.store import ObjectStore
 
     store, layout = ObjectStore(bucket, endpoint_url=endpoint), ArtifactLayout(prefix)
     trusted = load_verify_keys(verify_key)
@@ -215,8 +215,8 @@ def promote_command(
     from datetime import timedelta
 
     from components.publish import move_channel
-    from edge_runtime.contract import ArtifactLayout, load_signing_key
-    from edge_runtime.store import ObjectStore
+    from edgeloop_core.contract import ArtifactLayout, load_signing_key
+    from edgeloop_core.store import ObjectStore
 
     store = ObjectStore(bucket, endpoint_url=endpoint)
     pointer = move_channel(store, ArtifactLayout(prefix), model, channel, version, load_signing_key(),

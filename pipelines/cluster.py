@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge_runtime.errors import ConfigError
+from edgeloop_core.errors import ConfigError
 
 
 def compile_pipeline(output: str | Path, **cluster: Any) -> Path:

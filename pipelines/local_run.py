@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.contract import Manifest
-from edge_runtime.errors import ConfigError, PipelineFailed
+from edgeloop_core.contract import Manifest
+from edgeloop_core.errors import ConfigError, PipelineFailed
 
 
 @dataclass

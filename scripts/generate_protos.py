@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOS = ROOT / "protos"
-PACKAGE = "edge_runtime.protos"
+PACKAGE = "edgeloop_core.protos"
 
 
 def generate(out: Path) -> list[Path]:
@@ -41,7 +41,7 @@ def generate(out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "edge_runtime" / "protos")
+    parser.add_argument("--out", type=Path, default=ROOT / "edgeloop_core" / "protos")
     files = generate(parser.parse_args().out)
     sys.stdout.write("".join(f"wrote {p}\n" for p in files))
 

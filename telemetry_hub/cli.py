@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edge_runtime.cli import console
+from edgeloop_core.console import console
 
 hub_app = typer.Typer(help="The telemetry hub that devices report to.", no_args_is_help=True)
 fleet_app = typer.Typer(help="The fleet as the hub sees it.", no_args_is_help=True)
@@ -71,7 +71,7 @@ def fleet_table(devices) -> Table:  # noqa: ANN001 - telemetry DeviceStatus mess
 
 def kube_tables(namespace: str) -> tuple[Table, Table]:
     """Nodes with their edgeloop annotations, and the DaemonSets' rollout state, from the Kubernetes API."""
-    from edge_runtime.kube import core_api, daemonset_rollouts, fleet_nodes
+    from edgeloop_core.fleet import core_api, daemonset_rollouts, fleet_nodes
 
     core = core_api()
     nodes = Table(title="nodes (edgeloop.io/* annotations), a row per model")
@@ -108,7 +108,7 @@ def status_command(
 ) -> None:
     """Counts per state first, then a row per device and model: target key, desired and serving version,
     validation, p50/p99."""
-    from edge_runtime.errors import ConfigError
+    from edgeloop_core.errors import ConfigError
     from telemetry_hub.server import fleet_pages
 
     if kube:
@@ -119,7 +119,7 @@ def status_command(
         raise ConfigError("no token: pass --token or set HUB_READ_TOKEN (a reader token, not a device's)")
     import time as _time
 
-    from edge_runtime.telemetry import HubTls
+    from edgeloop_core.tls import HubTls
 
     filters = {"state": state, "model_name": model, "version": at_version,
                "stale_since_ms": int((_time.time() - stale_minutes * 60) * 1000) if stale_minutes else 0}
@@ -156,7 +156,7 @@ def rollout_command(
     helm: Annotated[str, typer.Option(help="helm binary")] = "helm",
 ) -> None:
     """helm upgrade --wait a ring; roll back when a device reports a failed validation or the rollout times out."""
-    from edge_runtime.kube import core_api, rollout
+    from edgeloop_core.fleet import core_api, rollout
 
     nodes = rollout(release, chart, namespace=namespace, api=core_api(), helm=helm, values=values or [],
                     sets=set_ or [], timeout_s=timeout, ring=ring, model=model, version=version)

@@ -21,12 +21,11 @@ import grpc
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from edge_runtime.errors import AccessDenied, ConfigError, HubAuthError, InvalidInput, Overloaded
-from edge_runtime.protos import telemetry_pb2 as pb
-from edge_runtime.protos import telemetry_pb2_grpc
-from edge_runtime.serve.errors import ErrorMapping
-from edge_runtime.serve.server import TlsFiles
-from edge_runtime.telemetry import HubTls
+from edgeloop_core.errors import AccessDenied, ConfigError, HubAuthError, InvalidInput, Overloaded
+from edgeloop_core.protos import telemetry_pb2 as pb
+from edgeloop_core.protos import telemetry_pb2_grpc
+from edgeloop_core.rpc_errors import ErrorMapping
+from edgeloop_core.tls import HubTls, TlsFiles
 from telemetry_hub.store import HubStore, IncomingEvent
 
 
@@ -325,7 +324,7 @@ async def fleet_pages(address: str, token: str, tls: HubTls | None = None, **fil
 
 
 def _raise_for(exc: grpc.aio.AioRpcError, address: str) -> None:
-    from edge_runtime.errors import StoreUnavailable
+    from edgeloop_core.errors import StoreUnavailable
 
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
         raise HubAuthError(f"the hub at {address} refused the token") from exc

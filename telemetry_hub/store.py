@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from edge_runtime.errors import ConfigError, StoreUnavailable
+from edgeloop_core.errors import ConfigError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 metadata = MetaData()

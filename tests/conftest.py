@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.contract import generate_signing_key, load_signing_key, load_verify_key
-from edge_runtime.store import ObjectStore
 from edgeloop.local_s3 import LocalS3
+from edgeloop_core.contract import generate_signing_key, load_signing_key, load_verify_key
+from edgeloop_core.store import ObjectStore
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +60,7 @@ def make_staged_version(directory: Path, name: str = "demo-model", version: str 
 
     import numpy as np
 
-    from edge_runtime.contract import FileRef, Manifest, TensorSpec, Validation, Variant, sha256_file
+    from edgeloop_core.contract import FileRef, Manifest, TensorSpec, Validation, Variant, sha256_file
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "fp32.onnx").write_bytes(b"not really onnx, but bytes with a digest" * 100)

@@ -29,8 +29,8 @@ from collections.abc import Callable
 import numpy as np
 
 from edge_runtime.aio import wait_event
-from edge_runtime.engines.base import Engine
-from edge_runtime.errors import NotReady
+from edge_runtime.build.engines.base import Engine
+from edgeloop_core.errors import NotReady
 
 _Item = tuple[dict[str, np.ndarray], "asyncio.Future[dict[str, np.ndarray]]"]
 INLINE_RUN_S = 200e-6

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_runtime.engines.base import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, TensorInfo
-from edge_runtime.errors import InvalidInput
-from edge_runtime.protos import inference_pb2 as pb
+from edge_runtime.build.engines.base import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, TensorInfo
 from edge_runtime.serve.shm import SharedMemoryRegistry
+from edgeloop_core.errors import InvalidInput
+from edgeloop_core.protos import inference_pb2 as pb
 
 _TYPED_FIELDS = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",

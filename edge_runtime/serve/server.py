@@ -5,19 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edge_runtime.protos import inference_pb2, inference_pb2_grpc
-from edge_runtime.protos._pool import POOL
-from edge_runtime.serve.errors import ErrorMapping
 from edge_runtime.serve.servicer import InferenceServicer, RepositoryControl
 from edge_runtime.serve.shm import connected_peers
+from edgeloop_core.protos import inference_pb2, inference_pb2_grpc
+from edgeloop_core.protos._pool import POOL
+from edgeloop_core.rpc_errors import ErrorMapping
+from edgeloop_core.tls import TlsFiles
 
 if TYPE_CHECKING:
     from edge_runtime.repository import ModelRepository
@@ -36,29 +35,6 @@ def _share_with_reflection(file_descriptor) -> None:  # noqa: ANN001 - protobuf 
     except KeyError:
         POOL.AddSerializedFile(file_descriptor.serialized_pb)
 
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files for TLS on the inference endpoint; ``client_ca`` set: mutual TLS (clients need a certificate)."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
-
-    def credentials(self) -> grpc.ServerCredentials:
-        """gRPC server credentials, or :class:`ConfigError` naming the file that cannot be read."""
-        from edge_runtime.errors import ConfigError
-
-        def read(path: Path) -> bytes:
-            try:
-                return Path(path).read_bytes()
-            except OSError as exc:
-                raise ConfigError(f"cannot read TLS file {path}: {exc.strerror}") from exc
-
-        pairs = [(read(self.key), read(self.cert))]
-        if self.client_ca is None:
-            return grpc.ssl_server_credentials(pairs)
-        return grpc.ssl_server_credentials(pairs, root_certificates=read(self.client_ca), require_client_auth=True)
 
 
 async def start_server(runtime: ModelRepository, *, bind_address: str, port: int, max_batch_size: int,
@@ -138,7 +114,7 @@ async def start_server(runtime: ModelRepository, *, bind_address: str, port: int
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
-        from edge_runtime.errors import ConfigError
+        from edgeloop_core.errors import ConfigError
 
         raise ConfigError(f"cannot bind the gRPC server to {bind_address}:{port}: is the port in use?")
     await server.start()

@@ -1,5 +1,5 @@
 """``inference.GRPCInferenceService``: each RPC turns the request into domain values, calls the runtime once,
-and turns the result back. Errors are raised as ours and mapped by :mod:`edge_runtime.serve.errors`."""
+and turns the result back. Errors are raised as ours and mapped by :mod:`edgeloop_core.rpc_errors`."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 import grpc
 
 from edge_runtime import __version__
-from edge_runtime.errors import AccessDenied, ModelNotFound, Unauthenticated
-from edge_runtime.protos import inference_pb2 as pb
-from edge_runtime.protos import inference_pb2_grpc
 from edge_runtime.serve.converters import outputs_to_response, request_to_inputs, requested_outputs, tensor_metadata
 from edge_runtime.serve.shm import SharedMemoryRegistry
 from edge_runtime.states import State
+from edgeloop_core.errors import AccessDenied, ModelNotFound, Unauthenticated
+from edgeloop_core.protos import inference_pb2 as pb
+from edgeloop_core.protos import inference_pb2_grpc
 
 if TYPE_CHECKING:
     from edge_runtime.repository import ModelRepository

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_runtime.errors import AlreadyExists, InvalidInput, ModelNotFound
+from edgeloop_core.errors import AlreadyExists, InvalidInput, ModelNotFound
 
 log = logging.getLogger(__name__)
 

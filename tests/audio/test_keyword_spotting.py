@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from components.data import load_dataset
-from edge_runtime.errors import InvalidInput
-from edge_runtime.features import MelConfig, log_mel, read_wav, write_wav
+from edgeloop_core.errors import InvalidInput
+from edgeloop_core.features import MelConfig, log_mel, read_wav, write_wav
 
 CHANCE = 0.10
 """Ten keywords."""
@@ -66,7 +66,7 @@ def test_keyword_spotting_through_pipeline_s3_runtime_and_tritonclient(speech_co
     sends held-out spectrograms and gets the keywords back."""
     import tritonclient.grpc as triton
 
-    from edge_runtime.features import MelConfig
+    from edgeloop_core.features import MelConfig
     from pipelines.local_run import run_local
     from tests.edge_runtime.conftest import RunningEdge
 

@@ -8,7 +8,7 @@ import pytest
 from components.data import calibration_indices, class_histogram
 from components.evaluate import Evaluation, VariantEvaluation, rank_by_speed
 from components.report import write_report
-from edge_runtime.errors import ConfigError
+from edgeloop_core.errors import ConfigError
 
 
 def test_class_ordered_training_rows_still_calibrate_on_every_class():

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from components.data import DatasetSplits, load_dataset, load_digits_dataset, load_image_folder
-from edge_runtime.errors import ConfigError
+from edgeloop_core.errors import ConfigError
 
 
 def test_digits_split_is_deterministic_stratified_and_disjoint():

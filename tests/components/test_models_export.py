@@ -13,7 +13,7 @@ from components.prune import prune_model
 from components.qat import quantize_aware_train
 from components.report import write_report
 from components.train import accuracy, train_model
-from edge_runtime.errors import ConfigError, GateFailed
+from edgeloop_core.errors import ConfigError, GateFailed
 
 
 @pytest.fixture(scope="module")

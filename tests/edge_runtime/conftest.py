@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.contract import (
+from edgeloop_core.contract import (
     ArtifactLayout,
     Manifest,
     TensorSpec,
@@ -140,7 +140,7 @@ class RunningEdge:
         import threading
 
         from edge_runtime.app import EdgeApp
-        from edge_runtime.device import detect
+        from edge_runtime.build.device import detect
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -105,9 +105,10 @@ def test_mutual_tls_requires_a_client_certificate_which_also_allows_repository_c
 
 
 def test_the_hub_over_mutual_tls(tmp_path, pki):
-    from edge_runtime.protos import telemetry_pb2 as pb
-    from edge_runtime.protos import telemetry_pb2_grpc
-    from edge_runtime.telemetry import HubTls, Outbox, TelemetrySender
+    from edge_runtime.report.telemetry import Outbox, TelemetrySender
+    from edgeloop_core.protos import telemetry_pb2 as pb
+    from edgeloop_core.protos import telemetry_pb2_grpc
+    from edgeloop_core.tls import HubTls
     from telemetry_hub.server import HubSettings, fleet_status, start_hub
 
     async def scenario():
@@ -142,7 +143,7 @@ def test_the_hub_over_mutual_tls(tmp_path, pki):
 
 
 def test_the_outbox_is_private_and_bounded_and_never_drops_state_changes(tmp_path):
-    from edge_runtime.telemetry import Outbox
+    from edge_runtime.report.telemetry import Outbox
 
     outbox = Outbox(tmp_path / "outbox.sqlite", "jetson-1", max_events=100)
     assert (tmp_path / "outbox.sqlite").stat().st_mode & 0o077 == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from edge_runtime.cache import ArtifactCache
+from edge_runtime.fetch.cache import ArtifactCache
 
 
 def _version(cache: ArtifactCache, version: str, size: int, age_s: int) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.contract import (
+from edgeloop_core.contract import (
     ArtifactLayout,
     Manifest,
     TargetKey,
@@ -20,7 +20,7 @@ from edge_runtime.contract import (
     verify_file,
     verify_manifest,
 )
-from edge_runtime.errors import ConfigError, DigestMismatch, ManifestInvalid, SignatureInvalid
+from edgeloop_core.errors import ConfigError, DigestMismatch, ManifestInvalid, SignatureInvalid
 from tests.conftest import make_staged_version
 
 
@@ -109,7 +109,7 @@ def test_signing_key_never_overwritten_and_private_key_is_private(tmp_path):
 
 
 def test_keys_from_environment(tmp_path, monkeypatch):
-    from edge_runtime.contract import key_id, load_signing_key
+    from edgeloop_core.contract import key_id, load_signing_key
 
     private, public = generate_signing_key(tmp_path)
     monkeypatch.delenv("EDGELOOP_SIGNING_KEY_FILE", raising=False)
@@ -149,7 +149,7 @@ def test_orin_modules_and_tensorrt_builds_never_share_a_key():
 
 
 def test_module_names_from_the_device_tree():
-    from edge_runtime.contract.target import module_slug
+    from edgeloop_core.contract.target import module_slug
 
     assert module_slug("NVIDIA Jetson Orin NX Engineering Reference Developer Kit\x00") == "orin-nx"
     assert module_slug("NVIDIA Jetson AGX Orin Developer Kit") == "agx-orin"
@@ -197,8 +197,8 @@ print(len(names))
 
 
 def test_several_trusted_keys_let_a_fleet_rotate_its_model_key(tmp_path, signing_key):
-    from edge_runtime.contract import generate_signing_key, load_signing_key, load_verify_keys, sign_manifest
-    from edge_runtime.errors import ConfigError
+    from edgeloop_core.contract import generate_signing_key, load_signing_key, load_verify_keys, sign_manifest
+    from edgeloop_core.errors import ConfigError
     from tests.conftest import make_staged_version
 
     old_dir, new_dir = tmp_path / "old", tmp_path / "new"

@@ -8,10 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from edge_runtime.device import DeviceFacts, detect, parse_l4t_release
-from edge_runtime.engines import build_engine, plan_engine
-from edge_runtime.errors import ConfigError
+from edge_runtime.build.device import DeviceFacts, detect, parse_l4t_release
+from edge_runtime.build.engines import build_engine, plan_engine
 from edge_runtime.serve.batching import DynamicBatcher
+from edgeloop_core.errors import ConfigError
 from tests.conftest import make_staged_version
 
 CPU = DeviceFacts(arch="x86_64", ort_version="1.31.1", ort_providers=("CPUExecutionProvider",))
@@ -74,7 +74,7 @@ def test_engine_conformance(backend, trained, tmp_path):
 
 
 def test_dynamic_batching_merges_concurrent_requests(trained, tmp_path):
-    from edge_runtime.engines.onnxruntime import OrtEngine
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
 
     engine = OrtEngine(trained.good["fp32"], max_batch_size=16)
     runs: list[int] = []
@@ -94,7 +94,7 @@ def test_dynamic_batching_merges_concurrent_requests(trained, tmp_path):
 
 
 def test_batcher_close_finishes_queued_requests(trained):
-    from edge_runtime.engines.onnxruntime import OrtEngine
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
 
     engine = OrtEngine(trained.good["fp32"], max_batch_size=4)
 
@@ -133,7 +133,7 @@ class _SlowEngine:
 def test_the_batcher_takes_everything_waiting_and_never_waits_when_idle(trained):
     import time
 
-    from edge_runtime.engines.onnxruntime import OrtEngine
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
 
     engine = _SlowEngine(OrtEngine(trained.good["fp32"], max_batch_size=16), 0.02)
     x = trained.x_val[:40].astype(np.float32)
@@ -159,7 +159,7 @@ def test_the_batcher_takes_everything_waiting_and_never_waits_when_idle(trained)
 
 
 def test_a_bad_request_fails_alone_and_big_requests_are_split(trained):
-    from edge_runtime.engines.onnxruntime import OrtEngine
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
 
     engine = _SlowEngine(OrtEngine(trained.good["fp32"], max_batch_size=4), 0.01)
     x = trained.x_val[:12].astype(np.float32)
@@ -220,7 +220,7 @@ async def _serialized_clients(batcher, x, clients: int, rounds: int, accept_s: f
 def test_company_wait_fills_batches_when_requests_trickle_in_and_spares_a_lone_client(trained):
     import time
 
-    from edge_runtime.engines.onnxruntime import OrtEngine
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
 
     engine = _SlowEngine(OrtEngine(trained.good["fp32"], max_batch_size=16), 0.0)
     x = trained.x_val[:32].astype(np.float32)
@@ -257,8 +257,8 @@ def test_company_wait_fills_batches_when_requests_trickle_in_and_spares_a_lone_c
 def test_values_onnx_runtime_refuses_are_the_request_s_fault_and_fail_alone(tmp_path):
     """A token id outside an embedding table passes every check on names, types and shapes; ONNX Runtime refuses
     it. That is InvalidInput (INVALID_ARGUMENT, with ONNX Runtime's reason), and only its request fails."""
-    from edge_runtime.engines.onnxruntime import OrtEngine
-    from edge_runtime.errors import InvalidInput
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
+    from edgeloop_core.errors import InvalidInput
     from tests.onnx_models import embedding_model
 
     table = np.arange(200, dtype=np.float32).reshape(50, 4)

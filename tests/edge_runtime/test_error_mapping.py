@@ -8,8 +8,8 @@ import asyncio
 import grpc
 import pytest
 
-from edge_runtime import errors
-from edge_runtime.serve.errors import INTERNAL_MESSAGE, STATUS_FOR, ErrorMapping, status_for
+from edgeloop_core import errors
+from edgeloop_core.rpc_errors import INTERNAL_MESSAGE, STATUS_FOR, ErrorMapping, status_for
 
 ROWS = [(cls, code) for cls, code in STATUS_FOR.items()] + [
     (errors.EngineError, grpc.StatusCode.INTERNAL),  # ours, unmapped: hidden like anything else

@@ -13,7 +13,7 @@ from datetime import timedelta
 import grpc
 import pytest
 
-from edge_runtime.contract import ArtifactLayout, ChannelPointer, generate_signing_key, load_signing_key, sign_pointer
+from edgeloop_core.contract import ArtifactLayout, ChannelPointer, generate_signing_key, load_signing_key, sign_pointer
 from tests.edge_runtime.conftest import RunningEdge, move_channel, publish_model, wait_until
 
 pytestmark = pytest.mark.integration
@@ -162,12 +162,12 @@ def test_a_forged_shared_engine_is_refused_and_built_locally(store, signing_key,
     engine_key = layout.engine_key(MODEL, "v1", str(target.target_key), target.engine_file)
     # any device with write access plants its own engine, with a record re-signed by a key the fleet does not trust
     forged = trained.untrained["int8-ort"].read_bytes()
-    from edge_runtime.contract import sha256_bytes
-    from edge_runtime.engines.provider import SharedEngineRecord
+    from edge_runtime.build.engines.provider import SharedEngineRecord
+    from edgeloop_core.contract import sha256_bytes
 
     record = SharedEngineRecord.model_validate_json(store.get_bytes(record_key))
     rogue = load_signing_key(generate_signing_key(tmp_path / "rogue")[0])
-    from edge_runtime.contract.signing import make_signature
+    from edgeloop_core.contract.signing import make_signature
 
     planted = record.model_copy(update={"sha256": sha256_bytes(forged), "size_bytes": len(forged), "signature": None})
     planted = planted.model_copy(update={"signature": make_signature(rogue, planted.canonical_bytes())})
@@ -274,7 +274,7 @@ def test_a_wedged_loop_turns_liveness_off(running):
 
 
 def test_move_channel_refuses_an_incomplete_version(store, signing_key):
-    from edge_runtime.errors import ObjectNotFound
+    from edgeloop_core.errors import ObjectNotFound
 
     with pytest.raises(ObjectNotFound):
         move_channel(store, signing_key, "v-missing")

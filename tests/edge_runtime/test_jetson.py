@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_runtime.jetson import JetsonSensors
-from edge_runtime.metrics import RuntimeMetrics
+from edge_runtime.report.jetson import JetsonSensors
+from edge_runtime.report.metrics import RuntimeMetrics
 
 
 def _orin_tree(root: Path) -> Path:

@@ -17,8 +17,9 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from kubernetes import client
 
-from edge_runtime.errors import ConfigError, RolloutFailed
-from edge_runtime.kube import NodeReporter, daemonset_rollouts, fleet_nodes, rollout
+from edge_runtime.report.kube import NodeReporter
+from edgeloop_core.errors import ConfigError, RolloutFailed
+from edgeloop_core.fleet import daemonset_rollouts, fleet_nodes, rollout
 
 
 def node(name: str, labels: dict[str, str], annotations: dict[str, str] | None = None) -> dict:
@@ -120,7 +121,7 @@ def test_node_labels_in_annotations_out(kube):
 
 
 def test_missing_node_is_a_clear_error(kube):
-    from edge_runtime.errors import StoreUnavailable
+    from edgeloop_core.errors import StoreUnavailable
 
     with pytest.raises(StoreUnavailable) as info:
         NodeReporter("ghost", client.CoreV1Api(kube.api_client())).labels()

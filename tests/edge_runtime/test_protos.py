@@ -15,6 +15,6 @@ def test_generated_code_matches_the_proto_sources(tmp_path):
     fresh = module.generate(tmp_path)
     assert fresh, "nothing generated"
     for path in fresh:
-        committed = ROOT / "edge_runtime" / "protos" / path.name
+        committed = ROOT / "edgeloop_core" / "protos" / path.name
         assert committed.exists(), f"{path.name} is not committed: run `make protos`"
         assert committed.read_text() == path.read_text(), f"{path.name} is stale: run `make protos`"

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from edge_runtime.contract import ArtifactLayout, Manifest, load_verify_key, parse_pointer, verify_manifest, verify_pointer
+from edgeloop_core.contract import (
+    ArtifactLayout,
+    Manifest,
+    load_verify_key,
+    parse_pointer,
+    verify_manifest,
+    verify_pointer,
+)
 from tests.edge_runtime.conftest import RunningEdge
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,10 @@ import urllib.request
 
 import pytest
 
-from edge_runtime.cache import download_resumable
-from edge_runtime.contract import FileRef, sha256_file
-from edge_runtime.errors import StoreUnavailable
+from edge_runtime.fetch.cache import download_resumable
 from edgeloop.local_s3 import LocalS3
+from edgeloop_core.contract import FileRef, sha256_file
+from edgeloop_core.errors import StoreUnavailable
 from tests.edge_runtime.conftest import RunningEdge, publish_model, wait_until
 
 pytestmark = pytest.mark.integration
@@ -155,7 +155,7 @@ def test_a_loop_woken_as_it_is_cancelled_still_ends(tmp_path):
     import asyncio
 
     from edge_runtime.aio import wait_event
-    from edge_runtime.telemetry import Outbox, TelemetrySender
+    from edge_runtime.report.telemetry import Outbox, TelemetrySender
 
     async def scenario() -> tuple[bool, bool, bool, bool]:
         event = asyncio.Event()

@@ -11,9 +11,9 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from edge_runtime.errors import DigestMismatch, ValidationFailed
-from edge_runtime.protos import inference_pb2 as pb
-from edge_runtime.protos import inference_pb2_grpc
+from edgeloop_core.errors import DigestMismatch, ValidationFailed
+from edgeloop_core.protos import inference_pb2 as pb
+from edgeloop_core.protos import inference_pb2_grpc
 from tests.edge_runtime.conftest import RunningEdge, move_channel, publish_model, wait_until
 
 pytestmark = pytest.mark.integration
@@ -269,7 +269,7 @@ def test_repository_extension_unload_and_load_with_the_control_token(served):
 
 def test_identical_devices_share_an_engine(store, signing_key, trained, edge_settings, tmp_path):
     publish_model(store, signing_key, trained, "v1")
-    from edge_runtime.contract import generate_signing_key
+    from edgeloop_core.contract import generate_signing_key
 
     fleet, _ = generate_signing_key(tmp_path / "fleet")  # the fleet build key: devices sign what they share
     sharing = {"share_engines": True, "engine_signing_key_file": fleet,

@@ -200,8 +200,8 @@ def test_the_desired_file_adds_and_removes_models(store, signing_key, trained, e
 
 
 def test_the_memory_budget_without_a_setting_follows_what_the_kernel_reports(tmp_path):
-    from edge_runtime.errors import InsufficientMemory
-    from edge_runtime.memory import MemoryBudget
+    from edge_runtime.build.memory import MemoryBudget
+    from edgeloop_core.errors import InsufficientMemory
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:        8000000 kB\nMemFree:          100000 kB\nMemAvailable:     600000 kB\n")
@@ -227,7 +227,7 @@ def test_engines_are_built_one_at_a_time_whichever_model_asks(store, signing_key
     each build a little longer so an overlap could not hide."""
     import time as clock
 
-    import edge_runtime.engines.provider as provider
+    import edge_runtime.build.engines.provider as provider
 
     real, inside, overlaps, builds = provider.build_engine, [0], [0], []
 

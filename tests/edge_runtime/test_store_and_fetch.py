@@ -7,8 +7,8 @@ import json
 import pytest
 
 from components.publish import publish_version
-from edge_runtime.contract import ArtifactLayout
-from edge_runtime.errors import (
+from edgeloop_core.contract import ArtifactLayout
+from edgeloop_core.errors import (
     BucketNotFound,
     DigestMismatch,
     ObjectNotFound,
@@ -16,8 +16,8 @@ from edge_runtime.errors import (
     StoreUnavailable,
     VersionExists,
 )
-from edge_runtime.fetch import read_manifest, resolve_version, verify_published
-from edge_runtime.store import ObjectStore
+from edgeloop_core.published import read_manifest, resolve_version, verify_published
+from edgeloop_core.store import ObjectStore
 from tests.conftest import make_staged_version
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from edge_runtime.device import detect
+from edge_runtime.build.device import detect
 from tests import trt_standin
 from tests.edge_runtime.conftest import RunningEdge, accuracy_of, publish_model, wait_until
 
@@ -105,7 +105,7 @@ def test_the_tensorrt_life_cycle(trt_device, store, signing_key, trained, edge_s
 
 def test_a_shared_tensorrt_engine_between_identical_devices(trt_device, store, signing_key, trained, edge_settings,
                                                             tmp_path):
-    from edge_runtime.contract import generate_signing_key
+    from edgeloop_core.contract import generate_signing_key
 
     _, _, facts, files = trt_device
     fleet, _ = generate_signing_key(tmp_path / "fleet")
@@ -138,8 +138,8 @@ def test_api_levels_expose_what_the_real_bindings_do(trt_device):
 
 
 def test_plans_are_refused_by_another_build_or_device_and_profiles_are_enforced(monkeypatch, trained, tmp_path):
-    from edge_runtime.engines.tensorrt import TrtEngine, build_trt
-    from edge_runtime.errors import EngineError, InvalidInput
+    from edge_runtime.build.engines.tensorrt import TrtEngine, build_trt
+    from edgeloop_core.errors import EngineError, InvalidInput
 
     trt_standin.install(monkeypatch, "10.3")
     plan = tmp_path / "fp32.plan"
@@ -166,7 +166,7 @@ def test_a_fixed_batch_onnx_gets_a_fixed_profile(monkeypatch, tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from edge_runtime.engines.tensorrt import TrtEngine, build_trt
+    from edge_runtime.build.engines.tensorrt import TrtEngine, build_trt
 
     trt_standin.install(monkeypatch, "11")
     graph = helper.make_graph([helper.make_node("Relu", ["images/in:0"], ["scores/out:0"])], "fixed",
@@ -214,8 +214,8 @@ def test_a_jetson_without_gpu_access_refuses_instead_of_serving_on_the_cpu(monke
 def test_an_explicit_variant_must_suit_the_backend(tmp_path):
     from dataclasses import replace
 
-    from edge_runtime.engines import plan_engine
-    from edge_runtime.errors import ConfigError
+    from edge_runtime.build.engines import plan_engine
+    from edgeloop_core.errors import ConfigError
     from tests.conftest import make_staged_version
 
     manifest = make_staged_version(tmp_path)
@@ -229,8 +229,8 @@ def test_an_explicit_variant_must_suit_the_backend(tmp_path):
 def test_unsupported_jetpack_combinations_are_refused_with_what_to_do():
     from dataclasses import replace
 
-    from edge_runtime.engines.select import resolve_backend
-    from edge_runtime.errors import ConfigError
+    from edge_runtime.build.engines.select import resolve_backend
+    from edgeloop_core.errors import ConfigError
 
     base = detect(Path("/nonexistent"), Path("/nonexistent"))
     orin = replace(base, arch="aarch64", trt_version="10.3.0.30", compute_capability="87", sm_count=8,

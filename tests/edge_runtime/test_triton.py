@@ -24,8 +24,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def triton_python(tmp_path_factory) -> Path:
-    from edge_runtime.errors import ConfigError
-    from edge_runtime.triton import find_triton
+    from edge_runtime.serve.triton.dataplane import find_triton
+    from edgeloop_core.errors import ConfigError
 
     if not TRITON_PYTHON.exists():
         pytest.skip(f"no {TRITON_PYTHON}: nvidia-pytriton is not installed (make test installs it)")
@@ -45,7 +45,7 @@ def bare_triton(tmp_path: Path, triton_python: Path, repo: Path | None = None, g
                 backend: str = "auto"):
     """A TritonServer (not started) over ``repo`` (default ``tmp_path/repo``), without edgeloop's runtime around it;
     ``backend`` serves ONNX Runtime engines (asked for by name, it is the one, or find_triton fails)."""
-    from edge_runtime.triton import TritonServer, find_triton
+    from edge_runtime.serve.triton.dataplane import TritonServer, find_triton
 
     return TritonServer(find_triton(None, triton_python, tmp_path / "work", backend), repo or tmp_path / "repo",
                         bind_address="127.0.0.1", grpc_port=grpc_port, metrics_port=0, log_path=tmp_path / "triton.log")
@@ -230,8 +230,8 @@ def test_triton_serves_models_of_every_shape_and_type_like_onnx_runtime(tmp_path
 
     import tritonclient.grpc as triton
 
-    from edge_runtime.engines.onnxruntime import OrtEngine
-    from edge_runtime.triton import TritonEngine, write_model
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
+    from edge_runtime.serve.triton.dataplane import TritonEngine, write_model
 
     server = bare_triton(tmp_path, triton_python, backend=backend)
     rng = np.random.default_rng(0)
@@ -299,11 +299,11 @@ def test_a_version_that_cannot_be_written_whole_leaves_the_repository_as_it_was(
 
     from onnx import TensorProto
 
-    import edge_runtime.triton as triton_module
-    from edge_runtime.engines.base import TensorInfo
-    from edge_runtime.engines.onnxruntime import OrtEngine
-    from edge_runtime.errors import ConfigError
-    from edge_runtime.triton import TritonEngine, prune_versions, write_model
+    import edge_runtime.serve.triton.dataplane as triton_module
+    from edge_runtime.build.engines.base import TensorInfo
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
+    from edge_runtime.serve.triton.dataplane import TritonEngine, prune_versions, write_model
+    from edgeloop_core.errors import ConfigError
     from tests.onnx_models import elementwise_model
 
     path = elementwise_model(tmp_path / "neg.onnx", "Neg", TensorProto.FLOAT, ["b", 3])
@@ -356,8 +356,8 @@ def test_a_bad_request_merged_with_good_ones_fails_alone(tmp_path, triton_python
     import tritonclient.grpc as triton
     from tritonclient.utils import InferenceServerException
 
-    from edge_runtime.engines.onnxruntime import OrtEngine
-    from edge_runtime.triton import write_model
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
+    from edge_runtime.serve.triton.dataplane import write_model
     from tests.onnx_models import embedding_model
 
     table = np.arange(200, dtype=np.float32).reshape(50, 4)
@@ -452,7 +452,7 @@ def test_a_tritonserver_that_cannot_start_says_why_in_one_line(tmp_path, triton_
     option table it printed before them), and a second start's failure does not repeat the first one's lines."""
     import socket
 
-    from edge_runtime.errors import EngineError
+    from edgeloop_core.errors import EngineError
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -472,9 +472,9 @@ def test_edgeloop_backend_is_built_once_found_prebuilt_and_otherwise_falls_back_
     interpreter); a prebuilt one (images build it at build time) needs no compiler. Without a compiler, ``auto``
     serves through Triton's Python backend with a warning that says why, ``edgeloop`` refuses in one line; a
     source that does not compile says so in one line and leaves nothing half-built."""
-    from edge_runtime import triton_native
-    from edge_runtime.errors import ConfigError
-    from edge_runtime.triton import find_triton
+    from edge_runtime.serve.triton import native as triton_native
+    from edge_runtime.serve.triton.dataplane import find_triton
+    from edgeloop_core.errors import ConfigError
 
     monkeypatch.setattr(triton_native, "PREBUILT", tmp_path / "prebuilt")
     built = triton_native.backend_library(triton_python, tmp_path / "work")
@@ -528,9 +528,9 @@ def test_edgeloop_backend_refuses_an_engine_it_cannot_load_and_serves_shared_mem
     import tritonclient.utils.shared_memory as shm
     from onnx import TensorProto
 
-    from edge_runtime.engines.onnxruntime import OrtEngine
-    from edge_runtime.errors import EngineError
-    from edge_runtime.triton import TritonEngine, write_model
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
+    from edge_runtime.serve.triton.dataplane import TritonEngine, write_model
+    from edgeloop_core.errors import EngineError
     from tests.onnx_models import elementwise_model
 
     path = elementwise_model(tmp_path / "neg.onnx", "Neg", TensorProto.FLOAT, ["b", 3])
@@ -578,8 +578,8 @@ def test_edgeloop_backend_gives_back_the_memory_of_versions_it_unloaded(tmp_path
     import tritonclient.grpc as tritonclient
     from torch import nn
 
-    from edge_runtime.engines.onnxruntime import OrtEngine
-    from edge_runtime.triton import TritonEngine, prune_versions, write_model
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
+    from edge_runtime.serve.triton.dataplane import TritonEngine, prune_versions, write_model
 
     path = tmp_path / "conv.onnx"
     torch.manual_seed(0)

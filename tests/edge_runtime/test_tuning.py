@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_runtime.errors import ConfigError
-from edge_runtime.tuning import BatchPoint, batch_sizes, choose, sweep
+from edge_runtime.build.tuning import BatchPoint, batch_sizes, choose, sweep
+from edgeloop_core.errors import ConfigError
 from tests.edge_runtime.conftest import RunningEdge, publish_model
 
 
@@ -16,7 +16,7 @@ def test_batch_sizes_double_up_to_the_maximum():
 
 
 def test_sweep_on_a_real_engine_and_limits_within_the_budget(trained):
-    from edge_runtime.engines.onnxruntime import OrtEngine
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
 
     engine = OrtEngine(trained.good["int8-ort"], max_batch_size=32)
     points = sweep(engine, {"input": trained.x_val[:1]}, 32, runs=15)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.choice import CHOICE_FILE
+from edge_runtime.build.choice import CHOICE_FILE
 from tests.edge_runtime.conftest import RunningEdge, publish_model
 
 MODEL = "digits-cnn"

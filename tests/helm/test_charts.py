@@ -152,7 +152,7 @@ def test_rings_select_differently_labelled_nodes():
 def test_several_models_reach_the_runtime_as_one_desired_file():
     """The `models` list becomes the one ConfigMap the runtime reads, in the runtime's own field names; moving one
     model's version changes that model's entry only and restarts no pod."""
-    from edge_runtime.desired import entries_from
+    from edge_runtime.fetch.desired import entries_from
     from edge_runtime.settings import ModelEntry
 
     values = CHARTS / "edge-runtime" / "ci" / "multi-model-values.yaml"

@@ -40,7 +40,7 @@ def test_bad_parameter_value_is_one_line():
 @pytest.mark.integration
 def test_verify_command(local_s3, key_dir, tmp_path):
     from components.publish import publish_version
-    from edge_runtime.contract import ArtifactLayout, load_signing_key
+    from edgeloop_core.contract import ArtifactLayout, load_signing_key
     from tests.conftest import make_staged_version
 
     store = local_s3.store("cli-verify")
@@ -66,7 +66,7 @@ def test_promote_moves_a_channel_with_a_higher_signed_sequence(local_s3, key_dir
     import json
 
     from components.publish import publish_version
-    from edge_runtime.contract import ArtifactLayout, load_signing_key, load_verify_key, parse_pointer, verify_pointer
+    from edgeloop_core.contract import ArtifactLayout, load_signing_key, load_verify_key, parse_pointer, verify_pointer
     from tests.conftest import make_staged_version
 
     store = local_s3.store("cli-promote")

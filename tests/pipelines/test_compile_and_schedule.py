@@ -9,7 +9,7 @@ import pytest
 import yaml
 from kfp import components
 
-from edge_runtime.errors import ConfigError
+from edgeloop_core.errors import ConfigError
 from pipelines.cluster import compile_pipeline, kfp_cron, upsert_recurring_run
 from pipelines.local_run import parse_parameters
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from components.import_onnx import tensor_specs
-from edge_runtime.validate import output_agreement
+from edgeloop_core.quality import output_agreement
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from components.intake import ModelRefused, normalise
-from edge_runtime.validate import output_agreement
+from edgeloop_core.quality import output_agreement
 
 pytestmark = pytest.mark.integration
 IMAGE = "images/in:0"

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from edge_runtime.contract import ArtifactLayout, sha256_bytes
-from edge_runtime.errors import PipelineFailed
-from edge_runtime.fetch import verify_published
+from edgeloop_core.contract import ArtifactLayout, sha256_bytes
+from edgeloop_core.errors import PipelineFailed
+from edgeloop_core.published import verify_published
 from pipelines.local_run import run_local
 
 pytestmark = pytest.mark.integration

@@ -13,10 +13,10 @@ import uuid
 import grpc
 import pytest
 
-from edge_runtime.errors import AccessDenied, HubAuthError
-from edge_runtime.protos import telemetry_pb2 as pb
-from edge_runtime.protos import telemetry_pb2_grpc
-from edge_runtime.telemetry import Outbox, TelemetrySender
+from edge_runtime.report.telemetry import Outbox, TelemetrySender
+from edgeloop_core.errors import AccessDenied, HubAuthError
+from edgeloop_core.protos import telemetry_pb2 as pb
+from edgeloop_core.protos import telemetry_pb2_grpc
 from telemetry_hub.server import HubSettings, fleet_status, load_tokens, start_hub
 from telemetry_hub.store import HubStore, IncomingEvent
 
@@ -80,7 +80,7 @@ def test_ingest_deduplicates_and_builds_the_fleet_view(hub_store):
 
 
 def test_tokens_are_required_bound_to_a_device_and_kept_only_as_digests(tmp_path):
-    from edge_runtime.errors import ConfigError
+    from edgeloop_core.errors import ConfigError
     from telemetry_hub.server import READER, token_digest
 
     with pytest.raises(ConfigError) as none:

@@ -1,0 +1,56 @@
+"""The artifact contract between the pipeline and the edge: manifest schema, S3 layout, target keys, digests,
+signatures. Importable without torch, on Python 3.10+."""
+
+from edgeloop_core.contract.channel import ChannelPointer, check_name, parse_pointer, sign_pointer, verify_pointer
+from edgeloop_core.contract.digest import sha256_bytes, sha256_file, verify_file
+from edgeloop_core.contract.layout import ArtifactLayout
+from edgeloop_core.contract.manifest import (
+    SCHEMA_VERSION,
+    EngineRef,
+    FileRef,
+    Manifest,
+    Preprocessing,
+    Signature,
+    TensorSpec,
+    Validation,
+    Variant,
+)
+from edgeloop_core.contract.signing import (
+    generate_signing_key,
+    key_id,
+    load_signing_key,
+    load_verify_key,
+    load_verify_keys,
+    sign_manifest,
+    verify_manifest,
+)
+from edgeloop_core.contract.target import TargetKey
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ArtifactLayout",
+    "ChannelPointer",
+    "EngineRef",
+    "FileRef",
+    "Manifest",
+    "Preprocessing",
+    "Signature",
+    "TargetKey",
+    "TensorSpec",
+    "Validation",
+    "Variant",
+    "check_name",
+    "generate_signing_key",
+    "key_id",
+    "load_signing_key",
+    "load_verify_key",
+    "load_verify_keys",
+    "parse_pointer",
+    "sha256_bytes",
+    "sha256_file",
+    "sign_manifest",
+    "sign_pointer",
+    "verify_file",
+    "verify_manifest",
+    "verify_pointer",
+]
