@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from edgeloop_core.errors import InvalidInput
 
@@ -45,7 +46,7 @@ def _mel(hz: np.ndarray) -> np.ndarray:
     return 2595.0 * np.log10(1.0 + hz / 700.0)
 
 
-def mel_filterbank(config: MelConfig) -> np.ndarray:
+def mel_filterbank(config: MelConfig) -> npt.NDArray[np.float32]:
     """Triangular filters, shape ``(n_mels, n_fft // 2 + 1)``."""
     bins = config.n_fft // 2 + 1
     freqs = np.linspace(0, config.sample_rate / 2, bins)
@@ -69,13 +70,13 @@ def fit_length(samples: np.ndarray, config: MelConfig) -> np.ndarray:
     return np.pad(samples, (0, target - len(samples)))
 
 
-def log_mel(samples: np.ndarray, config: MelConfig = MelConfig()) -> np.ndarray:
+def log_mel(samples: np.ndarray, config: MelConfig = MelConfig()) -> npt.NDArray[np.float32]:
     """``(1, n_mels, frames)`` float32 log-mel energies of one clip (float samples in [-1, 1])."""
-    x = fit_length(np.asarray(samples, dtype=np.float32), config)
+    x: npt.NDArray[np.float32] = fit_length(np.asarray(samples, dtype=np.float32), config)
     frames = np.lib.stride_tricks.sliding_window_view(x, config.n_fft)[:: config.hop][: config.frames]
     spectrum = np.abs(np.fft.rfft(frames * np.hanning(config.n_fft).astype(np.float32), axis=1)) ** 2
     mel = spectrum @ mel_filterbank(config).T
-    return np.log(mel + 1e-6).T[None].astype(np.float32)
+    return np.expand_dims(np.log(mel + 1e-6).T, 0).astype(np.float32)
 
 
 def read_wav(path: str | Path, config: MelConfig = MelConfig()) -> np.ndarray:

@@ -16,9 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeloop_core.errors import ConfigError, RolloutFailed, StoreUnavailable
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient, CoreV1Api, V1DaemonSet
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def summary_state(states: Sequence[str]) -> str:
     return next(s for s in states if s != "serving")
 
 
-def core_api(api_client: Any = None) -> Any:
+def core_api(api_client: ApiClient | None = None) -> CoreV1Api:
     """A CoreV1Api: in-cluster configuration in a pod, else ~/.kube/config (KUBECONFIG)."""
     from kubernetes import client, config
 
@@ -119,12 +122,14 @@ class NodeState:
         return models.get(name, {})
 
 
-def fleet_nodes(api: Any, label_selector: str = DEVICE_CLASS_LABEL) -> list[NodeState]:
+def fleet_nodes(api: CoreV1Api, label_selector: str = DEVICE_CLASS_LABEL) -> list[NodeState]:
     """Nodes carrying the device-class label, with their edgeloop annotations."""
     with api_errors("listing nodes"):
         nodes = api.list_node(label_selector=label_selector).items
     result = []
     for node in nodes:
+        if node.metadata is None or node.metadata.name is None:  # the API names every node; nothing to show if not
+            continue
         labels = node.metadata.labels or {}
         conditions = (node.status.conditions or []) if node.status else []
         ready = any(c.type == "Ready" and c.status == "True" for c in conditions)
@@ -134,16 +139,25 @@ def fleet_nodes(api: Any, label_selector: str = DEVICE_CLASS_LABEL) -> list[Node
     return sorted(result, key=lambda n: n.name)
 
 
-def daemonset_rollouts(api_client: Any, namespace: str) -> list[dict[str, Any]]:
+def daemonset_rollouts(api_client: ApiClient, namespace: str) -> list[dict[str, Any]]:
     """Rollout state of the edge-runtime DaemonSets in ``namespace`` (one per ring)."""
     from kubernetes import client
 
     apps = client.AppsV1Api(api_client)
     with api_errors(f"listing DaemonSets in {namespace}"):
         items = apps.list_namespaced_daemon_set(namespace, label_selector="app.kubernetes.io/name=edge-runtime").items
-    return [{"name": d.metadata.name, "desired": d.status.desired_number_scheduled,
-             "updated": d.status.updated_number_scheduled or 0, "ready": d.status.number_ready,
-             "unavailable": d.status.number_unavailable or 0} for d in items]
+    return [_rollout_state(d) for d in items]
+
+
+def _rollout_state(daemonset: V1DaemonSet) -> dict[str, Any]:
+    """One DaemonSet's figures; one the controller has not counted yet (no status): zeros."""
+    status = daemonset.status
+    name = daemonset.metadata.name if daemonset.metadata else None
+    if status is None:
+        return {"name": name, "desired": 0, "updated": 0, "ready": 0, "unavailable": 0}
+    return {"name": name, "desired": status.desired_number_scheduled,
+            "updated": status.updated_number_scheduled or 0, "ready": status.number_ready,
+            "unavailable": status.number_unavailable or 0}
 
 
 def _model_converged(model: dict[str, str], wanted: str | None) -> bool:
@@ -199,7 +213,7 @@ def rollout(
     chart: str,
     *,
     namespace: str,
-    api: Any,
+    api: CoreV1Api,
     helm: str = "helm",
     values: Sequence[str] = (),
     sets: Sequence[str] = (),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -32,6 +32,12 @@ STATUS_FOR: dict[type[errors.EdgeloopError], grpc.StatusCode] = {
 """Most specific class first is not needed: lookup walks the exception's MRO."""
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+
+if TYPE_CHECKING:  # grpc's classes are generic in its type stubs only
+    from typing import TypeAlias
+
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]  # any request and response message
+    AioUnary: TypeAlias = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -61,11 +67,12 @@ class ErrorMapping:
     def __init__(self, on_result: Callable[[str, str, float, str], None] | None = None) -> None:
         self._on_result = on_result
 
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: Handler) -> Handler:
         """``handler`` (for the full method name ``method``) with our error mapping; streaming handlers as they are."""
         if handler is None or handler.unary_unary is None:
             return handler
-        inner = handler.unary_unary
+        # grpc's handler type describes a synchronous server; a grpc.aio server registers coroutine functions in it
+        inner = cast("AioUnary", handler.unary_unary)
         decode = handler.request_deserializer
         on_result = self._on_result
 
@@ -77,7 +84,7 @@ class ErrorMapping:
             except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
                 return _Undecodable(type(exc).__name__)
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: ANN401
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: ANN401
             started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 if isinstance(request, _Undecodable):
@@ -86,7 +93,7 @@ class ErrorMapping:
             except grpc.aio.AbortError:
                 code = grpc.StatusCode.UNKNOWN
                 raise
-            except Exception as exc:  # noqa: BLE001 - the whole point: nothing escapes unmapped
+            except Exception as exc:  # the whole point: nothing escapes unmapped
                 code, message = status_for(exc)
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("unexpected error in %s", method)
@@ -114,11 +121,11 @@ class _Registrations:
     """Stands in for the server while generated code registers a servicer: keeps each service's method handlers."""
 
     def __init__(self) -> None:
-        self.services: list[tuple[str, dict[str, grpc.RpcMethodHandler]]] = []
+        self.services: list[tuple[str, dict[str, Handler]]] = []
 
     def add_generic_rpc_handlers(self, handlers: object) -> None:
         """Generated code registers each service twice; the registered-method call below carries what we need."""
 
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
         self.services.append((service, handlers))
 

@@ -10,13 +10,17 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
 from edgeloop_core.errors import BucketNotFound, ObjectNotFound, StoreError, StoreUnavailable, VersionExists
+
+if TYPE_CHECKING:
+    from botocore.response import StreamingBody
+    from mypy_boto3_s3 import S3Client
 
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 _DENIED_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
@@ -40,7 +44,7 @@ class ObjectStore:
         bucket: str,
         endpoint_url: str | None = None,
         region: str | None = None,
-        client: Any | None = None,
+        client: S3Client | None = None,
         *,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
@@ -129,11 +133,12 @@ class ObjectStore:
                 names.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
         return names
 
-    def open_range(self, key: str, offset: int = 0) -> Any:
+    def open_range(self, key: str, offset: int = 0) -> StreamingBody:
         """A streaming body of ``key`` from byte ``offset`` on (a ranged GET, for resumable downloads)."""
-        extra = {"Range": f"bytes={offset}-"} if offset else {}
         with self._errors(key):
-            return self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
+            if offset:
+                return self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={offset}-")["Body"]
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
 
     def get_bytes(self, key: str) -> bytes:
         """The whole object (for small objects: manifests, channel pointers)."""

@@ -11,12 +11,68 @@ import pytest
 from edgeloop_core import errors
 from edgeloop_core.rpc_errors import INTERNAL_MESSAGE, STATUS_FOR, ErrorMapping, status_for
 
-ROWS = [(cls, code) for cls, code in STATUS_FOR.items()] + [
-    (errors.EngineError, grpc.StatusCode.INTERNAL),  # ours, unmapped: hidden like anything else
+OK_AS_INTERNAL = {
+    errors.EdgeloopError: "the base: never raised itself",
+    errors.StoreError: "an S3 failure we could not classify: a server fault, not the caller's",
+    errors.BucketNotFound: "the server's own bucket is missing: its operator's problem, not the caller's",
+    errors.VersionExists: "raised where we write to S3 (a publish, an engine share), which no RPC does",
+    errors.DeviceError: "a branch: never raised itself",
+    errors.EngineError: "an engine that fails to build or run is a server fault; its details stay in the log",
+    errors.ServingError: "a branch: never raised itself",
+    errors.CloudError: "a branch: never raised itself",
+    errors.GateFailed: "raised by the pipeline, which no RPC runs",
+    errors.PipelineFailed: "raised by the pipeline, which no RPC runs",
+    errors.RolloutFailed: "raised by a fleet rollout, which no RPC runs",
+}
+"""Classes of the tree that deliberately have no row in STATUS_FOR (nor a mapped ancestor), and why."""
+
+STATUS = {
+    errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ContractError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ManifestInvalid: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SignatureInvalid: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ChannelExpired: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ChannelRollback: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.DigestMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ObjectNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ValidationFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.InsufficientMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.CacheFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.NotReady: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.HubAuthError: grpc.StatusCode.UNAUTHENTICATED,
+} | {cls: grpc.StatusCode.INTERNAL for cls in OK_AS_INTERNAL}
+"""What a gRPC caller gets for each class of the tree: written out, so that moving a class in the tree cannot
+change a caller's status unnoticed."""
+
+
+def _tree(root: type[errors.EdgeloopError] = errors.EdgeloopError) -> list[type[errors.EdgeloopError]]:
+    """``root`` and every class below it that :mod:`edgeloop_core.errors` defines."""
+    return [root] + [cls for child in root.__subclasses__() if child.__module__ == errors.__name__
+                     for cls in _tree(child)]
+
+
+ROWS = list(STATUS.items()) + [
     (KeyError, grpc.StatusCode.INTERNAL),  # not ours at all
-    (errors.DigestMismatch, grpc.StatusCode.FAILED_PRECONDITION),  # a subclass follows its parent's row
-    (errors.BucketNotFound, grpc.StatusCode.INTERNAL),  # StoreError itself is not in the table
 ]
+
+
+def test_every_class_of_the_tree_has_a_row_or_is_internal_on_purpose():
+    tree = _tree()
+    assert set(STATUS) == set(tree), (
+        f"not in STATUS: {sorted(c.__name__ for c in set(tree) - set(STATUS))}; "
+        f"gone from the tree: {sorted(c.__name__ for c in set(STATUS) - set(tree))}")
+    assert set(STATUS_FOR) <= set(tree)
+    for cls in tree:
+        mapped = next((c for c in cls.__mro__ if c in STATUS_FOR), None)
+        assert (mapped is None) == (cls in OK_AS_INTERNAL), f"{cls.__name__}: a row, or a reason to have none"
+        assert status_for(cls("x"))[0] == STATUS[cls], cls.__name__
 
 
 def _add_raiser(exc: BaseException):
