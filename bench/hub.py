@@ -3,18 +3,19 @@
     .venv/bin/python bench/hub.py [--rates 50,200,1000,3000] [--seconds 10] [--devices 10000]
                                   [--fleet-sizes 1000,10000,50000] [--hub-cpu 0.3]
                                   [--capped-rates 150,300,450,600,750] [--fleet-processes 2]
-                                  [--out bench/hub.md] [--plot bench/hub.png]
+                                  [--quick] [--readme PATH] [--plot PATH]
 
 Each hub is ``edgeloop hub serve`` in its own process pinned to core 0 (PostgreSQL, when used, runs where the
-kernel puts it); this process, the load generator, is pinned to core 1. The load is open-loop, as a fleet's is:
-single-event ``Report`` calls (a ``stats`` event of a random device, with that device's token) started at the offered
-rate whatever the hub answers, each with the runtime sender's 10 s deadline and, on ``RESOURCE_EXHAUSTED``,
-``UNAVAILABLE`` or a deadline, up to three retries after a jittered back-off. Two replicas share the load call by
-call. Reported per backend and offered rate: accepted events/s, p50/p99 of the accepted calls, errors by code
-(after retries), hub CPU per accepted event, and, checked in the database by event id, events lost (acknowledged
-but not stored) and stored twice. Then ``fleet status`` against fleets of 1k/10k/50k devices (rows written
-straight into the database): time to the first page and to the whole fleet. Needs PostgreSQL for two of the
-three backends (``EDGELOOP_TEST_POSTGRES_URL``, which ``.ci/run`` sets up); without it those rows are skipped.
+kernel puts it); this process, the load generator, is pinned to core 1 (both through ``bench/harness.py``). The
+load is open-loop, as a fleet's is: single-event ``Report`` calls (a ``stats`` event of a random device, with that
+device's token) started at the offered rate whatever the hub answers, each with the runtime sender's 10 s deadline
+and, on ``RESOURCE_EXHAUSTED``, ``CANCELLED``, ``UNAVAILABLE`` or a deadline, up to three retries after a jittered
+back-off. Two replicas share the load call by call. Reported per backend and offered rate: accepted events/s,
+p50/p99 of the accepted calls, errors by code (after retries), hub CPU per accepted event, and, checked in the
+database by event id, events lost (acknowledged but not stored) and stored twice. Then ``fleet status`` against
+fleets of 1k/10k/50k devices (rows written straight into the database): time to the first page and to the whole
+fleet. Needs PostgreSQL for two of the three backends (``EDGELOOP_TEST_POSTGRES_URL``, which ``.ci/run`` sets
+up); without it those rows are skipped.
 
 On two cores the load generator cannot offer 3× what a whole-core hub takes (it saturates its own core first), nor
 can two hubs on one core add capacity. So overload and scale-out run with each hub held to ``--hub-cpu`` of a core
@@ -23,23 +24,23 @@ to one hub's peak; 3× that peak as single-event calls retried three times, and 
 that send through the runtime's own ``TelemetrySender`` (stats every 10 s into an outbox, batches of up to 200,
 exponential back-off with jitter; ``--fleet-processes`` load-generator processes on both cores, as one cannot start
 that many senders); and two such hubs on the doubled ramp, one on each core, as replicas on two nodes would be.
-Never part of the test run.
+Writes its section of ``bench/README.md`` (``bench/report.py``) and a plot; ``--quick`` runs every part with short,
+small loads and writes into a copy of the README. Never part of the test run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +48,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve import cpu_seconds, free_port  # noqa: E402 - after the path the benchmarks import from
+from bench.harness import (  # noqa: E402 - after the path the benchmarks import from
+    CLIENT_CORE,
+    EDGELOOP,
+    SERVER_CORE,
+    ServerProcess,
+    cgroups_writable,
+    cpu_seconds,
+    free_port,
+    pin_load_generator,
+)
+from bench.report import BenchRun  # noqa: E402
 
-SERVER_CORE, CLIENT_CORE = 0, 1
 POSTGRES_URL = os.environ.get("EDGELOOP_TEST_POSTGRES_URL",
                               "postgresql+psycopg://edgeloop:edgeloop@127.0.0.1:5432/edgeloop")
 RETRIED = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
@@ -60,86 +70,25 @@ STATS_PAYLOAD = json.dumps({"ready": True, "models": [{"model_name": "digits-cnn
 """What every simulated ``stats`` event carries (a device serving one model)."""
 
 
-class CpuCap:
-    """A CPU limit for one process, as a Kubernetes CPU limit is one: a CFS quota (``fraction`` of a core per 10 ms)
-    in a cgroup of its own (cgroup v1 ``cpu`` or v2 ``cpu.max``). :func:`cgroups_writable` says whether this machine
-    lets us make one (root, a writable cgroup tree)."""
-
-    PERIOD_US = 10_000
-
-    def __init__(self, pid: int, fraction: float) -> None:
-        self.path = CGROUP_ROOT / f"edgeloop-bench-{pid}"
-        self.path.mkdir()
-        quota = int(fraction * self.PERIOD_US)
-        if (self.path / "cpu.max").exists():
-            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
-        else:
-            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
-            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
-        (self.path / "cgroup.procs").write_text(str(pid))  # every thread of it, and what it starts later
-
-    def remove(self) -> None:
-        for _ in range(50):  # the cgroup empties when the process has exited
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
-CGROUP_ROOT = Path("/sys/fs/cgroup/cpu") if Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists() else \
-    Path("/sys/fs/cgroup")
-
-
-def cgroups_writable() -> str | None:
-    """None when :class:`CpuCap` can work here, else why not."""
-    probe = CGROUP_ROOT / f"edgeloop-bench-probe-{os.getpid()}"
-    try:
-        probe.mkdir()
-        probe.rmdir()
-    except OSError as exc:
-        return f"cannot make a cgroup under {CGROUP_ROOT} ({exc.strerror}): run as root on a writable cgroup tree"
-    if CGROUP_ROOT == Path("/sys/fs/cgroup") and "cpu" not in (CGROUP_ROOT / "cgroup.subtree_control").read_text():
-        return "the cgroup v2 cpu controller is not enabled for child groups"
-    return None
-
-
-class Hub:
-    """``edgeloop hub serve`` pinned to ``core`` (and held to ``cpu`` of it, when given)."""
+class Hub(ServerProcess):
+    """``edgeloop hub serve`` on the database at ``url``, pinned to ``core`` (and held to ``cpu`` of it, when given),
+    accepting calls once made."""
 
     def __init__(self, url: str, tokens_file: Path, reader: str, log: Path, cpu: float | None = None,
                  core: int = SERVER_CORE) -> None:
         self.port = free_port()
         env = {**os.environ, "HUB_DATABASE_URL": url, "HUB_TOKENS_FILE": str(tokens_file), "HUB_READ_TOKENS": reader,
                "HUB_PORT": str(self.port), "HUB_BIND_ADDRESS": "127.0.0.1"}
-        self.process = subprocess.Popen(["taskset", "-c", str(core), str(ROOT / ".venv/bin/edgeloop"), "hub",
-                                         "serve"], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                        start_new_session=True)
-        self.cap = CpuCap(self.process.pid, cpu) if cpu else None
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(f"the hub did not start: {log.read_text()[-500:]}") from None
-                time.sleep(0.2)
+        super().__init__([str(EDGELOOP), "hub", "serve"], log, env, core, cpu)
+        try:
+            self.wait_port(self.port, timeout_s=60)
+        except RuntimeError:
+            self.stop()
+            raise
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.cap is not None:
-            self.cap.remove()
 
 
 async def offer(addresses: list[str], tokens: dict[str, str], rate: float, seconds: float) -> dict:
@@ -260,7 +209,7 @@ def postgres_reachable() -> bool:
             conn.execute(text("SELECT 1"))
         engine.dispose()
         return True
-    except Exception:  # noqa: BLE001 - no PostgreSQL here: its rows are skipped
+    except Exception:  # noqa: BLE001 - no PostgreSQL here, whatever the reason: its rows are skipped
         return False
 
 
@@ -345,10 +294,10 @@ async def simulate_fleet(address: str, tokens: dict[str, str], interval_s: float
     senders = [TelemetrySender(o, address, tokens[o.device_id], interval_s=3600) for o in outboxes]
     failed: dict[str, list[float]] = {}
     for sender in senders:
-        sender._channel = channel  # noqa: SLF001 - one shared connection, not one per simulated device
+        sender._channel = channel  # one shared connection, not one per simulated device
         flush = sender.flush
 
-        async def timed(flush=flush) -> int:  # noqa: ANN001
+        async def timed(flush: Callable[[], Awaitable[int]] = flush) -> int:
             started = time.perf_counter()
             try:
                 return await flush()
@@ -416,15 +365,14 @@ def measure_rate(label: str, url: str, replicas: int, rate: float, seconds: floa
         reset(url)
     # whole-core hubs share the server core (they show how replicas split the load); CPU-limited ones get a core
     # each, as replicas on two nodes would: two quotas and PostgreSQL on one core starve each other
-    hubs = [Hub(url, tokens_file, reader, work / f"{label.replace(' ', '-')}-{rate:.0f}-{n}.log", cpu,
-                SERVER_CORE if cpu is None else (SERVER_CORE, CLIENT_CORE)[n % 2]) for n in range(replicas)]
-    try:
-        cpu_before = sum(cpu_seconds(h.process.pid) for h in hubs)
+    with contextlib.ExitStack() as running:  # every hub started is stopped, even when a later one fails to start
+        logs = [work / f"{label.replace(' ', '-')}-{rate:.0f}-{n}.log" for n in range(replicas)]
+        hubs = [running.enter_context(Hub(url, tokens_file, reader, log, cpu,
+                                          SERVER_CORE if cpu is None else (SERVER_CORE, CLIENT_CORE)[n % 2]))
+                for n, log in enumerate(logs)]
+        cpu_before = sum(cpu_seconds(h.pid) for h in hubs)
         result = asyncio.run(offer([h.address for h in hubs], tokens, rate, seconds))
-        used = sum(cpu_seconds(h.process.pid) for h in hubs) - cpu_before
-    finally:
-        for hub in hubs:
-            hub.stop()
+        used = sum(cpu_seconds(h.pid) for h in hubs) - cpu_before
     lost, twice = audit(url, result["acked"])
     accepted = len(result["acked"])
     lat = np.array(result["latencies"]) if result["latencies"] else np.array([0.0])
@@ -448,11 +396,11 @@ def fleet_overload(label: str, rate: float, args: argparse.Namespace, tokens: di
     reset(POSTGRES_URL)
     hub = Hub(POSTGRES_URL, tokens_file, reader, work / "fleet-overload.log", args.hub_cpu)
     try:
-        cpu_before = cpu_seconds(hub.process.pid)
+        cpu_before = cpu_seconds(hub.pid)
         # longer than the other runs: the first refusals send every device into its back-off at once, and the
         # fleet needs a while to settle into what a sustained overload looks like
         result = run_fleet(hub.address, fleet, interval, 6 * args.seconds, args.fleet_processes)
-        used = cpu_seconds(hub.process.pid) - cpu_before
+        used = cpu_seconds(hub.pid) - cpu_before
     finally:
         hub.stop()
     lost, twice = audit(POSTGRES_URL, result["acked"])
@@ -499,6 +447,8 @@ def overload_and_scale_out(args: argparse.Namespace, tokens: dict[str, str], eve
 
     rows = ramp_up(capped(one, 1), ramp)
     peak = max(r["accepted"] for r in rows)
+    if peak <= 0:  # nothing to take 3× of: the hub is broken, not saturated
+        raise RuntimeError(f"{one} accepted nothing on the whole ramp (errors: {rows[-1]['errors']})")
     rows.append(capped(one, 1)(3 * peak))
     rows.append(fleet_overload(f"{one}, fleet of runtime senders", 3 * peak, args, everyone, tokens_file, reader,
                                work))
@@ -506,29 +456,125 @@ def overload_and_scale_out(args: argparse.Namespace, tokens: dict[str, str], eve
     return rows
 
 
-def main() -> None:  # noqa: C901, PLR0915 - one script, three backends
+QUICK = {"rates": "50,200", "seconds": 2.0, "devices": 1000, "fleet_sizes": "1000", "capped_rates": "50,100",
+         "fleet_processes": 1}
+FULL = {"rates": "50,200,1000,3000", "seconds": 10.0, "devices": 10_000, "fleet_sizes": "1000,10000,50000",
+        "capped_rates": "150,300,450,600,750", "fleet_processes": 2}
+"""The load of a ``--quick`` run (every part, short and small) and of a full one, where an option does not say."""
+
+
+def fleet_status_rows(sizes: list[int], have_postgres: bool, tokens_file: Path, reader: str,
+                      work: Path) -> list[dict]:
+    """``fleet status`` against fleets of each size, on SQLite and (when reachable) PostgreSQL: one row each."""
+    rows = []
+    for size in sizes:
+        for backend in ("sqlite", "postgresql"):
+            if backend == "postgresql" and not have_postgres:
+                continue
+            url = f"sqlite:///{work / f'fleet-{size}.sqlite'}" if backend == "sqlite" else POSTGRES_URL
+            fill_fleet(url, size)
+            with Hub(url, tokens_file, reader, work / f"fleet-{backend}-{size}.log") as hub:
+                first, whole, count = asyncio.run(time_fleet_status(hub.address, reader))
+            rows.append({"backend": backend, "size": size, "first_ms": first, "all_ms": whole, "rows": count})
+            print(f"fleet status, {backend}, {size} devices: first page {first:.0f} ms, all {whole:.0f} ms "
+                  f"({count} rows)", flush=True)
+    return rows
+
+
+def tables(rows: list[dict], capped: list[dict], fleet_rows: list[dict], skipped: list[str],
+           args: argparse.Namespace) -> str:
+    """The markdown tables and the notes under them."""
+    lines = ["| backend | offered events/s | accepted events/s | p50 ms | p99 ms | errors (after retries) | "
+             "hub CPU µs/event | lost | stored twice |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
+        lines.append(f"| {r['backend']} | {r['offered']:.0f} | {r['accepted']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+                     f"{errors} | {r['cpu_us']:.0f} | {r['lost']} | {r['twice']} |")
+    if capped:
+        lines += ["", "Each hub held to a CPU limit (as a pod's), so that 3× overload and two replicas are loads the "
+                  "load generator can offer:", "", "| hubs | offered events/s | accepted events/s | p50 ms | p99 ms | "
+                  "refused after (p50 ms) | errors (after retries) | hub CPU µs/event | lost | stored twice |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+        for r in capped:
+            errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
+            refused = f"{r['refusal_p50']:.1f}" if r["refusal_p50"] else ""  # 0: nothing was refused
+            p50 = "" if r["p50"] is None else f"{r['p50']:.1f}"
+            p99 = "" if r["p99"] is None else f"{r['p99']:.1f}"
+            lines.append(f"| {r['backend']} | {r['offered']:.0f} | {r['accepted']:.0f} | {p50} | {p99} | {refused} | "
+                         f"{errors} | {r['cpu_us']:.0f} | {r['lost']} | {r['twice']} |")
+    lines += ["", "| fleet status | devices | first page ms | whole fleet ms | rows |", "|---|---:|---:|---:|---:|"]
+    for f in fleet_rows:
+        lines.append(f"| {f['backend']} | {f['size']} | {f['first_ms']:.0f} | {f['all_ms']:.0f} | {f['rows']} |")
+    peaks: dict[str, float] = {}
+    for r in rows:
+        peaks[r["backend"]] = max(peaks.get(r["backend"], 0.0), r["accepted"])
+    lines.append("")
+    for backend, peak in peaks.items():
+        lines.append(f"- {backend}: peak {peak:.0f} accepted events/s")
+    if "PostgreSQL, 1 hub" in peaks and "PostgreSQL, 2 hubs" in peaks:
+        lines.append(f"- two replicas ÷ one: {peaks['PostgreSQL, 2 hubs'] / peaks['PostgreSQL, 1 hub']:.2f}x "
+                     "(both on the same server core, so this shows they share the load, not that they add cores)")
+    if capped:
+        lines += capped_notes(capped, args)
+    for reason in skipped:
+        lines.append(f"- skipped: {reason}")
+    return "\n".join(lines)
+
+
+def capped_notes(capped: list[dict], args: argparse.Namespace) -> list[str]:
+    """What the CPU-limited runs say: one hub's peak, 3× it as a retry storm and as a fleet, two hubs ÷ one."""
+    one = [r for r in capped if " 1 hub " in r["backend"] and "fleet" not in r["backend"]]
+    two = [r for r in capped if " 2 hubs " in r["backend"]]
+    fleet = next(r for r in capped if "fleet" in r["backend"])
+    peak_one = max(r["accepted"] for r in one[:-1])
+    over = one[-1]
+    refusals = "; ".join(f"{code} after {ms:.0f} ms (p50)" for code, ms in sorted(fleet["refused_by"].items()))
+    return [f"- one hub @ {args.hub_cpu:g} core: peak {peak_one:.0f} accepted events/s; offered 3x that "
+            f"({over['offered']:.0f}/s) as single-event calls retried 3 times, it accepts "
+            f"{over['accepted']:.0f}/s, {over['accepted'] / peak_one:.0%} of its peak, refusing the rest "
+            f"after {over['refusal_p50']:.1f} ms (p50)",
+            f"- a fleet of {fleet['devices']} runtime senders (stats every 10 s; outbox, batches, back-off) "
+            f"offered {fleet['offered']:.0f} events/s ({fleet['offered'] / peak_one:.1f}x the peak, from "
+            f"{args.fleet_processes} load-generator processes): {fleet['accepted']:.0f} events/s accepted, "
+            f"{fleet['accepted'] / peak_one:.0%} of the peak; the rest refused ({refusals}) and sent again "
+            f"after a back-off, {fleet['queued']} events still in outboxes at the end; {fleet['lost']} lost, "
+            f"{fleet['twice']} stored twice",
+            f"- two hubs @ {args.hub_cpu:g} core each ÷ one: {max(r['accepted'] for r in two) / peak_one:.2f}x"]
+
+
+def parse_args() -> tuple[argparse.Namespace, BenchRun]:
+    """The options; those a ``--quick`` run shortens default to :data:`QUICK`, else to :data:`FULL`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", default="50,200,1000,3000")
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--devices", type=int, default=10_000)
-    parser.add_argument("--fleet-sizes", default="1000,10000,50000")
+    parser.add_argument("--rates", help=f"offered calls/s (default {FULL['rates']}; --quick: {QUICK['rates']})")
+    parser.add_argument("--seconds", type=float,
+                        help=f"seconds per offered rate (default {FULL['seconds']:g}; --quick: {QUICK['seconds']:g})")
+    parser.add_argument("--devices", type=int, help=f"devices the single-event load picks among (default "
+                                                    f"{FULL['devices']}; --quick: {QUICK['devices']})")
+    parser.add_argument("--fleet-sizes", help=f"fleets for fleet status (default {FULL['fleet_sizes']}; "
+                                              f"--quick: {QUICK['fleet_sizes']})")
     parser.add_argument("--backends", default="sqlite,postgresql,postgresql-2")
     parser.add_argument("--hub-cpu", type=float, default=0.3,
                         help="CPU limit (cores) of each hub in the overload and scale-out runs (0: skip them)")
-    parser.add_argument("--capped-rates", default="150,300,450,600,750",
-                        help="the ramp for one CPU-limited hub (two hubs get twice each rate)")
-    parser.add_argument("--fleet-processes", type=int, default=2,
-                        help="load-generator processes that share the simulated fleet of runtime senders")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "hub.md")
-    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "hub.png")
+    parser.add_argument("--capped-rates", help="the ramp for one CPU-limited hub, two hubs get twice each rate "
+                                               f"(default {FULL['capped_rates']}; --quick: {QUICK['capped_rates']})")
+    parser.add_argument("--fleet-processes", type=int,
+                        help="load-generator processes that share the simulated fleet of runtime senders "
+                             f"(default {FULL['fleet_processes']}; --quick: {QUICK['fleet_processes']})")
+    BenchRun.add_options(parser, "hub")
     args = parser.parse_args()
-    if (os.cpu_count() or 1) < 2:
-        sys.exit("needs two cores: one for the hub, one for the load generator")
-    os.sched_setaffinity(0, {CLIENT_CORE})
+    run = BenchRun.from_args("hub", args, parser)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args, run
+
+
+def main() -> None:
+    args, run = parse_args()
+    pin_load_generator("the hub")
     rates = [float(r) for r in args.rates.split(",")]
     rows: list[dict] = []
     capped: list[dict] = []
-    fleet_rows: list[dict] = []
     skipped: list[str] = []
     have_postgres = postgres_reachable()
     with tempfile.TemporaryDirectory(prefix="edgeloop-bench-hub-") as tmp:
@@ -555,83 +601,19 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, three backends
                 skipped.append(f"CPU-limited hubs: {why}")
             else:
                 capped.extend(overload_and_scale_out(args, tokens, everyone, tokens_file, reader, work))
-        for size in [int(s) for s in args.fleet_sizes.split(",")]:
-            for backend in ("sqlite", "postgresql"):
-                if backend == "postgresql" and not have_postgres:
-                    continue
-                url = f"sqlite:///{work / f'fleet-{size}.sqlite'}" if backend == "sqlite" else POSTGRES_URL
-                fill_fleet(url, size)
-                hub = Hub(url, tokens_file, reader, work / f"fleet-{backend}-{size}.log")
-                try:
-                    first, whole, count = asyncio.run(time_fleet_status(hub.address, reader))
-                finally:
-                    hub.stop()
-                fleet_rows.append({"backend": backend, "size": size, "first_ms": first, "all_ms": whole,
-                                   "rows": count})
-                print(f"fleet status, {backend}, {size} devices: first page {first:.0f} ms, all {whole:.0f} ms "
-                      f"({count} rows)", flush=True)
+        fleet_rows = fleet_status_rows([int(s) for s in args.fleet_sizes.split(",")], have_postgres, tokens_file,
+                                       reader, work)
         if have_postgres:
             reset(POSTGRES_URL)
 
-    lines = ["| backend | offered events/s | accepted events/s | p50 ms | p99 ms | errors (after retries) | "
-             "hub CPU µs/event | lost | stored twice |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
-    for r in rows:
-        errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
-        lines.append(f"| {r['backend']} | {r['offered']:.0f} | {r['accepted']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | "
-                     f"{errors} | {r['cpu_us']:.0f} | {r['lost']} | {r['twice']} |")
-    if capped:
-        lines += ["", "Each hub held to a CPU limit (as a pod's), so that 3× overload and two replicas are loads the "
-                  "load generator can offer:", "", "| hubs | offered events/s | accepted events/s | p50 ms | p99 ms | "
-                  "refused after (p50 ms) | errors (after retries) | hub CPU µs/event | lost | stored twice |",
-                  "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
-        for r in capped:
-            errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
-            refused = f"{r['refusal_p50']:.1f}" if r["refusal_p50"] else ""  # 0: nothing was refused
-            p50 = "" if r["p50"] is None else f"{r['p50']:.1f}"
-            p99 = "" if r["p99"] is None else f"{r['p99']:.1f}"
-            lines.append(f"| {r['backend']} | {r['offered']:.0f} | {r['accepted']:.0f} | {p50} | {p99} | {refused} | "
-                         f"{errors} | {r['cpu_us']:.0f} | {r['lost']} | {r['twice']} |")
-    lines += ["", "| fleet status | devices | first page ms | whole fleet ms | rows |", "|---|---:|---:|---:|---:|"]
-    for f in fleet_rows:
-        lines.append(f"| {f['backend']} | {f['size']} | {f['first_ms']:.0f} | {f['all_ms']:.0f} | {f['rows']} |")
-    peaks = {}
-    for r in rows:
-        peaks[r["backend"]] = max(peaks.get(r["backend"], 0.0), r["accepted"])
-    lines.append("")
-    for backend, peak in peaks.items():
-        lines.append(f"- {backend}: peak {peak:.0f} accepted events/s")
-    if "PostgreSQL, 1 hub" in peaks and "PostgreSQL, 2 hubs" in peaks:
-        lines.append(f"- two replicas ÷ one: {peaks['PostgreSQL, 2 hubs'] / peaks['PostgreSQL, 1 hub']:.2f}x "
-                     "(both on the same server core, so this shows they share the load, not that they add cores)")
-    if capped:
-        one = [r for r in capped if " 1 hub " in r["backend"] and "fleet" not in r["backend"]]
-        two = [r for r in capped if " 2 hubs " in r["backend"]]
-        fleet = next(r for r in capped if "fleet" in r["backend"])
-        peak_one = max(r["accepted"] for r in one[:-1])
-        over = one[-1]
-        lines.append(f"- one hub @ {args.hub_cpu:g} core: peak {peak_one:.0f} accepted events/s; offered 3x that "
-                     f"({over['offered']:.0f}/s) as single-event calls retried 3 times, it accepts "
-                     f"{over['accepted']:.0f}/s, {over['accepted'] / peak_one:.0%} of its peak, refusing the rest "
-                     f"after {over['refusal_p50']:.1f} ms (p50)")
-        refusals = "; ".join(f"{code} after {ms:.0f} ms (p50)" for code, ms in sorted(fleet["refused_by"].items()))
-        lines.append(f"- a fleet of {fleet['devices']} runtime senders (stats every 10 s; outbox, batches, back-off) "
-                     f"offered {fleet['offered']:.0f} events/s ({fleet['offered'] / peak_one:.1f}x the peak, from "
-                     f"{args.fleet_processes} load-generator processes): {fleet['accepted']:.0f} events/s accepted, "
-                     f"{fleet['accepted'] / peak_one:.0%} of the peak; the rest refused ({refusals}) and sent again "
-                     f"after a back-off, {fleet['queued']} events still in outboxes at the end; {fleet['lost']} lost, "
-                     f"{fleet['twice']} stored twice")
-        lines.append(f"- two hubs @ {args.hub_cpu:g} core each ÷ one: "
-                     f"{max(r['accepted'] for r in two) / peak_one:.2f}x")
-    for reason in skipped:
-        lines.append(f"- skipped: {reason}")
-    table = "\n".join(lines)
+    table = tables(rows, capped, fleet_rows, skipped, args)
     print(table)
-    args.out.write_text(table + "\n")
-    write_plot(rows + capped, args.plot)
-    print(f"wrote {args.out} and {args.plot}")
+    write_plot(rows + capped, run.plot)
+    run.finish(table)
 
 
 def write_plot(rows: list[dict], path: Path) -> None:
+    """Accepted against offered events/s, a line per backend and hub count."""
     import matplotlib
 
     matplotlib.use("Agg")

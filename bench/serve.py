@@ -1,15 +1,16 @@
 """Serving benchmark: edgeloop against the servers users would pick instead, on the same ONNX file and the same cores.
 
     .venv/bin/python bench/serve.py [--levels 1,8,32] [--requests 2000] [--servers edgeloop,kserve,triton]
-                                    [--plot bench/serve.png] [--out bench/serve.md]
+                                    [--models small,large] [--profile] [--quick] [--readme PATH] [--plot PATH]
 
-Each server runs as its own process pinned to core 0; this process, the load generator, is pinned to core 1. One
-load generator for all: a lean one that pre-serializes the Open Inference Protocol request once and keeps
-``concurrency`` calls in flight on one grpc.aio channel (so the client costs as little CPU as possible), plus a
-tritonclient check that each server answers correctly. Servers:
+Each server runs as its own process pinned to core 0; this process, the load generator, is pinned to core 1 (both
+through ``bench/harness.py``). One load generator for all: a lean one that pre-serializes the Open Inference
+Protocol request once and keeps ``concurrency`` calls in flight on one grpc.aio channel (so the client costs as
+little CPU as possible), plus a tritonclient check that each server answers correctly. Servers:
 
 * **edgeloop** — ``edgeloop edge serve`` on the model published to a SeaweedFS on loopback (FP32 variant, ONNX
-  Runtime, default batching: max 16, no queue delay), and **edgeloop, batching off** (max batch 1);
+  Runtime, default batching: max 16, waiting for company while waiting brings it), and **edgeloop, batching off**
+  (max batch 1): their ratio is what dynamic batching buys;
 * **edgeloop + Triton** — the same, with ``EDGE_SERVING_ENGINE=triton``: edgeloop fetches, validates and swaps,
   the wheel's ``tritonserver`` serves (batching as Triton alone below), the engine run by edgeloop's own Triton backend
   (in tritonserver's process), and by Triton's Python backend (``edgeloop-triton-python``, as Triton alone runs it);
@@ -20,9 +21,11 @@ tritonclient check that each server answers correctly. Servers:
 * **in-process ONNX Runtime** on the same core: the ceiling.
 
 Reported per server, model and concurrency: requests/s, p50/p99 ms, server CPU per request (from /proc, the whole
-process tree), mean formed batch (edgeloop's and Triton's metrics), and ratios against KServe and in-process ORT.
-Also a 3×224×224 FP32 input through protobuf bytes against system shared memory (edgeloop). Writes a markdown
-table and a plot. Never part of the test run; servers missing here are skipped with the reason.
+process tree), mean formed batch (edgeloop's and Triton's metrics), and ratios against KServe and in-process ORT;
+then dynamic batching against batching off, and a 3×224×224 FP32 input through protobuf bytes against system shared
+memory (edgeloop). Writes its section of ``bench/README.md`` (``bench/report.py``) and a plot; ``--quick`` runs the
+small model at two levels with few requests and writes into a copy of the README. Never part of the test run;
+servers missing here are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -31,59 +34,43 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SERVER_CORE, CLIENT_CORE = 0, 1
+from bench.harness import (  # noqa: E402 - after the path the benchmarks import from
+    EDGELOOP,
+    SERVER_CORE,
+    ServerProcess,
+    cpu_seconds,
+    free_port,
+    local_store,
+    on_core,
+    pin_load_generator,
+)
+from bench.report import BenchRun  # noqa: E402
+
+if TYPE_CHECKING:
+    from edgeloop.local_s3 import LocalS3
+    from edgeloop_core.store import ObjectStore
+
 KSERVE_PYTHON = os.environ.get("KSERVE_PYTHON", "/tmp/kserve-venv/bin/python")
 TRITON_VENV = Path(os.environ.get("TRITON_VENV", ROOT / ".tools" / "triton"))
 """A venv with nvidia-pytriton, numpy<2 and onnxruntime: ``make test`` makes ``.tools/triton``."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU of ``pid`` and every descendant, seconds."""
-    total, ticks = 0.0, os.sysconf("SC_CLK_TCK")
-    pids, seen = [pid], set()
-    while pids:
-        p = pids.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-            for task in Path(f"/proc/{p}/task").iterdir():  # children of every thread (Triton's stubs, say)
-                pids.extend(int(c) for c in (task / "children").read_text().split())
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
-
-
-def wait_port(port: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on {port}")
+QUICK = {"models": "small", "levels": "1,8", "requests": 200}
+FULL = {"models": "small,large", "levels": "1,8,32", "requests": 2000}
+"""``--models``, ``--levels`` and ``--requests`` of a ``--quick`` run and of a full one, unless given."""
 
 
 def build_models(work: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
@@ -146,64 +133,72 @@ async def drive(address: str, payload: bytes, concurrency: int, count: int,
 
 
 class Server:
-    """A server process pinned to the server core."""
+    """A server under test: its process (:class:`~bench.harness.ServerProcess`, pinned to the server core), the
+    model it serves, how to wait until it serves it, and (where its metrics say) the mean formed batch."""
 
     name = "server"
-    model = "model"
 
-    def __init__(self) -> None:
-        self.process: subprocess.Popen | None = None
+    def __init__(self, model: str) -> None:
+        self.model = model
         self.port = free_port()
+        self.process: ServerProcess | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def launch(self, argv: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> None:
-        out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(["taskset", "-c", str(SERVER_CORE), *argv], env=env or os.environ.copy(),
-                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "launch() first"
+        return self.process.pid
+
+    def launch(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.process = ServerProcess(argv, log, env)
+
+    def ready(self) -> None:
+        """Until the server answers for its model (or RuntimeError, with its log's tail)."""
+        raise NotImplementedError
+
+    def mark(self) -> None:
+        """Remember the batching counters now: :meth:`mean_batch` counts from here."""
 
     def mean_batch(self) -> float | None:
+        """Mean samples per engine run since :meth:`mark` (None: this server does not say)."""
         return None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
+        if self.process is not None:
+            self.process.stop()
 
 
 class Edgeloop(Server):
-    def __init__(self, s3, bucket: str, model: str, work: Path, max_batch: int) -> None:  # noqa: ANN001
-        super().__init__()
+    """``edgeloop edge serve`` on ``model`` (channel ``stable``, variant ``fp32``, one ONNX Runtime thread);
+    ``max_batch`` 1 turns batching off; ``extra_env`` adds settings (``EDGE_*``)."""
+
+    def __init__(self, s3: LocalS3, bucket: str, model: str, work: Path, max_batch: int,
+                 extra_env: dict[str, str] | None = None, log_name: str = "edgeloop") -> None:
+        super().__init__(model)
         self.name = "edgeloop" if max_batch > 1 else "edgeloop, batching off"
-        self.model = model
         self.metrics_port = free_port()
         env = {**os.environ, **s3.env(), "EDGELOOP_VERIFY_KEY_FILE": str(work / "keys" / "verify-key.pem"),
                "EDGE_MAX_BATCH_SIZE": str(max_batch), "EDGE_DEVICE_ID": "bench", "EDGE_VARIANT": "fp32",
                # one ONNX Runtime thread, like the other servers here: ORT pins its own workers to cores, which
                # would escape the server's one-core taskset
                "EDGE_ORT_INTRA_OP_THREADS": "1",
-               "EDGE_TELEMETRY_INTERVAL_S": "3600"}
+               "EDGE_TELEMETRY_INTERVAL_S": "3600", **(extra_env or {})}
         cache = work / f"cache-{model}-{max_batch}"
-        self.launch([str(ROOT / ".venv/bin/edgeloop"), "edge", "serve", "--s3-endpoint", s3.endpoint_url,
-                     "--bucket", bucket, "--model", model, "--version", "stable", "--cache-dir", str(cache),
-                     "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port), "--log-level",
-                     "WARNING"], env, work / f"edgeloop-{model}-{max_batch}.log")
+        self.launch([str(EDGELOOP), "edge", "serve", "--s3-endpoint", s3.endpoint_url, "--bucket", bucket,
+                     "--model", model, "--version", "stable", "--cache-dir", str(cache), "--grpc-port",
+                     str(self.port), "--metrics-port", str(self.metrics_port), "--log-level", "WARNING"],
+                    work / f"{log_name}-{model}-{max_batch}.log", env)
 
     def ready(self) -> None:
         import tritonclient.grpc as triton
 
-        wait_port(self.port)
+        assert self.process is not None
+        self.process.wait_port(self.port)
         client = triton.InferenceServerClient(self.address)
-        deadline = time.monotonic() + 120
-        while not client.is_server_ready():
-            if time.monotonic() > deadline:
-                raise TimeoutError("edgeloop did not become ready")
-            time.sleep(0.2)
+        self.process.wait_for(client.is_server_ready, "edgeloop ready")
 
     def _histogram(self) -> tuple[float, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
@@ -256,15 +251,15 @@ class KServe(Server):
     name = "KServe 0.21"
 
     def __init__(self, model: str, onnx: Path, work: Path) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         script = work / "kserve_model.py"
         script.write_text(KSERVE_MODEL)
         self.launch([KSERVE_PYTHON, str(script), "--model_name", model, "--onnx", str(onnx), "--grpc_port",
-                     str(self.port), "--http_port", str(free_port())], log=work / f"kserve-{model}.log")
+                     str(self.port), "--http_port", str(free_port())], work / f"kserve-{model}.log")
 
     def ready(self) -> None:
-        wait_port(self.port)
+        assert self.process is not None
+        self.process.wait_port(self.port)
         time.sleep(1.0)
 
 
@@ -291,18 +286,15 @@ TRITON_MODEL = textwrap.dedent('''
 ''')
 
 
-def wait_model_ready(server: Server, failure: str, timeout_s: float = 180.0) -> None:
-    """Until ``server`` says its model is ready (Triton's server readiness says nothing about one model); RuntimeError
-    with ``failure`` when it exits or ``timeout_s`` passes."""
+def wait_model_ready(server: Server, what: str, timeout_s: float = 180.0) -> None:
+    """Until ``server`` says its model is ready (Triton's server readiness says nothing about one model);
+    RuntimeError with its log's tail when it exits or ``timeout_s`` passes."""
     import tritonclient.grpc as triton
 
-    wait_port(server.port, timeout_s)
+    assert server.process is not None
+    server.process.wait_port(server.port, timeout_s)
     client = triton.InferenceServerClient(server.address)
-    deadline = time.monotonic() + timeout_s
-    while not client.is_model_ready(server.model):
-        if time.monotonic() > deadline or server.process.poll() is not None:
-            raise RuntimeError(failure)
-        time.sleep(0.3)
+    server.process.wait_for(lambda: client.is_model_ready(server.model), what, timeout_s, every_s=0.3)
 
 
 def triton_counts(port: int) -> tuple[float, float]:
@@ -321,8 +313,7 @@ class Triton(Server):
     name = "Triton (Python backend)"
 
     def __init__(self, model: str, onnx: Path, shape: tuple[int, ...], work: Path, max_batch: int = 16) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         site = next(TRITON_VENV.glob("lib/python3*/site-packages"))
         home = site / "pytriton" / "tritonserver"
         repo = work / f"triton-repo-{model}"
@@ -348,10 +339,10 @@ class Triton(Server):
         self.metrics_port = free_port()
         self.launch([str(home / "bin" / "tritonserver"), f"--model-repository={repo}",
                      f"--backend-directory={backends}", f"--grpc-port={self.port}", f"--http-port={free_port()}",
-                     f"--metrics-port={self.metrics_port}", "--log-verbose=0"], env, work / f"triton-{model}.log")
+                     f"--metrics-port={self.metrics_port}", "--log-verbose=0"], work / f"triton-{model}.log", env)
 
     def ready(self) -> None:
-        wait_model_ready(self, "tritonserver did not load the model (see its log)")
+        wait_model_ready(self, "the model loaded")
 
     def _counts(self) -> tuple[float, float]:
         return triton_counts(self.metrics_port)
@@ -372,23 +363,14 @@ class EdgeloopTriton(Edgeloop):
     runs the engine in Triton: edgeloop's own (in tritonserver's process) or Triton's Python backend (what Triton
     alone runs here)."""
 
-    def __init__(self, s3, bucket: str, model: str, work: Path, max_batch: int = 16,  # noqa: ANN001
+    def __init__(self, s3: LocalS3, bucket: str, model: str, work: Path, max_batch: int = 16,
                  backend: str = "edgeloop") -> None:
         self.triton_metrics_port = free_port()
         self.backend = backend
-        extra = {"EDGE_SERVING_ENGINE": "triton", "EDGE_TRITON_PYTHON": str(TRITON_VENV / "bin" / "python"),
-                 "EDGE_TRITON_METRICS_PORT": str(self.triton_metrics_port), "EDGE_CONTROL_PORT": str(free_port()),
-                 "EDGE_MAX_QUEUE_DELAY_US": "500", "EDGE_TRITON_BACKEND": backend}
-        saved = {k: os.environ.get(k) for k in extra}
-        os.environ.update(extra)  # Edgeloop.__init__ launches with os.environ
-        try:
-            super().__init__(s3, bucket, model, work, max_batch)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        super().__init__(s3, bucket, model, work, max_batch, log_name=f"edgeloop-triton-{backend}", extra_env={
+            "EDGE_SERVING_ENGINE": "triton", "EDGE_TRITON_PYTHON": str(TRITON_VENV / "bin" / "python"),
+            "EDGE_TRITON_METRICS_PORT": str(self.triton_metrics_port), "EDGE_CONTROL_PORT": str(free_port()),
+            "EDGE_MAX_QUEUE_DELAY_US": "500", "EDGE_TRITON_BACKEND": backend})
         self.name = EDGELOOP_TRITON[backend]
 
     def ready(self) -> None:
@@ -396,7 +378,7 @@ class EdgeloopTriton(Edgeloop):
         (and it is the backend this row is named after that serves it)."""
         import tritonclient.grpc as triton
 
-        wait_model_ready(self, "edgeloop + Triton did not serve the model (see its log)")
+        wait_model_ready(self, "the model validated and served")
         config = triton.InferenceServerClient(self.address).get_model_config(self.model, as_json=True)["config"]
         if config.get("backend") != self.backend:
             raise RuntimeError(f"served by Triton's {config.get('backend')} backend, not {self.backend}")
@@ -415,8 +397,7 @@ def in_process_ort(path: Path, shape: tuple[int, ...]) -> tuple[float, float]:
     """Samples/s of ONNX Runtime in this process on the server core: batch 1, and the best of batch 16."""
     import onnxruntime as ort
 
-    os.sched_setaffinity(0, {SERVER_CORE})
-    try:
+    with on_core(SERVER_CORE):
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -431,8 +412,6 @@ def in_process_ort(path: Path, shape: tuple[int, ...]) -> tuple[float, float]:
                 runs += 1
             rates.append(runs * batch / (time.perf_counter() - started))
         return rates[0], rates[1]
-    finally:
-        os.sched_setaffinity(0, {CLIENT_CORE})
 
 
 def check_answers(server: Server, shape: tuple[int, ...], onnx: Path) -> None:
@@ -449,16 +428,16 @@ def check_answers(server: Server, shape: tuple[int, ...], onnx: Path) -> None:
 
 
 def measure(server: Server, payload: bytes, levels: list[int], count: int) -> list[dict]:
+    """At each concurrency of ``levels``: a warm-up at that level, then ``count`` measured calls; one row each."""
     rows = []
     for concurrency in levels:
         # warm up at this level (as perf_analyzer does), so what is measured is the steady state at this load, for
         # every server alike: caches warm, batchers settled
         asyncio.run(drive(server.address, payload, concurrency, max(100, count // 10)))
-        if hasattr(server, "mark"):
-            server.mark()
-        cpu_before = cpu_seconds(server.process.pid)
+        server.mark()
+        cpu_before = cpu_seconds(server.pid)
         latencies, seconds, errors = asyncio.run(drive(server.address, payload, concurrency, count, warmup=0))
-        cpu = cpu_seconds(server.process.pid) - cpu_before
+        cpu = cpu_seconds(server.pid) - cpu_before
         done = len(latencies)
         rows.append({"server": server.name, "concurrency": concurrency, "rps": done / seconds,
                      "p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99)),
@@ -478,7 +457,7 @@ def profile(server: Server, payload: bytes, concurrency: int, work: Path) -> lis
     """Sample the server with py-spy under load; the share of samples per area (by the innermost known frame)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out = work / "profile.txt"
-    recorder = subprocess.Popen([spy, "record", "-p", str(server.process.pid), "-d", "6", "-r", "250", "-f", "raw",
+    recorder = subprocess.Popen([spy, "record", "-p", str(server.pid), "-d", "6", "-r", "250", "-f", "raw",
                                  "-o", str(out), "--nonblocking", "--subprocesses"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     time.sleep(0.5)
@@ -530,7 +509,8 @@ def shared_memory_vs_bytes(edge: Edgeloop, count: int, concurrency: int = 8) -> 
         shm.destroy_shared_memory_region(handle)
 
 
-def publish_fp32(store, work: Path, name: str, onnx: Path, shape: tuple[int, ...], samples: int = 32) -> None:  # noqa: ANN001
+def publish_fp32(store: ObjectStore, work: Path, name: str, onnx: Path, shape: tuple[int, ...],
+                 samples: int = 32) -> None:
     """Publish ``onnx`` as version ``v1`` of ``name`` on channel ``stable`` (one FP32 variant, validated by output
     agreement on ``samples`` random inputs), signed with the benchmark's key."""
     from datetime import datetime, timezone
@@ -568,102 +548,59 @@ def publish_fp32(store, work: Path, name: str, onnx: Path, shape: tuple[int, ...
                     layout=ArtifactLayout(), channel="stable")
 
 
-def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--levels", default="1,8,32")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--servers",
-                        default="edgeloop,edgeloop-nobatch,edgeloop-triton,edgeloop-triton-python,kserve,triton")
-    parser.add_argument("--models", default="small,large")
-    parser.add_argument("--max-batch", type=int, default=16,
-                        help="largest batch of every batching server (edgeloop, edgeloop + Triton, Triton)")
-    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "serve.png")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "serve.md")
-    parser.add_argument("--profile", action="store_true",
-                        help="py-spy the edgeloop server at the highest concurrency and print where its CPU goes")
-    args = parser.parse_args()
-    levels = [int(v) for v in args.levels.split(",")]
-    wanted = set(args.servers.split(","))
-    if (os.cpu_count() or 1) < 2:
-        sys.exit("needs two cores: one for the server, one for the load generator")
-    os.sched_setaffinity(0, {CLIENT_CORE})
+def servers_for(model: str, onnx: Path, shape: tuple[int, ...], wanted: set[str], s3: LocalS3, work: Path,
+                max_batch: int, skipped: list[str]) -> list[Callable[[], Server]]:
+    """How to start each wanted server for ``model`` (started one at a time, each stopped before the next); a
+    server that cannot run here goes to ``skipped`` with what to do about it."""
+    makers: list[Callable[[], Server]] = []
+    if "edgeloop" in wanted:
+        makers.append(lambda: Edgeloop(s3, "bench", model, work, max_batch))
+    if "edgeloop-nobatch" in wanted:
+        makers.append(lambda: Edgeloop(s3, "bench", model, work, 1))
+    for key, backend in (("edgeloop-triton", "edgeloop"), ("edgeloop-triton-python", "python")):
+        if key not in wanted:
+            continue
+        if TRITON_VENV.exists():
+            makers.append(lambda b=backend: EdgeloopTriton(s3, "bench", model, work, max_batch, b))
+        else:
+            skipped.append(f"{EDGELOOP_TRITON[backend]}: no {TRITON_VENV} (make test creates .tools/triton)")
+    if "kserve" in wanted:
+        if Path(KSERVE_PYTHON).exists():
+            makers.append(lambda: KServe(model, onnx, work))
+        else:
+            skipped.append(f"KServe: no {KSERVE_PYTHON} (python -m venv /tmp/kserve-venv && "
+                           f"/tmp/kserve-venv/bin/pip install kserve onnxruntime)")
+    if "triton" in wanted:
+        if TRITON_VENV.exists():
+            makers.append(lambda: Triton(model, onnx, shape, work, max_batch))
+        else:
+            skipped.append(f"Triton: no {TRITON_VENV} (a venv with nvidia-pytriton, numpy<2, onnxruntime)")
+    return makers
 
-    from edgeloop.local_s3 import LocalS3
-    from edgeloop_core.contract import generate_signing_key
 
-    rows: list[dict] = []
-    ceilings: dict[str, tuple[float, float]] = {}
-    skipped: list[str] = []
-    shm_result: dict[str, float] = {}
-    profiles: dict[str, list[tuple[str, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="edgeloop-bench-serve-") as tmp:
-        work = Path(tmp)
-        models = build_models(work)
-        generate_signing_key(work / "keys")
-        with LocalS3(work / "s3") as s3:
-            store = s3.store("bench")
-            for model in args.models.split(","):
-                onnx, shape = models[model]
-                publish_fp32(store, work, model, onnx, shape)
-                ceilings[model] = in_process_ort(onnx, shape)
-                print(f"{model}: in-process ONNX Runtime on one core: {ceilings[model][0]:.0f} samples/s at batch 1, "
-                      f"{ceilings[model][1]:.0f} at batch 16", flush=True)
-                payload = request_bytes(model, shape)
-                candidates = []
-                if "edgeloop" in wanted:
-                    candidates.append(lambda m=model: Edgeloop(s3, "bench", m, work, args.max_batch))
-                if "edgeloop-nobatch" in wanted:
-                    candidates.append(lambda m=model: Edgeloop(s3, "bench", m, work, 1))
-                for key, backend in (("edgeloop-triton", "edgeloop"), ("edgeloop-triton-python", "python")):
-                    if key not in wanted:
-                        continue
-                    if TRITON_VENV.exists():
-                        candidates.append(lambda m=model, b=backend: EdgeloopTriton(s3, "bench", m, work,
-                                                                                    args.max_batch, b))
-                    else:
-                        skipped.append(f"{EDGELOOP_TRITON[backend]}: no {TRITON_VENV} (make test creates "
-                                       ".tools/triton)")
-                if "kserve" in wanted:
-                    if Path(KSERVE_PYTHON).exists():
-                        candidates.append(lambda m=model, o=onnx: KServe(m, o, work))
-                    else:
-                        skipped.append(f"KServe: no {KSERVE_PYTHON} (python -m venv /tmp/kserve-venv && "
-                                       f"/tmp/kserve-venv/bin/pip install kserve onnxruntime)")
-                if "triton" in wanted:
-                    if TRITON_VENV.exists():
-                        candidates.append(lambda m=model, o=onnx, sh=shape: Triton(m, o, sh, work, args.max_batch))
-                    else:
-                        skipped.append(f"Triton: no {TRITON_VENV} (a venv with nvidia-pytriton, numpy<2, onnxruntime)")
-                for make in candidates:
-                    server = make()
-                    try:
-                        server.ready()
-                        check_answers(server, shape, onnx)
-                        for row in measure(server, payload, levels, args.requests):
-                            rows.append({**row, "model": model})
-                        if args.profile and server.name == "edgeloop":
-                            profiles[model] = profile(server, payload, max(levels), work)
-                    except Exception as exc:  # noqa: BLE001 - a server that fails here is reported, not fatal
-                        skipped.append(f"{server.name} ({model}): {type(exc).__name__}: {exc}")
-                    finally:
-                        server.stop()
-            if "edgeloop" in wanted:
-                onnx224 = work / "image224.onnx"
-                from torch import nn
+def shared_memory_run(s3: LocalS3, store: ObjectStore, work: Path, requests: int) -> dict[str, float]:
+    """Publish a 3×224×224 model and time it through protobuf bytes and through shared memory (edgeloop)."""
+    from torch import nn
 
-                from components.export import export_onnx
+    from components.export import export_onnx
 
-                export_onnx(nn.Sequential(nn.Conv2d(3, 8, 7, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                          nn.Flatten(), nn.Linear(8, 10)).eval(), onnx224, (3, 224, 224))
-                publish_fp32(store, work, "image", onnx224, (3, 224, 224), samples=8)
-                edge = Edgeloop(s3, "bench", "image", work, 16)
-                try:
-                    edge.ready()
-                    shm_result = shared_memory_vs_bytes(edge, min(args.requests, 1000))
-                    print(f"3x224x224 FP32 at c=8: {shm_result}", flush=True)
-                finally:
-                    edge.stop()
+    onnx224 = work / "image224.onnx"
+    export_onnx(nn.Sequential(nn.Conv2d(3, 8, 7, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(8, 10)).eval(), onnx224, (3, 224, 224))
+    publish_fp32(store, work, "image", onnx224, (3, 224, 224), samples=8)
+    edge = Edgeloop(s3, "bench", "image", work, 16)
+    try:
+        edge.ready()
+        result = shared_memory_vs_bytes(edge, min(requests, 1000))
+    finally:
+        edge.stop()
+    print(f"3x224x224 FP32 at c=8: {result}", flush=True)
+    return result
 
+
+def tables(rows: list[dict], ceilings: dict[str, tuple[float, float]], levels: list[int],
+           shm_result: dict[str, float], skipped: list[str], profiles: dict[str, list[tuple[str, float]]]) -> str:
+    """The markdown table and the notes under it."""
     kserve = {(r["model"], r["concurrency"]): r["rps"] for r in rows if r["server"].startswith("KServe")}
     lines = ["| model | server | c | req/s | p50 ms | p99 ms | server CPU µs/req | mean batch | ÷ KServe | "
              "÷ in-process ORT |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -679,8 +616,8 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
         lines.append(f"- in-process ONNX Runtime, one core, {model}: {b1:.0f} samples/s at batch 1, {b16:.0f} at "
                      f"batch 16")
     rps = {(r["model"], r["server"], r["concurrency"]): r["rps"] for r in rows}
+    c = max(levels)
     for model in ceilings:
-        c = max(levels)
         alone, ks = rps.get((model, Triton.name, c)), kserve.get((model, c))
         for backend, how in (("python", "same model, backend and batching"),
                              ("edgeloop", "same model and batching, edgeloop's backend")):
@@ -690,6 +627,12 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
                           f"{ours / ks:.2f}x KServe" if ks else ""]
                 lines.append(f"- {model}, c={c}: {EDGELOOP_TRITON[backend]} serves "
                              + ", ".join(v for v in versus if v))
+    for model in ceilings:  # what dynamic batching buys: the builtin server with and without it
+        ratios = [f"{rps[(model, 'edgeloop', level)] / rps[(model, 'edgeloop, batching off', level)]:.2f}x at "
+                  f"c={level}" for level in levels
+                  if (model, "edgeloop", level) in rps and (model, "edgeloop, batching off", level) in rps]
+        if ratios:
+            lines.append(f"- {model}: dynamic batching ÷ batching off (edgeloop): {', '.join(ratios)}")
     if shm_result:
         ratio = shm_result["shared memory"] / max(shm_result["protobuf bytes"], 1e-9)
         lines.append(f"- 3×224×224 FP32 input at c=8 (edgeloop): {shm_result['protobuf bytes']:.0f} req/s as protobuf "
@@ -698,15 +641,71 @@ def main() -> None:  # noqa: C901, PLR0915 - one script, several servers
         lines.append(f"- skipped: {reason}")
     for model, shares in profiles.items():
         top = ", ".join(f"{area} {share:.0%}" for area, share in shares[:8])
-        lines.append(f"- where edgeloop's server CPU goes ({model}, py-spy, c={max(levels)}): {top}")
-    table = "\n".join(lines)
+        lines.append(f"- where edgeloop's server CPU goes ({model}, py-spy, c={c}): {top}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", help=f"concurrencies (default {FULL['levels']}; --quick: {QUICK['levels']})")
+    parser.add_argument("--requests", type=int,
+                        help=f"measured calls per level (default {FULL['requests']}; --quick: {QUICK['requests']})")
+    parser.add_argument("--servers",
+                        default="edgeloop,edgeloop-nobatch,edgeloop-triton,edgeloop-triton-python,kserve,triton")
+    parser.add_argument("--models", help=f"default {FULL['models']}; --quick: {QUICK['models']}")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="largest batch of every batching server (edgeloop, edgeloop + Triton, Triton)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the edgeloop server at the highest concurrency and print where its CPU goes")
+    BenchRun.add_options(parser, "serve")
+    args = parser.parse_args()
+    run = BenchRun.from_args("serve", args, parser)
+    defaults = QUICK if args.quick else FULL
+    levels = [int(v) for v in (args.levels or defaults["levels"]).split(",")]
+    requests = args.requests or defaults["requests"]
+    wanted = set(args.servers.split(","))
+    pin_load_generator("the server")
+
+    rows: list[dict] = []
+    ceilings: dict[str, tuple[float, float]] = {}
+    skipped: list[str] = []
+    shm_result: dict[str, float] = {}
+    profiles: dict[str, list[tuple[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgeloop-bench-serve-") as tmp:
+        work = Path(tmp)
+        models = build_models(work)
+        with local_store(work) as (s3, store):
+            for model in (args.models or defaults["models"]).split(","):
+                onnx, shape = models[model]
+                publish_fp32(store, work, model, onnx, shape)
+                ceilings[model] = in_process_ort(onnx, shape)
+                print(f"{model}: in-process ONNX Runtime on one core: {ceilings[model][0]:.0f} samples/s at batch 1, "
+                      f"{ceilings[model][1]:.0f} at batch 16", flush=True)
+                payload = request_bytes(model, shape)
+                for make in servers_for(model, onnx, shape, wanted, s3, work, args.max_batch, skipped):
+                    server = make()
+                    try:
+                        server.ready()
+                        check_answers(server, shape, onnx)
+                        for row in measure(server, payload, levels, requests):
+                            rows.append({**row, "model": model})
+                        if args.profile and server.name == "edgeloop":
+                            profiles[model] = profile(server, payload, max(levels), work)
+                    except Exception as exc:  # noqa: BLE001 - a server that fails here is reported, not fatal
+                        skipped.append(f"{server.name} ({model}): {type(exc).__name__}: {exc}")
+                    finally:
+                        server.stop()
+            if "edgeloop" in wanted:
+                shm_result = shared_memory_run(s3, store, work, requests)
+
+    table = tables(rows, ceilings, levels, shm_result, skipped, profiles)
     print(table)
-    args.out.write_text(table + "\n")
-    write_plot(rows, args.plot)
-    print(f"wrote {args.out} and {args.plot}")
+    write_plot(rows, run.plot)
+    run.finish(table)
 
 
 def write_plot(rows: list[dict], path: Path) -> None:
+    """Requests/s against concurrency, a line per server, a panel per model."""
     import matplotlib
 
     matplotlib.use("Agg")

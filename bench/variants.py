@@ -1,13 +1,15 @@
 """Variant benchmark: does CPU INT8 pay off, per model, and what does a device then serve?
 
-    .venv/bin/python bench/variants.py [--models cnn,ast] [--plot bench/variants.png] [--out bench/variants.md]
+    .venv/bin/python bench/variants.py [--models cnn,ast] [--quick] [--readme PATH] [--plot PATH]
 
 Runs the retraining pipeline through kfp.local against a SeaweedFS on loopback for the digits CNN (default
 parameters) and for the audio spectrogram transformer on a Speech Commands-style set spoken by espeak-ng (the
 parameters the README gives for keyword spotting), prints the pipeline's own evaluation table with each variant's
 speed-up against FP32 pruned and FP32 dense (ONNX Runtime, CPU, batch 1 and 16, measured in the same run), then
-starts the edge runtime on each published version and shows which variant it chose after measuring on this
-machine. Writes a markdown table and a plot. Never part of the test run.
+starts the edge runtime on each published version (in this process, ``bench/harness.py``) and shows which variant
+it chose after measuring on this machine. Writes its section of ``bench/README.md`` (``bench/report.py``) and a
+plot; ``--quick`` runs the digits CNN with a few epochs (and no accuracy gate) into a copy of the README. Never part
+of the test run.
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.harness import edge_in_process, local_store  # noqa: E402 - after the path the benchmarks import from
+from bench.report import BenchRun  # noqa: E402
+
+if TYPE_CHECKING:
+    from edge_runtime.build.choice import VariantChoice
+    from edge_runtime.settings import EdgeSettings
+    from edgeloop_core.store import ObjectStore
 
 PARAMETERS = {
     "cnn": {"model_name": "digits-cnn"},
@@ -31,46 +42,37 @@ PARAMETERS = {
             # measure luck (the keyword-spotting test uses no gate at all)
             "tolerance_points": 7.0},
 }
+QUICK_PARAMETERS = {"epochs": 2, "prune_finetune_epochs": 1, "qat_epochs": 1, "tolerance_points": 100.0}
+"""What ``--quick`` changes: a few epochs, so a barely trained model must pass no accuracy gate."""
 
 
-async def device_choice(settings, store):  # noqa: ANN001,ANN201 - EdgeSettings, ObjectStore → VariantChoice
+async def device_choice(settings: EdgeSettings, store: ObjectStore) -> VariantChoice:
     """Start the edge runtime on the published version, wait until it serves, return its variant choice."""
-    from edge_runtime.app import EdgeApp, wait_until_ready
-    from edge_runtime.build.device import detect
-
-    app = EdgeApp(settings, facts=detect(), store=store)
-    await app.start()
-    try:
-        await wait_until_ready(app, timeout_s=300)
+    async with edge_in_process(settings, store) as app:
         return app.runtime.choice
-    finally:
-        await app.stop(grace_s=1.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="cnn,ast", help="comma-separated: cnn, ast")
-    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "variants.png")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "variants.md")
+    parser.add_argument("--models", help="comma-separated: cnn, ast (default cnn,ast; --quick: cnn)")
+    BenchRun.add_options(parser, "variants")
     args = parser.parse_args()
+    run = BenchRun.from_args("variants", args, parser)
 
     from edge_runtime.settings import EdgeSettings
-    from edgeloop.local_s3 import LocalS3
     from edgeloop.speech import make_speech_commands
-    from edgeloop_core.contract import generate_signing_key
     from pipelines.local_run import run_local
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = [m.strip() for m in (args.models or ("cnn" if args.quick else "cnn,ast")).split(",") if m.strip()]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="edgeloop-bench-variants-") as tmp:
         work = Path(tmp)
-        generate_signing_key(work / "keys")
-        os.environ["EDGELOOP_SIGNING_KEY_FILE"] = str(work / "keys" / "signing-key.pem")
-        with LocalS3(work / "s3") as s3:
+        with local_store(work) as (s3, store):
+            os.environ["EDGELOOP_SIGNING_KEY_FILE"] = str(work / "keys" / "signing-key.pem")
             os.environ.update(s3.env())
-            store = s3.store("bench")
             for model in models:
-                params = {**PARAMETERS[model], "bucket": "bench", "s3_endpoint": s3.endpoint_url}
+                params = {**PARAMETERS[model], **(QUICK_PARAMETERS if args.quick else {}), "bucket": "bench",
+                          "s3_endpoint": s3.endpoint_url}
                 if model == "ast":
                     params["data_uri"] = str(make_speech_commands(work / "speech_commands"))
                 started = time.monotonic()
@@ -90,6 +92,14 @@ def main() -> None:
                                  "served": v.name == choice.chosen, "note": v.note})
                 print(f"{model}: the device serves {choice.chosen} ({choice.mode}: {choice.reason})")
 
+    table = tables(rows)
+    print(table)
+    write_plot(rows, models, run.plot)
+    run.finish(table)
+
+
+def tables(rows: list[dict]) -> str:
+    """The markdown table and a note per variant that has one."""
     header = ("| model | variant | accuracy % | ORT ms b1 | ORT ms b16 | ÷ fp32 b1 | ÷ fp32 b16 | ÷ dense b16 "
               "| preferred | device serves |")
     lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -98,10 +108,12 @@ def main() -> None:
                      f"{r['b1_fp32']:.2f}x | {r['b16_fp32']:.2f}x | {r['b16_dense']:.2f}x | "
                      f"{'yes' if r['preferred'] else 'no'} | {'**yes**' if r['served'] else ''} |")
     notes = [f"- {r['model']} {r['variant']}: {r['note']}" for r in rows if r["note"]]
-    table = "\n".join(lines + ([""] + notes if notes else []))
-    print(table)
-    args.out.write_text(table + "\n")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
+
+def write_plot(rows: list[dict], models: list[str], path: Path) -> None:
+    """Speed-up against fp32 pruned at batch 1 and 16, a panel per model (int8-qdq left out: it is the TensorRT
+    variant, slow on a CPU by design)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,8 +132,7 @@ def main() -> None:
         ax.set_title(f"{model} (* = what the device serves)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=110)
-    print(f"wrote {args.out} and {args.plot}")
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
