@@ -16,13 +16,16 @@ import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgeloop_core.contract import FileRef, Manifest, Preprocessing, TensorSpec, Validation, Variant, sha256_file
 from edgeloop_core.errors import ConfigError, GateFailed
 from edgeloop_core.quality import output_agreement
+
+if TYPE_CHECKING:
+    import onnx
 
 VARIANTS = ("fp32", "fp16", "int8-qdq", "int8-ort")
 
@@ -50,7 +53,7 @@ def fetch_model(uri: str, dest: Path) -> Path:
     fetch_uri(uri, dest)
     try:
         model = onnx.load(str(dest), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - not protobuf at all
+    except Exception as exc:
         from components.intake import ModelRefused
 
         raise ModelRefused(f"{uri} is not an ONNX model ({type(exc).__name__}): check the file") from exc
@@ -72,7 +75,7 @@ def tensor_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     graph = onnx.load(str(model_path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
 
-    def spec(value: Any) -> TensorSpec:
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
         kind = value.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
         return TensorSpec(name=value.name, datatype=datatype(kind.elem_type, repr(value.name)), shape=shape)

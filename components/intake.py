@@ -23,11 +23,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgeloop_core.errors import ConfigError, ContractError
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime as ort
 
 TARGET_OPSET = 17
 MIN_OPSET = 13
@@ -46,7 +50,7 @@ ONNX_TO_DATATYPE = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6
 bfloat16, complex, 8-bit floats and 4-bit integers are refused at intake."""
 
 
-class ModelRefused(ConfigError):
+class ModelRefused(ConfigError):  # noqa: N818 - named for the condition, like edgeloop_core.errors
     """An ONNX model the intake cannot bring into shape; ``str()`` names what and what to do."""
 
 
@@ -86,11 +90,11 @@ class IntakeReport:
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
-def _opset(model: Any) -> int:
+def _opset(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), default=0)
 
 
-def _check_types(model: Any) -> dict[str, str]:
+def _check_types(model: onnx.ModelProto) -> dict[str, str]:
     import onnx
 
     types = {}
@@ -126,11 +130,11 @@ def _session(model_bytes: bytes):  # noqa: ANN202 - onnxruntime session
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def _serialize(model: Any) -> bytes:
+def _serialize(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString()
 
 
-def _per_sample(session: Any, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+def _per_sample(session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of ``session`` run one sample at a time, concatenated (the reference for a fixed-batch model)."""
     count = len(next(iter(inputs.values())))
     names = [o.name for o in session.get_outputs()]
@@ -143,7 +147,7 @@ def _agrees(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
                                     for x, y in zip(a, b, strict=True))
 
 
-def _make_batch_dynamic(model: Any, batch: int) -> tuple[Any, int]:
+def _make_batch_dynamic(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with a dynamic leading axis; returns it and how many Reshapes were rewritten."""
     import onnx
     from onnx import numpy_helper
@@ -185,7 +189,7 @@ def normalise(source: Path, calibration: dict[str, np.ndarray], dest: Path) -> I
 
     try:
         model = onnx.load(str(source))
-    except Exception as exc:  # noqa: BLE001 - protobuf and file errors alike: not a model we can read
+    except Exception as exc:
         raise ModelRefused(f"{source.name} is not a readable ONNX model ({type(exc).__name__}): check the "
                            f"file") from exc
     types = _check_types(model)
@@ -207,7 +211,7 @@ def normalise(source: Path, calibration: dict[str, np.ndarray], dest: Path) -> I
         try:
             model = version_converter.convert_version(model, TARGET_OPSET)
             onnx.checker.check_model(model)
-        except Exception as exc:  # noqa: BLE001 - the converter raises plain RuntimeErrors naming the op
+        except Exception as exc:
             raise ModelRefused(f"cannot convert opset {report.opset_before} to {TARGET_OPSET}: "
                                f"{str(exc).splitlines()[0][:200]}; re-export the model at opset {MIN_OPSET} or "
                                f"newer") from exc

@@ -148,7 +148,7 @@ def publish_version(
         for key in uploaded:
             try:
                 store.client.delete_object(Bucket=store.bucket, Key=key)
-            except Exception:  # noqa: BLE001,S110 - best-effort cleanup, the original error matters
+            except Exception:  # noqa: BLE001 - best-effort cleanup, the original error matters
                 pass
         raise
     if channel:

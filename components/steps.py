@@ -18,7 +18,7 @@ component = dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 
 
 @component
-def load_data(data_uri: str, seed: int, image_size: int, channels: int, dataset: Output[Dataset]):
+def load_data(data_uri: str, seed: int, image_size: int, channels: int, dataset: Output[Dataset]) -> None:
     """Load ``data_uri`` (``digits``, a folder or ``s3://`` prefix) and split it deterministically."""
     from components.data import load_dataset
 
@@ -57,7 +57,7 @@ def plan(
 
 @component
 def train(dataset: Input[Dataset], arch: str, epochs: int, lr: float, seed: int, model: Output[Model],
-          metrics: Output[Metrics]):
+          metrics: Output[Metrics]) -> None:
     """Train the FP32 baseline."""
     from components.data import DatasetSplits
     from components.models import count_flops, count_params, save_checkpoint
@@ -77,7 +77,7 @@ def train(dataset: Input[Dataset], arch: str, epochs: int, lr: float, seed: int,
 
 @component
 def prune(dataset: Input[Dataset], model: Input[Model], constraint: str, keep_fraction: float,
-          finetune_epochs: int, seed: int, pruned_model: Output[Model], metrics: Output[Metrics]):
+          finetune_epochs: int, seed: int, pruned_model: Output[Model], metrics: Output[Metrics]) -> None:
     """Structured pruning (Model Optimizer FastNAS) to ``keep_fraction`` of the FLOPs or params, then fine-tune."""
     from components.data import DatasetSplits
     from components.models import load_checkpoint, save_checkpoint
@@ -98,7 +98,7 @@ def prune(dataset: Input[Dataset], model: Input[Model], constraint: str, keep_fr
 
 @component
 def qat(dataset: Input[Dataset], model: Input[Model], epochs: int, seed: int, calibration_samples: int,
-        qat_model: Output[Model], metrics: Output[Metrics]):
+        qat_model: Output[Model], metrics: Output[Metrics]) -> None:
     """INT8 quantization-aware training (Model Optimizer): calibrate, then fine-tune."""
     from components.data import DatasetSplits
     from components.models import load_checkpoint, save_checkpoint
@@ -115,7 +115,7 @@ def qat(dataset: Input[Dataset], model: Input[Model], epochs: int, seed: int, ca
 
 @component
 def export(dataset: Input[Dataset], dense_model: Input[Model], pruned_model: Input[Model],
-           qat_model: Input[Model], calibration_samples: int, seed: int, onnx_models: Output[Model]):
+           qat_model: Input[Model], calibration_samples: int, seed: int, onnx_models: Output[Model]) -> None:
     """Export FP32 (dense and pruned), FP16, INT8 Q/DQ (TensorRT) and INT8 ORT (CPU) ONNX, checked against PyTorch.
 
     ONNX Runtime's quantizer calibrates on the same stratified sample as QAT (same size, same seed)."""
@@ -137,7 +137,7 @@ def export(dataset: Input[Dataset], dense_model: Input[Model], pruned_model: Inp
 
 @component
 def evaluate(dataset: Input[Dataset], onnx_models: Input[Model], tolerance_points: float, min_speedup: float,
-             evaluation: Output[Artifact], metrics: Output[Metrics]):
+             evaluation: Output[Artifact], metrics: Output[Metrics]) -> None:
     """Accuracy, size, ORT CPU latency and speed-ups of every variant; fail the run when the INT8 gate does not
     pass; mark CPU INT8 variants below ``min_speedup`` as not preferred."""
     from components.data import DatasetSplits
@@ -163,7 +163,7 @@ def evaluate(dataset: Input[Dataset], onnx_models: Input[Model], tolerance_point
 
 @component
 def report(dataset: Input[Dataset], evaluation: Input[Artifact], model_name: str, report_html: Output[HTML],
-           metrics: Output[Metrics], confusion: Output[ClassificationMetrics]):
+           metrics: Output[Metrics], confusion: Output[ClassificationMetrics]) -> None:
     """HTML report with plots, KFP metrics, and the confusion matrix of the TensorRT INT8 variant."""
     from components.data import DatasetSplits
     from components.evaluate import Evaluation
@@ -197,7 +197,7 @@ def publish(dataset: Input[Dataset], onnx_models: Input[Model], evaluation: Inpu
 @component
 def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, calibration_layout: str,
                 calibration_scale: float, calibration_mean: str, calibration_std: str, calibration_samples: int,
-                onnx_models: Output[Model], holdout: Output[Dataset]):
+                onnx_models: Output[Model], holdout: Output[Dataset]) -> None:
     """Bring your own ONNX: the intake normalises it (fp32), then FP16, INT8 Q/DQ (Model Optimizer) and INT8 (ONNX
     Runtime) variants. Calibration: an .npz (one array per input) or a folder of images (local or s3://)."""
     import json
@@ -237,7 +237,7 @@ def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, ca
 
 @component
 def evaluate_agreement(onnx_models: Input[Model], holdout: Input[Dataset], min_agreement: float,
-                       metrics: Output[Metrics]):
+                       metrics: Output[Metrics]) -> None:
     """Output agreement of every variant with FP32 on the held-out inputs; fail below ``min_agreement``."""
     from pathlib import Path
 

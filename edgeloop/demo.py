@@ -18,7 +18,9 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from rich.table import Table
@@ -27,6 +29,7 @@ from edgeloop.local_s3 import LocalS3
 from edgeloop_core.contract import ArtifactLayout, generate_signing_key, load_verify_key
 from edgeloop_core.published import verify_published
 
+T = TypeVar("T")
 BUCKET = "edgeloop"
 MODEL = "digits-cnn"
 SECOND = "digits-linear"
@@ -41,7 +44,7 @@ class _LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="demo-loop")
         self.thread.start()
 
-    def run(self, coro, timeout: float = 300.0):  # noqa: ANN001,ANN201
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 300.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:

@@ -163,7 +163,7 @@ class LocalS3:
             *(f"-{name}={port}" for name, port in ports.items()),
         ]
         (self.data_dir / "data").mkdir(exist_ok=True)
-        log = open(self._log_path, "ab")  # noqa: SIM115 - handed to the child, closed in stop()
+        log = open(self._log_path, "ab")
         self._process = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )

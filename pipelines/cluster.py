@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgeloop_core.errors import ConfigError
 
+if TYPE_CHECKING:
+    import kfp
 
-def compile_pipeline(output: str | Path, **cluster: Any) -> Path:
+
+def compile_pipeline(output: str | Path, **cluster: str | int | None) -> Path:
     """Write the pipeline's IR YAML (what the KFP UI, ``kfp run`` and ``Client`` upload).
 
     ``cluster`` takes :func:`pipelines.retraining.build_pipeline`'s options (``s3_secret``, ``signing_secret``,
@@ -38,10 +41,10 @@ def kfp_cron(expression: str) -> str:
 class RecurringRunClient(Protocol):
     """The part of ``kfp.Client`` that :func:`upsert_recurring_run` uses."""
 
-    def create_experiment(self, name: str, description: str | None = ..., namespace: str | None = ...) -> Any: ...
-    def list_recurring_runs(self, **kwargs: Any) -> Any: ...
-    def delete_recurring_run(self, recurring_run_id: str) -> Any: ...
-    def create_recurring_run(self, **kwargs: Any) -> Any: ...
+    def create_experiment(self, name: str, description: str | None = ..., namespace: str | None = ...) -> Any: ...  # noqa: ANN401 - untyped kfp models
+    def list_recurring_runs(self, **kwargs: Any) -> Any: ...  # noqa: ANN401 - untyped kfp models
+    def delete_recurring_run(self, recurring_run_id: str) -> Any: ...  # noqa: ANN401 - untyped kfp models
+    def create_recurring_run(self, **kwargs: Any) -> Any: ...  # noqa: ANN401 - untyped kfp models
 
 
 def upsert_recurring_run(
@@ -54,7 +57,7 @@ def upsert_recurring_run(
     namespace: str | None = None,
     max_concurrency: int = 1,
     cluster: dict[str, Any] | None = None,
-) -> Any:
+) -> Any:  # noqa: ANN401 - untyped kfp models
     """Create the recurring run ``name``, replacing an existing one of that name (never a duplicate).
 
     KFP cannot edit a recurring run's spec in place, so an existing one is deleted and created again with the
@@ -86,7 +89,7 @@ def upsert_recurring_run(
         )
 
 
-def connect(host: str, namespace: str | None = None) -> Any:
+def connect(host: str, namespace: str | None = None) -> kfp.Client:
     """A ``kfp.Client`` for ``host`` (auth from the environment as kfp does: KF_PIPELINES_SA_TOKEN_PATH etc.)."""
     import kfp
 

@@ -24,7 +24,7 @@ def import_onnx_pipeline(
     prefix: str = "",
     channel: str = "stable",
     s3_endpoint: str = "",
-):
+) -> None:
     imported = steps.import_onnx(onnx_uri=onnx_uri, calibration_uri=calibration_uri,
                                  holdout_fraction=holdout_fraction, calibration_layout=calibration_layout,
                                  calibration_scale=calibration_scale, calibration_mean=calibration_mean,

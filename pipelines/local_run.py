@@ -13,10 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeloop_core.contract import Manifest
 from edgeloop_core.errors import ConfigError, PipelineFailed
+
+if TYPE_CHECKING:
+    from kfp.dsl.graph_component import GraphComponent
 
 
 @dataclass
@@ -37,14 +40,14 @@ class LocalRunResult:
         return Evaluation.load(self.evaluation_path) if self.evaluation_path else None
 
 
-def pipeline_parameters(pipeline: Any = None) -> dict[str, inspect.Parameter]:
+def pipeline_parameters(pipeline: GraphComponent | None = None) -> dict[str, inspect.Parameter]:
     """A pipeline's parameters (the retraining pipeline by default) with their defaults and types, by name."""
     from pipelines.retraining import retraining_pipeline
 
     return dict(inspect.signature((pipeline or retraining_pipeline).pipeline_func).parameters)
 
 
-def parse_parameters(pairs: list[str], pipeline: Any = None) -> dict[str, Any]:
+def parse_parameters(pairs: list[str], pipeline: GraphComponent | None = None) -> dict[str, Any]:
     """``["epochs=5", "force_retrain=true"]`` → typed values; unknown names and bad values are a ConfigError."""
     known = pipeline_parameters(pipeline)
     values: dict[str, Any] = {}
@@ -122,7 +125,7 @@ def _plain(text: str) -> str:
 
 def run_local(
     parameters: dict[str, Any], *, runs_dir: str | Path = ".edgeloop/runs", log_to_file: bool = True,
-    pipeline: Any = None,
+    pipeline: GraphComponent | None = None,
 ) -> LocalRunResult:
     """Run the pipeline through ``kfp.local`` (SubprocessRunner in this environment) with its own pipeline root.
 

@@ -1,6 +1,7 @@
 """The retraining pipeline: load data, plan, train, prune, QAT, export, evaluate (gate), report, publish."""
 
 from kfp import dsl
+from kfp.dsl.graph_component import GraphComponent
 
 from components import steps
 
@@ -11,7 +12,8 @@ S3_ENV_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
 SIGNING_MOUNT = "/etc/edgeloop/signing"
 
 
-def build_pipeline(*, s3_secret: str | None = None, signing_secret: str | None = None, train_gpus: int = 0):
+def build_pipeline(*, s3_secret: str | None = None, signing_secret: str | None = None,
+                   train_gpus: int = 0) -> GraphComponent:
     """The pipeline, plus the wiring a Kubeflow cluster needs (all off by default, as ``kfp.local`` runs it):
 
     * ``s3_secret``: a Kubernetes Secret with ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, given as environment
@@ -43,7 +45,7 @@ def build_pipeline(*, s3_secret: str | None = None, signing_secret: str | None =
         channel: str = "stable",
         s3_endpoint: str = "",
         force_retrain: bool = False,
-    ):
+    ) -> None:
         data = steps.load_data(data_uri=data_uri, seed=seed, image_size=image_size, channels=channels)
         data.set_caching_options(False)  # the same URI may hold new data
         decision = steps.plan(

@@ -108,7 +108,7 @@ class FleetMetrics:
             try:
                 self._lock_conn.invalidate()
                 self._lock_conn.close()
-            except Exception:  # noqa: BLE001 - already broken
+            except Exception:
                 log.debug("closing the export lock's connection failed", exc_info=True)
             self._lock_conn = None
 

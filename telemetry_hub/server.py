@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,7 +305,8 @@ PAGE_SIZE, MAX_PAGE_SIZE = 500, 1000
 """Devices per FleetStatus reply: a page of 1000 is about 1 MB, far below gRPC's 4 MiB default."""
 
 
-async def fleet_pages(address: str, token: str, tls: HubTls | None = None, **filters: Any):  # noqa: ANN201
+async def fleet_pages(address: str, token: str, tls: HubTls | None = None, **filters: str | int | None,
+                      ) -> AsyncIterator[pb.FleetStatusResponse]:
     """Yield FleetStatus replies page by page (the first carries ``state_counts`` and ``total``)."""
     channel = grpc.aio.secure_channel(address, tls.credentials()) if tls else grpc.aio.insecure_channel(address)
     async with channel:
@@ -336,7 +337,8 @@ def _raise_for(exc: grpc.aio.AioRpcError, address: str) -> None:
     raise StoreUnavailable(f"cannot reach the telemetry hub at {address} ({exc.code().name})") from exc
 
 
-async def fleet_status(address: str, token: str, tls: HubTls | None = None, **filters: Any) -> list[pb.DeviceStatus]:
+async def fleet_status(address: str, token: str, tls: HubTls | None = None, **filters: str | int | None,
+                       ) -> list[pb.DeviceStatus]:
     """Every device's state the filters select, from the hub at ``address`` (with a reader token), page by page."""
     devices: list[pb.DeviceStatus] = []
     async for reply in fleet_pages(address, token, tls, **filters):
