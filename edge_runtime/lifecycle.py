@@ -1,21 +1,27 @@
 """One model's life on the device: desired → fetch → build → validate → serve (atomic swap) → report.
 
-A failure at any step keeps the last good version serving, is reported, and is retried with back-off. The loop
+This is the reconciler: it decides and sequences, and each stage's work lives in its room (:mod:`edge_runtime.fetch`,
+:mod:`edge_runtime.build`, :mod:`edge_runtime.validate`, :mod:`edge_runtime.serve`, :mod:`edge_runtime.report`). A
+failure at any step keeps the last good version serving, is reported, and is retried with back-off. The loop
 re-reads the desired version (the settings file that Helm mounts, and the channel pointer) every poll interval.
 Each model this device serves has its own :class:`ModelRuntime` (its own loop, back-off, state and telemetry); they
-share what :class:`DeviceResources` holds (see :mod:`edge_runtime.repository`).
+share what :class:`~edge_runtime.resources.DeviceResources` holds (see :mod:`edge_runtime.repository`).
+
+A bring-up (:meth:`ModelRuntime._bring_up_now`), one method per stage: read the verified manifest → choose the
+variants to try (forced, cached choice, those that fit memory) → fetch them → build and validate each (keeping the
+fastest passing engine open) → choose the variant → tune the batcher → (Triton: validate again through Triton and
+promote) → swap and report.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.aio import wait_event
 from edge_runtime.build.choice import (
@@ -29,51 +35,36 @@ from edge_runtime.build.choice import (
 from edge_runtime.build.device import DeviceFacts
 from edge_runtime.build.engines import EnginePlan, candidate_variants, named_variant, plan_for, resolve_backend
 from edge_runtime.build.engines.base import Engine
-from edge_runtime.build.engines.onnxruntime import spins
 from edge_runtime.build.engines.provider import EngineProvider
+from edge_runtime.build.loader import EngineLoader
 from edge_runtime.build.memory import MemoryBudget
+from edge_runtime.build.tuning import BatchingChoice, choose, sweep
 from edge_runtime.fetch.cache import ArtifactCache
 from edge_runtime.fetch.desired import DesiredModels
+from edge_runtime.report.events import Reporter, describe
+from edge_runtime.resources import DeviceResources
 from edge_runtime.serve.batching import DynamicBatcher
 from edge_runtime.serve.slot import ServingModel, ServingSlot
 from edge_runtime.settings import EdgeSettings, ModelEntry
 from edge_runtime.states import State
 from edge_runtime.validate import ValidationResult, read_validation_set, validate
-from edgeloop_core.contract import (
-    ArtifactLayout,
-    Manifest,
-    check_name,
-    load_signing_key,
-    load_verify_key,
-    load_verify_keys,
-    verify_manifest,
-)
+from edgeloop_core.contract import ArtifactLayout, Manifest, check_name, verify_manifest
 from edgeloop_core.errors import (
     EdgeloopError,
-    EngineError,
     InsufficientMemory,
     ManifestInvalid,
     ModelNotFound,
     NotReady,
     ValidationFailed,
 )
-from edgeloop_core.files import write_atomic
 from edgeloop_core.published import read_manifest, resolve_desired
 from edgeloop_core.store import ObjectStore
 from edgeloop_core.timing import Timing
 
+if TYPE_CHECKING:
+    from edge_runtime.serve.triton.promotion import TritonModel
+
 log = logging.getLogger(__name__)
-
-Reporter = Callable[[str, dict[str, Any]], None]
-
-
-def describe(exc: BaseException) -> str:
-    """One line for an error report: our messages as they are; anything else with its type (never empty)."""
-    if isinstance(exc, EdgeloopError) and str(exc):
-        return str(exc)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-"""``report(kind, payload)``: telemetry events (fetched, built, validated, failed, serving, ...)."""
 
 
 @dataclass
@@ -87,53 +78,47 @@ class CycleResult:
 
 
 @dataclass
-class DeviceResources:
-    """What every model's life cycle on this device shares: one store, one cache with one size cap, one engine
-    provider (one build at a time), the trusted keys, and one memory budget."""
+class _Passed:
+    """A variant that passed validation on this device, with its engine (open) and, when variants were measured, its
+    score (ms)."""
 
-    settings: EdgeSettings
-    facts: DeviceFacts
-    store: ObjectStore
-    layout: ArtifactLayout
-    cache: ArtifactCache
-    trusted: list[Any]
-    engines: EngineProvider
-    memory: MemoryBudget
-    triton: Any = None
-    """The supervised :class:`TritonServer` when ``serving_engine`` is ``triton``."""
-
-    @classmethod
-    def create(cls, settings: EdgeSettings, facts: DeviceFacts, store: ObjectStore | None = None) -> DeviceResources:
-        """Open the cache (sweeping what a killed process left half-written), the store and the keys."""
-        store = store or ObjectStore(settings.s3_bucket, endpoint_url=settings.s3_endpoint_url,
-                                     connect_timeout_s=settings.s3_connect_timeout_s,
-                                     read_timeout_s=settings.s3_read_timeout_s, max_attempts=settings.s3_max_attempts)
-        layout = ArtifactLayout(settings.s3_prefix)
-        cache = ArtifactCache(settings.cache_dir, settings.cache_max_bytes)
-        cache.sweep_temporary()
-        engines = EngineProvider(
-            cache, store, layout, device_id=settings.device_id, max_batch_size=settings.max_batch_size,
-            share=settings.share_engines, fetch_attempts=settings.fetch_attempts,
-            fleet_keys=[load_verify_key(settings.engine_verify_key_file)] if settings.engine_verify_key_file else [],
-            fleet_signing_key=(load_signing_key(settings.engine_signing_key_file)
-                               if settings.engine_signing_key_file else None),
-            ort_threads=settings.ort_intra_op_threads, ort_spin=settings.ort_spin_wait)
-        triton = None
-        if settings.serving_engine == "triton":
-            from edge_runtime.serve.triton.dataplane import TritonServer, find_triton
-
-            work = cache.root / "triton"
-            install = find_triton(settings.triton_home, settings.triton_python, work, settings.triton_backend)
-            triton = TritonServer(install, work / "models",
-                                  bind_address=settings.bind_address, grpc_port=settings.grpc_port,
-                                  metrics_port=settings.triton_metrics_port, log_path=work / "tritonserver.log")
-        return cls(settings, facts, store, layout, cache, load_verify_keys(settings.verify_key_file), engines,
-                   MemoryBudget(settings.memory_budget_bytes, settings.memory_reserve_bytes), triton)
+    plan: EnginePlan
+    engine: Engine
+    result: ValidationResult
+    source: str
+    score_ms: float = 0.0
 
 
-def _what(manifest: Manifest, plan: EnginePlan) -> str:
-    """How memory messages name an engine: ``name/version (variant)``."""
-    return f"{manifest.name}/{manifest.version} ({plan.variant.name})"
+@dataclass
+class _Trials:
+    """What building and validating each candidate variant left: the passing engine kept open (the fastest so far
+    when several are measured), every variant's figures, and why the others failed."""
+
+    passed: _Passed | None = None
+    figures: list[VariantFigures] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    memory_refusals: int = 0
+
+    def refused(self, plan: EnginePlan, exc: EdgeloopError) -> None:
+        """No engine for ``plan``: memory refused it, or obtaining it failed."""
+        self.memory_refusals += isinstance(exc, InsufficientMemory)
+        self.failures.append(f"{plan.variant.name}: {exc}")
+        self.figures.append(VariantFigures(plan.variant.name, str(plan.target_key), False, reason=str(exc)))
+
+    def failed(self, plan: EnginePlan, result: ValidationResult) -> None:
+        """The engine for ``plan`` failed validation."""
+        self.failures.append(f"{plan.variant.name}: {result.reason}")
+        self.figures.append(VariantFigures(plan.variant.name, str(plan.target_key), False, result.value,
+                                           reason=result.reason))
+
+
+@dataclass(frozen=True)
+class _Batching:
+    """The serving batcher's limits: largest batch, queue delay (µs), and the delay a batch waits for company (µs)."""
+
+    max_batch_size: int
+    max_queue_delay_us: int
+    company_delay_us: int
 
 
 class ModelRuntime:
@@ -151,6 +136,10 @@ class ModelRuntime:
         self._on_batch = on_batch
         self._keep_others = keep or set
         self.slot = ServingSlot()
+        self.loader = EngineLoader(shared.engines, shared.memory)
+        """This model's engines, within the device's memory budget."""
+        self.triton = self._triton_model(shared)
+        """This model in tritonserver (``serving_engine`` triton), else ``None``."""
         self.desired_version: str | None = None
         self.state = State.STARTING
         self.last_error = ""
@@ -164,14 +153,18 @@ class ModelRuntime:
         """(max batch size, max queue delay µs) the serving batcher uses; tuned per device when configured."""
         self.paused = False
         """Set by an unload request: the loop leaves the model unloaded until a load request."""
-        self._holders: dict[int, str] = {}
-        """Loaded engine (by id) → its name in the memory budget."""
-        self._loads = 0
         self.bringing_up: str | None = None
         """The version being fetched, built and validated now (kept from eviction by every life cycle)."""
         self._heartbeat = time.monotonic()
         self.failures = 0
         """Failed cycles since the last good one (reported with each failure)."""
+
+    def _triton_model(self, shared: DeviceResources) -> TritonModel | None:
+        if shared.triton is None:
+            return None
+        from edge_runtime.serve.triton.promotion import TritonModel  # only a device serving through Triton needs it
+
+        return TritonModel(shared.triton, self.name)
 
     # --- what is shared, and this model's own limits ------------------------------------------------------------
     @property
@@ -373,61 +366,25 @@ class ModelRuntime:
         finally:
             self.bringing_up = None
 
-    def _check_memory(self, manifest: Manifest, plan: EnginePlan) -> None:
-        """:class:`InsufficientMemory` unless the engine for ``plan`` fits what is free: by what it held when it was
-        last loaded here, or (never loaded here) by its weights."""
-        what = _what(manifest, plan)
-        recorded = self.engines.recorded_memory(manifest, plan)
-        if recorded is not None:
-            self.memory.check(what, recorded, basis="recorded when it was last loaded here")
-        else:
-            self.memory.check(what, plan.variant.size_bytes, basis="its weights; it was never loaded here")
-
-    def _fitting(self, manifest: Manifest, plans: list[EnginePlan]) -> list[EnginePlan]:
-        """The plans whose engines fit the memory budget; none: :class:`InsufficientMemory` with every reason."""
-        fitting, reasons = [], []
-        for plan in plans:
-            try:
-                self._check_memory(manifest, plan)
-                fitting.append(plan)
-            except InsufficientMemory as exc:
-                reasons.append(str(exc))
-        if not fitting:
-            raise InsufficientMemory("; ".join(reasons))
-        return fitting
-
-    def _obtain(self, manifest: Manifest, plan: EnginePlan, model_path: Path, *,
-                local_only: bool = False) -> tuple[Engine, str, list[str]]:
-        """The engine for ``plan`` if its memory needs fit the device's budget (checked before with what was recorded
-        when it was last loaded here, or its weights; and after, with what loading it took), else
-        :class:`InsufficientMemory`. What it holds counts against the budget until :meth:`_drop`."""
-        what = _what(manifest, plan)
-        self._check_memory(manifest, plan)
-        engine, source, notes = self.engines.obtain(manifest, plan, model_path, local_only=local_only,
-                                                    max_batch_size=self.max_batch_size)
-        measured = int(getattr(engine, "memory_bytes", 0) or 0)
-        try:
-            self.memory.check(what, measured, basis="measured as it loaded")
-        except InsufficientMemory:
-            engine.close()
-            raise
-        self.engines.record_memory(manifest, plan, measured)
-        self._loads += 1
-        holder = f"{manifest.name}/{manifest.version}/{plan.variant.name}#{self._loads}"
-        self._holders[id(engine)] = holder
-        self.memory.hold(holder, measured)
-        return engine, source, notes
-
-    def _holder(self, engine: Engine) -> str:
-        return self._holders.pop(id(engine), "")
-
-    def _drop(self, engine: Engine) -> None:
-        """Close an engine that will not serve, and give its memory back to the budget."""
-        engine.close()
-        self.memory.release(self._holder(engine))
-
+    # --- one bring-up, one method per stage -------------------------------------------------------------------
     async def _bring_up_now(self, name: str, version: str, *, offline: bool = False) -> CycleResult:
+        """Bring ``name/version`` up and swap it in, or raise and leave what serves untouched."""
         started = time.monotonic()
+        manifest = await self._read_manifest(name, version, offline=offline)
+        plans, cached_choice = self._variants_to_try(manifest)
+        paths, downloaded = await self._fetch(manifest, plans)
+        validation_path = paths[manifest.validation.file]
+        trials = await self._build_and_validate(manifest, plans, paths)
+        passed = self._choose_variant(manifest, plans, cached_choice, trials)
+        limits = await self._batching_limits(passed.engine, validation_path, manifest)
+        if self.triton is not None:  # Triton serves it: validate through Triton, then swap Triton's version
+            passed = await self._serve_through_triton(manifest, passed, limits, validation_path)
+        await self._swap(manifest, passed, limits, started)
+        return CycleResult(version, changed=True, downloaded_bytes=downloaded, built=passed.source == "built")
+
+    async def _read_manifest(self, name: str, version: str, *, offline: bool) -> Manifest:
+        """The verified manifest of ``name/version``: the cached one (verified again), else S3's; ``offline`` (the
+        last good version at start-up): :class:`NotReady` when it is not cached."""
         self._set_state(State.FETCHING)
         manifest = self.cache.cached_manifest(name, version)
         if manifest is not None:
@@ -435,218 +392,204 @@ class ModelRuntime:
                 raise ManifestInvalid(f"the cached manifest for {name}/{version} describes "
                                       f"{manifest.name}/{manifest.version}: refusing it")
             verify_manifest(manifest, self.trusted)
-        elif offline:
+            return manifest
+        if offline:
             raise NotReady(f"{name}/{version} is not in the cache")
-        else:
-            manifest = await asyncio.to_thread(read_manifest, self.store, self.layout, name, version, self.trusted)
+        return await asyncio.to_thread(read_manifest, self.store, self.layout, name, version, self.trusted)
+
+    def _variants_to_try(self, manifest: Manifest) -> tuple[list[EnginePlan], VariantChoice | None]:
+        """The plans to build and validate (only the chosen one when a choice for these candidates is cached), less
+        those whose engines do not fit memory; and the cached choice."""
         plans = self._candidate_plans(manifest)
         cached_choice = None
         if self._measuring(plans):
             cached_choice = load_choice(self._choice_dir(manifest), self._candidate_keys(plans))
             if cached_choice is not None:
                 plans = [p for p in plans if p.variant.name == cached_choice.chosen]
-        plans = self._fitting(manifest, plans)  # before downloading what could not be loaded anyway
+        return self.loader.fitting(manifest, plans), cached_choice  # before downloading what could not load anyway
+
+    async def _fetch(self, manifest: Manifest, plans: list[EnginePlan]) -> tuple[dict[str, Path], int]:
+        """Make room in the cache, then download (resumably, verified) each variant to try and the validation set;
+        returns their paths by file name and the bytes downloaded."""
         refs = [*(p.variant for p in plans), manifest.validation]
-        keep = {(name, version)} | self.keeps() | self._keep_others()
+        keep = {(manifest.name, manifest.version)} | self.keeps() | self._keep_others()
         await asyncio.to_thread(self.cache.reserve, manifest, refs, keep)
         paths, downloaded = await asyncio.to_thread(self.cache.fetch, self.store, self.layout, manifest, refs,
                                                     attempts=self.settings.fetch_attempts)
-        self._report("fetched", {"version": version, "variants": [p.variant.name for p in plans],
+        self._report("fetched", {"version": manifest.version, "variants": [p.variant.name for p in plans],
                                  "variant": plans[0].variant.name, "bytes": downloaded})
+        return paths, downloaded
 
-        validation_path = paths[manifest.validation.file]
-        candidates: list[tuple[EnginePlan, Engine, ValidationResult, str, float]] = []
-        figures: list[VariantFigures] = []
-        failures: list[str] = []
-        memory_refusals = 0
+    async def _build_and_validate(self, manifest: Manifest, plans: list[EnginePlan],
+                                  paths: dict[str, Path]) -> _Trials:
+        """Each plan in turn: its engine, validated. None passes: :class:`InsufficientMemory` when memory refused
+        them all, else :class:`ValidationFailed` with every reason."""
+        trials = _Trials()
         for plan in plans:
-            self._set_state(State.BUILDING)
-            build_started = time.monotonic()
-            try:
-                engine, source, notes = await asyncio.to_thread(self._obtain, manifest, plan, paths[plan.variant.file])
-            except EdgeloopError as exc:
-                if len(plans) == 1:
-                    raise
-                memory_refusals += isinstance(exc, InsufficientMemory)
-                failures.append(f"{plan.variant.name}: {exc}")
-                figures.append(VariantFigures(plan.variant.name, str(plan.target_key), False, reason=str(exc)))
-                continue
-            self._report("built", {"version": version, "variant": plan.variant.name,
-                                   "target_key": str(plan.target_key), "built": source == "built", "source": source,
-                                   "notes": notes, "seconds": round(time.monotonic() - build_started, 3)})
-            self._set_state(State.VALIDATING)
-            result = await asyncio.to_thread(validate, engine, validation_path, manifest, plan.variant.name,
-                                             latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
-            self._report("validated", {"version": version, "source": source, **result.to_dict()})
-            if not result.passed and source != "built":
-                # an engine that came from elsewhere (cache, manifest, another device) fails: set it aside and
-                # validate one built here from the verified ONNX before blaming the version
-                self._drop(engine)
-                await asyncio.to_thread(self.engines.quarantine, manifest, plan,
-                                        f"{source} engine failed validation: {result.reason}")
-                self._set_state(State.BUILDING)
-                engine, source, _ = await asyncio.to_thread(self._obtain, manifest, plan, paths[plan.variant.file],
-                                                            local_only=True)
-                self._report("built", {"version": version, "variant": plan.variant.name,
-                                       "target_key": str(plan.target_key), "built": True, "source": source,
-                                       "notes": ["rebuilt after the previous engine failed validation"]})
-                self._set_state(State.VALIDATING)
-                result = await asyncio.to_thread(validate, engine, validation_path, manifest, plan.variant.name,
-                                                 latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
-                self._report("validated", {"version": version, "source": source, **result.to_dict()})
-            self.last_validation = result
-            if not result.passed:
-                self._drop(engine)
-                failures.append(f"{plan.variant.name}: {result.reason}")
-                figures.append(VariantFigures(plan.variant.name, str(plan.target_key), False, result.value,
-                                              reason=result.reason))
-                continue
-            if len(plans) > 1:
-                b1, batched = await asyncio.to_thread(self._time_variant, engine, validation_path, manifest)
-                figure = VariantFigures(plan.variant.name, str(plan.target_key), True, result.value,
-                                        engine.max_batch_size, b1, batched)
-                figures.append(figure)
-                # one engine open at a time besides the fastest so far (device memory on a Jetson is shared)
-                if candidates and figure.score_ms >= candidates[0][4]:
-                    self._drop(engine)
-                    continue
-                for kept in candidates:
-                    self._drop(kept[1])
-                candidates = [(plan, engine, result, source, figure.score_ms)]
-            else:
-                candidates.append((plan, engine, result, source, 0.0))
-        if not candidates:
-            plan = plans[0]
-            if memory_refusals == len(plans):
-                raise InsufficientMemory("; ".join(failures))
-            raise ValidationFailed(f"{name}/{version} failed validation on this device "
-                                   f"({plan.target_key}): {'; '.join(failures)}")
+            await self._try_variant(trials, manifest, plan, paths, alone=len(plans) == 1)
+        if trials.passed is None:
+            if trials.memory_refusals == len(plans):
+                raise InsufficientMemory("; ".join(trials.failures))
+            raise ValidationFailed(f"{manifest.name}/{manifest.version} failed validation on this device "
+                                   f"({plans[0].target_key}): {'; '.join(trials.failures)}")
+        return trials
 
-        choice = self._decide(plans, cached_choice, figures)
-        plan, engine, result, source, _ = candidates[0]
-        assert plan.variant.name == choice.chosen
-        self.last_validation, self.choice = result, choice
+    async def _try_variant(self, trials: _Trials, manifest: Manifest, plan: EnginePlan, paths: dict[str, Path], *,
+                           alone: bool) -> None:
+        """Obtain and validate the engine for ``plan``, and note how it did in ``trials``. When it is the only plan,
+        a failure to obtain its engine is raised as it is."""
+        model_path, validation_path = paths[plan.variant.file], paths[manifest.validation.file]
+        self._set_state(State.BUILDING)
+        try:
+            engine, source = await self._build(manifest, plan, model_path)
+        except EdgeloopError as exc:
+            if alone:
+                raise
+            trials.refused(plan, exc)
+            return
+        engine, source, result = await self._validate_or_rebuild(manifest, plan, engine, source, model_path,
+                                                                 validation_path)
+        self.last_validation = result
+        if not result.passed:
+            self.loader.drop(engine)
+            trials.failed(plan, result)
+        elif alone:
+            trials.passed = _Passed(plan, engine, result, source)
+        else:
+            await self._measure(trials, manifest, _Passed(plan, engine, result, source), validation_path)
+
+    async def _build(self, manifest: Manifest, plan: EnginePlan, model_path: Path) -> tuple[Engine, str]:
+        """The engine for ``plan`` (cached, prebuilt, shared by another device, or built here) and where it came
+        from; reported as ``built``."""
+        started = time.monotonic()
+        engine, source, notes = await asyncio.to_thread(self.loader.obtain, manifest, plan, model_path,
+                                                        max_batch_size=self.max_batch_size)
+        self._report("built", {"version": manifest.version, "variant": plan.variant.name,
+                               "target_key": str(plan.target_key), "built": source == "built", "source": source,
+                               "notes": notes, "seconds": round(time.monotonic() - started, 3)})
+        return engine, source
+
+    async def _validate_or_rebuild(self, manifest: Manifest, plan: EnginePlan, engine: Engine, source: str,
+                                   model_path: Path, validation_path: Path) -> tuple[Engine, str, ValidationResult]:
+        """Validate ``engine``. One that came from elsewhere (cache, manifest, another device) and fails is set aside
+        (quarantined), and one built here from the verified ONNX is validated before the version is blamed."""
+        result = await self._validate(engine, validation_path, manifest, plan, source)
+        if result.passed or source == "built":
+            return engine, source, result
+        self.loader.drop(engine)
+        await asyncio.to_thread(self.engines.quarantine, manifest, plan,
+                                f"{source} engine failed validation: {result.reason}")
+        self._set_state(State.BUILDING)
+        engine, source, _ = await asyncio.to_thread(self.loader.obtain, manifest, plan, model_path,
+                                                    max_batch_size=self.max_batch_size, local_only=True)
+        self._report("built", {"version": manifest.version, "variant": plan.variant.name,
+                               "target_key": str(plan.target_key), "built": True, "source": source,
+                               "notes": ["rebuilt after the previous engine failed validation"]})
+        return engine, source, await self._validate(engine, validation_path, manifest, plan, source)
+
+    async def _validate(self, engine: Engine, validation_path: Path, manifest: Manifest, plan: EnginePlan,
+                        source: str) -> ValidationResult:
+        """Validate ``engine`` on the version's validation set (accuracy and latency); reported as ``validated``."""
+        self._set_state(State.VALIDATING)
+        result = await asyncio.to_thread(validate, engine, validation_path, manifest, plan.variant.name,
+                                         latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
+        self._report("validated", {"version": manifest.version, "source": source, **result.to_dict()})
+        return result
+
+    async def _measure(self, trials: _Trials, manifest: Manifest, candidate: _Passed, validation_path: Path) -> None:
+        """Time a passing variant; its engine stays open only when it is the fastest so far (one engine open at a
+        time besides the fastest: device memory on a Jetson is shared)."""
+        engine, plan = candidate.engine, candidate.plan
+        b1, batched = await asyncio.to_thread(self._time_variant, engine, validation_path, manifest)
+        figure = VariantFigures(plan.variant.name, str(plan.target_key), True, candidate.result.value,
+                                engine.max_batch_size, b1, batched)
+        trials.figures.append(figure)
+        if trials.passed is not None and figure.score_ms >= trials.passed.score_ms:
+            self.loader.drop(engine)
+            return
+        if trials.passed is not None:
+            self.loader.drop(trials.passed.engine)
+        trials.passed = replace(candidate, score_ms=figure.score_ms)
+
+    def _choose_variant(self, manifest: Manifest, plans: list[EnginePlan], cached: VariantChoice | None,
+                        trials: _Trials) -> _Passed:
+        """Which variant serves (forced, cached, static or measured): remembered when measured, and reported."""
+        choice = self._decide(plans, cached, trials.figures)
+        passed = trials.passed
+        assert passed is not None and passed.plan.variant.name == choice.chosen
+        self.last_validation, self.choice = passed.result, choice
         if choice.mode == "measured":
             save_choice(self._choice_dir(manifest), self._candidate_keys(plans), choice)
-        self._report("variant_choice", {"version": version, "target_key": str(plan.target_key), **choice.to_dict()})
+        self._report("variant_choice", {"version": manifest.version, "target_key": str(passed.plan.target_key),
+                                        **choice.to_dict()})
+        return passed
 
-        # the engine's cap: the setting, or less (a fixed-batch model, a TensorRT profile); never past it
+    async def _batching_limits(self, engine: Engine, validation_path: Path, manifest: Manifest) -> _Batching:
+        """The batcher's limits: the engine's cap (the setting, or less: a fixed-batch model, a TensorRT profile;
+        never past it) and the configured delays, or what a sweep on this device chose (``batching_budget_ms``)."""
         max_batch = engine.max_batch_size
         delay_us, company_us = self.max_queue_delay_us, self.settings.company_queue_delay_us
         if self.batching_budget_ms is not None:
-            choice_b = await asyncio.to_thread(self._tune, engine, validation_path, manifest)
-            max_batch, delay_us = choice_b.max_batch_size, choice_b.max_queue_delay_us
-            slack_us = (choice_b.budget_ms - choice_b.expected_worst_ms) * 1000 + delay_us
+            tuned = await asyncio.to_thread(self._tune, engine, validation_path, manifest)
+            max_batch, delay_us = tuned.max_batch_size, tuned.max_queue_delay_us
+            slack_us = (tuned.budget_ms - tuned.expected_worst_ms) * 1000 + delay_us
             company_us = int(min(company_us, max(0.0, slack_us)))
         self.batching = (max_batch, delay_us)
-        if self.shared.triton is not None:  # Triton serves it: validate through Triton, then swap Triton's version
-            engine, result = await asyncio.to_thread(self._promote_through_triton, manifest, plan, engine,
-                                                     validation_path, max_batch, delay_us)
-            self.last_validation = result
-        batcher = DynamicBatcher(engine, max_batch_size=max_batch, max_queue_delay_us=delay_us,
-                                 company_delay_us=company_us, on_batch=self._on_batch)
-        # requests already queued on the old model finish there; new ones go to the new model at once
-        holder = self._holder(engine)
-        old = await self.slot.swap(ServingModel(name, version, manifest, plan, engine, batcher, result,
-                                                release_memory=lambda: self.memory.release(holder)))
+        return _Batching(max_batch, delay_us, company_us)
+
+    async def _serve_through_triton(self, manifest: Manifest, passed: _Passed, limits: _Batching,
+                                    validation_path: Path) -> _Passed:
+        """Hand the engine that passed here to Triton: validated again through Triton's own front end under a
+        candidate name, and only then Triton's next version of this model. What it held in memory stays held by
+        what Triton serves (released when that fails)."""
+        assert self.triton is not None
+        plan, holder = passed.plan, self.loader.hand_over(passed.engine)
+        try:
+            candidate = self.triton.candidate(
+                passed.engine, self.engines.path(manifest, plan), version=manifest.version, variant=plan.variant.name,
+                max_batch_size=limits.max_batch_size, max_queue_delay_us=limits.max_queue_delay_us,
+                threads=self.settings.ort_intra_op_threads, spin_wait=self.settings.ort_spin_wait)
+            await asyncio.to_thread(passed.engine.close)  # Triton runs it from here on (one copy in memory)
+            result = await asyncio.to_thread(self.triton.validate_candidate, candidate, lambda staged: validate(
+                staged, validation_path, manifest, plan.variant.name,
+                latency_budget_p99_ms=self.settings.latency_budget_p99_ms))
+            self._report("validated", {"version": manifest.version, "source": "triton", **result.to_dict()})
+            if not result.passed:
+                raise ValidationFailed(f"{manifest.name}/{manifest.version} failed validation through Triton "
+                                       f"({plan.target_key}): {result.reason}")
+            served = await asyncio.to_thread(self.triton.promote, candidate)
+        except BaseException:
+            self.loader.release(holder)
+            raise
+        self.loader.adopt(served, holder)
+        self.last_validation = result
+        return _Passed(plan, served, result, passed.source)
+
+    async def _swap(self, manifest: Manifest, passed: _Passed, limits: _Batching, started: float) -> None:
+        """Serve ``passed`` from now on (requests already queued on the old model finish there; new ones go to the
+        new model at once), report it, remember it as the last good version, and let the cache evict the rest."""
+        name, version, plan = manifest.name, manifest.version, passed.plan
+        batcher = DynamicBatcher(passed.engine, max_batch_size=limits.max_batch_size,
+                                 max_queue_delay_us=limits.max_queue_delay_us,
+                                 company_delay_us=limits.company_delay_us, on_batch=self._on_batch)
+        holder = self.loader.hand_over(passed.engine)
+        old = await self.slot.swap(ServingModel(name, version, manifest, plan, passed.engine, batcher, passed.result,
+                                                release_memory=lambda: self.loader.release(holder)))
         self._set_state(State.SERVING)
         self._report("serving", {"version": version, "variant": plan.variant.name, "target_key": str(plan.target_key),
-                                 "validation": result.to_dict(), "previous": old.version if old else None,
+                                 "validation": passed.result.to_dict(), "previous": old.version if old else None,
                                  "seconds": round(time.monotonic() - started, 3)})
         self.cache.save_state(name, {"desired": self.desired[1], "version": version})
         keep = {(name, version)} | ({(old.name, old.version)} if old else set()) | self._keep_others()
         await asyncio.to_thread(self.cache.evict, keep)
-        return CycleResult(version, changed=True, downloaded_bytes=downloaded, built=source == "built")
 
     # --- Triton as the data plane ----------------------------------------------------------------------------
-    def _promote_through_triton(self, manifest: Manifest, plan: EnginePlan, engine: Engine, validation_path: Path,
-                                max_batch: int, delay_us: int) -> tuple[Engine, ValidationResult]:
-        """Hand the engine that passed here to Triton: load it under a candidate name, validate it again through
-        Triton's own front end, and only then write it as the model's next version and load it (Triton swaps versions
-        once the new one loaded; the old one serves until then, and stays when the load fails)."""
-        from edge_runtime.serve.triton.dataplane import (
-            CANDIDATE_SUFFIX,
-            TritonEngine,
-            next_version_number,
-            prune_versions,
-            remove_model,
-            write_model,
-        )
-
-        triton = self.shared.triton
-        assert triton is not None
-        repo = triton.repo
-        holder = self._holder(engine)
-        io = {"inputs": engine.inputs, "outputs": engine.outputs}
-        platform, memory = engine.platform, int(getattr(engine, "memory_bytes", 0) or 0)
-        engine.close()  # Triton runs it from here on (one copy in memory)
-        shape = {"engine_path": self.engines.path(manifest, plan), "platform": platform, **io,
-                 "max_batch_size": max_batch, "max_queue_delay_us": delay_us, "edgeloop_version": manifest.version,
-                 "variant": plan.variant.name, "threads": self.settings.ort_intra_op_threads,
-                 "spin": spins(self.settings.ort_spin_wait),  # as the builtin engine reads the same settings
-                 "backend": triton.install.ort_backend}
-        candidate = self.name + CANDIDATE_SUFFIX
-        try:
-            write_model(repo, candidate, 1, **shape)
-            triton.load(candidate)
-            staged = TritonEngine(triton, candidate, max_batch_size=max_batch, platform=platform, **io)
-            result = validate(staged, validation_path, manifest, plan.variant.name,
-                              latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
-        except BaseException:
-            self.memory.release(holder)
-            raise
-        finally:
-            try:
-                triton.unload(candidate)
-            except EdgeloopError as exc:
-                log.warning("could not unload %s from Triton: %s", candidate, exc)
-            remove_model(repo, candidate)
-        self._report("validated", {"version": manifest.version, "source": "triton", **result.to_dict()})
-        if not result.passed:
-            self.memory.release(holder)
-            raise ValidationFailed(f"{manifest.name}/{manifest.version} failed validation through Triton "
-                                   f"({plan.target_key}): {result.reason}")
-        model_dir = repo / self.name
-        previous = (model_dir / "config.pbtxt").read_text() if (model_dir / "config.pbtxt").exists() else None
-        number = next_version_number(model_dir)
-        folder = model_dir / str(number)
-        try:
-            write_model(repo, self.name, number, **shape)  # leaves nothing behind when it fails (a full disk)
-            triton.load(self.name)
-            if not triton.model_ready(self.name, str(number)):
-                raise EngineError(f"Triton loaded {self.name} but version {number} is not ready")
-        except BaseException:
-            self.memory.release(holder)
-            shutil.rmtree(folder, ignore_errors=True)  # Triton keeps serving the old version; so does the repository
-            if previous is not None:
-                write_atomic(model_dir / "config.pbtxt", previous.encode())
-            raise
-        prune_versions(repo, self.name, keep=number)
-        served = TritonEngine(triton, self.name, max_batch_size=max_batch, platform=platform, memory_bytes=memory,
-                              **io)
-        served.version = str(number)
-        self._holders[id(served)] = holder
-        return served, result
-
-    def _unload_from_triton(self, *, remove: bool = False) -> None:
-        triton = self.shared.triton
-        if triton is None or not triton.running():
-            return
-        try:
-            triton.unload(self.name)
-        except EdgeloopError as exc:
-            log.warning("could not unload %s from Triton: %s", self.name, exc)
-        if remove:
-            from edge_runtime.serve.triton.dataplane import remove_model
-
-            remove_model(triton.repo, self.name)
-
     async def reload_into_triton(self) -> None:
         """After tritonserver restarted: load this model's last good version again (it is still on disk)."""
-        if self.serving is None or self.paused or self.shared.triton is None:
+        if self.serving is None or self.paused or self.triton is None:
             return
         try:
-            await asyncio.to_thread(self.shared.triton.load, self.name)
+            await asyncio.to_thread(self.triton.reload)
         except Exception as exc:
             reason = f"Triton restarted but could not load {self.name} again: {describe(exc)}"
             self._set_state(State.FAILED, reason)
@@ -707,10 +650,9 @@ class ModelRuntime:
         return time_variant(engine, sample, engine.max_batch_size,
                             budget_s=self.settings.variant_choice_budget_s)
 
-    def _tune(self, engine: Engine, validation_path: Path, manifest: Manifest):  # noqa: ANN202 - BatchingChoice
-        """Sweep batch sizes on this device and choose the batcher's limits (reported as ``batch_sweep``)."""
-        from edge_runtime.build.tuning import choose, sweep
 
+    def _tune(self, engine: Engine, validation_path: Path, manifest: Manifest) -> BatchingChoice:
+        """Sweep batch sizes on this device and choose the batcher's limits (reported as ``batch_sweep``)."""
         inputs, _ = read_validation_set(validation_path, manifest, engine)
         points = sweep(engine, {k: v[:1] for k, v in inputs.items()}, engine.max_batch_size)
         assert self.batching_budget_ms is not None
@@ -744,7 +686,7 @@ class ModelRuntime:
                     await self.reconcile()
                 delay = self.settings.retry_initial_s
                 wait = self.settings.poll_interval_s
-            except Exception as exc:  # noqa: BLE001 - the loop must outlive anything a cycle raises
+            except Exception as exc:  # the loop must outlive anything a cycle raises
                 log.warning("%s: cycle failed: %s (retry in %.1fs)", self.name, describe(exc), delay,
                             exc_info=not isinstance(exc, EdgeloopError))
                 wait, delay = delay, min(delay * 2, self.settings.retry_max_s)
@@ -760,12 +702,13 @@ class ModelRuntime:
         self.model(self.name)  # UNAVAILABLE when nothing serves, as for any request
         self.paused = True
         await self.slot.unload()
-        await asyncio.to_thread(self._unload_from_triton)
+        if self.triton is not None:
+            await asyncio.to_thread(self.triton.unload)
         self._set_state(State.UNLOADED)
         self._report("unloaded", {"version": self.desired_version})
 
     async def close(self, *, retire: bool = False) -> None:
         """Drain and release the serving model; ``retire`` (it left the desired set): Triton drops it too."""
         await self.slot.unload()
-        if retire:
-            await asyncio.to_thread(self._unload_from_triton, remove=True)
+        if retire and self.triton is not None:
+            await asyncio.to_thread(self.triton.unload, remove=True)

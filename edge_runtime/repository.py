@@ -22,7 +22,9 @@ from typing import Any
 
 from edge_runtime.build.device import DeviceFacts
 from edge_runtime.fetch.desired import DesiredModels
-from edge_runtime.lifecycle import CycleResult, DeviceResources, ModelRuntime, Reporter, describe
+from edge_runtime.lifecycle import CycleResult, ModelRuntime
+from edge_runtime.report.events import Reporter, describe
+from edge_runtime.resources import DeviceResources
 from edge_runtime.serve.slot import ServingModel
 from edge_runtime.settings import EdgeSettings
 from edgeloop_core.contract import check_name
@@ -120,7 +122,7 @@ class ModelRepository:
         for listener in self._listeners:
             try:
                 listener()
-            except Exception:  # noqa: BLE001 - a hook must not break the repository
+            except Exception:  # a hook must not break the repository
                 log.exception("state listener failed")
 
     def only(self) -> ModelRuntime:
@@ -351,7 +353,7 @@ class ModelRepository:
                         log.error("the life-cycle loop of %s ended (%s): starting it again", name,
                                   describe(error) if error else "cancelled")
                         self._start(self.runtimes[name])
-            except Exception as exc:  # noqa: BLE001 - the repository's loop outlives anything
+            except Exception as exc:  # the repository's loop outlives anything
                 log.exception("repository loop: %s", describe(exc))
             await asyncio.sleep(period_s)
 

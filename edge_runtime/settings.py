@@ -188,7 +188,7 @@ class EdgeSettings(BaseSettings):
                                                 variant=self.variant)]
 
     @classmethod
-    def load(cls, file: Path | None = None, **overrides: Any) -> EdgeSettings:
+    def load(cls, file: Path | None = None, **overrides: Any) -> EdgeSettings:  # noqa: ANN401 - CLI flag values
         """Defaults < ``file`` (JSON or YAML) < ``EDGE_*`` environment < ``overrides`` (CLI flags; ``None`` skipped)."""
         try:
             from_env = cls()

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 class NodeReporter:
     """This node's labels in, the runtime's state out as ``edgeloop.io/*`` annotations."""
 
-    def __init__(self, node_name: str, api: Any = None) -> None:
+    def __init__(self, node_name: str, api: Any = None) -> None:  # noqa: ANN401 - kubernetes' CoreV1Api, imported lazily
         self.node_name = node_name
         self.api = api or core_api()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from edge_runtime.build.engines.base import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, TensorInfo
@@ -41,57 +43,70 @@ def request_to_inputs(request: pb.ModelInferRequest, expected: tuple[TensorInfo,
         raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {raw_count} inputs sent as "
                            f"bytes")
     by_name = {t.name: t for t in expected}
+    raw = iter(request.raw_input_contents) if request.raw_input_contents else None
     arrays: dict[str, np.ndarray] = {}
     batch = None
-    raw_index = 0
-    for index, tensor in enumerate(request.inputs):
-        spec = by_name.get(tensor.name)
-        if spec is None:
-            raise InvalidInput(f"unknown input {tensor.name!r}; the model takes {sorted(by_name)}")
-        if tensor.name in arrays:
-            raise InvalidInput(f"input {tensor.name!r} given twice")
-        if tensor.datatype != spec.datatype:
-            raise InvalidInput(f"input {tensor.name!r} has datatype {tensor.datatype or '(none)'}, "
-                               f"expected {spec.datatype}")
-        shape = tuple(int(d) for d in tensor.shape)
-        fits = len(shape) == len(spec.shape) and all(
-            want in (-1, got) for want, got in zip(spec.shape, shape, strict=True))
-        if not fits:
-            raise InvalidInput(f"input {tensor.name!r} has shape {list(shape)}, expected {list(spec.shape)}")
-        if shape[0] < 1 or shape[0] > max_batch_size:
-            raise InvalidInput(f"batch size {shape[0]} of input {tensor.name!r} is outside 1..{max_batch_size}")
+    for tensor, region in zip(request.inputs, in_shm, strict=True):
+        spec, shape = _checked_input(tensor, by_name, arrays, max_batch_size)
         if batch is not None and shape[0] != batch:
             raise InvalidInput("inputs disagree on the batch size")
         batch = shape[0]
-        dtype = DATATYPE_TO_NUMPY[spec.datatype]
-        count = int(np.prod(shape))
-        if in_shm[index] is not None:
-            if shared is None:
-                raise InvalidInput("this server takes no shared-memory tensors")
-            region_name, offset, byte_size = in_shm[index]
-            if byte_size != count * dtype.itemsize:
-                raise InvalidInput(f"input {tensor.name!r}: {byte_size} shared-memory bytes for shape {list(shape)} "
-                                   f"of {spec.datatype} (expected {count * dtype.itemsize})")
-            view = shared.get(region_name, f"input {tensor.name!r}").window(offset, byte_size, f"input {tensor.name!r}")
-            array = np.frombuffer(view, dtype=dtype).reshape(shape)  # read in place: no copy
-        elif request.raw_input_contents:
-            raw = request.raw_input_contents[raw_index]
-            raw_index += 1
-            if len(raw) != count * dtype.itemsize:
-                raise InvalidInput(f"input {tensor.name!r}: {len(raw)} bytes for shape {list(shape)} of "
-                                   f"{spec.datatype} (expected {count * dtype.itemsize})")
-            array = np.frombuffer(raw, dtype=dtype).reshape(shape)
-        else:
-            field = _TYPED_FIELDS.get(spec.datatype)
-            values = getattr(tensor.contents, field) if field else ()
-            if len(values) != count:
-                raise InvalidInput(f"input {tensor.name!r}: {len(values)} values for shape {list(shape)}")
-            array = np.asarray(values, dtype=dtype).reshape(shape)
-        arrays[tensor.name] = array
+        arrays[tensor.name] = _input_array(tensor, spec, shape, region, shared, raw)
     missing = set(by_name) - set(arrays)
     if missing:
         raise InvalidInput(f"missing inputs {sorted(missing)}")
     return arrays
+
+
+def _checked_input(tensor: pb.ModelInferRequest.InferInputTensor, by_name: dict[str, TensorInfo],
+                   seen: dict[str, np.ndarray], max_batch_size: int) -> tuple[TensorInfo, tuple[int, ...]]:
+    """The model's spec of ``tensor`` and its shape, once its name (known, not given twice), datatype, rank, fixed
+    dimensions and batch size (1..``max_batch_size``) check out."""
+    spec = by_name.get(tensor.name)
+    if spec is None:
+        raise InvalidInput(f"unknown input {tensor.name!r}; the model takes {sorted(by_name)}")
+    if tensor.name in seen:
+        raise InvalidInput(f"input {tensor.name!r} given twice")
+    if tensor.datatype != spec.datatype:
+        raise InvalidInput(f"input {tensor.name!r} has datatype {tensor.datatype or '(none)'}, "
+                           f"expected {spec.datatype}")
+    shape = tuple(int(d) for d in tensor.shape)
+    fits = len(shape) == len(spec.shape) and all(
+        want in (-1, got) for want, got in zip(spec.shape, shape, strict=True))
+    if not fits:
+        raise InvalidInput(f"input {tensor.name!r} has shape {list(shape)}, expected {list(spec.shape)}")
+    if shape[0] < 1 or shape[0] > max_batch_size:
+        raise InvalidInput(f"batch size {shape[0]} of input {tensor.name!r} is outside 1..{max_batch_size}")
+    return spec, shape
+
+
+def _input_array(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorInfo, shape: tuple[int, ...],
+                 region: tuple[str, int, int] | None, shared: SharedMemoryRegistry | None,
+                 raw: Iterator[bytes] | None) -> np.ndarray:
+    """The values of a checked input: read in place from its shared-memory ``region``, else from the next of the
+    request's ``raw`` contents, else from its typed contents; each must hold exactly ``shape``."""
+    dtype = DATATYPE_TO_NUMPY[spec.datatype]
+    count = int(np.prod(shape))
+    if region is not None:
+        if shared is None:
+            raise InvalidInput("this server takes no shared-memory tensors")
+        region_name, offset, byte_size = region
+        if byte_size != count * dtype.itemsize:
+            raise InvalidInput(f"input {tensor.name!r}: {byte_size} shared-memory bytes for shape {list(shape)} "
+                               f"of {spec.datatype} (expected {count * dtype.itemsize})")
+        view = shared.get(region_name, f"input {tensor.name!r}").window(offset, byte_size, f"input {tensor.name!r}")
+        return np.frombuffer(view, dtype=dtype).reshape(shape)  # read in place: no copy
+    if raw is not None:
+        contents = next(raw)
+        if len(contents) != count * dtype.itemsize:
+            raise InvalidInput(f"input {tensor.name!r}: {len(contents)} bytes for shape {list(shape)} of "
+                               f"{spec.datatype} (expected {count * dtype.itemsize})")
+        return np.frombuffer(contents, dtype=dtype).reshape(shape)
+    field = _TYPED_FIELDS.get(spec.datatype)
+    values = getattr(tensor.contents, field) if field else ()
+    if len(values) != count:
+        raise InvalidInput(f"input {tensor.name!r}: {len(values)} values for shape {list(shape)}")
+    return np.asarray(values, dtype=dtype).reshape(shape)
 
 
 def requested_outputs(request: pb.ModelInferRequest, available: tuple[TensorInfo, ...]) -> list[str]:

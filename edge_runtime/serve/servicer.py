@@ -4,8 +4,9 @@ and turns the result back. Errors are raised as ours and mapped by :mod:`edgeloo
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -18,9 +19,33 @@ from edgeloop_core.protos import inference_pb2 as pb
 from edgeloop_core.protos import inference_pb2_grpc
 
 if TYPE_CHECKING:
-    from edge_runtime.repository import ModelRepository
+    from edge_runtime.serve.slot import ServingModel
 
 EXTENSIONS = ["model_repository", "health", "dynamic_batching", "system_shared_memory"]
+
+
+class ServedModels(Protocol):
+    """What the gRPC side asks of the device's models (:class:`~edge_runtime.repository.ModelRepository` answers):
+    readiness and its changes, a model by name, the repository index, and the repository extension's load and
+    unload. Serving depends on this, never on the life cycle that implements it."""
+
+    def ready(self) -> bool:
+        """Server readiness (the desired models validated and serving)."""
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every state change of any model."""
+
+    def model(self, name: str, version: str = "") -> ServingModel:
+        """The serving model called ``name`` (and ``version`` when given), or the right error."""
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every model with its status: ``model_name``, ``serving_version``, ``state``, ``error``, ``paused``."""
+
+    async def load(self, name: str, version: str | None = None) -> object:
+        """Serve ``name`` now (pinned to ``version`` when given); returns when that cycle ends."""
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name`` until a load request."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +72,9 @@ class RepositoryControl:
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    """Open Inference Protocol v2 over :class:`~edge_runtime.repository.ModelRepository` (every model by name)."""
+    """Open Inference Protocol v2 over the device's models (:class:`ServedModels`: every model by name)."""
 
-    def __init__(self, runtime: ModelRepository, max_batch_size: int, *,
+    def __init__(self, runtime: ServedModels, max_batch_size: int, *,
                  control: RepositoryControl | None = None) -> None:
         self.runtime = runtime
         self.max_batch_size = max_batch_size

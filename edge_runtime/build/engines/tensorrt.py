@@ -24,7 +24,7 @@ from edgeloop_core.errors import EngineError, InvalidInput
 WORKSPACE_BYTES = 1 << 30
 
 
-def _trt() -> Any:
+def _trt() -> Any:  # noqa: ANN401 - the tensorrt module, present only where TensorRT is
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -32,7 +32,7 @@ def _trt() -> Any:
     return trt
 
 
-def _cudart() -> Any:
+def _cudart() -> Any:  # noqa: ANN401 - cuda-python's runtime module, present only on a GPU
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
@@ -43,14 +43,14 @@ def _cudart() -> Any:
     return cudart
 
 
-def _check(result: Any, what: str) -> Any:
+def _check(result: Any, what: str) -> Any:  # noqa: ANN401 - cuda-python's (error, *values) tuples
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         raise EngineError(f"CUDA {what} failed with error {int(err)}")
     return rest[0] if len(rest) == 1 else tuple(rest)
 
 
-def capturing_logger(trt: Any) -> Any:
+def capturing_logger(trt: Any) -> Any:  # noqa: ANN401 - tensorrt module in, a trt.ILogger out
     """A TensorRT logger that keeps warnings and errors (``.messages``) for the runtime's events."""
 
     class CapturingLogger(trt.ILogger):
@@ -58,14 +58,14 @@ def capturing_logger(trt: Any) -> Any:
             trt.ILogger.__init__(self)
             self.messages: list[str] = []
 
-        def log(self, severity: Any, msg: str) -> None:
+        def log(self, severity: Any, msg: str) -> None:  # noqa: ANN401 - trt.ILogger.Severity
             if int(severity) <= int(trt.ILogger.Severity.WARNING):
                 self.messages.append(f"{getattr(severity, 'name', severity)}: {msg}")
 
     return CapturingLogger()
 
 
-def _said(logger: Any) -> str:
+def _said(logger: Any) -> str:  # noqa: ANN401 - the logger capturing_logger made
     return ("; TensorRT said: " + " | ".join(logger.messages[-5:])) if logger.messages else ""
 
 

@@ -17,14 +17,14 @@ from edgeloop_engine import failure, open_session  # copied beside this file
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         self.session = open_session(os.path.join(args["model_repository"], args["model_version"]))
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.batched = int(config.get("max_batch_size", 0)) > 0
 
-    def execute(self, requests):
+    def execute(self, requests: list) -> list:
         feeds = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs}
                  for r in requests]
         if not self.batched or len(feeds) == 1:
@@ -36,7 +36,7 @@ class TritonPythonModel:
         merged = {name: np.concatenate([feed[name] for feed in feeds]) for name in self.inputs}
         try:
             results = self.session.run(None, merged)
-        except Exception:  # find the culprit: each request alone, so only it fails
+        except Exception:  # noqa: BLE001 - find the culprit: each request alone, so only it fails
             return [self._run_alone(feed) for feed in feeds]
         responses, offset = [], 0
         for size in sizes:
@@ -44,7 +44,7 @@ class TritonPythonModel:
             offset += size
         return responses
 
-    def _run_alone(self, feed):
+    def _run_alone(self, feed: dict) -> object:
         """One request's response, or its own error: INVALID_ARG where ONNX Runtime blames the input (an index out of
         range, say), INTERNAL otherwise."""
         try:
@@ -54,9 +54,9 @@ class TritonPythonModel:
             code = pb_utils.TritonError.INVALID_ARG if fault else pb_utils.TritonError.INTERNAL
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
-    def _respond(self, values):
+    def _respond(self, values: list) -> object:
         return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.ascontiguousarray(value))
                                            for name, value in zip(self.outputs, values, strict=True)])
 
-    def finalize(self):
+    def finalize(self) -> None:
         self.session = None
