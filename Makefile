@@ -53,7 +53,7 @@ $(TRITON_PY): $(READY)
 	$(PYTHON) -m venv $(TOOLS)/triton
 	$(TRITON_PY) -m pip install --quiet "$(PYTRITON_SPEC)" "numpy<2" \
 	  "onnxruntime==$$($(BIN)/python -c 'import onnxruntime; print(onnxruntime.__version__)')" \
-	  || { rm -rf $(TOOLS)/triton; echo "nvidia-pytriton could not be installed here: the Triton tests will skip"; }
+	  || { rm -rf $(TOOLS)/triton; echo "nvidia-pytriton could not be installed into $(TOOLS)/triton: the Triton serving tests need it" >&2; exit 1; }
 
 tools: $(HELM) $(CHECKOV) $(TRITON_PY)
 

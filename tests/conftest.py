@@ -1,8 +1,12 @@
-"""Shared fixtures: a real SeaweedFS S3 server on loopback for the session, fresh buckets, signing keys."""
+"""Shared fixtures: a real SeaweedFS S3 server on loopback for the session, fresh buckets, signing keys; and the
+skip gate: in CI (``CI=true``) a skipped test fails the run unless ``tests/allowed_skips.txt`` allows it."""
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import secrets
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +15,87 @@ import pytest
 from edgeloop.local_s3 import LocalS3
 from edgeloop_core.contract import generate_signing_key, load_signing_key, load_verify_key
 from edgeloop_core.store import ObjectStore
+
+# --- the skip gate ----------------------------------------------------------------------------------------------
+# A test that skips for want of PostgreSQL, espeak-ng or Triton lets CI go green having checked less. In CI every
+# skip is a failure unless a line of tests/allowed_skips.txt (under the run's root folder) allows it: a node-id
+# pattern (fnmatch) or ``mark:<name>``, each with a ``#`` comment saying why. Without CI nothing changes: a
+# developer's machine may lack a GPU, PostgreSQL or espeak-ng.
+ALLOWED_SKIPS = Path("tests") / "allowed_skips.txt"
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's (``CI=true``, as GitHub Actions, GitLab and most runners set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def read_allowed_skips(path: Path) -> list[str]:
+    """The patterns in an allow-list file; a pattern without a ``# why`` comment is refused (a usage error)."""
+    if not path.is_file():
+        return []
+    patterns = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        pattern, _, why = line.partition("#")
+        if not pattern.strip():
+            continue
+        if not why.strip():
+            raise pytest.UsageError(f"{path}:{number}: {pattern.strip()!r} needs a '# why' comment")
+        patterns.append(pattern.strip())
+    return patterns
+
+
+def skip_allowed(node_id: str, markers: set[str], patterns: list[str]) -> bool:
+    """Whether one of ``patterns`` (node-id fnmatch patterns, or ``mark:<name>``) allows this skip."""
+    return any(pattern.removeprefix("mark:") in markers if pattern.startswith("mark:")
+               else fnmatch.fnmatchcase(node_id, pattern) for pattern in patterns)
+
+
+class SkipGate:
+    """The pytest plugin behind the gate (one per run, registered by :func:`pytest_configure`)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.skips: list[tuple[str, str]] = []
+        """Each skip the allow-list does not name: (node id, reason)."""
+        self.patterns = read_allowed_skips(config.rootpath / ALLOWED_SKIPS)
+
+    def note(self, report: pytest.TestReport | pytest.CollectReport) -> None:
+        if not report.skipped or hasattr(report, "wasxfail"):  # an expected failure is reported as skipped too
+            return
+        markers = {name for name, on in report.keywords.items() if on} if isinstance(report, pytest.TestReport) \
+            else set()
+        if not skip_allowed(report.nodeid, markers, self.patterns):
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.skips.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Skips at setup (a fixture's ``pytest.skip``) and in the test itself."""
+        self.note(report)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        """Skips of whole modules (``pytest.skip(allow_module_level=True)``, ``importorskip``)."""
+        self.note(report)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Fail a run that skipped a test the allow-list does not name, and say which."""
+        if not self.skips:
+            return
+        lines = [f"CI=true: {len(self.skips)} skipped test(s) not allowed by {ALLOWED_SKIPS} (install what they "
+                 "need, or add a pattern with a '# why' comment):", *(f"  {n}: {r}" for n, r in self.skips)]
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        for line in lines:
+            if reporter is not None:
+                reporter.write_line(line, red=True)
+            else:
+                print(line, file=sys.stderr)
+        if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In CI, turn the skip gate on."""
+    if in_ci():
+        config.pluginmanager.register(SkipGate(config), "edgeloop-skip-gate")
 
 
 @pytest.fixture(scope="session")
@@ -45,16 +130,16 @@ def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def signing_key(key_dir: Path):  # noqa: ANN201
+def signing_key(key_dir: Path):
     return load_signing_key(key_dir / "signing-key.pem")
 
 
 @pytest.fixture(scope="session")
-def verify_key(key_dir: Path):  # noqa: ANN201
+def verify_key(key_dir: Path):
     return load_verify_key(key_dir / "verify-key.pem")
 
 
-def make_staged_version(directory: Path, name: str = "demo-model", version: str = "v1"):  # noqa: ANN201
+def make_staged_version(directory: Path, name: str = "demo-model", version: str = "v1"):
     """Small real files (not a model) and an unsigned manifest describing them; no torch needed."""
     from datetime import datetime, timezone
 

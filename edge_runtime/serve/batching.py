@@ -16,6 +16,10 @@ The engine runs on one dedicated thread per batcher (ONNX Runtime and TensorRT r
 so the event loop stays free and no thread pool is shared with anything else — except when runs are so short
 (under :data:`INLINE_RUN_S`, measured as a moving average) that handing them to a thread costs more than the run
 itself (14% of the server's CPU for the digits CNN, by py-spy): those run inline on the event loop.
+
+What the batcher did is counted (:class:`BatchingCounts`, ``DynamicBatcher.counts``): requests, batches formed,
+engine runs, waits for company and probes taken, and what those waits gathered. Tests check behaviour on these
+counts, not on wall-clock time; how fast it is lives in ``bench/``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import collections
 import concurrent.futures
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,6 +49,26 @@ EMPTY_WAITS = 2
 burst, after which the next burst should not start unbatched)."""
 EXPLORE_EVERY = 8
 """With ``company_delay_us``: one wait in this many stays open until the batch is full or the deadline."""
+
+
+@dataclass
+class BatchingCounts:
+    """What one :class:`DynamicBatcher` has done since it started (plain counters, read from the event loop)."""
+
+    requests: int = 0
+    """Requests queued by :meth:`DynamicBatcher.infer`."""
+    batches: int = 0
+    """Batches formed: each takes every queued request that can share a run (a request alone is a batch of one)."""
+    runs: int = 0
+    """Engine calls: one per batch, more where a request larger than the engine's batch is split or a failed merged
+    run is retried request by request."""
+    waits: int = 0
+    """Waits for company taken before a batch: ``max_queue_delay_us`` ones, and ``company_delay_us`` ones once a
+    probe found company (probes are not counted here)."""
+    probes: int = 0
+    """``company_delay_us`` probes taken: short waits (at most :data:`PROBE_S`) to see whether company comes."""
+    gathered: int = 0
+    """Samples that arrived during waits and probes (what waiting brought)."""
 
 
 def _rows(item: _Item) -> int:
@@ -75,6 +100,7 @@ class DynamicBatcher:
         self._closed = False
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeloop-engine")
         self._run_s = 1.0  # moving average of one engine run; starts high so the first runs use the thread
+        self.counts = BatchingCounts()
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="edgeloop-batcher")
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -82,6 +108,7 @@ class DynamicBatcher:
         if self._closed:
             raise NotReady("the model is being replaced: retry")
         future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
+        self.counts.requests += 1
         self._pending.append((inputs, future))
         self._arrived.set()
         return await future
@@ -116,14 +143,20 @@ class DynamicBatcher:
             rows = sum(_rows(i) for i in self._pending)
             if delay and rows < target:
                 # company for a batch that is not full: always (max_queue_delay_us), or while it comes
+                if not self.delay_s and not self._waiting:
+                    self.counts.probes += 1
+                else:
+                    self.counts.waits += 1
                 waiting, deadline = rows, loop.time() + delay
                 while rows < target and loop.time() < deadline:
                     self._arrived.clear()
                     if not await wait_event(self._arrived, deadline - loop.time()):
                         break
                     rows = sum(_rows(i) for i in self._pending)
+                self.counts.gathered += rows - waiting
                 if not self.delay_s:
                     self._company_came(rows - waiting, rows, target)
+            self.counts.batches += 1
             await self._execute(self._take())
 
     def _company_wait(self) -> tuple[float, int]:
@@ -167,6 +200,7 @@ class DynamicBatcher:
         return outputs, time.perf_counter() - started
 
     async def _call(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.counts.runs += 1
         if self._run_s < INLINE_RUN_S:
             outputs, seconds = self._timed(inputs)
         else:  # the engine's own time, taken on its thread: the hand-off and the wait for the GIL are not the run's

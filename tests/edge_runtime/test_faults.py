@@ -278,3 +278,186 @@ def test_move_channel_refuses_an_incomplete_version(store, signing_key):
 
     with pytest.raises(ObjectNotFound):
         move_channel(store, signing_key, "v-missing")
+
+
+def _shared_engine(store, signing_key, trained, edge_settings, tmp_path):
+    """v1 served by a first device that shares its engine under the fleet build key; returns what a second,
+    identical device needs: its sharing settings, the fleet signing key, the plan and the record's S3 keys."""
+    fleet, _ = generate_signing_key(tmp_path / "fleet")
+    sharing = {"share_engines": True, "engine_signing_key_file": fleet,
+               "engine_verify_key_file": tmp_path / "fleet" / "verify-key.pem"}
+    publish_model(store, signing_key, trained, "v1")
+    first = RunningEdge(edge_settings(store.bucket, cache_dir=tmp_path / "a", **sharing), store=store)
+    try:
+        first.wait_ready()
+        plan = first.app.runtime.serving.plan
+    finally:
+        first.stop()
+    layout = ArtifactLayout()
+    record_key = layout.engine_key(MODEL, "v1", str(plan.target_key), plan.record_file)
+    engine_key = layout.engine_key(MODEL, "v1", str(plan.target_key), plan.engine_file)
+    return sharing, load_signing_key(fleet), plan, record_key, engine_key
+
+
+def _plant(store, record_key, engine_key, engine_bytes, fleet_key, **changes) -> None:
+    """Replace the shared engine and its record with ``engine_bytes`` and a record changed by ``changes``, signed
+    with the fleet build key the devices trust."""
+    from edge_runtime.build.engines.provider import SharedEngineRecord
+    from edgeloop_core.contract import sha256_bytes
+    from edgeloop_core.contract.signing import make_signature
+
+    record = SharedEngineRecord.model_validate_json(store.get_bytes(record_key))
+    planted = record.model_copy(update={"sha256": sha256_bytes(engine_bytes), "size_bytes": len(engine_bytes),
+                                        "signature": None, **changes})
+    planted = planted.model_copy(update={"signature": make_signature(fleet_key, planted.canonical_bytes())})
+    store.put_bytes(engine_key, engine_bytes)
+    store.put_bytes(record_key, planted.model_dump_json().encode())
+
+
+def test_a_shared_engine_for_another_target_is_refused_and_built_locally(store, signing_key, trained, edge_settings,
+                                                                        tmp_path):
+    sharing, fleet_key, plan, record_key, engine_key = _shared_engine(store, signing_key, trained, edge_settings,
+                                                                      tmp_path)
+    # signed by the trusted fleet key, but for another device's target, copied under this target's key
+    other_target = f"{plan.target_key}-elsewhere"
+    _plant(store, record_key, engine_key, store.get_bytes(engine_key), fleet_key, target_key=other_target)
+    second = RunningEdge(edge_settings(store.bucket, cache_dir=tmp_path / "b", device_id="jetson-2", **sharing),
+                         store=store)
+    try:
+        second.wait_ready()
+        built = second.events("built")[-1]
+        assert built["source"] == "built"
+        assert any("shared engine refused" in n and other_target in n for n in built["notes"]), built["notes"]
+        assert second.events("validated")[-1]["passed"]
+    finally:
+        second.stop()
+
+
+def test_an_engine_from_elsewhere_that_fails_validation_is_quarantined_and_rebuilt_here(store, signing_key, trained,
+                                                                                       edge_settings, tmp_path):
+    sharing, fleet_key, plan, record_key, engine_key = _shared_engine(store, signing_key, trained, edge_settings,
+                                                                      tmp_path)
+    # a device the fleet trusts shares a broken engine (an untrained model): signed, loads, answers wrongly
+    _plant(store, record_key, engine_key, trained.untrained[plan.variant.name].read_bytes(), fleet_key)
+    settings = edge_settings(store.bucket, cache_dir=tmp_path / "b", device_id="jetson-2", **sharing)
+    second = RunningEdge(settings, store=store)
+    try:
+        second.wait_ready()
+        validated = [(e["source"], e["passed"]) for e in second.events("validated")]
+        assert validated == [("shared", False), ("built", True)]  # validated again before the version is blamed
+        assert [e["source"] for e in second.events("built")] == ["shared", "built"]
+        (reason,) = (settings.cache_dir / "quarantine").glob("*.reason")
+        assert "shared engine failed validation" in reason.read_text()
+        assert second.app.runtime.serving.version == "v1" and not second.events("failed")
+    finally:
+        second.stop()
+
+
+def test_a_disk_that_refuses_a_download_is_cache_full_and_the_old_version_serves(running, signing_key, trained):
+    edge, store = running
+    runtime = edge.app.runtime
+    manifest = publish_model(store, signing_key, trained, "v2")
+    folder = edge.app.settings.cache_dir / "artifacts" / MODEL / "v2"
+    folder.mkdir(parents=True)
+    # every file of v2 is written where the kernel answers each write with ENOSPC, as a full disk does
+    parts = [folder / f"{ref.file}.part" for ref in [*manifest.variants, manifest.validation]]
+    for part in parts:
+        part.symlink_to("/dev/full")
+    runtime.wake()
+    wait_until(lambda: edge.events("failed") and "no space left" in _last_failure(edge), timeout=15)
+    assert edge.events("failed")[-1]["error_kind"] == "CacheFull"
+    assert runtime.serving.version == "v1" and edge.app.alive()
+    for part in parts:  # space is freed: the loop's next retry succeeds, no restart
+        part.unlink()
+    wait_until(lambda: runtime.serving.version == "v2" and runtime.ready(), timeout=30)
+
+
+def test_stats_the_outbox_drops_while_the_hub_is_down_are_counted_in_stats(store, signing_key, trained,
+                                                                          edge_settings):
+    from tests.edge_runtime.conftest import free_port
+
+    publish_model(store, signing_key, trained, "v1")
+    # a hub nobody answers at, a small outbox and a stats event every 20 ms: the outbox fills within seconds
+    edge = RunningEdge(edge_settings(store.bucket, hub_address=f"127.0.0.1:{free_port()}", hub_token="tok",
+                                     outbox_max_events=100, telemetry_interval_s=0.02), store=store)
+    try:
+        edge.wait_ready()
+        wait_until(lambda: edge.app.outbox.dropped() > 0, timeout=30)
+        wait_until(lambda: any(e["telemetry_dropped"] > 0 for e in edge.events("stats")), timeout=10)
+        assert edge.app.sender.failures > 0 and edge.app.outbox.count() <= 100 + 1
+        kinds = [e.kind for e in edge.app.outbox.pending(10_000)]
+        for kind in ("facts", "fetched", "built", "validated", "serving"):  # state changes are never dropped
+            assert kind in kinds, kind
+    finally:
+        edge.stop()
+
+
+def test_an_outbox_on_a_full_disk_is_logged_and_counted_and_serving_goes_on(store, signing_key, trained,
+                                                                           edge_settings, caplog):
+    import tritonclient.grpc as triton
+
+    from tests.edge_runtime.test_serving import triton_predict
+
+    publish_model(store, signing_key, trained, "v1")
+    edge = RunningEdge(edge_settings(store.bucket, telemetry_interval_s=0.05, retry_initial_s=0.1, retry_max_s=0.3),
+                       store=store)
+    outbox = edge.app.outbox
+    try:
+        edge.wait_ready()
+        # the outbox's file may not grow any more: SQLite answers every write with SQLITE_FULL ("database or disk
+        # is full"), the error a full disk gives it
+        with outbox._lock:
+            pages = outbox._db.execute("PRAGMA page_count").fetchone()[0]
+            outbox._db.execute(f"PRAGMA max_page_count = {pages}")
+        wait_until(lambda: edge.app.telemetry_errors > 0, timeout=15)
+        assert any("could not queue" in r.getMessage() and "full" in r.getMessage() for r in caplog.records)
+        publish_model(store, signing_key, trained, "v2")  # reconciling goes on
+        edge.app.runtime.wake()
+        wait_until(lambda: edge.app.runtime.serving.version == "v2" and edge.app.runtime.ready(), timeout=30)
+        assert triton_predict(triton.InferenceServerClient(edge.address), trained.x_val[:2])[1] == "v2"  # serving
+        assert edge.app.alive() and edge.app.stats()["telemetry_errors"] == edge.app.telemetry_errors
+        assert not [e for e in edge.events("serving") if e["version"] == "v2"]  # the event itself is lost
+        with outbox._lock:  # space is freed: the next stats event says how many events were lost
+            outbox._db.execute("PRAGMA max_page_count = 1073741823")
+        wait_until(lambda: any(e["telemetry_errors"] > 0 for e in edge.events("stats")), timeout=10)
+    finally:
+        edge.stop()
+
+
+def test_a_process_killed_mid_write_leaves_the_old_file_and_start_up_sweeps_the_rest(store, signing_key, trained,
+                                                                                      edge_settings, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    publish_model(store, signing_key, trained, "v1")
+    settings = edge_settings(store.bucket)
+    first = RunningEdge(settings, store=store)
+    first.wait_ready()
+    first.stop()
+    state = settings.cache_dir / "state.json"
+    before = state.read_bytes()
+    # a real process killed (SIGKILL) halfway through writing state.json the one way edgeloop writes files
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from edgeloop_core.files import atomic_output\n"
+        "with atomic_output(Path(sys.argv[1])) as tmp:\n"
+        "    tmp.write_bytes(b'{\"models\": {\"half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(state)], timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert state.read_bytes() == before  # the old file, whole
+    (left,) = settings.cache_dir.glob(".state.json.*.tmp")
+    engine_dir = next((settings.cache_dir / "engines").rglob("*.record.json")).parent
+    build = engine_dir / ".build-fp32.plan"  # a build an older runtime was killed in
+    build.write_bytes(b"half an engine")
+    part = settings.cache_dir / "artifacts" / MODEL / "v1" / "next.onnx.part"
+    part.write_bytes(b"the first MiB of a download")
+    again = RunningEdge(settings, store=store)
+    try:
+        assert not left.exists() and not build.exists()  # swept at start, before anything writes
+        assert part.exists()  # a partial download resumes, it is not swept
+        again.wait_ready()
+        assert again.events("built")[-1]["source"] == "cache"
+    finally:
+        again.stop()

@@ -278,11 +278,15 @@ def test_identical_devices_share_an_engine(store, signing_key, trained, edge_set
     try:
         first.wait_ready()
         assert first.events("built")[-1]["source"] == "built"
+        plan = first.app.runtime.serving.plan  # read while it serves: after stop() nothing does
     finally:
         first.stop()
-    target = first.app.runtime.status()["target_key"] if first.app.runtime.serving else None
-    keys = store.list_keys("models/digits-cnn/v1/engines/")
-    assert any(k.endswith("int8-ort.json") for k in keys) and (target is None or any(target in k for k in keys))
+    target = str(plan.target_key)
+    assert first.app.runtime.status()["target_key"] is None  # (why the key is read above, not here)
+    keys = set(store.list_keys("models/digits-cnn/v1/engines/"))
+    # the engine and its signed record, under the target key of the device that built it
+    assert {f"models/digits-cnn/v1/engines/{target}/{plan.engine_file}",
+            f"models/digits-cnn/v1/engines/{target}/{plan.record_file}"} <= keys, (target, keys)
     second = RunningEdge(edge_settings(store.bucket, cache_dir=tmp_path / "b", device_id="jetson-2", **sharing))
     try:
         second.wait_ready()
