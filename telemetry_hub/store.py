@@ -236,8 +236,10 @@ class HubStore:
                 return done
             conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK + 1})"))
             existing = set(conn.execute(text(
+                # 'stats'::regclass is the stats table this connection's search_path finds: a table of that name in
+                # another schema (another hub on the same database) is not ours to extend or drop from
                 "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'stats'")).scalars())
+                "WHERE i.inhparent = 'stats'::regclass")).scalars())
             for day in range(first_day, end_ms // DAY_MS):
                 name = _partition_name(day)
                 if name not in existing:
