@@ -61,7 +61,7 @@ class _Dims(tuple):
     """``trt.Dims``: a tuple of ints (-1 for dynamic)."""
 
 
-def _dims(value) -> _Dims:  # noqa: ANN001
+def _dims(value) -> _Dims:
     return _Dims(int(v) for v in value)
 
 
@@ -116,7 +116,7 @@ def _cudart_module(state: _Cuda, name: str) -> types.ModuleType:
     def cudaGetDeviceCount():  # noqa: N802
         return (err.cudaSuccess, 1) if state.gpu else (err.cudaErrorNoDevice, 0)
 
-    def cudaGetDeviceProperties(device):  # noqa: N802, ANN001
+    def cudaGetDeviceProperties(device):  # noqa: N802
         if not state.gpu:
             return err.cudaErrorNoDevice, None
         if int(device) != 0:
@@ -125,7 +125,7 @@ def _cudart_module(state: _Cuda, name: str) -> types.ModuleType:
         return err.cudaSuccess, cudaDeviceProp(d.name.encode() + b"\0" * 8, d.major, d.minor, d.sm_count,
                                                d.memory_bytes)
 
-    def cudaMalloc(size):  # noqa: N802, ANN001
+    def cudaMalloc(size):  # noqa: N802
         if not state.gpu:
             return err.cudaErrorNoDevice, 0
         if int(size) <= 0:
@@ -134,7 +134,7 @@ def _cudart_module(state: _Cuda, name: str) -> types.ModuleType:
         state.buffers[pointer] = bytearray(int(size))
         return err.cudaSuccess, pointer
 
-    def cudaFree(devPtr):  # noqa: N802, N803, ANN001
+    def cudaFree(devPtr):  # noqa: N802, N803
         return (err.cudaSuccess,) if state.buffers.pop(int(devPtr), None) is not None else (err.cudaErrorInvalidValue,)
 
     def cudaStreamCreate():  # noqa: N802
@@ -144,19 +144,19 @@ def _cudart_module(state: _Cuda, name: str) -> types.ModuleType:
         state.streams.add(handle)
         return err.cudaSuccess, cudaStream_t(handle)
 
-    def _stream_ok(stream) -> bool:  # noqa: ANN001
+    def _stream_ok(stream) -> bool:
         return stream is not None and int(stream) in state.streams
 
-    def cudaStreamSynchronize(stream):  # noqa: N802, ANN001
+    def cudaStreamSynchronize(stream):  # noqa: N802
         return (err.cudaSuccess,) if _stream_ok(stream) else (err.cudaErrorInvalidResourceHandle,)
 
-    def cudaStreamDestroy(stream):  # noqa: N802, ANN001
+    def cudaStreamDestroy(stream):  # noqa: N802
         if not _stream_ok(stream):
             return (err.cudaErrorInvalidResourceHandle,)
         state.streams.discard(int(stream))
         return (err.cudaSuccess,)
 
-    def cudaMemcpyAsync(dst, src, count, kind_, stream):  # noqa: N802, ANN001
+    def cudaMemcpyAsync(dst, src, count, kind_, stream):  # noqa: N802
         if not _stream_ok(stream) or not isinstance(kind_, kind):
             return (err.cudaErrorInvalidValue,)
         try:
@@ -178,14 +178,14 @@ def _cudart_module(state: _Cuda, name: str) -> types.ModuleType:
     return mod
 
 
-def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901, PLR0915 - one module, many classes
+def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:
     import onnx
 
     trt = types.ModuleType("tensorrt")
     trt.__version__ = FULL_VERSIONS[api]
     trt.__standin__ = True
 
-    Severity = _enum("Severity", {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3, "VERBOSE": 4})
+    Severity = _enum("Severity", {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3, "VERBOSE": 4})  # noqa: N806 - TensorRT's own name
 
     severity_enum = Severity
 
@@ -198,19 +198,19 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
         def __init__(self) -> None:
             self.min_severity = Severity.WARNING
 
-        def log(self, severity, msg):  # noqa: ANN001, ANN201
+        def log(self, severity, msg):
             raise RuntimeError("ILogger.log must be overridden by a derived class")
 
     class Logger(ILogger):
-        def __init__(self, min_severity=Severity.WARNING) -> None:  # noqa: ANN001
+        def __init__(self, min_severity=Severity.WARNING) -> None:
             super().__init__()
             self.min_severity = min_severity
 
-        def log(self, severity, msg) -> None:  # noqa: ANN001
+        def log(self, severity, msg) -> None:
             if severity <= self.min_severity:
                 print(f"[TRT] {msg}", file=sys.stderr)
 
-    DataType = _enum("DataType", {"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5, "FP8": 6,
+    DataType = _enum("DataType", {"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5, "FP8": 6,  # noqa: N806 - TensorRT's own name
                                   "BF16": 7, "INT64": 8, "INT4": 9})
     to_numpy = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
                 DataType.INT32: np.int32, DataType.INT64: np.int64, DataType.BOOL: np.bool_,
@@ -220,13 +220,13 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
                  onnx.TensorProto.INT64: DataType.INT64, onnx.TensorProto.BOOL: DataType.BOOL,
                  onnx.TensorProto.UINT8: DataType.UINT8}
 
-    def nptype(trt_type):  # noqa: ANN001, ANN202
+    def nptype(trt_type):
         if trt_type in to_numpy:
             return to_numpy[trt_type]
         raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
 
-    TensorIOMode = _enum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
-    MemoryPoolType = _enum("MemoryPoolType", {"WORKSPACE": 0, "DLA_MANAGED_SRAM": 1, "DLA_LOCAL_DRAM": 2,
+    TensorIOMode = _enum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})  # noqa: N806 - TensorRT's own name
+    MemoryPoolType = _enum("MemoryPoolType", {"WORKSPACE": 0, "DLA_MANAGED_SRAM": 1, "DLA_LOCAL_DRAM": 2,  # noqa: N806 - TensorRT's own name
                                               "DLA_GLOBAL_DRAM": 3, "TACTIC_DRAM": 4, "TACTIC_SHARED_MEMORY": 5})
     if api == "10.3":
         creation = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
@@ -242,8 +242,8 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
                  "ERROR_ON_TIMING_CACHE_MISS", "DISABLE_COMPILATION_CACHE", "STRIP_PLAN", "REFIT_IDENTICAL",
                  "WEIGHT_STREAMING", "REFIT_INDIVIDUAL", "STRICT_NANS", "MONITOR_MEMORY",
                  "DISTRIBUTIVE_INDEPENDENCE"]
-    NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", creation)
-    BuilderFlag = _enum("BuilderFlag", {name: i for i, name in enumerate(flags)})
+    NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", creation)  # noqa: N806 - TensorRT's own name
+    BuilderFlag = _enum("BuilderFlag", {name: i for i, name in enumerate(flags)})  # noqa: N806 - TensorRT's own name
 
     @dataclass
     class ITensor:
@@ -272,7 +272,7 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
         def get_output(self, index: int) -> ITensor:
             return self.outputs[index]
 
-    def _tensor(value) -> ITensor:  # noqa: ANN001
+    def _tensor(value) -> ITensor:
         t = value.type.tensor_type
         if t.elem_type not in from_onnx:
             raise ValueError(f"unsupported data type {t.elem_type} for {value.name}")
@@ -290,17 +290,17 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
             return self._text
 
     class OnnxParser:
-        def __init__(self, network, logger) -> None:  # noqa: ANN001
+        def __init__(self, network, logger) -> None:
             self.network, self.logger, self.errors = network, logger, []
 
         @property
         def num_errors(self) -> int:
             return len(self.errors)
 
-        def get_error(self, index):  # noqa: ANN001, ANN202
+        def get_error(self, index):
             return self.errors[index]
 
-        def parse(self, model, path=None) -> bool:  # noqa: ANN001
+        def parse(self, model, path=None) -> bool:
             try:
                 proto = onnx.load_from_string(bytes(model))
                 onnx.checker.check_model(proto)
@@ -317,7 +317,7 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
         def __init__(self) -> None:
             self.shapes: dict[str, tuple[_Dims, _Dims, _Dims]] = {}
 
-        def set_shape(self, input, min, opt, max) -> None:  # noqa: A002, ANN001 - the bindings' names
+        def set_shape(self, input, min, opt, max) -> None:
             lo, mid, hi = _dims(min), _dims(opt), _dims(max)
             if not (len(lo) == len(mid) == len(hi)) or any(a > b for a, b in zip(lo, mid, strict=True)):
                 raise RuntimeError("Shape provided for opt is inconsistent with other shapes.")
@@ -339,24 +339,24 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
             self.pools: dict = {}
             self.cache: ITimingCache | None = None
 
-        def set_memory_pool_limit(self, pool, pool_size) -> None:  # noqa: ANN001
+        def set_memory_pool_limit(self, pool, pool_size) -> None:
             if not isinstance(pool, MemoryPoolType):
                 raise TypeError("set_memory_pool_limit(): incompatible function arguments (pool)")
             self.pools[pool] = int(pool_size)
 
-        def add_optimization_profile(self, profile) -> int:  # noqa: ANN001
+        def add_optimization_profile(self, profile) -> int:
             self.profiles.append(profile)
             return len(self.profiles) - 1
 
-        def set_flag(self, flag) -> None:  # noqa: ANN001
+        def set_flag(self, flag) -> None:
             if not isinstance(flag, BuilderFlag):
                 raise TypeError("set_flag(): incompatible function arguments")
             self.flags.add(flag)
 
-        def create_timing_cache(self, serialized_timing_cache) -> ITimingCache:  # noqa: ANN001
+        def create_timing_cache(self, serialized_timing_cache) -> ITimingCache:
             return ITimingCache(bytes(serialized_timing_cache))
 
-        def set_timing_cache(self, cache, ignore_mismatch) -> bool:  # noqa: ANN001
+        def set_timing_cache(self, cache, ignore_mismatch) -> bool:
             self.cache = cache
             return True
 
@@ -364,15 +364,15 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
             return self.cache
 
     class Builder:
-        def __init__(self, logger) -> None:  # noqa: ANN001
+        def __init__(self, logger) -> None:
             self.logger = logger
             if not state.gpu:
                 raise TypeError("pybind11::init(): factory function returned nullptr (CUDA initialization failure "
                                 "with error: 100. no CUDA-capable device is detected)")
 
-        num_DLA_cores = 0
+        num_DLA_cores = 0  # noqa: N815 - TensorRT's own attribute
 
-        def create_network(self, flags=0) -> INetworkDefinition:  # noqa: ANN001
+        def create_network(self, flags=0) -> INetworkDefinition:
             return INetworkDefinition(int(flags))
 
         def create_builder_config(self) -> IBuilderConfig:
@@ -381,7 +381,7 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
         def create_optimization_profile(self) -> IOptimizationProfile:
             return IOptimizationProfile()
 
-        def build_serialized_network(self, network, config):  # noqa: ANN001, ANN201
+        def build_serialized_network(self, network, config):
             typed_bit = 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)
             strongly_typed = api != "10.3" or bool(network.flags & typed_bit)
             if api == "10.3" and strongly_typed and config.flags & {BuilderFlag.FP16, BuilderFlag.INT8}:
@@ -416,10 +416,10 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
             return memoryview(MAGIC + len(head).to_bytes(4, "little") + head + network.onnx)
 
     class IExecutionContext:
-        def __init__(self, engine) -> None:  # noqa: ANN001
+        def __init__(self, engine) -> None:
             self.engine, self.shapes, self.addresses = engine, {}, {}
 
-        def set_input_shape(self, name, shape) -> bool:  # noqa: ANN001
+        def set_input_shape(self, name, shape) -> bool:
             dims = _dims(shape)
             spec = self.engine.io.get(name)
             if spec is None or spec[0] != TensorIOMode.INPUT:
@@ -432,20 +432,20 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
             self.shapes[name] = dims
             return True
 
-        def get_tensor_shape(self, name) -> _Dims:  # noqa: ANN001
+        def get_tensor_shape(self, name) -> _Dims:
             spec = self.engine.io[name]
             if spec[0] == TensorIOMode.INPUT:
                 return self.shapes.get(name, spec[2])
             batch = next(iter(self.shapes.values()), (-1,))[0]
             return _dims([batch if i == 0 and d == -1 else d for i, d in enumerate(spec[2])])
 
-        def set_tensor_address(self, name, memory) -> bool:  # noqa: ANN001
+        def set_tensor_address(self, name, memory) -> bool:
             if name not in self.engine.io or not isinstance(memory, int):
                 return False
             self.addresses[name] = memory
             return True
 
-        def execute_async_v3(self, stream_handle) -> bool:  # noqa: ANN001
+        def execute_async_v3(self, stream_handle) -> bool:
             if not isinstance(stream_handle, int):
                 raise TypeError("execute_async_v3(): incompatible function arguments: stream_handle must be an int")
             if stream_handle not in state.streams:
@@ -476,7 +476,7 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
             return True
 
     class ICudaEngine:
-        def __init__(self, header: dict, onnx_bytes: bytes, logger) -> None:  # noqa: ANN001
+        def __init__(self, header: dict, onnx_bytes: bytes, logger) -> None:
             import onnxruntime as ort
 
             self.logger = logger
@@ -491,19 +491,19 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
         def num_io_tensors(self) -> int:
             return len(self.io)
 
-        def get_tensor_name(self, index) -> str:  # noqa: ANN001
+        def get_tensor_name(self, index) -> str:
             return list(self.io)[index]
 
-        def get_tensor_mode(self, name):  # noqa: ANN001, ANN201
+        def get_tensor_mode(self, name):
             return self.io[name][0] if name in self.io else TensorIOMode.NONE
 
-        def get_tensor_shape(self, name) -> _Dims:  # noqa: ANN001
+        def get_tensor_shape(self, name) -> _Dims:
             return self.io[name][2]
 
-        def get_tensor_dtype(self, name):  # noqa: ANN001, ANN201
+        def get_tensor_dtype(self, name):
             return self.io[name][1]
 
-        def get_tensor_profile_shape(self, name, profile_index) -> list[_Dims]:  # noqa: ANN001
+        def get_tensor_profile_shape(self, name, profile_index) -> list[_Dims]:
             return list(self.profile[name]) if int(profile_index) == 0 else []
 
         device_memory_size_v2 = 1 << 20
@@ -512,10 +512,10 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
             return IExecutionContext(self)
 
     class Runtime:
-        def __init__(self, logger) -> None:  # noqa: ANN001
+        def __init__(self, logger) -> None:
             self.logger = logger
 
-        def deserialize_cuda_engine(self, serialized_engine):  # noqa: ANN001, ANN201
+        def deserialize_cuda_engine(self, serialized_engine):
             data = bytes(serialized_engine)
             if not data.startswith(MAGIC):
                 self.logger.log(Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization "
@@ -551,7 +551,7 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:  # noqa: C901,
     return trt
 
 
-def install(monkeypatch, api: str = "10.3", *, device: Device | None = None, gpu: bool = True) -> types.ModuleType:  # noqa: ANN001
+def install(monkeypatch, api: str = "10.3", *, device: Device | None = None, gpu: bool = True) -> types.ModuleType:
     """Put the stand-in ``tensorrt`` and cuda-python modules in ``sys.modules`` (undone by ``monkeypatch``)."""
     state = _Cuda(device or Device(), gpu)
     trt = _tensorrt_module(api, state)

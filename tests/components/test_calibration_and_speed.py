@@ -57,7 +57,7 @@ def test_cpu_int8_quantizes_only_weight_bearing_ops(tmp_path):
     assert not softmax_inputs & quantized_inputs  # Softmax runs in float
     constants = {i.name for i in graph.initializer}
 
-    def quantized(node) -> bool:  # noqa: ANN001 - in QDQ form: every activation input dequantized, output quantized
+    def quantized(node) -> bool:
         activations = [i for i in node.input if i and i not in constants]
         return set(activations) <= quantized_inputs and bool(set(node.output) & quantized_outputs)
 

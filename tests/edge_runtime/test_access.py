@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 MODEL = "digits-cnn"
 
 
-def _write_pem_pair(directory: Path, name: str, cert, key) -> tuple[Path, Path]:  # noqa: ANN001
+def _write_pem_pair(directory: Path, name: str, cert, key) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives import serialization
 
     (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -40,7 +40,7 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pki")
     now = dt.datetime.now(dt.timezone.utc)
 
-    def issue(subject: str, issuer_name, issuer_key, *, ca: bool = False, server: bool = False):  # noqa: ANN001
+    def issue(subject: str, issuer_name, issuer_key, *, ca: bool = False, server: bool = False):
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
         builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)

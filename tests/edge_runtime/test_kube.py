@@ -53,7 +53,7 @@ class FakeKubeAPI:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 url = urlparse(self.path)
                 selector = parse_qs(url.query).get("labelSelector", [""])[0]
                 if url.path == "/api/v1/nodes":
@@ -77,7 +77,7 @@ class FakeKubeAPI:
                 else:
                     self._send(404, {"kind": "Status", "code": 404})
 
-            def do_PATCH(self) -> None:  # noqa: N802
+            def do_PATCH(self) -> None:
                 name = urlparse(self.path).path.rsplit("/", 1)[1]
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 api.patches.append((name, self.headers["Content-Type"], body))

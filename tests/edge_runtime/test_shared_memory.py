@@ -94,7 +94,7 @@ def _regions(address: str) -> set[str]:
         observer.close()
 
 
-def _wait_for(condition, timeout_s: float = 15.0) -> bool:  # noqa: ANN001
+def _wait_for(condition, timeout_s: float = 15.0) -> bool:
     import time
 
     deadline = time.monotonic() + timeout_s

@@ -319,7 +319,7 @@ def test_a_folder_of_images_calibrates_with_recorded_preprocessing(tmp_path, loc
     assert output_agreement(_per_sample(source, queries), got) >= 0.95
 
 
-def _graph_model(inputs, nodes, outputs, opset: int = 17, domains=()):  # noqa: ANN001, ANN202
+def _graph_model(inputs, nodes, outputs, opset: int = 17, domains=()):
     from onnx import helper
 
     graph = helper.make_graph(nodes, "g", inputs, outputs)
