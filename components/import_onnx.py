@@ -20,14 +20,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeloop_core.contract import FileRef, Manifest, Preprocessing, TensorSpec, Validation, Variant, sha256_file
+from components.tasks import infer_task
+from edgeloop_core.contract import FileRef, Manifest, Preprocessing, Task, TensorSpec, Validation, Variant, sha256_file
 from edgeloop_core.errors import ConfigError, GateFailed
-from edgeloop_core.quality import output_agreement
+from edgeloop_core.quality import (
+    LABEL_FREE_CANDIDATES,
+    check_informative,
+    label_free_value,
+    negative_control,
+    tensor_agreement,
+)
 
 if TYPE_CHECKING:
     import onnx
 
 VARIANTS = ("fp32", "fp16", "int8-qdq", "int8-ort")
+TASK_FILE = "task.json"
+GATE_FILE = "gate.json"
+"""The gate's metric and negative control, for the manifest."""
 
 
 def fetch_uri(uri: str, dest: Path) -> Path:
@@ -108,14 +118,19 @@ class ImportedVariant:
     quantization: str
     backends: list[str]
     agreement: float = 1.0
+    """The gate's metric (``metric``) of this variant against FP32 on the held-out inputs."""
     size_bytes: int = 0
     latency_ms_b1: float = 0.0
     latency_ms_bmax: float = 0.0
     """ONNX Runtime CPU latency at the largest batch the model allows (its fixed batch, or 16)."""
     batch_max: int = 1
+    metric: str = "tensor_agreement"
+    detail: str = ""
+    """The worst output or slice, where the metric compares several."""
 
 
-def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Path) -> list[ImportedVariant]:
+def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Path, *, task: str = "",
+                   layout: str = "") -> list[ImportedVariant]:
     """The intake (:mod:`components.intake`: opset, batch axis, checks) makes ``fp32``; then FP16, INT8 Q/DQ (Model
     Optimizer, for TensorRT) and INT8 (ONNX Runtime, for CPUs), calibrated in batches the model accepts."""
     from modelopt.onnx.quantization import quantize
@@ -126,6 +141,8 @@ def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     report = normalise(source, calibration, out_dir / "fp32.onnx")
     report.save(out_dir)
+    (out_dir / TASK_FILE).write_text(infer_task(tensor_specs(out_dir / "fp32.onnx")[1], task, layout)
+                                     .model_dump_json(indent=2))
     if report.fixed_batch is not None:  # whole batches only: the model accepts no other size
         usable = len(next(iter(calibration.values()))) // report.fixed_batch * report.fixed_batch
         calibration = {k: v[:usable] for k, v in calibration.items()}
@@ -149,25 +166,59 @@ def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Pa
     return variants
 
 
+def read_task(out_dir: Path) -> Task:
+    """The task :func:`build_variants` recorded (a classifier's when there is none: an older import folder)."""
+    path = Path(out_dir) / TASK_FILE
+    return Task.model_validate_json(path.read_text()) if path.exists() else Task()
+
+
+def choose_metric(task: Task, reference: dict[str, np.ndarray], threshold: float) -> tuple[str, float]:
+    """``(metric, negative control)``: the first label-free metric for ``task`` whose negative control (outputs
+    paired with the wrong samples) stays clearly below ``threshold`` on this held-out set; :class:`GateFailed` in
+    one line when none can tell right from wrong here."""
+    reasons = []
+    for metric in LABEL_FREE_CANDIDATES.get(task.kind, ("tensor_agreement",)):
+        control = negative_control(metric, reference, task)
+        reason = check_informative(metric, control, threshold)
+        if reason is None:
+            return metric, control
+        reasons.append(reason.split(": ", 1)[1])
+    raise GateFailed(f"the held-out set cannot judge this {task.kind} model: {'; '.join(reasons)}")
+
+
 def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreement: float) -> list[ImportedVariant]:
-    """Each variant's agreement with FP32 on ``holdout``; :class:`GateFailed` when one falls below
-    ``min_agreement``. Rewrites ``variants.json`` with the figures."""
+    """Each variant against FP32 on ``holdout`` by the task's label-free metric (:func:`choose_metric`);
+    :class:`GateFailed` when one falls below ``min_agreement`` (naming the output or slice that failed, e.g. a
+    detector's scores that INT8 erased). Rewrites ``variants.json`` with the figures."""
     from components.intake import model_batch
 
     variants = [ImportedVariant(**v) for v in json.loads((out_dir / "variants.json").read_text())]
     reference = run_all(out_dir / "fp32.onnx", holdout)
+    task = read_task(out_dir)
+    metric, control = choose_metric(task, reference, min_agreement)
+    (out_dir / GATE_FILE).write_text(json.dumps({"metric": metric, "control": control}))
     fixed = model_batch(out_dir / "fp32.onnx")
     for variant in variants:
-        variant.agreement = output_agreement(reference, run_all(out_dir / variant.file, holdout))
+        got = run_all(out_dir / variant.file, holdout)
+        variant.metric, variant.agreement = metric, label_free_value(metric, reference, got, task)
+        variant.detail = _worst_part(metric, reference, got, task)
         variant.size_bytes = (out_dir / variant.file).stat().st_size
         variant.batch_max = fixed or 16
         variant.latency_ms_b1, variant.latency_ms_bmax = _latencies(out_dir / variant.file, holdout, fixed)
     (out_dir / "variants.json").write_text(json.dumps([asdict(v) for v in variants]))
-    failing = [f"{v.name} agrees {v.agreement:.4f} < {min_agreement:.4f}" for v in variants
-               if v.agreement < min_agreement]
+    failing = [f"{v.name} {v.metric} {v.agreement:.4f} < {min_agreement:.4f}" + (f" ({v.detail})" if v.detail else "")
+               for v in variants if v.agreement < min_agreement]
     if failing:
         raise GateFailed("quality gate failed: " + "; ".join(failing))
     return variants
+
+
+def _worst_part(metric: str, reference: dict[str, np.ndarray], got: dict[str, np.ndarray], task: Task) -> str:
+    if metric != "tensor_agreement":
+        return ""
+    agreement = tensor_agreement(reference, got, task.slices)
+    worst = agreement.worst()
+    return f"{worst.part} {worst.score:.4f} {worst.reason}".rstrip() if worst is not None else ""
 
 
 def _latencies(path: Path, inputs: dict[str, np.ndarray], fixed: int | None) -> tuple[float, float]:
@@ -192,24 +243,28 @@ def write_import_report(path: Path, name: str, variants: list[ImportedVariant], 
     fp32 = next((v for v in variants if v.name == "fp32"), variants[0])
     rows = "".join(
         f"<tr><td>{html.escape(v.name)}</td><td>{v.precision}</td><td>{v.size_bytes / 1024:.1f}</td>"
-        f"<td>{v.agreement:.4f}</td><td>{v.latency_ms_b1:.3f}</td><td>{v.latency_ms_bmax:.3f} (b{v.batch_max})</td>"
+        f"<td>{html.escape(v.metric)} {v.agreement:.4f}{html.escape(' (' + v.detail + ')' if v.detail else '')}</td>"
+        f"<td>{v.latency_ms_b1:.3f}</td><td>{v.latency_ms_bmax:.3f} (b{v.batch_max})</td>"
         f"<td>{fp32.latency_ms_bmax / max(v.latency_ms_bmax, 1e-9):.2f}x</td></tr>" for v in variants)
     changes = "".join(f"<li>{html.escape(c)}</li>" for c in intake.get("changes", [])) or "<li>nothing</li>"
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(name)}</title></head>"
             f"<body><h1>edgeloop import: {html.escape(name)}</h1><h2>Intake</h2><ul>{changes}</ul>"
             f"<p>opset {intake.get('opset_before')} → {intake.get('opset_after')}; batch "
             f"{intake.get('fixed_batch') or 'dynamic'}</p><h2>Variants</h2><table border='1'><tr><th>variant</th>"
-            f"<th>precision</th><th>size KiB</th><th>agreement with fp32</th><th>ORT ms b1</th><th>ORT ms, largest "
-            f"batch</th><th>÷ fp32</th></tr>{rows}</table><p>Latency: ONNX Runtime on the CPU that ran the "
-            f"pipeline; the TensorRT variants' speed is measured on each device.</p></body></html>")
+            f"<th>precision</th><th>size KiB</th><th>task metric against fp32</th><th>ORT ms b1</th>"
+            f"<th>ORT ms, largest batch</th><th>÷ fp32</th></tr>{rows}</table><p>Latency: ONNX Runtime on the CPU "
+            f"that ran the pipeline; the TensorRT variants' speed is measured on each device.</p></body></html>")
     path.write_text(page, encoding="utf-8")
     return path
 
 
 def import_manifest(name: str, version: str, staging: Path, variants: list[ImportedVariant],
                     tolerance: float, samples: int, intake: dict[str, Any] | None = None,
-                    preprocessing: Preprocessing | None = None) -> Manifest:
-    """The unsigned manifest of an imported model (validation by output agreement)."""
+                    preprocessing: Preprocessing | None = None, task: Task | None = None,
+                    gate: dict[str, Any] | None = None) -> Manifest:
+    """The unsigned manifest of an imported model: its task, and validation by the gate's label-free metric
+    (``gate``: ``metric`` and negative ``control``) against the FP32 outputs in ``validation.npz``."""
+    gate = gate or {"metric": variants[0].metric if variants else "tensor_agreement", "control": None}
     inputs, outputs = tensor_specs(staging / "fp32.onnx")
 
     def ref(file: str) -> dict[str, Any]:
@@ -219,12 +274,14 @@ def import_manifest(name: str, version: str, staging: Path, variants: list[Impor
     return Manifest(
         name=name, version=version, created_at=datetime.now(timezone.utc),
         pipeline_run={"pipeline": "edgeloop-import-onnx"},
-        inputs=inputs, outputs=outputs, preprocessing=preprocessing or Preprocessing(kind="none", layout="as exported"),
+        inputs=inputs, outputs=outputs, task=task or Task(),
+        preprocessing=preprocessing or Preprocessing(kind="none", layout="as exported"),
         training={"intake": intake or {}},
         variants=[Variant(**ref(v.file), name=v.name, precision=v.precision, quantization=v.quantization,
                           backends=v.backends, accuracy=v.agreement) for v in variants],  # type: ignore[arg-type]
-        validation=Validation(**ref("validation.npz"), metric="output_agreement", num_samples=samples,
-                              reference={v.name: v.agreement for v in variants}, tolerance=tolerance),
+        validation=Validation(**ref("validation.npz"), metric=gate["metric"], num_samples=samples,
+                              reference={v.name: v.agreement for v in variants}, tolerance=tolerance,
+                              control=gate.get("control")),
         report=FileRef(**ref("report.html")) if (staging / "report.html").exists() else None,
     )
 
@@ -287,7 +344,10 @@ def publish_imported(*, onnx_dir: str, holdout_path: str, model_name: str, bucke
         write_import_report(staging / "report.html", model_name, variants, intake)
         prep_file = Path(onnx_dir) / "preprocessing.json"
         preprocessing = Preprocessing.model_validate_json(prep_file.read_text()) if prep_file.exists() else None
-        manifest = import_manifest(model_name, version, staging, variants, tolerance, samples, intake, preprocessing)
+        gate_file = Path(onnx_dir) / GATE_FILE
+        gate = json.loads(gate_file.read_text()) if gate_file.exists() else None
+        manifest = import_manifest(model_name, version, staging, variants, tolerance, samples, intake, preprocessing,
+                                   read_task(Path(onnx_dir)), gate)
         signed = publish_version(ObjectStore(bucket, endpoint_url=s3_endpoint or None), manifest, staging,
                                  load_signing_key(), layout=ArtifactLayout(prefix), channel=channel or None)
     Path(manifest_out).write_text(signed.to_json())

@@ -645,15 +645,14 @@ class ModelRuntime:
         return choice
 
     def _time_variant(self, engine: Engine, validation_path: Path, manifest: Manifest) -> tuple[Timing, Timing]:
-        inputs, _ = read_validation_set(validation_path, manifest, engine)
+        inputs = read_validation_set(validation_path, manifest, engine).inputs
         sample = {k: v[:1] for k, v in inputs.items()}
         return time_variant(engine, sample, engine.max_batch_size,
                             budget_s=self.settings.variant_choice_budget_s)
 
-
     def _tune(self, engine: Engine, validation_path: Path, manifest: Manifest) -> BatchingChoice:
         """Sweep batch sizes on this device and choose the batcher's limits (reported as ``batch_sweep``)."""
-        inputs, _ = read_validation_set(validation_path, manifest, engine)
+        inputs = read_validation_set(validation_path, manifest, engine).inputs
         points = sweep(engine, {k: v[:1] for k, v in inputs.items()}, engine.max_batch_size)
         assert self.batching_budget_ms is not None
         choice = choose(points, self.batching_budget_ms, self.max_queue_delay_us)

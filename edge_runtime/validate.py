@@ -1,9 +1,11 @@
-"""Validate before serving: the version's held-out set through the engine this device built, against the
-manifest's reference accuracy (minus tolerance) and, when configured, a batch-1 p99 latency budget."""
+"""Validate before serving: the version's held-out set through the engine this device built, judged by the model's
+task (:mod:`edgeloop_core.quality`) against the manifest's reference (minus tolerance) and, when configured, a
+batch-1 p99 latency budget."""
 
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,9 @@ import numpy as np
 
 from edge_runtime.build.engines.base import Engine
 from edgeloop_core.contract import Manifest
+from edgeloop_core.detection import decode, detection_map
 from edgeloop_core.errors import ValidationFailed
-from edgeloop_core.quality import output_agreement
+from edgeloop_core.quality import label_free_value, output_agreement, tensor_agreement, top1_accuracy
 from edgeloop_core.timing import time_calls
 
 
@@ -55,45 +58,83 @@ def _run_batched(engine: Engine, inputs: dict[str, np.ndarray]) -> dict[str, np.
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-def read_validation_set(validation_path: Path, manifest: Manifest,
-                        engine: Engine) -> tuple[dict[str, np.ndarray], np.ndarray | dict[str, np.ndarray]]:
-    """``(inputs by name, expected)`` from a version's ``validation.npz``.
+@dataclass(frozen=True)
+class ValidationSet:
+    """A version's ``validation.npz``: the inputs, and what the outputs are judged against.
 
-    ``top1_accuracy``: ``inputs`` and ``labels`` arrays (expected = labels). ``output_agreement`` (imported models):
-    ``input:<name>`` arrays for every input and ``reference:<name>`` FP32 outputs (expected = those outputs).
-    """
+    Arrays: ``inputs`` (the model's one input) or ``input:<name>`` for each input; ``labels`` (class per sample);
+    ``reference:<output>`` (the FP32 model's outputs, for the label-free metrics); ``coco`` (COCO-format labels as
+    JSON text, for ``detection_map50``)."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    reference: dict[str, np.ndarray] | None = None
+    coco: dict[str, Any] | None = None
+
+
+def read_validation_set(validation_path: Path, manifest: Manifest, engine: Engine) -> ValidationSet:
+    """The arrays of ``validation.npz`` (see :class:`ValidationSet`); never unpickles anything."""
     with np.load(validation_path, allow_pickle=False) as npz:
-        if manifest.validation.metric == "output_agreement":
-            inputs = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("input:")}
-            expected: np.ndarray | dict[str, np.ndarray] = {
-                k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("reference:")}
-        else:
-            inputs, expected = {engine.inputs[0].name: npz["inputs"]}, npz["labels"]
-    return inputs, expected
+        inputs = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("input:")}
+        if not inputs:
+            inputs = {engine.inputs[0].name: npz["inputs"]}
+        reference = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("reference:")}
+        labels = npz["labels"] if "labels" in npz.files else None
+        coco = json.loads(str(npz["coco"])) if "coco" in npz.files else None
+    return ValidationSet(inputs, labels, reference or None, coco)
+
+
+def _missing(what: str, metric: str) -> ValidationFailed:
+    return ValidationFailed(f"validation.npz has no {what}, which {metric} needs: publish it again")
+
+
+def measure(manifest: Manifest, outputs: dict[str, np.ndarray], data: ValidationSet) -> tuple[float, str]:
+    """The manifest's metric of ``outputs`` on ``data``, and a detail line (the worst output or slice) or ``""``."""
+    metric, task = manifest.validation.metric, manifest.task
+    if metric == "top1_accuracy":
+        if data.labels is None:
+            raise _missing("labels", metric)
+        return top1_accuracy(outputs, data.labels, task), ""
+    if metric == "detection_map50":
+        if data.coco is None:
+            raise _missing("COCO labels", metric)
+        return detection_map(decode(outputs, task), data.coco)[0], ""
+    if data.reference is None:
+        raise _missing("FP32 reference outputs", metric)
+    if metric == "output_agreement":  # schema 2: one cosine, but a collapsed output fails all the same
+        collapsed = [p for p in tensor_agreement(data.reference, outputs).parts if p.collapsed]
+        if collapsed:
+            return 0.0, f"{collapsed[0].part} {collapsed[0].reason}"
+        return output_agreement(data.reference, outputs), ""
+    if metric == "tensor_agreement":
+        agreement = tensor_agreement(data.reference, outputs, task.slices)
+        worst = agreement.worst()
+        return agreement.value, (f"worst part {worst.part} {worst.score:.4f} {worst.reason}".rstrip()
+                                 if worst is not None and len(agreement.parts) > 1 else "")
+    return label_free_value(metric, data.reference, outputs, task), ""
 
 
 def validate(engine: Engine, validation_path: Path, manifest: Manifest, variant: str, *,
              latency_budget_p99_ms: float | None = None, latency_runs: int = 100) -> ValidationResult:
-    """Run the validation set; ``passed`` only if the metric and (when set) latency are within bounds.
+    """Run the validation set; ``passed`` only if the task's metric and (when set) latency are within bounds.
 
-    The metric is the manifest's (see :func:`read_validation_set`; ``output_agreement`` compares by
-    :func:`output_agreement`). Latency: batch-1 requests cycling through the validation samples.
+    The metric is the manifest's (:func:`measure`: top-1 or mAP against labels, or agreement with the FP32 model
+    judged by the task). Latency: batch-1 requests cycling through the validation samples.
     """
     spec = manifest.validation
-    inputs, expected = read_validation_set(validation_path, manifest, engine)
-    outputs = _run_batched(engine, inputs)
-    if isinstance(expected, dict):
-        value = output_agreement(expected, outputs)
-    else:
-        value = float((next(iter(outputs.values())).argmax(axis=1) == expected).mean())
+    data = read_validation_set(validation_path, manifest, engine)
+    outputs = _run_batched(engine, data.inputs)
+    value, detail = measure(manifest, outputs, data)
     reference = spec.reference.get(variant, max(spec.reference.values()))
-    count = len(next(iter(inputs.values())))
-    samples = itertools.cycle([{k: v[i : i + 1] for k, v in inputs.items()} for i in range(min(count, latency_runs))])
+    count = len(next(iter(data.inputs.values())))
+    samples = itertools.cycle([{k: v[i : i + 1] for k, v in data.inputs.items()}
+                               for i in range(min(count, latency_runs))])
     timing = time_calls(lambda: engine.infer(next(samples)), runs=max(1, min(latency_runs, count)), warmup=0)
     p50, p99 = timing.p50_ms, timing.p99_ms
     reasons = []
     if value < reference - spec.tolerance - 1e-9:
-        reasons.append(f"{spec.metric} {value:.4f} below {reference:.4f} - {spec.tolerance:.4f}")
+        reasons.append(f"{spec.metric} {value:.4f} below {reference:.4f} - {spec.tolerance:.4f}"
+                       + (f" ({detail})" if detail else ""))
     if latency_budget_p99_ms is not None and p99 > latency_budget_p99_ms:
         reasons.append(f"batch-1 p99 {p99:.2f} ms over the {latency_budget_p99_ms:.2f} ms budget")
     return ValidationResult(variant=variant, metric=spec.metric, value=value, reference=reference,

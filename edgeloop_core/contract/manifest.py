@@ -10,9 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgeloop_core.errors import ManifestInvalid
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped on any change the edge must know about; the edge refuses a manifest newer than it understands.
-2: variants carry ``preferred`` and ``speedup`` (the pipeline's CPU speed-up figures)."""
+2: variants carry ``preferred`` and ``speedup`` (the pipeline's CPU speed-up figures).
+3: a ``task`` (what the outputs mean: classification, detection with its layout, declared output slices) and the
+validation metrics that judge by it (``top1_agreement``, ``tensor_agreement``, ``detection_f1``, ``detection_map50``),
+with the negative control measured when the validation set was made."""
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 """Model names, versions and channels: lower case, safe in S3 keys, Kubernetes annotations and file names."""
@@ -32,6 +35,58 @@ class TensorSpec(_Strict):
     name: str
     datatype: Datatype
     shape: list[int] = Field(description="-1 marks a dynamic axis (the batch axis first)")
+
+
+TaskKind = Literal["classification", "detection", "keyword_spotting", "embedding", "raw"]
+DetectionLayout = Literal["yolov5", "yolov8", "end2end", "separate"]
+"""How a detector's outputs are laid out:
+
+* ``yolov8``: one output ``[batch, 4 + classes, anchors]`` (YOLOv8/v11 exports): boxes ``cx, cy, w, h`` then one
+  score per class, before NMS;
+* ``yolov5``: one output ``[batch, anchors, 5 + classes]``: ``cx, cy, w, h``, objectness, class scores, before NMS;
+* ``end2end``: one output ``[batch, detections, 6]``: ``x1, y1, x2, y2, score, class`` (YOLOv10, NMS-appended exports);
+* ``separate``: outputs named by role in :attr:`Task.roles`: ``boxes`` ``[batch, n, 4]`` (``x1, y1, x2, y2``),
+  ``scores`` ``[batch, n]`` (or ``[batch, n, classes]``), optionally ``classes`` ``[batch, n]`` and
+  ``num_detections`` ``[batch]`` (or ``[batch, 1]``)."""
+
+
+class OutputSlice(_Strict):
+    """A named part of one output, taken along one axis and compared on its own: a detector's box coordinates and its
+    class scores are different quantities and must never be judged as one number."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    output: str
+    axis: int = Field(ge=1, description="axis of the output the slice is taken along (0 is the batch)")
+    start: int = Field(ge=0)
+    stop: int | None = Field(default=None, description="exclusive end; none: to the end of the axis")
+
+
+class Task(_Strict):
+    """What a model's outputs mean, so the gate, the device's validation and its variant choice judge by the task's
+    metric (top-1, detections, each output and slice on its own) and never by one number over mixed quantities."""
+
+    kind: TaskKind = "classification"
+    layout: DetectionLayout | None = Field(default=None, description="detection only: how the outputs are laid out")
+    roles: dict[str, str] = Field(
+        default_factory=dict,
+        description="role -> output name: `logits` for a classifier with several outputs; `boxes`, `scores`, "
+                    "`classes`, `num_detections` for the separate detection layout")
+    num_classes: int | None = Field(default=None, gt=0)
+    slices: list[OutputSlice] = Field(default_factory=list,
+                                      description="declared slices, compared each on its own (detection: derived)")
+    score_threshold: float = Field(default=0.25, ge=0.0, le=1.0,
+                                   description="detection: boxes below this score are not detections")
+    iou_threshold: float = Field(default=0.45, gt=0.0, le=1.0, description="detection: NMS overlap threshold")
+
+    @model_validator(mode="after")
+    def _layout_for_detection(self) -> Task:
+        if self.kind == "detection" and self.layout is None:
+            raise ValueError("a detection task needs its layout (yolov5, yolov8, end2end or separate)")
+        if self.kind != "detection" and self.layout is not None:
+            raise ValueError(f"layout {self.layout!r} is for detection, not {self.kind}")
+        if self.layout == "separate" and not {"boxes", "scores"} <= set(self.roles):
+            raise ValueError("the separate detection layout names its `boxes` and `scores` outputs in roles")
+        return self
 
 
 class Preprocessing(_Strict):
@@ -83,10 +138,20 @@ class Variant(FileRef):
 class Validation(FileRef):
     """The held-out set the device runs before it serves, and what it must reach."""
 
-    metric: Literal["top1_accuracy", "output_agreement"] = "top1_accuracy"
+    metric: Literal["top1_accuracy", "output_agreement", "top1_agreement", "tensor_agreement", "detection_f1",
+                    "detection_map50"] = Field(
+        default="top1_accuracy",
+        description="top1_accuracy: against labels; detection_map50: COCO mAP@0.5 against labels; with no labels, "
+                    "agreement with the FP32 model: top1_agreement (classifiers), detection_f1 (matched boxes after "
+                    "decode and NMS), tensor_agreement (each output and declared slice on its own, a collapsed one "
+                    "fails); output_agreement: one cosine over all outputs (schema 2, still read)")
     num_samples: int = Field(gt=0)
     reference: dict[str, float] = Field(description="metric measured in the cloud on this file, per variant name")
     tolerance: float = Field(ge=0.0, description="allowed drop below the reference, same units as the metric")
+    control: float | None = Field(
+        default=None,
+        description="the metric on shuffled pairings (a negative control), measured when the set was made: it must lie "
+                    "clearly below the reference minus tolerance, or the set could not tell right from wrong")
 
 
 class EngineRef(FileRef):
@@ -114,6 +179,7 @@ class Manifest(_Strict):
     training: dict[str, Any] = Field(default_factory=dict)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    task: Task = Field(default_factory=Task)
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     labels: list[str] = Field(default_factory=list)
     variants: list[Variant] = Field(min_length=1)
@@ -152,8 +218,15 @@ class Manifest(_Strict):
         return refs
 
     def canonical_bytes(self) -> bytes:
-        """The bytes that are signed: sorted-key compact JSON of every field except ``signature``."""
+        """The bytes that are signed: sorted-key compact JSON of every field except ``signature``.
+
+        Fields added in schema 3 (``task``, ``validation.control``) are left out while they hold their defaults, so a
+        manifest signed before they existed verifies exactly as it did."""
         payload = self.model_dump(mode="json", exclude={"signature"})
+        if self.task == Task():
+            del payload["task"]
+        if self.validation.control is None:
+            del payload["validation"]["control"]
         return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     def to_json(self) -> str:
