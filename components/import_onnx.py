@@ -11,6 +11,7 @@ sample (flattened); the metric is the mean over samples and outputs (1.0 = ident
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from edgeloop_core.quality import (
 if TYPE_CHECKING:
     import onnx
 
+log = logging.getLogger(__name__)
 VARIANTS = ("fp32", "fp16", "int8-qdq", "int8-ort")
 TASK_FILE = "task.json"
 GATE_FILE = "gate.json"
@@ -187,16 +189,19 @@ def choose_metric(task: Task, reference: dict[str, np.ndarray], threshold: float
 
 
 def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreement: float) -> list[ImportedVariant]:
-    """Each variant against FP32 on ``holdout`` by the task's label-free metric (:func:`choose_metric`);
-    :class:`GateFailed` when one falls below ``min_agreement`` (naming the output or slice that failed, e.g. a
-    detector's scores that INT8 erased). Rewrites ``variants.json`` with the figures."""
+    """Each variant against FP32 on ``holdout`` by the task's label-free metric (:func:`choose_metric`).
+
+    A variant below ``min_agreement`` fails the gate and is left out of the version (the reason, naming the output or
+    slice that failed, e.g. a detector's class scores that INT8 erased, goes to ``gate.json``, the report and the
+    log), so no device can choose it; :class:`GateFailed` when FP32 itself fails (a threshold above what the
+    reference reaches) or nothing passes. Rewrites ``variants.json`` with the variants that passed and their
+    figures."""
     from components.intake import model_batch
 
     variants = [ImportedVariant(**v) for v in json.loads((out_dir / "variants.json").read_text())]
     reference = run_all(out_dir / "fp32.onnx", holdout)
     task = read_task(out_dir)
     metric, control = choose_metric(task, reference, min_agreement)
-    (out_dir / GATE_FILE).write_text(json.dumps({"metric": metric, "control": control}))
     fixed = model_batch(out_dir / "fp32.onnx")
     for variant in variants:
         got = run_all(out_dir / variant.file, holdout)
@@ -205,12 +210,18 @@ def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreem
         variant.size_bytes = (out_dir / variant.file).stat().st_size
         variant.batch_max = fixed or 16
         variant.latency_ms_b1, variant.latency_ms_bmax = _latencies(out_dir / variant.file, holdout, fixed)
-    (out_dir / "variants.json").write_text(json.dumps([asdict(v) for v in variants]))
-    failing = [f"{v.name} {v.metric} {v.agreement:.4f} < {min_agreement:.4f}" + (f" ({v.detail})" if v.detail else "")
-               for v in variants if v.agreement < min_agreement]
-    if failing:
-        raise GateFailed("quality gate failed: " + "; ".join(failing))
-    return variants
+    failing = {v.name: f"{v.name} {v.metric} {v.agreement:.4f} < {min_agreement:.4f}"
+               + (f" ({v.detail})" if v.detail else "") for v in variants if v.agreement < min_agreement}
+    passed = [v for v in variants if v.name not in failing]
+    if "fp32" in failing or not passed:
+        raise GateFailed("quality gate failed: " + "; ".join(failing.values()))
+    for reason in failing.values():
+        log.warning("left out of the version: %s", reason)
+    (out_dir / GATE_FILE).write_text(json.dumps({"metric": metric, "control": control, "threshold": min_agreement,
+                                                 "excluded": [{**asdict(v), "reason": failing[v.name]}
+                                                              for v in variants if v.name in failing]}))
+    (out_dir / "variants.json").write_text(json.dumps([asdict(v) for v in passed]))
+    return passed
 
 
 def _worst_part(metric: str, reference: dict[str, np.ndarray], got: dict[str, np.ndarray], task: Task) -> str:
@@ -236,8 +247,10 @@ def _latencies(path: Path, inputs: dict[str, np.ndarray], fixed: int | None) -> 
             time_calls(lambda: session.run(None, many), runs=20, warmup=3).p50_ms)
 
 
-def write_import_report(path: Path, name: str, variants: list[ImportedVariant], intake: dict[str, Any]) -> Path:
-    """The imported model's report: what the intake changed, and size, agreement and latency per variant."""
+def write_import_report(path: Path, name: str, variants: list[ImportedVariant], intake: dict[str, Any],
+                        gate: dict[str, Any] | None = None) -> Path:
+    """The imported model's report: what the intake changed; size, the gate's task metric against FP32 and latency
+    per variant; the negative control; and the variants the gate left out, with why."""
     import html
 
     fp32 = next((v for v in variants if v.name == "fp32"), variants[0])
@@ -247,13 +260,20 @@ def write_import_report(path: Path, name: str, variants: list[ImportedVariant], 
         f"<td>{v.latency_ms_b1:.3f}</td><td>{v.latency_ms_bmax:.3f} (b{v.batch_max})</td>"
         f"<td>{fp32.latency_ms_bmax / max(v.latency_ms_bmax, 1e-9):.2f}x</td></tr>" for v in variants)
     changes = "".join(f"<li>{html.escape(c)}</li>" for c in intake.get("changes", [])) or "<li>nothing</li>"
+    gate = gate or {}
+    judged = (f"<p>Gate: {html.escape(str(gate['metric']))} against FP32 on the held-out inputs, at least "
+              f"{gate.get('threshold', 0.0):.4f}; the same metric on wrongly paired samples (the negative control): "
+              f"{gate.get('control', 0.0):.4f}.</p>" if gate.get("metric") else "")
+    left_out = "".join(f"<li>{html.escape(e['reason'])}</li>" for e in gate.get("excluded", []))
+    judged += f"<h2>Left out by the gate</h2><ul>{left_out}</ul>" if left_out else ""
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(name)}</title></head>"
             f"<body><h1>edgeloop import: {html.escape(name)}</h1><h2>Intake</h2><ul>{changes}</ul>"
             f"<p>opset {intake.get('opset_before')} → {intake.get('opset_after')}; batch "
             f"{intake.get('fixed_batch') or 'dynamic'}</p><h2>Variants</h2><table border='1'><tr><th>variant</th>"
             f"<th>precision</th><th>size KiB</th><th>task metric against fp32</th><th>ORT ms b1</th>"
             f"<th>ORT ms, largest batch</th><th>÷ fp32</th></tr>{rows}</table><p>Latency: ONNX Runtime on the CPU "
-            f"that ran the pipeline; the TensorRT variants' speed is measured on each device.</p></body></html>")
+            f"that ran the pipeline; the TensorRT variants' speed is measured on each device.</p>{judged}"
+            "</body></html>")
     path.write_text(page, encoding="utf-8")
     return path
 
@@ -341,11 +361,11 @@ def publish_imported(*, onnx_dir: str, holdout_path: str, model_name: str, bucke
 
         report = IntakeReport.load(Path(onnx_dir))
         intake = asdict(report) if report else {}
-        write_import_report(staging / "report.html", model_name, variants, intake)
-        prep_file = Path(onnx_dir) / "preprocessing.json"
-        preprocessing = Preprocessing.model_validate_json(prep_file.read_text()) if prep_file.exists() else None
         gate_file = Path(onnx_dir) / GATE_FILE
         gate = json.loads(gate_file.read_text()) if gate_file.exists() else None
+        write_import_report(staging / "report.html", model_name, variants, intake, gate)
+        prep_file = Path(onnx_dir) / "preprocessing.json"
+        preprocessing = Preprocessing.model_validate_json(prep_file.read_text()) if prep_file.exists() else None
         manifest = import_manifest(model_name, version, staging, variants, tolerance, samples, intake, preprocessing,
                                    read_task(Path(onnx_dir)), gate)
         signed = publish_version(ObjectStore(bucket, endpoint_url=s3_endpoint or None), manifest, staging,

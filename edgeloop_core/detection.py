@@ -51,7 +51,8 @@ def box_iou(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float6
     area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
     area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
     union = area_a[:, None] + area_b[None, :] - overlap
-    return np.where(union > 0, overlap / np.maximum(union, 1e-12), 0.0)
+    same = np.all(a[:, None, :] == b[None, :, :], axis=2)  # two empty boxes in one place still match each other
+    return np.where(union > 0, overlap / np.maximum(union, 1e-12), np.where(same, 1.0, 0.0))
 
 
 def nms(boxes: NDArray[np.float64], scores: NDArray[np.float64], classes: NDArray[np.int64], iou: float,
@@ -71,6 +72,8 @@ def _kept(boxes: NDArray[np.float64], scores: NDArray[np.float64], classes: NDAr
           suppress: bool) -> Detections:
     mask = scores > task.score_threshold
     boxes, scores, classes = boxes[mask], scores[mask], classes[mask]
+    # corners in order (x1 <= x2, y1 <= y2): an untrained or foreign head may emit them swapped
+    boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:])], axis=1)
     if suppress:
         keep = nms(boxes, scores, classes, task.iou_threshold)
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
