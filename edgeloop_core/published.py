@@ -44,10 +44,15 @@ def resolve_version(store: ObjectStore, layout: ArtifactLayout, name: str, versi
 def resolve_desired(store: ObjectStore, layout: ArtifactLayout, name: str, version_or_channel: str,
                     trusted: Ed25519PublicKey | Iterable[Ed25519PublicKey] | None = None, *,
                     min_sequence: int = 0) -> tuple[str, ChannelPointer | None]:
-    """``(version, pointer)``: a version named directly (pinned; no pointer), or a channel's verified pointer."""
+    """``(version, pointer)``: a channel's verified pointer, or a version named directly (pinned; no pointer).
+
+    The channel pointer is looked for first: a name with a pointer is a channel, whatever else the bucket holds under
+    that name. (Looking for a version first let anyone who can write to the bucket freeze a channel without the model
+    key: an object planted at ``models/<name>/<channel>/manifest.json`` made the device ignore the signed pointer.)"""
     check_name(name, "model name")
     check_name(version_or_channel, "version or channel")
-    if store.exists(layout.manifest_key(name, version_or_channel)):
+    if not store.exists(layout.channel_key(name, version_or_channel)) and store.exists(
+            layout.manifest_key(name, version_or_channel)):
         return version_or_channel, None
     pointer = read_channel(store, layout, name, version_or_channel, trusted, min_sequence=min_sequence)
     return pointer.version, pointer

@@ -206,8 +206,9 @@ class ArtifactCache:
         free = shutil.disk_usage(self.root).free
         if needed + _HEADROOM_BYTES > free:
             raise CacheFull(
-                f"{manifest.name}/{manifest.version} needs {needed / 2**20:.1f} MiB, but the disk under {self.root} "
-                f"has {free / 2**20:.1f} MiB free: free space on the device")
+                f"{manifest.name}/{manifest.version} needs {needed / 2**20:.1f} MiB plus "
+                f"{_HEADROOM_BYTES / 2**20:.0f} MiB of headroom (the outbox and engine builds write too), but the "
+                f"disk under {self.root} has {free / 2**20:.1f} MiB free: free space on the device")
         return needed
 
     def sweep_temporary(self) -> list[Path]:

@@ -35,7 +35,7 @@ DEFAULT_TTL = timedelta(days=90)
 def check_name(value: object, what: str) -> str:
     """``value`` if it is a valid model name, version or channel (:data:`NAME_PATTERN`), else :class:`ConfigError`
     naming ``what``: nothing that becomes an S3 key or a cache path escapes its folder."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         shown = repr(value)[:80]
         raise ConfigError(f"{what} {shown} is not a valid name (lower case letters, digits, '.', '_', '-'; "
                           f"at most 63 characters, starting with a letter or digit)")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgeloop_core.contract.layout import MANIFEST_FILE
 from edgeloop_core.errors import ManifestInvalid
 
 SCHEMA_VERSION = 3
@@ -200,6 +201,10 @@ class Manifest(_Strict):
         missing = set(self.validation.reference) - set(names)
         if missing:
             raise ValueError(f"validation.reference names unknown variants: {sorted(missing)}")
+        files = [ref.file for ref in self.files()]
+        clashes = sorted({f for f in files if files.count(f) > 1 or f == MANIFEST_FILE})
+        if clashes:  # each file has its own place beside manifest.json in the bucket and in a device's cache
+            raise ValueError(f"file names must be unique and not {MANIFEST_FILE!r}, got {clashes}")
         return self
 
     def variant(self, name: str) -> Variant:

@@ -80,6 +80,10 @@ def test_file_digest_and_size_are_checked(tmp_path):
         (lambda m: m.update(name="Bad Name"), "name"),
         (lambda m: m["validation"]["reference"].update(ghost=0.5), "unknown variants"),
         (lambda m: m.update(unexpected=True), "unexpected"),
+        (lambda m: m["variants"][0].update(file="manifest.json"), "manifest.json"),  # would overwrite the manifest
+        (lambda m: m["variants"][1].update(file=m["variants"][0]["file"]), "unique"),
+        (lambda m: m.update(version="v1\n"), "version"),
+        (lambda m: m.update(task={"kind": "detection"}), "layout"),
     ],
 )
 def test_invalid_manifests_give_one_readable_line(tmp_path, mutate, where):
@@ -188,3 +192,13 @@ def test_several_trusted_keys_let_a_fleet_rotate_its_model_key(tmp_path, signing
     (tmp_path / "junk.pem").write_text("not a key")
     with pytest.raises(ConfigError):
         load_verify_keys(tmp_path / "junk.pem")
+
+
+@pytest.mark.parametrize("name", ["stable\n", "v1\n", "\nstable", "demo model", "../x", "A", ""])
+def test_a_name_must_match_whole(name):
+    """The one name pattern is matched whole: ``re.match`` with ``$`` let a trailing newline through."""
+    from edgeloop_core.contract import check_name
+
+    with pytest.raises(ConfigError) as info:
+        check_name(name, "channel")
+    assert "not a valid name" in str(info.value)

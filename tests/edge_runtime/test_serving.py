@@ -294,3 +294,17 @@ def test_identical_devices_share_an_engine(store, signing_key, trained, edge_set
         assert second.events("validated")[-1]["passed"]  # a shared engine is still validated before serving
     finally:
         second.stop()
+
+
+def test_an_object_planted_under_the_channel_name_cannot_freeze_the_channel(served, trained, signing_key):
+    """A bucket writer without the model key plants ``models/<model>/stable/manifest.json`` — junk, or a genuinely
+    signed manifest of the version serving now — hoping the device takes "stable" for a version and ignores the
+    signed pointer. The signed pointer wins: the device moves to the version it names."""
+    edge, store = served
+    genuine = store.get_bytes("models/digits-cnn/v1/manifest.json")
+    for planted in (b"{}", genuine):
+        store.put_bytes("models/digits-cnn/stable/manifest.json", planted)
+        version = f"v-planted-{len(planted)}"
+        publish_model(store, signing_key, trained, version)  # moves stable, signed, to the new version
+        edge.call(edge.app.runtime.reconcile())
+        assert edge.app.runtime.serving.version == version
