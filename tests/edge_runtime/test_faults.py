@@ -67,6 +67,9 @@ def test_malformed_replayed_and_unsigned_channel_pointers_never_stop_the_device(
         wait_until(lambda reason=reason: edge.events("failed") and reason in _last_failure(edge), timeout=10)
         assert edge.app.runtime.serving.version == "v1", label
         assert edge.app.alive(), f"the loop died on {label}"
+        # Ready stays true: the last good version serves, and a pointer anyone with bucket write access can plant
+        # must not take every device of a fleet out of its Services (nor stall a rollout it is not part of)
+        assert edge.app.runtime.ready(), f"not ready after {label}"
     failures = edge.events("failed")
     assert all(f["serving_version"] == "v1" for f in failures)
     # the next valid pointer is picked up by the loop itself
