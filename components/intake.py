@@ -7,9 +7,12 @@ What it changes (each change is recorded, and goes into the manifest's ``trainin
   opset 13, TensorRT 10.3's parser wants ≥ 13), then ``onnx.checker``-ed;
 * **a fixed batch** becomes a dynamic one when the graph allows: every input's and output's leading dimension
   becomes ``batch``, and a ``Reshape`` whose constant target shape hard-codes the batch copies it from its input
-  instead (``0``). The result must agree with the original, sample by sample, at batch 1 and 2; otherwise the model
-  keeps its fixed batch, and calibration, agreement, validation and serving all run at that batch (the manifest's
-  input shape says so, the batcher never merges past it, TensorRT's profile is fixed).
+  instead (``0``; a constant several Reshapes share, as YOLOv8's head does, is rewritten once for all of them). The
+  result must pass ``onnx.checker`` and agree with the original, sample by sample, at batch 1 and 2; otherwise the
+  model keeps its fixed batch, and calibration, agreement, validation and serving all run at that batch (the
+  manifest's input shape says so, the batcher never merges past it, TensorRT's profile is fixed). The change
+  recorded then says why in the words of whatever refused: the checker's message, ONNX Runtime's, or the output
+  that a batch of 2 changes (``edgeloop pipeline import-onnx`` prints it).
 
 What it refuses, with one line that names the node or tensor and says what to do: sequence, map or optional inputs
 or outputs, inputs of unknown rank, inputs or outputs of a type edgeloop does not serve (strings, bfloat16, 8-bit
@@ -21,6 +24,7 @@ graph.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,11 +126,12 @@ def _check_types(model: onnx.ModelProto) -> dict[str, str]:
     return types
 
 
-def _session(model_bytes: bytes):  # noqa: ANN202 - onnxruntime session
+def _session(model_bytes: bytes, *, quiet: bool = False):  # noqa: ANN202 - onnxruntime session
+    """An ONNX Runtime CPU session; ``quiet``: not even errors are logged (a trial whose exception says why)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if quiet else 3
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
@@ -147,8 +152,24 @@ def _agrees(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
                                     for x, y in zip(a, b, strict=True))
 
 
+def _unique_name(graph: onnx.GraphProto, wanted: str) -> str:
+    """``wanted``, or ``wanted`` with a numeric suffix, unused by any initializer, node output or graph input."""
+    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | {
+        v.name for v in graph.input}
+    name, count = wanted, 1
+    while name in taken:
+        name, count = f"{wanted}_{count}", count + 1
+    return name
+
+
 def _make_batch_dynamic(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, int]:
-    """A copy of ``model`` with a dynamic leading axis; returns it and how many Reshapes were rewritten."""
+    """A copy of ``model`` with a dynamic leading axis; returns it and how many Reshapes were rewritten.
+
+    A Reshape whose constant target shape starts with the batch gets a copy of that shape with ``0`` (copy the
+    input's leading axis) in front. Exporters often share one shape constant between several Reshapes (YOLOv8's
+    head reshapes its three scales with one): each shared constant gets one rewritten copy, used by all of them,
+    so the graph never holds two initializers of one name.
+    """
     import onnx
     from onnx import numpy_helper
 
@@ -163,6 +184,7 @@ def _make_batch_dynamic(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelP
     constants = {i.name: i for i in graph.initializer}
     constants.update({n.output[0]: n.attribute[0].t for n in graph.node
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    copies: dict[str, str] = {}  # shape constant -> its batch-copying rewrite
     rewritten = 0
     for node in graph.node:
         if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
@@ -170,13 +192,70 @@ def _make_batch_dynamic(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelP
         target = numpy_helper.to_array(constants[node.input[1]])
         if target.ndim != 1 or target.size < 2 or int(target[0]) != batch:
             continue
-        new = target.copy()
-        new[0] = 0  # copy the batch from the input (allowzero is 0 by default)
-        name = f"{node.input[1]}/edgeloop_dynamic_batch"
-        graph.initializer.append(numpy_helper.from_array(new.astype(target.dtype), name))
-        node.input[1] = name
+        if node.input[1] not in copies:
+            new = target.copy()
+            new[0] = 0  # copy the batch from the input (allowzero is 0 by default)
+            name = _unique_name(graph, f"{node.input[1]}/edgeloop_dynamic_batch")
+            graph.initializer.append(numpy_helper.from_array(new.astype(target.dtype), name))
+            copies[node.input[1]] = name
+        node.input[1] = copies[node.input[1]]
         rewritten += 1
     return onnx.shape_inference.infer_shapes(candidate), rewritten
+
+
+ORT_NODE_FAILURE = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' "
+                              r"Status Message: (?:\S+:\d+ \w+ )?(.*)")
+"""ONNX Runtime's words for a node that failed: the operator, the node's name, and (after the source location) why."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """What ``exc`` says, in one line of at most 300 characters: the first line (checker messages run over
+    several), or for a node ONNX Runtime could not run, ``"Concat node 'join': <why>"``."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    failed = ORT_NODE_FAILURE.search(text)
+    if failed:
+        text = f"{failed.group(1)} node {failed.group(2)!r}: {failed.group(3)}"
+    return text[:300]
+
+
+def _differs(a: list[np.ndarray], b: list[np.ndarray], names: list[str]) -> str | None:
+    """Why batch-2 outputs ``a`` are not the per-sample outputs ``b``, in one line (``None``: they agree)."""
+    for name, x, y in zip(names, a, b, strict=True):
+        if x.shape != y.shape:
+            return f"at batch 2 output {name!r} has shape {list(x.shape)}, one sample at a time {list(y.shape)}"
+        if not np.allclose(x, y, rtol=1e-4, atol=1e-5):
+            worst = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
+            return (f"at batch 2 output {name!r} differs from the same samples run one at a time "
+                    f"(max |difference| {worst:.3g})")
+    return None
+
+
+def _try_dynamic_batch(model: onnx.ModelProto, batch: int, original: ort.InferenceSession,
+                       sample: dict[str, np.ndarray]) -> tuple[onnx.ModelProto | None, str]:
+    """``(model with a dynamic batch, what changed)``, or ``(None, why not)`` — the reason is what ``onnx.checker``
+    or ONNX Runtime said, or which output a batch of 2 changes."""
+    import onnx
+
+    try:
+        dynamic, rewritten = _make_batch_dynamic(model, batch)
+    except Exception as exc:  # noqa: BLE001 - shape inference's own words are the reason
+        return None, f"ONNX shape inference fails with a dynamic batch ({_first_line(exc)})"
+    try:
+        onnx.checker.check_model(dynamic)
+    except Exception as exc:  # noqa: BLE001 - the checker's own words are the reason
+        return None, f"onnx.checker refuses the graph with a dynamic batch ({_first_line(exc)})"
+    two = {k: np.concatenate([v[:1], v[1:2] if len(v) > 1 else v[:1]]) for k, v in sample.items()}
+    try:
+        session = _session(_serialize(dynamic), quiet=True)
+        names = [o.name for o in session.get_outputs()]
+        got = session.run(names, two)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own words are the reason
+        return None, f"ONNX Runtime cannot run it at batch 2 ({_first_line(exc)})"
+    reason = _differs(got, _per_sample(original, two), names)
+    if reason is not None:
+        return None, reason
+    return dynamic, (f"fixed batch {batch} made dynamic"
+                     + (f" ({rewritten} Reshape(s) no longer hard-code it)" if rewritten else ""))
 
 
 def normalise(source: Path, calibration: dict[str, np.ndarray], dest: Path) -> IntakeReport:
@@ -227,23 +306,14 @@ def normalise(source: Path, calibration: dict[str, np.ndarray], dest: Path) -> I
         batch = batches.pop() if len(batches) == 1 else None
         if batch is None:
             raise ModelRefused("the inputs declare different fixed batch sizes: re-export with one batch axis")
-        dynamic, rewritten = _make_batch_dynamic(model, batch)
-        try:
-            onnx.checker.check_model(dynamic)
-            session = _session(_serialize(dynamic))
-            two = {k: np.concatenate([v[:1], v[1:2]]) for k, v in sample.items()}
-            names = [o.name for o in session.get_outputs()]
-            ok = _agrees(session.run(names, two), _per_sample(original, two))
-        except Exception:  # noqa: BLE001 - any failure means the graph does not allow it
-            ok = False
-        if ok:
+        dynamic, change = _try_dynamic_batch(model, batch, original, sample)
+        if dynamic is not None:
             model = dynamic
-            report.changes.append(f"fixed batch {batch} made dynamic"
-                                  + (f" ({rewritten} Reshape(s) no longer hard-code it)" if rewritten else ""))
+            report.changes.append(change)
         else:
             report.fixed_batch = batch
-            report.changes.append(f"the batch stays fixed at {batch}: the graph does not allow another batch "
-                                  f"(calibration, validation and serving run at batch {batch})")
+            report.changes.append(f"the batch stays fixed at {batch}: {change} (calibration, validation and "
+                                  f"serving run at batch {batch})")
     onnx.checker.check_model(model)
     dest.parent.mkdir(parents=True, exist_ok=True)
     large = model.ByteSize() > EXTERNAL_DATA_BYTES

@@ -100,25 +100,70 @@ def import_onnx_command(
     onnx: Annotated[str, typer.Option(help="the model: a path, file:// or s3:// URI")],
     calibration: Annotated[str, typer.Option(help=".npz with one array per model input (path or s3://)")],
     model_name: Annotated[str, typer.Option(help="name under models/ in the bucket")],
+    task: Annotated[str, typer.Option(
+        help="what the outputs mean: classification, detection, keyword_spotting, embedding or raw "
+             "(default: inferred from the graph)")] = "",
+    layout: Annotated[str, typer.Option(
+        help="a detector's outputs: yolov5, yolov8 (also v11), end2end (YOLOv10, NMS included) or separate "
+             "(default: inferred from the graph)")] = "",
     param: ParamOption = None,
     runs_dir: Annotated[Path, typer.Option(help="where each local run keeps its outputs and log")] = Path(
         ".edgeloop/runs"),
 ) -> None:
-    """Bring your own ONNX: quantize (INT8 Q/DQ and ORT), convert (FP16), gate on output agreement, publish."""
+    """Bring your own ONNX: quantize (INT8 Q/DQ and ORT), convert (FP16), gate on the task's metric, publish."""
+    from components.tasks import check_stated
+    from edgeloop_core.errors import PipelineFailed
     from pipelines.import_onnx import import_onnx_pipeline
     from pipelines.local_run import parse_parameters, run_local
 
+    check_stated(task, layout)
     values = {"onnx_uri": onnx, "calibration_uri": calibration, "model_name": model_name,
               **parse_parameters(param or [], import_onnx_pipeline)}
-    with console.status("importing through kfp.local ..."):
-        result = run_local(values, runs_dir=runs_dir, pipeline=import_onnx_pipeline)
+    values.update({k: v for k, v in (("task", task), ("layout", layout)) if v})
+    try:
+        with console.status("importing through kfp.local ..."):
+            result = run_local(values, runs_dir=runs_dir, pipeline=import_onnx_pipeline)
+    except PipelineFailed as failed:  # what the intake did may be why: say it before the failure
+        if failed.log_path is not None:
+            _print_intake(_import_file(failed.log_path.parent, "intake.json") or {})
+        raise
     assert result.manifest is not None
-    table = Table(title=f"{result.manifest.name}/{result.manifest.version}")
-    for column in ("variant", "precision", "quantization", "size KiB", "agreement with FP32"):
+    manifest = result.manifest
+    _print_intake(manifest.training.get("intake", {}))
+    what = manifest.task.kind + (f", layout {manifest.task.layout}" if manifest.task.layout else "") + (
+        f", {manifest.task.num_classes} classes" if manifest.task.num_classes else "")
+    console.print(f"task: {what}", highlight=False)
+    metric, control = manifest.validation.metric, manifest.validation.control
+    table = Table(title=f"{manifest.name}/{manifest.version}")
+    for column in ("variant", "precision", "quantization", "size KiB", f"{metric} vs FP32"):
         table.add_column(column)
-    for v in result.manifest.variants:
+    for v in manifest.variants:
         table.add_row(v.name, v.precision, v.quantization, f"{v.size_bytes / 1024:.1f}", f"{v.accuracy:.4f}")
     console.print(table)
+    if control is not None:
+        console.print(f"negative control ({metric} on wrongly paired samples): {control:.4f}", highlight=False)
+    for left_out in (_import_file(result.run_dir, "gate.json") or {}).get("excluded", []):
+        console.print(f"left out by the gate: {left_out.get('reason', left_out.get('name'))}", highlight=False,
+                      markup=False)
+
+
+def _import_file(run_dir: Path, name: str) -> dict | None:
+    """A JSON file the import step or its gate left in a local run's folder (``intake.json``, ``gate.json``)."""
+    import json
+
+    found = sorted(run_dir.glob(f"**/onnx_models/{name}"))
+    return json.loads(found[-1].read_text()) if found else None
+
+
+def _print_intake(intake: dict) -> None:
+    """What the intake found and changed, and why the batch stays fixed where it does (one line each)."""
+    if not intake:
+        return
+    batch = f"fixed at {intake['fixed_batch']}" if intake.get("fixed_batch") else "dynamic"
+    console.print(f"intake: opset {intake.get('opset_before')} → {intake.get('opset_after')}, batch {batch}",
+                  highlight=False, markup=False)
+    for change in intake.get("changes", []):
+        console.print(f"intake: {change}", highlight=False, markup=False)
 
 
 @app.command("compile")
