@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -121,8 +123,61 @@ def activation_matmuls(model_path: str | Path) -> list[str]:
             if node.op_type == "MatMul" and not any(name in constants for name in node.input)]
 
 
+HEAD_BOUNDARY_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+"""The weight-bearing ops whose outputs a detector's head starts from (see :func:`detector_head_nodes`)."""
+
+
+def name_nodes(model_path: str | Path) -> Path:
+    """Give every unnamed node of the ONNX file at ``model_path`` a unique name (``<op>_edgeloop_<index>``), in place.
+
+    Both quantizers pick nodes to leave alone by name, and exporters (``onnx.helper`` graphs, some converters) may
+    leave names empty; the file is rewritten only when a node had none."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)  # saved back in place: external data stays valid
+    taken = {node.name for node in model.graph.node}
+    unnamed = [node for node in model.graph.node if not node.name]
+    for index, node in enumerate(unnamed):
+        name = f"{node.op_type}_edgeloop_{index}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+    if unnamed:
+        onnx.save(model, str(model_path))
+    return Path(model_path)
+
+
+def detector_head_nodes(model_path: str | Path) -> list[str]:
+    """Names of the nodes between the last weight-bearing op (:data:`HEAD_BOUNDARY_OPS`) on each path and the
+    model's outputs, in graph order: a detector's decode and concat head (the grid and stride arithmetic, Sigmoid,
+    the Concat/Split of boxes and scores, their Reshape/Transpose, an appended NMS).
+
+    That head joins quantities of different scales in one tensor — YOLOv8 concatenates box coordinates in pixels
+    (hundreds) with class scores in [0, 1] — so one INT8 scale over it rounds every score to 0. Both quantizers are
+    told to leave these nodes in floating point; the convolutions before them keep their own (per-tensor) scales.
+    Unnamed nodes are not listed: run :func:`name_nodes` on the file first."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    producer = {output: index for index, node in enumerate(graph.node) for output in node.output if output}
+    head: set[int] = set()
+    seen: set[str] = set()
+    pending = [output.name for output in graph.output]
+    while pending:
+        tensor = pending.pop()
+        if tensor in seen or tensor not in producer:
+            continue
+        seen.add(tensor)
+        node = graph.node[producer[tensor]]
+        if node.op_type not in HEAD_BOUNDARY_OPS:
+            head.add(producer[tensor])
+            pending.extend(name for name in node.input if name)
+    return [graph.node[index].name for index in sorted(head) if graph.node[index].name]
+
+
 def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray | dict[str, np.ndarray], *,
-                      batch: int = 32) -> Path:
+                      batch: int = 32, float_head: bool = False) -> Path:
     """ONNX Runtime static quantization for CPUs: QDQ format, per-channel INT8 weights, UINT8 activations (MinMax).
 
     Only the weight-bearing ops and the pooling/data-movement ops between them (:data:`QUANTIZED_OP_TYPES`) are
@@ -131,6 +186,9 @@ def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray 
     LayerNorm), Softmax and activation-by-activation products only add requantization work on a CPU. Whether the
     result is faster than FP32 on a given model is measured by the evaluation step (``min_speedup``) and again on
     each device before it serves.
+
+    ``float_head``: leave the nodes after the last convolution on each path (:func:`detector_head_nodes`) in
+    floating point — for detectors, whose head mixes box coordinates and class scores in one tensor.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -139,6 +197,9 @@ def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray 
     prepared = dst.with_suffix(".prep.onnx")
     try:
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        excluded = activation_matmuls(prepared)
+        if float_head:
+            excluded += detector_head_nodes(name_nodes(prepared))
         quantize_static(
             str(prepared),
             str(dst),
@@ -148,11 +209,71 @@ def quantize_ort_int8(src: str | Path, dst: str | Path, calibration: np.ndarray 
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(QUANTIZED_OP_TYPES),
-            nodes_to_exclude=activation_matmuls(prepared),
+            nodes_to_exclude=excluded,
         )
     finally:
         prepared.unlink(missing_ok=True)
     return dst
+
+
+@contextmanager
+def onnxruntime_quantization_restored() -> Iterator[None]:
+    """Put ONNX Runtime's quantization package back as it was on leaving: every module attribute, class attribute
+    and table entry (its op registries) of ``onnxruntime.quantization.*``.
+
+    Model Optimizer's ONNX quantizer reconfigures that package for the whole process (it edits the op registries and
+    replaces the calibrators' methods); a later ``quantize_static`` in the same process (:func:`quantize_ort_int8`)
+    then quantizes differently, or fails ("Quantization parameters are not specified for param ...")."""
+    import sys
+
+    import onnxruntime.quantization  # noqa: F401 - loads the modules whose state is kept
+
+    modules = [module for name, module in list(sys.modules.items())
+               if name.startswith("onnxruntime.quantization") and module is not None]
+    attributes = {module: dict(vars(module)) for module in modules}
+    tables = [(value, dict(value)) for module in modules for key, value in vars(module).items()
+              if isinstance(value, dict) and not key.startswith("__")]
+    classes = {value: dict(vars(value)) for module in modules for value in vars(module).values()
+               if isinstance(value, type) and value.__module__.startswith("onnxruntime.quantization")}
+    try:
+        yield
+    finally:
+        for owner, saved in [*attributes.items(), *classes.items()]:
+            for key in [k for k in vars(owner) if k not in saved and not k.startswith("__")]:
+                delattr(owner, key)
+            for key, value in saved.items():
+                if key not in ("__dict__", "__weakref__") and vars(owner).get(key) is not value:
+                    setattr(owner, key, value)
+        for table, content in tables:
+            table.clear()
+            table.update(content)
+
+
+def quantize_modelopt_int8(src: str | Path, dst: str | Path, calibration: dict[str, np.ndarray], *,
+                           float_head: bool = False) -> Path:
+    """Post-training INT8 Q/DQ for TensorRT with Model Optimizer's ONNX quantizer, calibrated on the CPU (max).
+
+    ``float_head``: leave the nodes after the last convolution on each path (:func:`detector_head_nodes`) in
+    floating point. Model Optimizer leaves a YOLO decode head alone by itself, but not every head: it quantizes the
+    MaxPool of a CenterNet-style peak search, and then the peaks are found among rounded scores."""
+    import re
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgeloop-modelopt-") as tmp:
+        # Model Optimizer works on (and next to) its input: give it a copy, and copies of the calibration arrays
+        work = Path(tmp) / "model.onnx"
+        shutil.copyfile(src, work)
+        # its nodes_to_exclude are regular expressions (re.match): each head node's exact name
+        head = [re.escape(name) + "$" for name in detector_head_nodes(name_nodes(work))] if float_head else []
+        with onnxruntime_quantization_restored():
+            from modelopt.onnx.quantization import quantize
+
+            quantize(str(work), quantize_mode="int8",
+                     calibration_data={k: v.copy() for k, v in calibration.items()},
+                     calibration_method="max", calibration_eps=["cpu"], high_precision_dtype="fp32",
+                     nodes_to_exclude=head or None, output_path=str(dst))
+    return Path(dst)
 
 
 CALIBRATION_FILE = "calibration.json"

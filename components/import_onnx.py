@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from components.tasks import infer_task
+from components.tasks import infer_model_task
 from edgeloop_core.contract import FileRef, Manifest, Preprocessing, Task, TensorSpec, Validation, Variant, sha256_file
 from edgeloop_core.errors import ConfigError, GateFailed
 from edgeloop_core.quality import (
@@ -134,30 +134,27 @@ class ImportedVariant:
 def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Path, *, task: str = "",
                    layout: str = "") -> list[ImportedVariant]:
     """The intake (:mod:`components.intake`: opset, batch axis, checks) makes ``fp32``; then FP16, INT8 Q/DQ (Model
-    Optimizer, for TensorRT) and INT8 (ONNX Runtime, for CPUs), calibrated in batches the model accepts."""
-    from modelopt.onnx.quantization import quantize
+    Optimizer, for TensorRT) and INT8 (ONNX Runtime, for CPUs), calibrated in batches the model accepts.
 
-    from components.export import convert_fp16, quantize_ort_int8
+    A detector's decode/concat head, and the head of any model whose outputs declare slices (different quantities in
+    one tensor), stays in floating point in both INT8 variants (:func:`~components.export.detector_head_nodes`): one
+    INT8 scale over box coordinates and class scores rounds every score to 0."""
+    from components.export import convert_fp16, quantize_modelopt_int8, quantize_ort_int8
     from components.intake import normalise
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = normalise(source, calibration, out_dir / "fp32.onnx")
     report.save(out_dir)
-    (out_dir / TASK_FILE).write_text(infer_task(tensor_specs(out_dir / "fp32.onnx")[1], task, layout)
-                                     .model_dump_json(indent=2))
+    stated = infer_model_task(out_dir / "fp32.onnx", calibration, task, layout)
+    (out_dir / TASK_FILE).write_text(stated.model_dump_json(indent=2))
+    float_head = stated.kind == "detection" or bool(stated.slices)
     if report.fixed_batch is not None:  # whole batches only: the model accepts no other size
         usable = len(next(iter(calibration.values()))) // report.fixed_batch * report.fixed_batch
         calibration = {k: v[:usable] for k, v in calibration.items()}
     convert_fp16(out_dir / "fp32.onnx", out_dir / "fp16.onnx")
     quantize_ort_int8(out_dir / "fp32.onnx", out_dir / "int8-ort.onnx", calibration,
-                      batch=report.fixed_batch or 32)
-    with tempfile.TemporaryDirectory(prefix="edgeloop-modelopt-") as tmp:
-        # Model Optimizer works on (and next to) its input: give it a copy, and copies of the calibration arrays
-        work = Path(tmp) / "model.onnx"
-        shutil.copyfile(out_dir / "fp32.onnx", work)
-        quantize(str(work), quantize_mode="int8", calibration_data={k: v.copy() for k, v in calibration.items()},
-                 calibration_method="max", calibration_eps=["cpu"], high_precision_dtype="fp32",
-                 output_path=str(out_dir / "int8-qdq.onnx"))
+                      batch=report.fixed_batch or 32, float_head=float_head)
+    quantize_modelopt_int8(out_dir / "fp32.onnx", out_dir / "int8-qdq.onnx", calibration, float_head=float_head)
     variants = [
         ImportedVariant("fp32", "fp32.onnx", "fp32", "none", ["tensorrt", "onnxruntime"]),
         ImportedVariant("fp16", "fp16.onnx", "fp16", "none", ["tensorrt", "onnxruntime"]),
@@ -178,14 +175,15 @@ def choose_metric(task: Task, reference: dict[str, np.ndarray], threshold: float
     """``(metric, negative control)``: the first label-free metric for ``task`` whose negative control (outputs
     paired with the wrong samples) stays clearly below ``threshold`` on this held-out set; :class:`GateFailed` in
     one line when none can tell right from wrong here."""
-    reasons = []
+    controls = []
     for metric in LABEL_FREE_CANDIDATES.get(task.kind, ("tensor_agreement",)):
         control = negative_control(metric, reference, task)
-        reason = check_informative(metric, control, threshold)
-        if reason is None:
+        if check_informative(metric, control, threshold) is None:
             return metric, control
-        reasons.append(reason.split(": ", 1)[1])
-    raise GateFailed(f"the held-out set cannot judge this {task.kind} model: {'; '.join(reasons)}")
+        controls.append(f"{metric} {control:.4f}")
+    raise GateFailed(f"the held-out set cannot judge this {task.kind} model: outputs paired with the wrong samples "
+                     f"still score {', '.join(controls)} against a threshold of {threshold:.4f}; give labels, or more "
+                     f"varied validation inputs")
 
 
 def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreement: float) -> list[ImportedVariant]:
@@ -225,11 +223,12 @@ def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreem
 
 
 def _worst_part(metric: str, reference: dict[str, np.ndarray], got: dict[str, np.ndarray], task: Task) -> str:
-    if metric != "tensor_agreement":
+    """The worst output or slice with its score, for ``tensor_agreement``; for the other metrics only a part that
+    collapsed (e.g. ``output0[scores] 0.0000 collapsed: all zeros`` beside a detection F1 of 0), else ``""``."""
+    worst = tensor_agreement(reference, got, task.slices).worst()
+    if worst is None or (metric != "tensor_agreement" and not worst.collapsed):
         return ""
-    agreement = tensor_agreement(reference, got, task.slices)
-    worst = agreement.worst()
-    return f"{worst.part} {worst.score:.4f} {worst.reason}".rstrip() if worst is not None else ""
+    return f"{worst.part} {worst.score:.4f} {worst.reason}".rstrip()
 
 
 def _latencies(path: Path, inputs: dict[str, np.ndarray], fixed: int | None) -> tuple[float, float]:

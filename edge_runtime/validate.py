@@ -16,7 +16,13 @@ from edge_runtime.build.engines.base import Engine
 from edgeloop_core.contract import Manifest
 from edgeloop_core.detection import decode, detection_map
 from edgeloop_core.errors import ValidationFailed
-from edgeloop_core.quality import label_free_value, output_agreement, tensor_agreement, top1_accuracy
+from edgeloop_core.quality import (
+    CONTROL_MARGIN,
+    label_free_value,
+    output_agreement,
+    tensor_agreement,
+    top1_accuracy,
+)
 from edgeloop_core.timing import time_calls
 
 
@@ -106,12 +112,14 @@ def measure(manifest: Manifest, outputs: dict[str, np.ndarray], data: Validation
         if collapsed:
             return 0.0, f"{collapsed[0].part} {collapsed[0].reason}"
         return output_agreement(data.reference, outputs), ""
+    agreement = tensor_agreement(data.reference, outputs, task.slices)
+    worst = agreement.worst()
+    detail = ""
+    if worst is not None and (worst.collapsed or (metric == "tensor_agreement" and len(agreement.parts) > 1)):
+        detail = f"worst part {worst.part} {worst.score:.4f} {worst.reason}".rstrip()
     if metric == "tensor_agreement":
-        agreement = tensor_agreement(data.reference, outputs, task.slices)
-        worst = agreement.worst()
-        return agreement.value, (f"worst part {worst.part} {worst.score:.4f} {worst.reason}".rstrip()
-                                 if worst is not None and len(agreement.parts) > 1 else "")
-    return label_free_value(metric, data.reference, outputs, task), ""
+        return agreement.value, detail
+    return label_free_value(metric, data.reference, outputs, task), detail  # 0.0 for a collapsed part
 
 
 def validate(engine: Engine, validation_path: Path, manifest: Manifest, variant: str, *,
@@ -135,6 +143,9 @@ def validate(engine: Engine, validation_path: Path, manifest: Manifest, variant:
     if value < reference - spec.tolerance - 1e-9:
         reasons.append(f"{spec.metric} {value:.4f} below {reference:.4f} - {spec.tolerance:.4f}"
                        + (f" ({detail})" if detail else ""))
+    if spec.control is not None and value <= spec.control + CONTROL_MARGIN:
+        reasons.append(f"{spec.metric} {value:.4f} is no better than outputs paired with the wrong samples "
+                       f"({spec.control:.4f})")
     if latency_budget_p99_ms is not None and p99 > latency_budget_p99_ms:
         reasons.append(f"batch-1 p99 {p99:.2f} ms over the {latency_budget_p99_ms:.2f} ms budget")
     return ValidationResult(variant=variant, metric=spec.metric, value=value, reference=reference,

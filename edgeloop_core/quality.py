@@ -168,7 +168,10 @@ def derangement(count: int, seed: int = 0) -> NDArray[np.intp]:
 
 
 def label_free_value(metric: str, reference: Arrays, got: Arrays, task: Task) -> float:
-    """A label-free metric of ``got`` against ``reference`` (the FP32 model's outputs on the same inputs)."""
+    """A label-free metric of ``got`` against ``reference`` (the FP32 model's outputs on the same inputs); 0.0 when
+    any output or declared slice of ``got`` collapsed, whatever the metric (a collapse always fails)."""
+    if metric != "output_agreement" and any(p.collapsed for p in tensor_agreement(reference, got, task.slices).parts):
+        return 0.0
     if metric == "top1_agreement":
         return top1_agreement(reference, got, task)
     if metric == "tensor_agreement":
