@@ -231,8 +231,14 @@ def _worst_part(metric: str, reference: dict[str, np.ndarray], got: dict[str, np
     return f"{worst.part} {worst.score:.4f} {worst.reason}".rstrip()
 
 
+LATENCY_BUDGET_S = 2.0
+"""Seconds each of the report's latency figures may take per variant (at least 3 timed runs): a large detector at
+batch 16 would otherwise spend most of an import timing itself."""
+
+
 def _latencies(path: Path, inputs: dict[str, np.ndarray], fixed: int | None) -> tuple[float, float]:
-    """ONNX Runtime CPU p50 at batch 1 (or the fixed batch) and at the largest batch the model allows."""
+    """ONNX Runtime CPU p50 at batch 1 (or the fixed batch) and at the largest batch the model allows, each within
+    :data:`LATENCY_BUDGET_S`."""
     import onnxruntime as ort
 
     from edgeloop_core.timing import repeat_batch, time_calls
@@ -242,8 +248,8 @@ def _latencies(path: Path, inputs: dict[str, np.ndarray], fixed: int | None) -> 
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     one = repeat_batch({k: v[:1] for k, v in inputs.items()}, fixed or 1)
     many = repeat_batch({k: v[:1] for k, v in inputs.items()}, fixed or 16)
-    return (time_calls(lambda: session.run(None, one), runs=50, warmup=5).p50_ms,
-            time_calls(lambda: session.run(None, many), runs=20, warmup=3).p50_ms)
+    return (time_calls(lambda: session.run(None, one), runs=50, warmup=5, budget_s=LATENCY_BUDGET_S).p50_ms,
+            time_calls(lambda: session.run(None, many), runs=20, warmup=1, budget_s=LATENCY_BUDGET_S).p50_ms)
 
 
 def write_import_report(path: Path, name: str, variants: list[ImportedVariant], intake: dict[str, Any],
