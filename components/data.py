@@ -1,5 +1,6 @@
-"""Data sets for the pipeline: scikit-learn's digits (the default) or an image folder (one folder per class),
-from a local path or an S3 prefix, split deterministically into train/val/test and saved as one ``.npz``."""
+"""Data sets for the pipeline: scikit-learn's digits (the default), an image folder (one folder per class) or Speech
+Commands, from a local path or an S3 prefix, or the generated detection set; split deterministically into
+train/val/test and saved as one ``.npz``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from edgeloop_core.contract import Preprocessing
 from edgeloop_core.errors import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".webp"}
+SYNTHETIC_DETECTION = "synthetic-detection"
+"""The data URI of the generated detection set (:func:`load_synthetic_detection`)."""
 
 
 @dataclass
@@ -44,6 +47,12 @@ class DatasetSplits:
     def num_classes(self) -> int:
         """Number of classes."""
         return len(self.labels)
+
+    @property
+    def task(self) -> str:
+        """``classification`` (``y`` holds one class per sample) or ``detection`` (``y`` holds box tables, see
+        :func:`components.detection_data.box_table`)."""
+        return str(self.extra.get("task", "classification"))
 
     def fingerprint(self) -> str:
         """sha256 over every array and the labels: equal data gives an equal fingerprint."""
@@ -188,6 +197,28 @@ def _image_folder_splits(root: Path, source: str, *, image_size: int, channels: 
     )
 
 
+def load_synthetic_detection(seed: int = 0, sizes: tuple[int, int, int] | None = None) -> DatasetSplits:
+    """The generated detection set (:mod:`components.detection_data`: shapes on cluttered 64x64 backgrounds) as
+    train/validation/test splits: ``x`` float32 ``[n, 1, 64, 64]`` in [0, 1], ``y`` box tables
+    (:func:`~components.detection_data.box_table`). Each split comes from its own seed, so no image is in two splits
+    and a split's images do not depend on the others' sizes (default :data:`~components.detection_data.SPLIT_SIZES`).
+    """
+    from components.detection_data import IMAGE_SIZE, MAX_OBJECTS, SHAPES, SPLIT_SIZES, box_table, generate
+
+    parts = []
+    for split, count in enumerate(sizes or SPLIT_SIZES):
+        x, labels = generate(count, seed=[seed, split])
+        parts += [x, box_table(labels)]
+    return DatasetSplits(
+        *parts,
+        labels=list(SHAPES),
+        preprocessing=Preprocessing(kind="image", layout="NCHW", scale=1 / 255, mean=[0.0], std=[1.0],
+                                    params={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        source=SYNTHETIC_DETECTION,
+        extra={"task": "detection", "image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS},
+    )
+
+
 def load_image_folder(
     uri: str,
     *,
@@ -274,10 +305,14 @@ def load_speech_commands(root: str | Path, *, seed: int = 0, noisy_copies: int =
 
 
 def load_dataset(uri: str, *, seed: int = 0, image_size: int = 32, channels: int = 1) -> DatasetSplits:
-    """Dispatch on ``uri``: ``digits`` (or ``sklearn:digits``); otherwise a folder — local, ``file://...`` or an
-    ``s3://`` prefix (downloaded once) — in the Speech Commands layout or an image folder."""
+    """Dispatch on ``uri``: ``digits`` (or ``sklearn:digits``); ``synthetic-detection`` (shapes on cluttered
+    64x64 backgrounds with box labels, :mod:`components.detection_data`); otherwise a folder — local, ``file://...``
+    or an ``s3://`` prefix (downloaded once) — in the Speech Commands layout or an image folder. ``image_size`` and
+    ``channels`` apply to image folders only."""
     if uri in ("digits", "sklearn:digits"):
         return load_digits_dataset(seed=seed)
+    if uri == SYNTHETIC_DETECTION:
+        return load_synthetic_detection(seed=seed)
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 or 3, got {channels}")
     with local_folder(uri) as root:
@@ -295,10 +330,13 @@ def calibration_indices(labels: np.ndarray | None, count: int, *, seed: int = 0,
 
     With ``labels``: stratified, each class in proportion to its share of the rows, and every class at least once
     when ``count`` allows (a training split ordered by class must not calibrate on one class). Without labels
-    (``total`` rows, unlabelled data): a seeded random sample. The indices come back shuffled, so a calibrator that
-    stops early still sees every class.
+    (``total`` rows, unlabelled data), or with detection box tables (``[rows, objects, 5]``, several classes per
+    row): a seeded random sample. The indices come back shuffled, so a calibrator that stops early still sees every
+    class.
     """
     rng = np.random.default_rng(seed)
+    if labels is not None and np.ndim(labels) > 1:  # detection box tables: no one class per row to stratify by
+        labels, total = None, len(labels)
     n = len(labels) if labels is not None else int(total or 0)
     if count <= 0:
         raise ConfigError(f"the calibration sample size must be positive, got {count}")
@@ -328,6 +366,10 @@ def calibration_indices(labels: np.ndarray | None, count: int, *, seed: int = 0,
 
 
 def class_histogram(labels: np.ndarray, names: list[str]) -> dict[str, int]:
-    """Rows per class name (for the report: what the calibration saw)."""
+    """Rows per class name (for the report: what the calibration saw); objects per class for detection box tables
+    (``[rows, objects, 5]``, class first, -1 for an unused slot)."""
+    if np.ndim(labels) > 1:
+        classes = np.asarray(labels)[..., 0]
+        labels = classes[classes >= 0]
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(names))
     return {name: int(counts[i]) for i, name in enumerate(names)}

@@ -1,9 +1,11 @@
 """Evaluate every exported variant on the test set with ONNX Runtime (CPU) and apply the quality gate.
 
-Besides accuracy, size and latency, each variant gets its speed-up against ``fp32-dense`` and ``fp32`` (pruned)
-at batch 1 and 16. A CPU INT8 variant (``ort-qdq``) whose speed-up over ``fp32`` stays below ``min_speedup`` at
-either batch is published as not preferred, with the reason in the report: devices then serve FP32 unless told
-otherwise (and each device measures again on itself before it chooses).
+Each variant is judged by its task: classifiers by top-1 accuracy against the labels, detectors
+(:func:`evaluate_detector_variants`) by COCO mAP@0.5 (and mAP@0.5:0.95) against the test set's boxes, decoded and
+suppressed as the device does. Besides that score, size and latency, each variant gets its speed-up against
+``fp32-dense`` and ``fp32`` (pruned) at batch 1 and 16. A CPU INT8 variant (``ort-qdq``) whose speed-up over
+``fp32`` stays below ``min_speedup`` at either batch is published as not preferred, with the reason in the report:
+devices then serve FP32 unless told otherwise (and each device measures again on itself before it chooses).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class VariantEvaluation:
     preferred: bool = True
     note: str = ""
     """Why the variant is not preferred (empty when it is)."""
+    map50_95: float | None = None
+    """Detectors: COCO mAP@0.5:0.95 on the test set (``accuracy`` holds mAP@0.5, the figure the gate judges)."""
 
 
 @dataclass
@@ -61,6 +65,14 @@ class Evaluation:
     min_speedup: float = 1.0
     calibration: dict = field(default_factory=dict)
     """What the INT8 calibration saw: ``samples``, ``seed``, ``histogram`` (rows per class)."""
+    metric: str = "top1_accuracy"
+    """What each variant's ``accuracy`` is: ``top1_accuracy``, or ``detection_map50`` (COCO mAP@0.5) for detectors
+    (the manifest's validation metric)."""
+    min_score: float = 0.0
+    """The gate's absolute bar: every variant's ``accuracy`` must reach it (0: no bar)."""
+    control: float | None = None
+    """Detectors: the baseline's mAP@0.5 with each image's detections paired with another image's labels (the
+    negative control: it must be far below the bar, or the test set could not tell right from wrong)."""
 
     def variant(self, name: str) -> VariantEvaluation:
         """The evaluation of variant ``name``."""
@@ -113,12 +125,13 @@ def evaluate_variants(
     min_speedup: float = 1.0,
     latency_runs: int = 100,
     calibration: dict | None = None,
+    min_score: float = 0.0,
 ) -> Evaluation:
     """Accuracy, size, CPU latency (batch 1 and 16) and speed-ups of each variant, and the gate.
 
     The gate fails when an INT8 variant loses more than ``tolerance_points`` accuracy points (0..100 scale)
-    against the FP32 baseline. ``min_speedup`` does not fail the run: it decides which CPU variants are preferred
-    (see the module docstring).
+    against the FP32 baseline, or when a variant's accuracy is below ``min_score`` (0..1; 0: no bar).
+    ``min_speedup`` does not fail the run: it decides which CPU variants are preferred (see the module docstring).
     """
     onnx_dir = Path(onnx_dir)
     names = [i.name for i in infos]
@@ -147,18 +160,83 @@ def evaluate_variants(
                 confusion=confusion_matrix(y_test, predicted, num_classes),
             )
         )
-    baseline = next(r for r in results if r.name == BASELINE)
     rank_by_speed(results, min_speedup)
+    failures = gate_failures(results, tolerance_points, min_score, "accuracy")
+    return Evaluation(BASELINE, tolerance_points, results, passed=not failures, failures=failures,
+                      min_speedup=min_speedup, calibration=calibration or {}, min_score=min_score)
+
+
+def gate_failures(results: list[VariantEvaluation], tolerance_points: float, min_score: float,
+                  figure: str) -> list[str]:
+    """Fill in each variant's drop against the baseline (points, 0..100 scale) and say, one line each, which
+    INT8 variant loses more than ``tolerance_points`` of ``figure`` (``accuracy``, ``mAP@0.5``) and which variant
+    stays below ``min_score``."""
+    baseline = next(r for r in results if r.name == BASELINE)
     failures = []
     for result in results:
         result.drop_points = round((baseline.accuracy - result.accuracy) * 100.0, 4)
         if result.precision == "int8" and result.drop_points > tolerance_points:
             failures.append(
-                f"{result.name} loses {result.drop_points:.2f} accuracy points against {BASELINE} "
+                f"{result.name} loses {result.drop_points:.2f} {figure} points against {BASELINE} "
                 f"(tolerance {tolerance_points:.2f})"
             )
+    failures += [f"{r.name} reaches {figure} {r.accuracy:.4f}, below the bar of {min_score:.4f}"
+                 for r in results if r.accuracy < min_score]
+    return failures
+
+
+def evaluate_detector_variants(
+    onnx_dir: str | Path,
+    infos: list[VariantInfo],
+    x_test: np.ndarray,
+    boxes_test: np.ndarray,
+    *,
+    tolerance_points: float = 1.0,
+    min_score: float = 0.0,
+    min_speedup: float = 1.0,
+    latency_runs: int = 100,
+    calibration: dict | None = None,
+) -> Evaluation:
+    """COCO mAP@0.5 and mAP@0.5:0.95 (against the box tables ``boxes_test``, after the task's decode and NMS),
+    size, CPU latency (batch 1 and 16) and speed-ups of each detector variant, and the gate.
+
+    Each variant's ``accuracy`` is its mAP@0.5. The gate fails when an INT8 variant loses more than
+    ``tolerance_points`` mAP@0.5 points (0..100 scale) against the FP32 baseline, or a variant's mAP@0.5 is below
+    ``min_score``. The negative control (the baseline's detections against shuffled labels) is recorded for the
+    manifest.
+    """
+    from components.detector import control_map50, detection_scores
+
+    onnx_dir = Path(onnx_dir)
+    names = [i.name for i in infos]
+    if BASELINE not in names:
+        raise ConfigError(f"the baseline variant {BASELINE!r} is missing (have {names})")
+    size = int(x_test.shape[-1])
+    results: list[VariantEvaluation] = []
+    control = None
+    for info in infos:
+        path = onnx_dir / info.file
+        session = _session(path)
+        outputs = np.concatenate(
+            [session.run(None, {INPUT_NAME: x_test[i : i + 256]})[0] for i in range(0, len(x_test), 256)]
+        )
+        map50, map50_95 = detection_scores(outputs, boxes_test, size)
+        if info.name == BASELINE:
+            control = control_map50(outputs, boxes_test, size)
+        results.append(
+            VariantEvaluation(
+                name=info.name, precision=info.precision, quantization=info.quantization, pruned=info.pruned,
+                params=info.params, flops=info.flops, size_bytes=path.stat().st_size, accuracy=map50,
+                latency_ms_b1=measure_latency_ms(session, x_test[0], 1, runs=latency_runs),
+                latency_ms_b16=measure_latency_ms(session, x_test[0], 16, runs=max(10, latency_runs // 4)),
+                map50_95=map50_95,
+            )
+        )
+    rank_by_speed(results, min_speedup)
+    failures = gate_failures(results, tolerance_points, min_score, "mAP@0.5")
     return Evaluation(BASELINE, tolerance_points, results, passed=not failures, failures=failures,
-                      min_speedup=min_speedup, calibration=calibration or {})
+                      min_speedup=min_speedup, calibration=calibration or {}, metric="detection_map50",
+                      min_score=min_score, control=control)
 
 
 def rank_by_speed(results: list[VariantEvaluation], min_speedup: float) -> None:

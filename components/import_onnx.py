@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from components.intake import tensor_specs
 from components.tasks import infer_model_task
-from edgeloop_core.contract import FileRef, Manifest, Preprocessing, Task, TensorSpec, Validation, Variant, sha256_file
+from edgeloop_core.contract import FileRef, Manifest, Preprocessing, Task, Validation, Variant, sha256_file
 from edgeloop_core.errors import ConfigError, GateFailed
 from edgeloop_core.quality import (
     LABEL_FREE_CANDIDATES,
@@ -33,7 +34,7 @@ from edgeloop_core.quality import (
 )
 
 if TYPE_CHECKING:
-    import onnx
+    pass
 
 log = logging.getLogger(__name__)
 VARIANTS = ("fp32", "fp16", "int8-qdq", "int8-ort")
@@ -76,23 +77,6 @@ def fetch_model(uri: str, dest: Path) -> Path:
             raise ConfigError(f"{uri}: external data {location!r} must sit beside the model")
         fetch_uri(f"{base}/{location}", dest.parent / location)
     return dest
-
-
-def tensor_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs of an ONNX graph; every symbolic or unknown dimension becomes -1."""
-    import onnx
-
-    from components.intake import datatype
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    initializers = {i.name for i in graph.initializer}
-
-    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
-        kind = value.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
-        return TensorSpec(name=value.name, datatype=datatype(kind.elem_type, repr(value.name)), shape=shape)
-
-    return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
 
 
 def run_all(path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgeloop_core.contract import TensorSpec
 from edgeloop_core.errors import ConfigError, ContractError
 
 if TYPE_CHECKING:
@@ -67,6 +68,21 @@ def datatype(elem_type: int, what: str) -> str:
         raise ModelRefused(f"{what} is {onnx.TensorProto.DataType.Name(elem_type)}, which edgeloop does not serve: "
                            f"re-export the model with tensors of {', '.join(sorted(set(ONNX_TO_DATATYPE.values())))}")
     return ONNX_TO_DATATYPE[elem_type]
+
+
+def tensor_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX graph; every symbolic or unknown dimension becomes -1."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
+        kind = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
+        return TensorSpec(name=value.name, datatype=datatype(kind.elem_type, repr(value.name)), shape=shape)
+
+    return [spec(v) for v in graph.input if v.name not in initializers], [spec(v) for v in graph.output]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The model architectures the pipeline trains: a small CNN (the default) and a small vision transformer.
+"""The model architectures the pipeline trains: a small CNN (the default), a small vision transformer, and a small
+anchor-free detector (:mod:`components.detector`) for detection data.
 
 Layer widths are multiples of 16 so that Model Optimizer's FastNAS, which prunes channels in steps of its
 ``channel_divisor``, has room to cut FLOPs without touching depth.
@@ -15,7 +16,9 @@ from torch import nn
 
 from edgeloop_core.errors import ConfigError
 
-ARCHITECTURES = ("cnn", "vit", "ast")
+ARCHITECTURES = ("cnn", "vit", "ast", "detector")
+DETECTION_ARCHITECTURES = ("detector",)
+"""Architectures that detect (YOLOv8-layout outputs, trained on box tables); the others classify."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
     ``ast`` is the audio spectrogram transformer: the same encoder as ``vit``, with rectangular patches over the
     (mel bins x frames) spectrogram, each at most 8x8 and dividing the input exactly (40x98 gives 8x7 patches).
+    ``detector`` is :class:`components.detector.TinyDetector` (``num_classes`` object classes).
     """
     if spec.arch == "cnn":
         return SmallCNN(spec.in_channels, spec.image_size, spec.num_classes)
@@ -142,6 +146,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
         width = spec.width or spec.image_size
         patch = (_largest_divisor(spec.image_size, 8), _largest_divisor(width, 8))
         return TinyViT(spec.in_channels, spec.image_size, spec.num_classes, patch=patch, width=width)
+    if spec.arch == "detector":
+        from components.detector import TinyDetector
+
+        return TinyDetector(spec.in_channels, spec.image_size, spec.num_classes)
     raise ConfigError(f"unknown architecture {spec.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
 
 

@@ -19,6 +19,7 @@ from edgeloop_core.contract import (
     ArtifactLayout,
     FileRef,
     Manifest,
+    Task,
     TensorSpec,
     Validation,
     Variant,
@@ -47,10 +48,32 @@ def new_version(now: datetime | None = None) -> str:
 
 
 def write_validation_set(data: DatasetSplits, path: str | Path) -> Path:
-    """The held-out test split as ``inputs`` (float32, preprocessed) and ``labels`` (int64)."""
+    """The held-out test split as ``inputs`` (float32, preprocessed) and ``labels`` (int64); for detection data,
+    ``inputs`` and ``coco``: the test boxes as COCO-format labels, JSON text in a 0-d unicode array (what the
+    device's ``detection_map50`` reads)."""
+    if data.task == "detection":
+        import json
+
+        from components.detection_data import table_to_coco
+
+        coco = table_to_coco(data.y_test, int(data.x_test.shape[-1]), data.labels)
+        with open(path, "wb") as fh:
+            np.savez(fh, inputs=data.x_test.astype(np.float32), coco=np.array(json.dumps(coco)))
+        return Path(path)
     with open(path, "wb") as fh:
         np.savez(fh, inputs=data.x_test.astype(np.float32), labels=data.y_test.astype(np.int64))
     return Path(path)
+
+
+def _detection_contract(staging: Path, infos: Sequence[VariantInfo],
+                        data: DatasetSplits) -> tuple[list[TensorSpec], Task]:
+    """A detector's outputs as exported (``[-1, 4 + classes, anchors]``) and its task (YOLOv8 layout, with the box
+    and score slices validation compares on their own)."""
+    from components.detection_export import output_spec
+    from components.detector import detection_task
+
+    output = output_spec(staging / infos[0].file)
+    return [output], detection_task(data.num_classes, output.name)
 
 
 def _file_ref(directory: Path, name: str) -> dict[str, Any]:
@@ -88,6 +111,10 @@ def build_manifest(
         for info in infos
     ]
     report = FileRef(**_file_ref(staging, REPORT_FILE)) if (staging / REPORT_FILE).exists() else None
+    outputs = [TensorSpec(name=OUTPUT_NAME, datatype="FP32", shape=[-1, data.num_classes])]
+    task, metric = Task(), "top1_accuracy"
+    if data.task == "detection":  # COCO mAP@0.5 against the boxes in validation.npz, with its negative control
+        (outputs, task), metric = _detection_contract(staging, infos, data), "detection_map50"
     return Manifest(
         name=name,
         version=version,
@@ -95,16 +122,18 @@ def build_manifest(
         pipeline_run=pipeline_run,
         training=training,
         inputs=[TensorSpec(name=INPUT_NAME, datatype="FP32", shape=[-1, *data.input_shape])],
-        outputs=[TensorSpec(name=OUTPUT_NAME, datatype="FP32", shape=[-1, data.num_classes])],
+        outputs=outputs,
+        task=task,
         preprocessing=data.preprocessing,
         labels=data.labels,
         variants=variants,
         validation=Validation(
             **_file_ref(staging, VALIDATION_FILE),
-            metric="top1_accuracy",
+            metric=metric,
             num_samples=len(data.y_test),
             reference={v.name: v.accuracy for v in evaluation.variants},
             tolerance=tolerance_points / 100.0,
+            control=evaluation.control,
         ),
         report=report,
     )

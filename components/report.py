@@ -16,8 +16,13 @@ def _figure_png(fig) -> str:  # noqa: ANN001 - matplotlib figure
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _is_detection(evaluation: Evaluation) -> bool:
+    return evaluation.metric == "detection_map50"
+
+
 def render_plots(evaluation: Evaluation, labels: list[str], primary: str) -> dict[str, str]:
-    """Base64 PNGs: accuracy vs size (marker area ~ batch-1 latency), latency per variant, confusion matrix."""
+    """Base64 PNGs: accuracy vs size (marker area ~ batch-1 latency), latency per variant, confusion matrix; for
+    detectors mAP@0.5 vs size, latency, and mAP@0.5 and mAP@0.5:0.95 per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,6 +30,7 @@ def render_plots(evaluation: Evaluation, labels: list[str], primary: str) -> dic
 
     variants = evaluation.variants
     plots: dict[str, str] = {}
+    figure = "mAP@0.5" if _is_detection(evaluation) else "accuracy"
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     lat = [v.latency_ms_b1 for v in variants]
@@ -34,8 +40,8 @@ def render_plots(evaluation: Evaluation, labels: list[str], primary: str) -> dic
         ax.annotate(f"{v.name}\n{v.latency_ms_b1:.3f} ms", (v.size_bytes / 1024, v.accuracy * 100),
                     textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xlabel("ONNX file size (KiB)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy vs size (marker area: ORT CPU latency, batch 1)")
+    ax.set_ylabel(f"test {figure} (%)")
+    ax.set_title(f"{figure} vs size (marker area: ORT CPU latency, batch 1)")
     ax.grid(alpha=0.3)
     plots["accuracy_size_latency"] = _figure_png(fig)
     plt.close(fig)
@@ -51,6 +57,9 @@ def render_plots(evaluation: Evaluation, labels: list[str], primary: str) -> dic
     plots["latency"] = _figure_png(fig)
     plt.close(fig)
 
+    if _is_detection(evaluation):
+        plots["map"] = _map_plot(evaluation)
+        return plots
     chosen = evaluation.variant(primary)
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     image = ax.imshow(chosen.confusion, cmap="Blues")
@@ -69,6 +78,27 @@ def render_plots(evaluation: Evaluation, labels: list[str], primary: str) -> dic
     return plots
 
 
+def _map_plot(evaluation: Evaluation) -> str:
+    """A detector's mAP@0.5 and mAP@0.5:0.95 per variant, with the gate's bar."""
+    import matplotlib.pyplot as plt
+
+    variants = evaluation.variants
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    xs = range(len(variants))
+    ax.bar([x - 0.2 for x in xs], [v.accuracy * 100 for v in variants], width=0.4, label="mAP@0.5")
+    ax.bar([x + 0.2 for x in xs], [(v.map50_95 or 0.0) * 100 for v in variants], width=0.4, label="mAP@0.5:0.95")
+    if evaluation.min_score > 0:
+        ax.axhline(evaluation.min_score * 100, color="grey", linestyle="--", linewidth=1, label="bar (mAP@0.5)")
+    ax.set_xticks(list(xs), [v.name for v in variants])
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title("COCO mAP on the test set, per variant")
+    ax.legend(loc="lower right")
+    png = _figure_png(fig)
+    plt.close(fig)
+    return png
+
+
 def _ratio(variant, figure: str) -> str:  # noqa: ANN001 - VariantEvaluation
     value = variant.speedup.get(figure)
     return "" if value is None else f"{value:.2f}x"
@@ -80,10 +110,13 @@ def write_report(
 ) -> Path:
     """Write the HTML report to ``path``."""
     plots = render_plots(evaluation, labels, primary)
+    detection = _is_detection(evaluation)
     rows = "\n".join(
         f"<tr><td>{html.escape(v.name)}</td><td>{v.precision}</td><td>{v.quantization}</td>"
         f"<td>{'yes' if v.pruned else 'no'}</td><td>{v.params:,}</td><td>{v.flops / 1e6:.2f}</td>"
-        f"<td>{v.size_bytes / 1024:.1f}</td><td>{v.accuracy * 100:.2f}</td><td>{v.drop_points:+.2f}</td>"
+        f"<td>{v.size_bytes / 1024:.1f}</td><td>{v.accuracy * 100:.2f}</td>"
+        + (f"<td>{(v.map50_95 or 0.0) * 100:.2f}</td>" if detection else "")
+        + f"<td>{v.drop_points:+.2f}</td>"
         f"<td>{v.latency_ms_b1:.3f}</td><td>{v.latency_ms_b16:.3f}</td>"
         f"<td>{_ratio(v, 'b1_vs_fp32-dense')}</td><td>{_ratio(v, 'b16_vs_fp32-dense')}</td>"
         f"<td>{_ratio(v, 'b1_vs_fp32')}</td><td>{_ratio(v, 'b16_vs_fp32')}</td>"
@@ -93,10 +126,21 @@ def write_report(
     notes = "".join(f"<li>{html.escape(v.name)}: {html.escape(v.note)}</li>" for v in evaluation.variants if v.note)
     calibration = evaluation.calibration
     histogram = ", ".join(f"{html.escape(k)}: {n}" for k, n in calibration.get("histogram", {}).items())
+    sample = ("a seeded random sample (seed {seed}); objects per class: " if detection
+              else "stratified by class (seed {seed}): ").format(seed=calibration.get("seed"))
     calibration_text = (f"<p>INT8 calibration (QAT and ONNX Runtime's quantizer): {calibration.get('samples')} "
-                        f"training rows, stratified by class (seed {calibration.get('seed')}): {histogram}</p>"
+                        f"training rows, {sample}{histogram}</p>"
                         if calibration else "")
     verdict = "passed" if evaluation.passed else "FAILED: " + "; ".join(evaluation.failures)
+    gate = (f"INT8 vs {html.escape(evaluation.baseline)}, tolerance {evaluation.tolerance_points:.2f} "
+            + ("mAP@0.5 points" if detection else "points")
+            + (f"; every variant's {'mAP@0.5' if detection else 'accuracy'} at least {evaluation.min_score * 100:.2f} %"
+               if evaluation.min_score > 0 else ""))
+    score_header = ("<th>mAP@0.5 %</th><th>mAP@0.5:0.95 %</th>" if detection else "<th>accuracy %</th>")
+    task_text = ("<p>Detections are decoded and suppressed (NMS) outside the model, as on the device; mAP is COCO's "
+                 "(faster-coco-eval) against the test set's boxes. Negative control (fp32-dense's detections scored "
+                 f"against other images' labels): mAP@0.5 {(evaluation.control or 0.0) * 100:.2f}.</p>"
+                 if detection else "")
     info = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in (details or {}).items()
     )
@@ -109,16 +153,16 @@ figure{{display:inline-block;margin:.5em}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <table>{info}</table>
 <h2>Variants</h2>
-<p>Gate (INT8 vs {html.escape(evaluation.baseline)}, tolerance {evaluation.tolerance_points:.2f} points):
+<p>Gate ({gate}):
 <strong>{html.escape(verdict)}</strong></p>
 <table><tr><th>variant</th><th>precision</th><th>quantization</th><th>pruned</th><th>params</th><th>MFLOPs</th>
-<th>size KiB</th><th>accuracy %</th><th>drop pts</th><th>ORT ms b1</th><th>ORT ms b16</th>
+<th>size KiB</th>{score_header}<th>drop pts</th><th>ORT ms b1</th><th>ORT ms b16</th>
 <th>÷ dense b1</th><th>÷ dense b16</th><th>÷ fp32 b1</th><th>÷ fp32 b16</th><th>preferred</th></tr>
 {rows}</table>
 <p>Speed-ups are the reference's ONNX Runtime CPU latency divided by the variant's (above 1: faster). A CPU INT8
 variant must reach {evaluation.min_speedup:.2f}x over fp32 at batch 1 and 16 to be preferred.</p>
 <ul>{notes}</ul>
-{calibration_text}
+{task_text}{calibration_text}
 <h2>Plots</h2>{images}
 </body></html>
 """

@@ -58,18 +58,19 @@ def plan(
 @component
 def train(dataset: Input[Dataset], arch: str, epochs: int, lr: float, seed: int, model: Output[Model],
           metrics: Output[Metrics]) -> None:
-    """Train the FP32 baseline."""
+    """Train the FP32 baseline (a detector's figure is mAP@0.5 where a classifier's is accuracy)."""
     from components.data import DatasetSplits
     from components.models import count_flops, count_params, save_checkpoint
     from components.train import accuracy, train_model
 
     data = DatasetSplits.load(dataset.path)
+    figure = "map50" if data.task == "detection" else "accuracy"
     net, spec, history = train_model(data, arch=arch, epochs=epochs, lr=lr, seed=seed)
     save_checkpoint(net, spec, model.path)
     for row in history.epochs:
-        metrics.log_metric(f"val_accuracy_epoch_{int(row['epoch']):02d}", row["val_accuracy"])
-    metrics.log_metric("val_accuracy", history.final_val_accuracy)
-    metrics.log_metric("test_accuracy", accuracy(net, data.x_test, data.y_test))
+        metrics.log_metric(f"val_{figure}_epoch_{int(row['epoch']):02d}", row[history.metric])
+    metrics.log_metric(f"val_{figure}", history.final_val_score)
+    metrics.log_metric(f"test_{figure}", accuracy(net, data.x_test, data.y_test))
     metrics.log_metric("params", count_params(net))
     metrics.log_metric("flops", count_flops(net, data.input_shape))
     model.metadata.update({"arch": arch, "framework": "pytorch"})
@@ -93,7 +94,8 @@ def prune(dataset: Input[Dataset], model: Input[Model], constraint: str, keep_fr
     metrics.log_metric("flops_after", result.flops_after)
     metrics.log_metric("flops_reduction", result.flops_reduction)
     metrics.log_metric("params_after", result.params_after)
-    metrics.log_metric("test_accuracy", accuracy(net, data.x_test, data.y_test))
+    metrics.log_metric("test_map50" if data.task == "detection" else "test_accuracy",
+                       accuracy(net, data.x_test, data.y_test))
 
 
 @component
@@ -109,8 +111,9 @@ def qat(dataset: Input[Dataset], model: Input[Model], epochs: int, seed: int, ca
     net, spec = load_checkpoint(model.path)
     net, history = quantize_aware_train(net, data, epochs=epochs, seed=seed, calibration_samples=calibration_samples)
     save_checkpoint(net, spec, qat_model.path)
-    metrics.log_metric("val_accuracy", history.final_val_accuracy)
-    metrics.log_metric("test_accuracy", accuracy(net, data.x_test, data.y_test))
+    figure = "map50" if data.task == "detection" else "accuracy"
+    metrics.log_metric(f"val_{figure}", history.final_val_score)
+    metrics.log_metric(f"test_{figure}", accuracy(net, data.x_test, data.y_test))
 
 
 @component
@@ -118,8 +121,11 @@ def export(dataset: Input[Dataset], dense_model: Input[Model], pruned_model: Inp
            qat_model: Input[Model], calibration_samples: int, seed: int, onnx_models: Output[Model]) -> None:
     """Export FP32 (dense and pruned), FP16, INT8 Q/DQ (TensorRT) and INT8 ORT (CPU) ONNX, checked against PyTorch.
 
-    ONNX Runtime's quantizer calibrates on the same stratified sample as QAT (same size, same seed)."""
+    ONNX Runtime's quantizer calibrates on the same stratified sample as QAT (same size, same seed; for detection
+    data, whose images hold several classes, a seeded random one). A detector's variants are checked by its task,
+    and its in-graph decode stays in floating point in both INT8 variants."""
     from components.data import DatasetSplits, calibration_indices, class_histogram
+    from components.detection_export import export_detector_variants
     from components.export import export_variants, save_calibration_info
     from components.models import load_checkpoint
 
@@ -128,8 +134,9 @@ def export(dataset: Input[Dataset], dense_model: Input[Model], pruned_model: Inp
     pruned, _ = load_checkpoint(pruned_model.path)
     quantized, _ = load_checkpoint(qat_model.path)
     rows = calibration_indices(data.y_train, calibration_samples, seed=seed)
-    infos = export_variants(dense, pruned, quantized, x_check=data.x_test, x_calibration=data.x_train[rows],
-                            out_dir=onnx_models.path)
+    exporter = export_detector_variants if data.task == "detection" else export_variants
+    infos = exporter(dense, pruned, quantized, x_check=data.x_test, x_calibration=data.x_train[rows],
+                     out_dir=onnx_models.path)
     save_calibration_info(onnx_models.path, samples=len(rows), seed=seed,
                           histogram=class_histogram(data.y_train[rows], data.labels))
     onnx_models.metadata.update({"variants": [i.name for i in infos], "format": "onnx"})
@@ -137,20 +144,31 @@ def export(dataset: Input[Dataset], dense_model: Input[Model], pruned_model: Inp
 
 @component
 def evaluate(dataset: Input[Dataset], onnx_models: Input[Model], tolerance_points: float, min_speedup: float,
-             evaluation: Output[Artifact], metrics: Output[Metrics]) -> None:
-    """Accuracy, size, ORT CPU latency and speed-ups of every variant; fail the run when the INT8 gate does not
-    pass; mark CPU INT8 variants below ``min_speedup`` as not preferred."""
+             evaluation: Output[Artifact], metrics: Output[Metrics], min_score: float = 0.0) -> None:
+    """Accuracy (detectors: COCO mAP@0.5 and mAP@0.5:0.95), size, ORT CPU latency and speed-ups of every variant;
+    fail the run when the INT8 gate does not pass or a variant scores below ``min_score``; mark CPU INT8 variants
+    below ``min_speedup`` as not preferred."""
     from components.data import DatasetSplits
-    from components.evaluate import enforce_gate, evaluate_variants
+    from components.evaluate import enforce_gate, evaluate_detector_variants, evaluate_variants
     from components.export import load_calibration_info, load_variant_infos
 
     data = DatasetSplits.load(dataset.path)
-    result = evaluate_variants(onnx_models.path, load_variant_infos(onnx_models.path), data.x_test, data.y_test,
-                               data.num_classes, tolerance_points=tolerance_points, min_speedup=min_speedup,
-                               calibration=load_calibration_info(onnx_models.path))
+    infos, calibration = load_variant_infos(onnx_models.path), load_calibration_info(onnx_models.path)
+    if data.task == "detection":
+        result = evaluate_detector_variants(onnx_models.path, infos, data.x_test, data.y_test,
+                                            tolerance_points=tolerance_points, min_score=min_score,
+                                            min_speedup=min_speedup, calibration=calibration)
+    else:
+        result = evaluate_variants(onnx_models.path, infos, data.x_test, data.y_test, data.num_classes,
+                                   tolerance_points=tolerance_points, min_speedup=min_speedup,
+                                   calibration=calibration, min_score=min_score)
     result.save(evaluation.path)
     for v in result.variants:
-        metrics.log_metric(f"{v.name}_accuracy", v.accuracy)
+        if v.map50_95 is None:
+            metrics.log_metric(f"{v.name}_accuracy", v.accuracy)
+        else:
+            metrics.log_metric(f"{v.name}_map50", v.accuracy)
+            metrics.log_metric(f"{v.name}_map50_95", v.map50_95)
         metrics.log_metric(f"{v.name}_size_bytes", v.size_bytes)
         metrics.log_metric(f"{v.name}_latency_ms_b1", v.latency_ms_b1)
         metrics.log_metric(f"{v.name}_latency_ms_b16", v.latency_ms_b16)
@@ -164,7 +182,8 @@ def evaluate(dataset: Input[Dataset], onnx_models: Input[Model], tolerance_point
 @component
 def report(dataset: Input[Dataset], evaluation: Input[Artifact], model_name: str, report_html: Output[HTML],
            metrics: Output[Metrics], confusion: Output[ClassificationMetrics]) -> None:
-    """HTML report with plots, KFP metrics, and the confusion matrix of the TensorRT INT8 variant."""
+    """HTML report with plots, KFP metrics, and the confusion matrix of the TensorRT INT8 variant (detectors:
+    mAP@0.5 and mAP@0.5:0.95 per variant, no confusion matrix)."""
     from components.data import DatasetSplits
     from components.evaluate import Evaluation
     from components.report import write_report
@@ -174,9 +193,14 @@ def report(dataset: Input[Dataset], evaluation: Input[Artifact], model_name: str
     write_report(result, data.labels, report_html.path, title=f"edgeloop: {model_name}",
                  details={"data": data.source, "test samples": str(len(data.y_test))})
     for v in result.variants:
-        metrics.log_metric(f"{v.name}_accuracy", v.accuracy)
+        if v.map50_95 is None:
+            metrics.log_metric(f"{v.name}_accuracy", v.accuracy)
+        else:
+            metrics.log_metric(f"{v.name}_map50", v.accuracy)
+            metrics.log_metric(f"{v.name}_map50_95", v.map50_95)
         metrics.log_metric(f"{v.name}_drop_points", v.drop_points)
-    confusion.log_confusion_matrix(data.labels, result.variant("int8-qdq").confusion)
+    if data.task != "detection":
+        confusion.log_confusion_matrix(data.labels, result.variant("int8-qdq").confusion)
 
 
 @component

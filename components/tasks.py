@@ -143,7 +143,7 @@ def observed_outputs(model_path: Path, sample: dict[str, np.ndarray]) -> list[Te
     the batch axis stays as declared."""
     import onnxruntime as ort
 
-    from components.import_onnx import tensor_specs
+    from components.intake import tensor_specs
 
     declared = tensor_specs(model_path)[1]
     if all(d >= 0 for spec in declared for d in spec.shape[1:]):

@@ -11,7 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from components.data import DatasetSplits
-from components.models import ModelSpec, build_model
+from components.detection_data import is_box_table
+from components.models import ARCHITECTURES, DETECTION_ARCHITECTURES, ModelSpec, build_model
 from edgeloop_core.errors import ConfigError
 
 
@@ -20,11 +21,18 @@ class TrainHistory:
     """Per-epoch metrics of one :func:`fit` call."""
 
     epochs: list[dict[str, float]] = field(default_factory=list)
+    metric: str = "val_accuracy"
+    """The validation figure logged each epoch: ``val_accuracy`` (classifiers) or ``val_map50`` (detectors)."""
 
     @property
     def final_val_accuracy(self) -> float:
         """Validation accuracy after the last epoch (0 when nothing ran)."""
         return self.epochs[-1]["val_accuracy"] if self.epochs else 0.0
+
+    @property
+    def final_val_score(self) -> float:
+        """The validation figure (:attr:`metric`) after the last epoch, 0..1 (0 when nothing ran)."""
+        return self.epochs[-1][self.metric] if self.epochs else 0.0
 
 
 def pick_device() -> torch.device:
@@ -56,7 +64,13 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarra
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy in [0, 1]."""
+    """The task's score in [0, 1]: top-1 accuracy against class labels; against detection box tables
+    (:func:`components.detection_data.is_box_table`), COCO mAP@0.5 after decoding and NMS. Pruning ranks
+    sub-networks by it."""
+    if is_box_table(y):
+        from components.detector import detection_scores
+
+        return detection_scores(predict(model, x), y, x.shape[-1])[0]
     return float((predict(model, x).argmax(axis=1) == y).mean())
 
 
@@ -71,10 +85,16 @@ def fit(
     desc: str = "train",
     progress: bool = True,
 ) -> TrainHistory:
-    """Train ``model`` in place with AdamW and a cosine schedule; log loss and accuracy per epoch."""
+    """Train ``model`` in place with AdamW and a cosine schedule; log loss and accuracy per epoch.
+
+    On detection data (box tables) the loss is :func:`components.detector.detection_loss` and the figure logged
+    per epoch is the validation mAP@0.5 (``val_map50``)."""
     if epochs < 0 or lr <= 0 or batch_size <= 0:
         raise ConfigError(f"need epochs >= 0, lr > 0 and batch_size > 0 (got {epochs}, {lr}, {batch_size})")
-    history = TrainHistory()
+    detection = is_box_table(data.y_train)
+    if detection:
+        from components.detector import detection_loss
+    history = TrainHistory(metric="val_map50" if detection else "val_accuracy")
     if epochs == 0:
         return history
     generator = torch.Generator().manual_seed(seed)
@@ -95,7 +115,10 @@ def fit(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x_train[idx]), y_train[idx])
+            if detection:
+                loss = detection_loss(model, x_train[idx], y_train[idx])
+            else:
+                loss = loss_fn(model(x_train[idx]), y_train[idx])
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -104,10 +127,13 @@ def fit(
         metrics = {
             "epoch": float(epoch + 1),
             "train_loss": total / seen,
-            "val_accuracy": accuracy(model, data.x_val, data.y_val),
+            history.metric: accuracy(model, data.x_val, data.y_val),
         }
         history.epochs.append(metrics)
-        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_accuracy']:.3f}")
+        if detection:
+            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_map50=f"{metrics['val_map50']:.3f}")
+        else:
+            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_accuracy']:.3f}")
     model.eval()
     return history
 
@@ -116,7 +142,12 @@ def train_model(
     data: DatasetSplits, *, arch: str = "cnn", epochs: int = 15, lr: float = 3e-3, seed: int = 0,
     progress: bool = True,
 ) -> tuple[nn.Module, ModelSpec, TrainHistory]:
-    """Train the FP32 baseline of ``arch`` on ``data``."""
+    """Train the FP32 baseline of ``arch`` on ``data``: a detector (:data:`DETECTION_ARCHITECTURES`) on detection
+    data, a classifier on the rest."""
+    if (data.task == "detection") != (arch in DETECTION_ARCHITECTURES):
+        fitting = [a for a in ARCHITECTURES if (a in DETECTION_ARCHITECTURES) == (data.task == "detection")]
+        raise ConfigError(f"{data.source} is {data.task} data, which arch {arch!r} cannot learn: set arch to one of "
+                          f"{', '.join(fitting)}")
     seed_everything(seed)
     channels, height, width = data.input_shape
     spec = ModelSpec(arch=arch, in_channels=channels, image_size=height, num_classes=data.num_classes,

@@ -47,11 +47,12 @@ def keys_command(
 @app.command("demo")
 def demo_command(
     workdir: str = typer.Option(".demo", help="where the demo keeps its S3 data, keys and runs"),
+    detection: bool = typer.Option(False, help="also train, serve and score a detector (synthetic shapes, mAP@0.5)"),
 ) -> None:
     """The whole loop on this machine (see `make demo`)."""
     from edgeloop.demo import run_demo
 
-    run_demo(workdir)
+    run_demo(workdir, detection=detection)
 
 
 def main() -> None:

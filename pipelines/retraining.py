@@ -1,4 +1,8 @@
-"""The retraining pipeline: load data, plan, train, prune, QAT, export, evaluate (gate), report, publish."""
+"""The retraining pipeline: load data, plan, train, prune, QAT, export, evaluate (gate), report, publish.
+
+The same steps train a classifier (``digits``, image folders, Speech Commands) or a detector (``data_uri=
+synthetic-detection``, ``arch=detector``): each step judges the model by the data's task, top-1 accuracy or COCO
+mAP@0.5."""
 
 from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
@@ -40,6 +44,7 @@ def build_pipeline(*, s3_secret: str | None = None, signing_secret: str | None =
         tolerance_points: float = 1.0,
         calibration_samples: int = 512,
         min_speedup: float = 1.0,
+        min_score: float = 0.0,
         bucket: str = "edgeloop",
         prefix: str = "",
         channel: str = "stable",
@@ -70,7 +75,8 @@ def build_pipeline(*, s3_secret: str | None = None, signing_secret: str | None =
                 calibration_samples=calibration_samples, seed=seed,
             )
             evaluated = steps.evaluate(dataset=data.outputs["dataset"], onnx_models=onnx.outputs["onnx_models"],
-                                       tolerance_points=tolerance_points, min_speedup=min_speedup)
+                                       tolerance_points=tolerance_points, min_speedup=min_speedup,
+                                       min_score=min_score)
             reported = steps.report(dataset=data.outputs["dataset"], evaluation=evaluated.outputs["evaluation"],
                                     model_name=model_name)
             published = steps.publish(
