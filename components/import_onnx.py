@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from components.intake import tensor_specs
-from components.tasks import infer_model_task
+from components.tasks import infer_model_task, parse_slices, with_slices
 from edgeloop_core.contract import FileRef, Manifest, Preprocessing, Task, Validation, Variant, sha256_file
 from edgeloop_core.errors import ConfigError, GateFailed
 from edgeloop_core.quality import (
@@ -116,7 +116,7 @@ class ImportedVariant:
 
 
 def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Path, *, task: str = "",
-                   layout: str = "") -> list[ImportedVariant]:
+                   layout: str = "", slices: str = "") -> list[ImportedVariant]:
     """The intake (:mod:`components.intake`: opset, batch axis, checks) makes ``fp32``; then FP16, INT8 Q/DQ (Model
     Optimizer, for TensorRT) and INT8 (ONNX Runtime, for CPUs), calibrated in batches the model accepts.
 
@@ -130,6 +130,7 @@ def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Pa
     report = normalise(source, calibration, out_dir / "fp32.onnx")
     report.save(out_dir)
     stated = infer_model_task(out_dir / "fp32.onnx", calibration, task, layout)
+    stated = with_slices(stated, parse_slices(slices), [o.name for o in tensor_specs(out_dir / "fp32.onnx")[1]])
     (out_dir / TASK_FILE).write_text(stated.model_dump_json(indent=2))
     float_head = stated.kind == "detection" or bool(stated.slices)
     if report.fixed_batch is not None:  # whole batches only: the model accepts no other size

@@ -221,7 +221,8 @@ def publish(dataset: Input[Dataset], onnx_models: Input[Model], evaluation: Inpu
 @component
 def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, calibration_layout: str,
                 calibration_scale: float, calibration_mean: str, calibration_std: str, calibration_samples: int,
-                onnx_models: Output[Model], holdout: Output[Dataset], task: str = "", layout: str = "") -> None:
+                onnx_models: Output[Model], holdout: Output[Dataset], task: str = "", layout: str = "",
+                slices: str = "") -> None:
     """Bring your own ONNX: the intake normalises it (fp32), then FP16, INT8 Q/DQ (Model Optimizer) and INT8 (ONNX
     Runtime) variants. Calibration: an .npz (one array per input) or a folder of images (local or s3://). ``task``
     and ``layout`` (empty: inferred) say what the outputs mean; the step fails at once when they do not fit."""
@@ -242,7 +243,7 @@ def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, ca
     from components.intake import ImagePreprocessing, read_image_calibration
     from components.tasks import check_stated
 
-    check_stated(task, layout)
+    check_stated(task, layout, slices)
     with tempfile.TemporaryDirectory() as tmp:
         source = fetch_model(onnx_uri, Path(tmp) / "model.onnx")
         if calibration_uri.endswith(".npz"):
@@ -257,7 +258,7 @@ def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, ca
             (Path(onnx_models.path) / "preprocessing.json").write_text(json.dumps(
                 {"kind": "image", "layout": prep.layout, "scale": prep.scale, "mean": list(prep.mean),
                  "std": list(prep.std)}))
-        build_variants(source, calibration, Path(onnx_models.path), task=task, layout=layout)
+        build_variants(source, calibration, Path(onnx_models.path), task=task, layout=layout, slices=slices)
     save_holdout(Path(holdout.path), held, run_all(Path(onnx_models.path) / "fp32.onnx", held))
     onnx_models.metadata.update({"source": onnx_uri, "format": "onnx"})
 

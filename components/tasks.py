@@ -21,7 +21,7 @@ import ast
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
-from edgeloop_core.contract import Task, TensorSpec
+from edgeloop_core.contract import OutputSlice, Task, TensorSpec
 from edgeloop_core.contract.manifest import DetectionLayout, TaskKind
 from edgeloop_core.detection import layout_slices
 from edgeloop_core.errors import ConfigError
@@ -81,9 +81,37 @@ def _num_classes(outputs: list[TensorSpec], layout: str | None) -> int | None:
     return count if count > 0 else None
 
 
-def check_stated(kind: str, layout: str) -> None:
-    """A :class:`ConfigError` in one line when a stated ``--task``/``--layout`` is not one edgeloop knows, or a
-    layout comes with a task other than detection (empty: to be inferred)."""
+def parse_slices(text: str) -> list[OutputSlice]:
+    """Declared slices from ``--slice`` text: ``name=output:axis:start[:stop]``, several joined by ``,`` (e.g.
+    ``boxes=out:2:0:4,scores=out:2:4``); a :class:`ConfigError` in one line for anything else."""
+    slices = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, spec = item.partition("=")
+        fields = spec.rsplit(":", 3) if spec.count(":") >= 3 else spec.rsplit(":", 2)
+        try:
+            output, axis, start, *stop = fields
+            slices.append(OutputSlice(name=name, output=output, axis=int(axis), start=int(start),
+                                      stop=int(stop[0]) if stop and stop[0] else None))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"--slice {item!r} is not name=output:axis:start[:stop] (axis >= 1, start >= 0), "
+                              f"e.g. boxes=output0:1:0:4") from exc
+    return slices
+
+
+def with_slices(task: Task, slices: list[OutputSlice], outputs: list[str]) -> Task:
+    """``task`` with the user's declared ``slices`` in place of any it had; a :class:`ConfigError` naming a slice
+    of an output the model does not have."""
+    unknown = [s.name for s in slices if s.output not in outputs]
+    if unknown:
+        raise ConfigError(f"--slice {', '.join(unknown)} names an output the model does not have (outputs: "
+                          f"{', '.join(outputs)})")
+    return task.model_copy(update={"slices": slices}) if slices else task
+
+
+def check_stated(kind: str, layout: str, slices: str = "") -> None:
+    """A :class:`ConfigError` in one line when a stated ``--task``/``--layout``/``--slice`` is not one edgeloop
+    knows, or a layout comes with a task other than detection (empty: to be inferred)."""
+    parse_slices(slices)
     if kind and kind not in KINDS:
         raise ConfigError(f"--task {kind!r} is not one of {', '.join(KINDS)}")
     if layout and layout not in LAYOUTS:

@@ -108,6 +108,9 @@ def import_onnx_command(
     layout: Annotated[str, typer.Option(
         help="a detector's outputs: yolov5, yolov8 (also v11), end2end (YOLOv10, NMS included) or separate "
              "(default: inferred from the graph)")] = "",
+    slice_: Annotated[list[str] | None, typer.Option(
+        "--slice", help="a part of an output judged on its own, name=output:axis:start[:stop] (repeatable), "
+                        "e.g. boxes=output0:1:0:4 --slice scores=output0:1:4")] = None,
     param: ParamOption = None,
     runs_dir: Annotated[Path, typer.Option(help="where each local run keeps its outputs and log")] = Path(
         ".edgeloop/runs"),
@@ -118,10 +121,11 @@ def import_onnx_command(
     from pipelines.import_onnx import import_onnx_pipeline
     from pipelines.local_run import parse_parameters, run_local
 
-    check_stated(task, layout)
+    slices = ",".join(slice_ or [])
+    check_stated(task, layout, slices)
     values = {"onnx_uri": onnx, "calibration_uri": calibration, "model_name": model_name,
               **parse_parameters(param or [], import_onnx_pipeline)}
-    values.update({k: v for k, v in (("task", task), ("layout", layout)) if v})
+    values.update({k: v for k, v in (("task", task), ("layout", layout), ("slices", slices)) if v})
     try:
         with console.status("importing through kfp.local ..."):
             result = run_local(values, runs_dir=runs_dir, pipeline=import_onnx_pipeline)

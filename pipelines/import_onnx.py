@@ -26,6 +26,7 @@ def import_onnx_pipeline(
     s3_endpoint: str = "",
     task: str = "",
     layout: str = "",
+    slices: str = "",
 ) -> None:
     """``task`` (classification, detection, keyword_spotting, embedding or raw) and ``layout`` (a detector's: yolov5,
     yolov8, end2end or separate) say what the outputs mean where the model cannot; empty: inferred from the graph."""
@@ -33,7 +34,7 @@ def import_onnx_pipeline(
                                  holdout_fraction=holdout_fraction, calibration_layout=calibration_layout,
                                  calibration_scale=calibration_scale, calibration_mean=calibration_mean,
                                  calibration_std=calibration_std, calibration_samples=calibration_samples,
-                                 task=task, layout=layout)
+                                 task=task, layout=layout, slices=slices)
     imported.set_caching_options(False)
     gate = steps.evaluate_agreement(onnx_models=imported.outputs["onnx_models"], holdout=imported.outputs["holdout"],
                                     min_agreement=min_agreement)

@@ -72,13 +72,16 @@ def test_import_publish_validate_serve(tmp_path, local_s3, key_dir, edge_setting
     try:
         result = run_local({"onnx_uri": str(path), "calibration_uri": str(tmp_path / "calibration.npz"),
                             "model_name": "detector", "bucket": "imports", "s3_endpoint": local_s3.endpoint_url,
-                            "min_agreement": 0.95}, runs_dir=tmp_path / "runs", pipeline=import_onnx_pipeline)
+                            "min_agreement": 0.95, "slices": "first=scores:1:0:2,rest=scores:1:2"},
+                           runs_dir=tmp_path / "runs", pipeline=import_onnx_pipeline)
     finally:
         mp.undo()
     manifest = result.manifest
     # two different quantities (class scores, one box per sample): a raw model, each output judged on its own
     assert manifest is not None and manifest.validation.metric == "tensor_agreement"
     assert manifest.task.kind == "raw" and manifest.validation.control is not None
+    assert [(s.name, s.output, s.axis, s.start, s.stop) for s in manifest.task.slices] == [
+        ("first", "scores", 1, 0, 2), ("rest", "scores", 1, 2, None)]  # declared: judged each on its own
     assert manifest.validation.control < 0.95 - 0.1
     assert {v.name for v in manifest.variants} == {"fp32", "fp16", "int8-qdq", "int8-ort"}
     assert [o.name for o in manifest.outputs] == ["scores", "boxes"] and manifest.inputs[0].shape == [-1, 4, -1]
