@@ -116,21 +116,34 @@ class ImportedVariant:
 
 
 def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Path, *, task: str = "",
-                   layout: str = "", slices: str = "") -> list[ImportedVariant]:
+                   layout: str = "", slices: str = "", nms: bool = False, max_detections: int = 100,
+                   score_threshold: float = 0.25, iou_threshold: float = 0.45) -> list[ImportedVariant]:
     """The intake (:mod:`components.intake`: opset, batch axis, checks) makes ``fp32``; then FP16, INT8 Q/DQ (Model
     Optimizer, for TensorRT) and INT8 (ONNX Runtime, for CPUs), calibrated in batches the model accepts.
 
     A detector's decode/concat head, and the head of any model whose outputs declare slices (different quantities in
     one tensor), stays in floating point in both INT8 variants (:func:`~components.export.detector_head_nodes`): one
-    INT8 scale over box coordinates and class scores rounds every score to 0."""
+    INT8 scale over box coordinates and class scores rounds every score to 0.
+
+    A detector's task records ``score_threshold`` and ``iou_threshold``. With ``nms`` (a YOLOv5/v8/v11-layout
+    detector), decode and NMS are appended to every variant after quantization (:func:`components.nms.append_nms`,
+    at most ``max_detections`` boxes per image), so INT8 never touches the NMS part and the served models answer
+    ``boxes``, ``scores``, ``classes`` and ``num_detections`` (the task becomes the separate layout)."""
     from components.export import convert_fp16, quantize_modelopt_int8, quantize_ort_int8
     from components.intake import normalise
+    from components.nms import LAYOUTS, append_nms
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = normalise(source, calibration, out_dir / "fp32.onnx")
     report.save(out_dir)
     stated = infer_model_task(out_dir / "fp32.onnx", calibration, task, layout)
     stated = with_slices(stated, parse_slices(slices), [o.name for o in tensor_specs(out_dir / "fp32.onnx")[1]])
+    if stated.kind == "detection":
+        stated = Task.model_validate({**stated.model_dump(), "score_threshold": score_threshold,
+                                      "iou_threshold": iou_threshold})
+    if nms and stated.layout not in LAYOUTS:  # said before minutes of quantization, not after
+        raise ConfigError(f"nms needs a detector of layout {' or '.join(LAYOUTS)}; this model's outputs are "
+                          f"{stated.kind}{f' ({stated.layout})' if stated.layout else ''}")
     (out_dir / TASK_FILE).write_text(stated.model_dump_json(indent=2))
     float_head = stated.kind == "detection" or bool(stated.slices)
     if report.fixed_batch is not None:  # whole batches only: the model accepts no other size
@@ -146,6 +159,12 @@ def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Pa
         ImportedVariant("int8-qdq", "int8-qdq.onnx", "int8", "modelopt-qdq", ["tensorrt"]),
         ImportedVariant("int8-ort", "int8-ort.onnx", "int8", "ort-qdq", ["onnxruntime"]),
     ]
+    if nms:  # after quantization: the quantizers never see the NMS part
+        served = stated
+        for variant in variants:
+            served = append_nms(out_dir / variant.file, out_dir / variant.file, stated,
+                                max_detections=max_detections)
+        (out_dir / TASK_FILE).write_text(served.model_dump_json(indent=2))
     (out_dir / "variants.json").write_text(json.dumps([asdict(v) for v in variants]))
     return variants
 

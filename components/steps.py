@@ -222,10 +222,13 @@ def publish(dataset: Input[Dataset], onnx_models: Input[Model], evaluation: Inpu
 def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, calibration_layout: str,
                 calibration_scale: float, calibration_mean: str, calibration_std: str, calibration_samples: int,
                 onnx_models: Output[Model], holdout: Output[Dataset], task: str = "", layout: str = "",
-                slices: str = "") -> None:
+                slices: str = "", nms: bool = False, max_detections: int = 100, score_threshold: float = 0.25,
+                iou_threshold: float = 0.45) -> None:
     """Bring your own ONNX: the intake normalises it (fp32), then FP16, INT8 Q/DQ (Model Optimizer) and INT8 (ONNX
     Runtime) variants. Calibration: an .npz (one array per input) or a folder of images (local or s3://). ``task``
-    and ``layout`` (empty: inferred) say what the outputs mean; the step fails at once when they do not fit."""
+    and ``layout`` (empty: inferred) say what the outputs mean; the step fails at once when they do not fit. A
+    detector's thresholds go into its task; ``nms`` appends decode and NMS to every variant after quantization
+    (:func:`components.nms.append_nms`)."""
     import json
     import tempfile
     from pathlib import Path
@@ -258,7 +261,9 @@ def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, ca
             (Path(onnx_models.path) / "preprocessing.json").write_text(json.dumps(
                 {"kind": "image", "layout": prep.layout, "scale": prep.scale, "mean": list(prep.mean),
                  "std": list(prep.std)}))
-        build_variants(source, calibration, Path(onnx_models.path), task=task, layout=layout, slices=slices)
+        build_variants(source, calibration, Path(onnx_models.path), task=task, layout=layout, slices=slices,
+                       nms=nms, max_detections=max_detections, score_threshold=score_threshold,
+                       iou_threshold=iou_threshold)
     save_holdout(Path(holdout.path), held, run_all(Path(onnx_models.path) / "fp32.onnx", held))
     onnx_models.metadata.update({"source": onnx_uri, "format": "onnx"})
 

@@ -111,6 +111,9 @@ def import_onnx_command(
     slice_: Annotated[list[str] | None, typer.Option(
         "--slice", help="a part of an output judged on its own, name=output:axis:start[:stop] (repeatable), "
                         "e.g. boxes=output0:1:0:4 --slice scores=output0:1:4")] = None,
+    nms: Annotated[bool, typer.Option(
+        help="a YOLOv5/v8/v11 detector: append decode + NMS to every variant, so apps get boxes, scores, classes "
+             "and num_detections (-p score_threshold=, -p iou_threshold=, -p max_detections= set them)")] = False,
     param: ParamOption = None,
     runs_dir: Annotated[Path, typer.Option(help="where each local run keeps its outputs and log")] = Path(
         ".edgeloop/runs"),
@@ -125,7 +128,8 @@ def import_onnx_command(
     check_stated(task, layout, slices)
     values = {"onnx_uri": onnx, "calibration_uri": calibration, "model_name": model_name,
               **parse_parameters(param or [], import_onnx_pipeline)}
-    values.update({k: v for k, v in (("task", task), ("layout", layout), ("slices", slices)) if v})
+    values.update({k: v for k, v in (("task", task), ("layout", layout), ("slices", slices), ("nms", nms))
+                   if v})
     try:
         with console.status("importing through kfp.local ..."):
             result = run_local(values, runs_dir=runs_dir, pipeline=import_onnx_pipeline)

@@ -346,3 +346,23 @@ def test_a_held_out_set_that_cannot_tell_right_from_wrong_is_refused_at_import(t
     assert message.endswith("outputs paired with the wrong samples still score top1_agreement 1.0000, "
                             "tensor_agreement 1.0000 against a threshold of 0.9500; give labels, or more varied "
                             "validation inputs")
+
+
+def test_nms_appended_at_import_serves_boxes_and_passes_the_gate(tmp_path, detector):
+    """``nms`` at import: decode + NonMaxSuppression appended to every variant after quantization, the task becomes
+    the separate layout with the stated thresholds, and the gate judges the NMS outputs by detection F1."""
+    import onnxruntime as ort
+
+    out = tmp_path / "nms"
+    build_variants(detector["source"], split_calibration({INPUT: scenes(64, seed=1)}, 0.25, "c")[0], out, nms=True,
+                   max_detections=50, score_threshold=0.25, iou_threshold=0.5)
+    task = read_task(out)
+    assert (task.layout, task.score_threshold, task.iou_threshold) == ("separate", 0.25, 0.5)
+    assert set(task.roles) == {"boxes", "scores", "classes", "num_detections"}
+    session = ort.InferenceSession(str(out / "int8-ort.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["boxes", "scores", "classes", "num_detections"]
+    passed = evaluate_agreement(out, detector["held"], MIN_AGREEMENT)
+    assert {"fp32", "fp16", "int8-ort"} <= {v.name for v in passed}
+    assert all(v.metric == "detection_f1" and v.agreement >= MIN_AGREEMENT for v in passed)
+    boxes = session.run(None, {INPUT: detector["held"][INPUT][:3]})
+    assert boxes[0].shape == (3, 50, 4) and int(boxes[3].max()) > 0  # detections, padded to max_detections
