@@ -24,10 +24,12 @@ import numpy as np
 from components.intake import tensor_specs
 from components.tasks import infer_model_task, parse_slices, with_slices
 from edgeloop_core.contract import FileRef, Manifest, Preprocessing, Task, Validation, Variant, sha256_file
+from edgeloop_core.detection import decode, detection_map
 from edgeloop_core.errors import ConfigError, GateFailed
 from edgeloop_core.quality import (
     LABEL_FREE_CANDIDATES,
     check_informative,
+    derangement,
     label_free_value,
     negative_control,
     tensor_agreement,
@@ -113,6 +115,9 @@ class ImportedVariant:
     metric: str = "tensor_agreement"
     detail: str = ""
     """The worst output or slice, where the metric compares several."""
+    map50: float | None = None
+    """A detector's COCO mAP@0.5 on the held-out images, where the import was given their labels."""
+    map50_95: float | None = None
 
 
 def build_variants(source: Path, calibration: dict[str, np.ndarray], out_dir: Path, *, task: str = "",
@@ -190,14 +195,19 @@ def choose_metric(task: Task, reference: dict[str, np.ndarray], threshold: float
                      f"varied validation inputs")
 
 
-def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreement: float) -> list[ImportedVariant]:
+def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreement: float,
+                       labels: dict[str, Any] | None = None) -> list[ImportedVariant]:
     """Each variant against FP32 on ``holdout`` by the task's label-free metric (:func:`choose_metric`).
 
     A variant below ``min_agreement`` fails the gate and is left out of the version (the reason, naming the output or
     slice that failed, e.g. a detector's class scores that INT8 erased, goes to ``gate.json``, the report and the
     log), so no device can choose it; :class:`GateFailed` when FP32 itself fails (a threshold above what the
     reference reaches) or nothing passes. Rewrites ``variants.json`` with the variants that passed and their
-    figures."""
+    figures.
+
+    With COCO ``labels`` for the held-out images (a detector), every variant also gets its mAP@0.5 and
+    mAP@0.5:0.95 against them, and the device validates by ``detection_map50`` against those labels (the negative
+    control: FP32's detections scored against other images' labels)."""
     from components.intake import model_batch
 
     variants = [ImportedVariant(**v) for v in json.loads((out_dir / "variants.json").read_text())]
@@ -209,6 +219,8 @@ def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreem
         got = run_all(out_dir / variant.file, holdout)
         variant.metric, variant.agreement = metric, label_free_value(metric, reference, got, task)
         variant.detail = _worst_part(metric, reference, got, task)
+        if labels is not None and task.kind == "detection":
+            variant.map50, variant.map50_95 = detection_map(decode(got, task), labels)
         variant.size_bytes = (out_dir / variant.file).stat().st_size
         variant.batch_max = fixed or 16
         variant.latency_ms_b1, variant.latency_ms_bmax = _latencies(out_dir / variant.file, holdout, fixed)
@@ -219,7 +231,14 @@ def evaluate_agreement(out_dir: Path, holdout: dict[str, np.ndarray], min_agreem
         raise GateFailed("quality gate failed: " + "; ".join(failing.values()))
     for reason in failing.values():
         log.warning("left out of the version: %s", reason)
-    (out_dir / GATE_FILE).write_text(json.dumps({"metric": metric, "control": control, "threshold": min_agreement,
+    device_metric, device_control = metric, control
+    if labels is not None and task.kind == "detection":  # the device judges against the labels
+        order = derangement(len(labels["images"]))
+        shuffled = {**labels, "images": [labels["images"][i] for i in order]}
+        device_metric, device_control = "detection_map50", detection_map(decode(reference, task), shuffled)[0]
+    (out_dir / GATE_FILE).write_text(json.dumps({"metric": device_metric, "control": device_control,
+                                                 "gate_metric": metric, "gate_control": control,
+                                                 "threshold": min_agreement,
                                                  "excluded": [{**asdict(v), "reason": failing[v.name]}
                                                               for v in variants if v.name in failing]}))
     (out_dir / "variants.json").write_text(json.dumps([asdict(v) for v in passed]))
@@ -270,9 +289,17 @@ def write_import_report(path: Path, name: str, variants: list[ImportedVariant], 
         f"<td>{fp32.latency_ms_bmax / max(v.latency_ms_bmax, 1e-9):.2f}x</td></tr>" for v in variants)
     changes = "".join(f"<li>{html.escape(c)}</li>" for c in intake.get("changes", [])) or "<li>nothing</li>"
     gate = gate or {}
-    judged = (f"<p>Gate: {html.escape(str(gate['metric']))} against FP32 on the held-out inputs, at least "
+    gate_metric = gate.get("gate_metric", gate.get("metric"))
+    judged = (f"<p>Gate: {html.escape(str(gate_metric))} against FP32 on the held-out inputs, at least "
               f"{gate.get('threshold', 0.0):.4f}; the same metric on wrongly paired samples (the negative control): "
-              f"{gate.get('control', 0.0):.4f}.</p>" if gate.get("metric") else "")
+              f"{gate.get('gate_control', gate.get('control', 0.0)):.4f}.</p>" if gate_metric else "")
+    labelled = [v for v in variants if v.map50 is not None]
+    if labelled:
+        rows_map = "".join(f"<tr><td>{html.escape(v.name)}</td><td>{v.map50:.4f}</td><td>{v.map50_95:.4f}</td></tr>"
+                           for v in labelled)
+        judged += (f"<h2>Against the held-out labels</h2><table border='1'><tr><th>variant</th><th>mAP@0.5</th>"
+                   f"<th>mAP@0.5:0.95</th></tr>{rows_map}</table><p>The device validates by mAP@0.5 against these "
+                   f"labels (negative control: {gate.get('control', 0.0):.4f}).</p>")
     left_out = "".join(f"<li>{html.escape(e['reason'])}</li>" for e in gate.get("excluded", []))
     judged += f"<h2>Left out by the gate</h2><ul>{left_out}</ul>" if left_out else ""
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(name)}</title></head>"
@@ -309,17 +336,37 @@ def import_manifest(name: str, version: str, staging: Path, variants: list[Impor
         variants=[Variant(**ref(v.file), name=v.name, precision=v.precision, quantization=v.quantization,
                           backends=v.backends, accuracy=v.agreement) for v in variants],  # type: ignore[arg-type]
         validation=Validation(**ref("validation.npz"), metric=gate["metric"], num_samples=samples,
-                              reference={v.name: v.agreement for v in variants}, tolerance=tolerance,
+                              reference={v.name: (v.map50 if gate["metric"] == "detection_map50" and v.map50 is not
+                                                  None else v.agreement) for v in variants}, tolerance=tolerance,
                               control=gate.get("control")),
         report=FileRef(**ref("report.html")) if (staging / "report.html").exists() else None,
     )
 
 
-def save_holdout(path: Path, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
-    """validation.npz for output agreement: ``input:<name>`` and ``reference:<output>`` arrays."""
+def save_holdout(path: Path, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                 labels: dict[str, Any] | None = None) -> None:
+    """validation.npz: ``input:<name>`` and ``reference:<output>`` (FP32's outputs) arrays, and ``coco`` (COCO
+    labels of the held-out images, JSON text) where the import was given them."""
     arrays = {f"input:{k}": v for k, v in inputs.items()} | {f"reference:{k}": v for k, v in reference.items()}
+    if labels is not None:
+        arrays["coco"] = np.array(json.dumps(labels))
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
+
+
+def held_out_labels(labels: dict[str, Any], count: int, holdout_fraction: float, where: str) -> dict[str, Any]:
+    """The COCO labels of the rows :func:`split_calibration` holds out: ``labels["images"]`` lists the calibration
+    rows' images in row order (image ``i`` is row ``i``); a :class:`ConfigError` in one line when it does not."""
+    from components.data import calibration_indices
+
+    images = labels.get("images") if isinstance(labels, dict) else None
+    if not isinstance(images, list) or len(images) != count or not isinstance(labels.get("annotations"), list):
+        raise ConfigError(f"{where}: COCO labels with one image per calibration row ({count}) and an annotations "
+                          f"list are needed; got {len(images) if isinstance(images, list) else 'no'} images")
+    cut = max(1, int(round(count * (1.0 - holdout_fraction))))
+    held = [images[i] for i in np.sort(calibration_indices(None, count, total=count)[cut:])]
+    ids = {image["id"] for image in held}
+    return {**labels, "images": held, "annotations": [a for a in labels["annotations"] if a["image_id"] in ids]}
 
 
 def read_calibration(path: Path, holdout_fraction: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

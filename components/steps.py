@@ -223,7 +223,7 @@ def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, ca
                 calibration_scale: float, calibration_mean: str, calibration_std: str, calibration_samples: int,
                 onnx_models: Output[Model], holdout: Output[Dataset], task: str = "", layout: str = "",
                 slices: str = "", nms: bool = False, max_detections: int = 100, score_threshold: float = 0.25,
-                iou_threshold: float = 0.45) -> None:
+                iou_threshold: float = 0.45, labels_uri: str = "") -> None:
     """Bring your own ONNX: the intake normalises it (fp32), then FP16, INT8 Q/DQ (Model Optimizer) and INT8 (ONNX
     Runtime) variants. Calibration: an .npz (one array per input) or a folder of images (local or s3://). ``task``
     and ``layout`` (empty: inferred) say what the outputs mean; the step fails at once when they do not fit. A
@@ -238,6 +238,7 @@ def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, ca
         build_variants,
         fetch_model,
         fetch_uri,
+        held_out_labels,
         read_calibration,
         run_all,
         save_holdout,
@@ -245,13 +246,24 @@ def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, ca
     )
     from components.intake import ImagePreprocessing, read_image_calibration
     from components.tasks import check_stated
+    from edgeloop_core.errors import ConfigError
 
     check_stated(task, layout, slices)
     with tempfile.TemporaryDirectory() as tmp:
         source = fetch_model(onnx_uri, Path(tmp) / "model.onnx")
+        labels = None
+        if labels_uri and not calibration_uri.endswith(".npz"):
+            raise ConfigError("--labels needs an .npz calibration set whose rows are the labels' images, in order")
         if calibration_uri.endswith(".npz"):
             calibration, held = read_calibration(fetch_uri(calibration_uri, Path(tmp) / "calibration.npz"),
                                                  holdout_fraction)
+            if labels_uri:
+                count = len(next(iter(calibration.values()))) + len(next(iter(held.values())))
+                try:
+                    coco = json.loads(fetch_uri(labels_uri, Path(tmp) / "labels.json").read_text())
+                except ValueError as exc:
+                    raise ConfigError(f"{labels_uri} is not JSON: give COCO-format labels") from exc
+                labels = held_out_labels(coco, count, holdout_fraction, labels_uri)
         else:
             prep = ImagePreprocessing.parse(calibration_layout, calibration_scale, calibration_mean, calibration_std)
             with local_folder(calibration_uri) as folder:
@@ -264,14 +276,17 @@ def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, ca
         build_variants(source, calibration, Path(onnx_models.path), task=task, layout=layout, slices=slices,
                        nms=nms, max_detections=max_detections, score_threshold=score_threshold,
                        iou_threshold=iou_threshold)
-    save_holdout(Path(holdout.path), held, run_all(Path(onnx_models.path) / "fp32.onnx", held))
+    save_holdout(Path(holdout.path), held, run_all(Path(onnx_models.path) / "fp32.onnx", held), labels)
     onnx_models.metadata.update({"source": onnx_uri, "format": "onnx"})
 
 
 @component
 def evaluate_agreement(onnx_models: Input[Model], holdout: Input[Dataset], min_agreement: float,
                        metrics: Output[Metrics]) -> None:
-    """Output agreement of every variant with FP32 on the held-out inputs; fail below ``min_agreement``."""
+    """Every variant against FP32 on the held-out inputs by the task's metric; a variant below ``min_agreement``
+    is left out (the import fails when FP32 or every variant does). With the held-out images' COCO labels, each
+    variant's mAP too."""
+    import json
     from pathlib import Path
 
     import numpy as np
@@ -280,11 +295,15 @@ def evaluate_agreement(onnx_models: Input[Model], holdout: Input[Dataset], min_a
 
     with np.load(holdout.path) as npz:
         inputs = {k.split(":", 1)[1]: npz[k] for k in npz.files if k.startswith("input:")}
-    for variant in measure(Path(onnx_models.path), inputs, min_agreement):
+        labels = json.loads(str(npz["coco"])) if "coco" in npz.files else None
+    for variant in measure(Path(onnx_models.path), inputs, min_agreement, labels):
         metrics.log_metric(f"{variant.name}_agreement", variant.agreement)
         metrics.log_metric(f"{variant.name}_size_bytes", variant.size_bytes)
         metrics.log_metric(f"{variant.name}_latency_ms_b1", variant.latency_ms_b1)
         metrics.log_metric(f"{variant.name}_latency_ms_bmax", variant.latency_ms_bmax)
+        if variant.map50 is not None:
+            metrics.log_metric(f"{variant.name}_map50", variant.map50)
+            metrics.log_metric(f"{variant.name}_map50_95", variant.map50_95 or 0.0)
 
 
 @component

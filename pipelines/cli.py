@@ -114,6 +114,9 @@ def import_onnx_command(
     nms: Annotated[bool, typer.Option(
         help="a YOLOv5/v8/v11 detector: append decode + NMS to every variant, so apps get boxes, scores, classes "
              "and num_detections (-p score_threshold=, -p iou_threshold=, -p max_detections= set them)")] = False,
+    labels: Annotated[str, typer.Option(
+        help="a detector: COCO-format labels of the calibration .npz's rows (image i is row i); the variants get "
+             "their mAP and the device validates by mAP@0.5 against the held-out rows' labels")] = "",
     param: ParamOption = None,
     runs_dir: Annotated[Path, typer.Option(help="where each local run keeps its outputs and log")] = Path(
         ".edgeloop/runs"),
@@ -128,8 +131,8 @@ def import_onnx_command(
     check_stated(task, layout, slices)
     values = {"onnx_uri": onnx, "calibration_uri": calibration, "model_name": model_name,
               **parse_parameters(param or [], import_onnx_pipeline)}
-    values.update({k: v for k, v in (("task", task), ("layout", layout), ("slices", slices), ("nms", nms))
-                   if v})
+    values.update({k: v for k, v in (("task", task), ("layout", layout), ("slices", slices), ("nms", nms),
+                                     ("labels_uri", labels)) if v})
     try:
         with console.status("importing through kfp.local ..."):
             result = run_local(values, runs_dir=runs_dir, pipeline=import_onnx_pipeline)

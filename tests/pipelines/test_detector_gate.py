@@ -27,6 +27,7 @@ from components.import_onnx import (
     ImportedVariant,
     build_variants,
     evaluate_agreement,
+    held_out_labels,
     import_manifest,
     read_task,
     run_all,
@@ -35,6 +36,7 @@ from components.import_onnx import (
     write_import_report,
 )
 from edgeloop_core.contract import ArtifactLayout, Task
+from edgeloop_core.errors import ConfigError
 from edgeloop_core.quality import label_free_value, negative_control, output_agreement
 from tests.components.test_int8_heads import INPUT, OUTPUT, build_yolo_style, float_head_violations, scenes
 
@@ -366,3 +368,55 @@ def test_nms_appended_at_import_serves_boxes_and_passes_the_gate(tmp_path, detec
     assert all(v.metric == "detection_f1" and v.agreement >= MIN_AGREEMENT for v in passed)
     boxes = session.run(None, {INPUT: detector["held"][INPUT][:3]})
     assert boxes[0].shape == (3, 50, 4) and int(boxes[3].max()) > 0  # detections, padded to max_detections
+
+
+def _coco_labels(detections: list, size: int) -> dict:
+    """COCO-format labels from boxes (one image per row, 1-based ids), as a labelling tool exports them."""
+    annotations = [{"id": n, "image_id": i + 1, "category_id": int(c), "iscrowd": 0,
+                    "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                    "area": float((b[2] - b[0]) * (b[3] - b[1]))}
+                   for n, (i, b, c) in enumerate(((i, b, c) for i, found in enumerate(detections)
+                                                  for b, c in zip(found.boxes, found.classes, strict=True)), 1)]
+    classes = sorted({a["category_id"] for a in annotations})
+    return {"images": [{"id": i + 1, "file_name": f"{i}.png", "width": size, "height": size}
+                       for i in range(len(detections))],
+            "annotations": annotations, "categories": [{"id": c, "name": str(c)} for c in classes]}
+
+
+def test_labels_given_at_import_give_each_variant_its_map_and_the_device_validates_by_them(
+        tmp_path, local_s3, key_dir, edge_settings, detector):
+    """``import-onnx --labels``: COCO labels of the calibration rows. The held-out rows' labels travel in
+    validation.npz, every variant gets its mAP@0.5 and mAP@0.5:0.95 in the report, and the device validates by
+    mAP@0.5 against them (the labels here are boxes drawn on the calibration scenes by the FP32 model, standing in
+    for a labelling tool's export)."""
+    from edgeloop_core.detection import decode
+    from pipelines.import_onnx import import_onnx_pipeline
+    from pipelines.local_run import run_local
+
+    calibration = dict(np.load(detector["calibration_file"]))
+    task = Task(kind="detection", layout="yolov8")
+    (labels_file := tmp_path / "labels.json").write_text(json.dumps(_coco_labels(
+        decode(run_all(detector["dir"] / "fp32.onnx", calibration), task), calibration[INPUT].shape[-1])))
+    store = local_s3.store("labelled")
+    mp = pytest.MonkeyPatch()
+    for name, value in local_s3.env().items():
+        mp.setenv(name, value)
+    mp.setenv("EDGELOOP_SIGNING_KEY_FILE", str(key_dir / "signing-key.pem"))
+    try:
+        result = run_local({"onnx_uri": str(detector["source"]), "calibration_uri": str(detector["calibration_file"]),
+                            "labels_uri": str(labels_file), "model_name": "labelled", "bucket": store.bucket,
+                            "s3_endpoint": local_s3.endpoint_url, "min_agreement": MIN_AGREEMENT},
+                           runs_dir=tmp_path / "runs", pipeline=import_onnx_pipeline)
+    finally:
+        mp.undo()
+    manifest = result.manifest
+    assert manifest is not None and manifest.validation.metric == "detection_map50"
+    assert manifest.validation.reference["fp32"] == pytest.approx(1.0)  # its own boxes
+    assert manifest.validation.control is not None and manifest.validation.control < 0.5
+    report = store.get_bytes(ArtifactLayout().file_key("labelled", manifest.version, "report.html")).decode()
+    assert "mAP@0.5:0.95" in report and "Against the held-out labels" in report
+    served, validated, _ = _serve(edge_settings, store, "labelled")
+    assert validated[served]["metric"] == "detection_map50" and validated[served]["passed"]
+    with pytest.raises(ConfigError) as wrong:  # labels for another set of images
+        held_out_labels({**_coco_labels([], 64), "images": []}, 64, 0.25, "labels.json")
+    assert "one image per calibration row (64)" in str(wrong.value)
