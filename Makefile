@@ -19,12 +19,14 @@ CHECKOV_SPEC := checkov==3.3.30
 # needs numpy<2, so it gets a venv of its own; its Python backend runs the ONNX Runtime engines edgeloop builds, so
 # that venv's onnxruntime is the project's own version.
 TRITON_PY    := $(TOOLS)/triton/bin/python
+TRITON_READY := $(TOOLS)/triton/.ready
 PYTRITON_SPEC := nvidia-pytriton==0.7.0
 # ultralytics (AGPL-3.0), for the tests only: real YOLOv8/v11/v10 ONNX exports (tests/pipelines/yolo.py); the product
 # never imports it. It needs torchvision, which cannot sit beside the project's CPU torch, so it gets a venv of its own
 # with the torch/torchvision pair this machine's pip finds on disk; onnx, onnxslim and onnxruntime (the project's
 # versions) are there so that its export never tries to pip-install anything at run time.
 ULTRA_PY      := $(TOOLS)/ultralytics/bin/python
+ULTRA_READY   := $(TOOLS)/ultralytics/.ready
 ULTRA_SPEC    := ultralytics==8.4.190
 ULTRA_TORCH   := $(if $(filter aarch64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
@@ -56,26 +58,29 @@ $(CHECKOV):
 	$(PYTHON) -m venv $(TOOLS)/checkov
 	$(TOOLS)/checkov/bin/python -m pip install --quiet "$(CHECKOV_SPEC)"
 
-$(TRITON_PY): $(READY)
+# Each tools venv is done when its .ready stamp exists (a venv's bin/python is a symlink whose time never moves).
+$(TRITON_READY): $(READY)
 	$(PYTHON) -m venv $(TOOLS)/triton
 	$(TRITON_PY) -m pip install --quiet "$(PYTRITON_SPEC)" "numpy<2" \
 	  "onnxruntime==$$($(BIN)/python -c 'import onnxruntime; print(onnxruntime.__version__)')" \
 	  || { rm -rf $(TOOLS)/triton; echo "nvidia-pytriton could not be installed into $(TOOLS)/triton: the Triton serving tests need it" >&2; exit 1; }
+	touch $@
 
-$(ULTRA_PY): $(READY)
+$(ULTRA_READY): $(READY)
 	$(PYTHON) -m venv $(TOOLS)/ultralytics
 	{ $(ULTRA_PY) -m pip install --quiet $(ULTRA_TORCH) && $(ULTRA_PY) -m pip install --quiet "$(ULTRA_SPEC)" \
 	  "onnx==$$($(BIN)/python -c 'import onnx; print(onnx.__version__)')" onnxslim==0.1.98 \
 	  "onnxruntime==$$($(BIN)/python -c 'import onnxruntime; print(onnxruntime.__version__)')"; } \
 	  >$(TOOLS)/ultralytics-install.log 2>&1 \
 	  || { rm -rf $(TOOLS)/ultralytics; echo "ultralytics could not be installed into $(TOOLS)/ultralytics (pip's output: $(TOOLS)/ultralytics-install.log): the YOLO import tests need it" >&2; exit 1; }
+	touch $@
 
-tools: $(HELM) $(CHECKOV) $(TRITON_PY) $(ULTRA_PY)
+tools: $(HELM) $(CHECKOV) $(TRITON_READY) $(ULTRA_READY)
 
 demo: $(READY)
 	$(BIN)/edgeloop demo
 
-test: $(READY) $(HELM) $(CHECKOV) $(TRITON_PY) $(ULTRA_PY)
+test: $(READY) $(HELM) $(CHECKOV) $(TRITON_READY) $(ULTRA_READY)
 	$(BIN)/python -m pytest
 
 lint: $(READY)
