@@ -31,9 +31,9 @@ from sqlalchemy import (
     inspect,
     select,
     text,
-    tuple_,
 )
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql import Select
 
 from edgeloop_core.errors import ConfigError, StoreUnavailable
 
@@ -42,7 +42,7 @@ metadata = MetaData()
 events = Table(
     "events", metadata,
     Column("id", String(64), primary_key=True),
-    Column("device_id", String(128), nullable=False, index=True),
+    Column("device_id", String(128), primary_key=True, index=True),
     Column("kind", String(32), nullable=False),
     Column("ts_ms", BigInteger, nullable=False),
     Column("payload", Text, nullable=False),
@@ -51,12 +51,14 @@ events = Table(
 stats = Table(
     "stats", metadata,
     Column("id", String(64), primary_key=True),
-    Column("device_id", String(128), nullable=False),
+    Column("device_id", String(128), primary_key=True),
     Column("ts_ms", BigInteger, primary_key=True),
     Column("payload", Text, nullable=False),
     Column("received_ms", BigInteger, nullable=False),
 )
-"""Periodic ``stats`` events, by day (PostgreSQL: one partition per day, ``stats_dYYYYMMDD``)."""
+"""Periodic ``stats`` events, by day (PostgreSQL: one partition per day, ``stats_dYYYYMMDD``). Events and stats are
+keyed by device and id (migration 0004): an id is unique per device only (two devices cloned from one image share
+their outbox's ids)."""
 DAY_MS = 86_400_000
 DAYS_AHEAD = 7
 """Partitions made ahead of today; stats stamped further ahead (a device clock far off) are acknowledged, not kept."""
@@ -66,7 +68,12 @@ devices = Table(
     Column("device_id", String(128), primary_key=True),
     Column("last_seen_ms", BigInteger, default=0),
     Column("facts_json", Text, default="{}"),
+    Column("stats_out_of_window", BigInteger, default=0, server_default="0", nullable=False),
+    Column("clock_skew_ms", BigInteger, nullable=True),
 )
+"""One row per device. ``stats_out_of_window``: the stats events acknowledged but not kept (stamped outside
+:meth:`HubStore.stats_window`); ``clock_skew_ms``: the device's newest event stamp in its last call minus the hub's
+clock when it arrived (ms; far below zero: a clock behind, or a backlog sent late; above zero: a clock ahead)."""
 device_models = Table(
     "device_models", metadata,
     Column("device_id", String(128), primary_key=True),
@@ -257,7 +264,7 @@ class HubStore:
         return (now_ms // DAY_MS - self.stats_retention_days) * DAY_MS, (now_ms // DAY_MS + DAYS_AHEAD + 1) * DAY_MS
 
     def ingest(self, device_id: str, batch: Iterable[IncomingEvent]) -> tuple[list[str], int]:
-        """Store events not seen before (by id) and update the device's rows; returns ``(acknowledged ids,
+        """Store events not seen before (by device and id) and update the device's rows; returns ``(acknowledged ids,
         duplicates)``. Every id in ``batch`` is acknowledged: new ones are stored, old ones were already."""
         return self.ingest_many([(device_id, list(batch))])[0]
 
@@ -269,6 +276,7 @@ class HubStore:
         now = int(time.time() * 1000)
         low, high = self.stats_window(now)
         kept: list[list[IncomingEvent]] = []
+        dropped: list[int] = []  # per call: stats out of the window
         for device_id, batch in calls:
             # a malformed event is acknowledged but not stored: refusing the batch would leave it in the device's
             # outbox forever, and every event behind it too
@@ -281,10 +289,11 @@ class HubStore:
                 log.info("device %s sent %d stats events outside the retention window; acknowledged, not kept",
                          device_id, len(good) - len(stored))
             kept.append(stored)
+            dropped.append(len(good) - len(stored))
         insert_ = self._insert()
         with self.engine.begin() as conn:
-            inserted: set[str] = set()
-            # idempotent by event id, race-free across replicas: a resend or a racing twin inserts nothing
+            inserted: set[tuple[str, str]] = set()
+            # idempotent by (device, event id), race-free across replicas: a resend or a racing twin inserts nothing
             changes_only = [{"id": e.id, "device_id": d, "kind": e.kind, "ts_ms": e.timestamp_ms,
                              "payload": e.payload_json, "received_ms": now}
                             for (d, _), batch in zip(calls, kept, strict=True) for e in batch if e.kind != "stats"]
@@ -294,18 +303,20 @@ class HubStore:
             # rows as executemany parameters, not .values(rows): SQLAlchemy then renders the multi-row INSERT from
             # one cached compiled statement (its "insertmanyvalues") instead of compiling one per group size
             if changes_only:
-                statement = insert_(events).on_conflict_do_nothing(index_elements=["id"])
-                inserted |= set(conn.execute(statement.returning(events.c.id), changes_only).scalars())
+                statement = insert_(events).on_conflict_do_nothing(index_elements=["device_id", "id"])
+                inserted |= {(d, i) for d, i in conn.execute(
+                    statement.returning(events.c.device_id, events.c.id), changes_only)}
             if periodic:  # a resend carries its original's timestamp, so it meets it in the same day
-                statement = insert_(stats).on_conflict_do_nothing(index_elements=["id", "ts_ms"])
-                inserted |= set(conn.execute(statement.returning(stats.c.id), periodic).scalars())
+                statement = insert_(stats).on_conflict_do_nothing(index_elements=["device_id", "id", "ts_ms"])
+                inserted |= {(d, i) for d, i in conn.execute(
+                    statement.returning(stats.c.device_id, stats.c.id), periodic)}
             device_rows: dict[str, dict[str, Any]] = {}
             model_rows: dict[tuple[str, str], dict[str, Any]] = {}
             results: list[tuple[list[str], int]] = []
-            claimed: set[str] = set()
-            for (device_id, batch), stored in zip(calls, kept, strict=True):
-                fresh = [e for e in stored if e.id in inserted and e.id not in claimed]
-                claimed |= {e.id for e in fresh}  # an id two calls carried was new for the first one only
+            claimed: set[tuple[str, str]] = set()
+            for (device_id, batch), stored, out in zip(calls, kept, dropped, strict=True):
+                fresh = [e for e in stored if (device_id, e.id) in inserted and (device_id, e.id) not in claimed]
+                claimed |= {(device_id, e.id) for e in fresh}  # an id two calls of a device carried: new for the first
                 changes = device_rows.setdefault(device_id, {})
                 for event in sorted(fresh, key=lambda e: e.timestamp_ms):
                     try:
@@ -322,6 +333,10 @@ class HubStore:
                 if batch:
                     changes["last_seen_ms"] = max(changes.get("last_seen_ms", 0),
                                                   max(e.timestamp_ms for e in batch))
+                if stamps := [e.timestamp_ms for e in batch if _well_formed(e)]:
+                    changes["clock_skew_ms"] = max(stamps) - now
+                if out:  # added to the device's count (see _upsert_rows)
+                    changes["stats_out_of_window"] = changes.get("stats_out_of_window", 0) + out
                 results.append(([e.id for e in batch], len(stored) - len(fresh)))
             # one statement per set of changed columns, so a device's first two calls on two replicas cannot collide
             self._upsert_rows(conn, devices, ["device_id"],
@@ -343,6 +358,8 @@ class HubStore:
                 updates = {k: upsert.excluded[k] for k in changed}
                 if "last_seen_ms" in changed:
                     updates["last_seen_ms"] = self._greatest(table.c.last_seen_ms, upsert.excluded.last_seen_ms)
+                if "stats_out_of_window" in changed:  # a count: this call's adds to the stored one
+                    updates["stats_out_of_window"] = table.c.stats_out_of_window + upsert.excluded.stats_out_of_window
                 statement = upsert.on_conflict_do_update(index_elements=key, set_=updates)
             # RETURNING makes SQLAlchemy send the rows as one multi-row statement (its "insertmanyvalues"), not as
             # one statement per row
@@ -361,35 +378,49 @@ class HubStore:
         return func.greatest(a, b) if self.engine.dialect.name == "postgresql" else func.max(a, b)
 
     @staticmethod
-    def _rows() -> tuple[Any, Any]:
-        """Every device joined with each model it serves (a device that reported no model yet: one row, no model),
-        and the row's model column."""
-        joined = devices.outerjoin(device_models, devices.c.device_id == device_models.c.device_id)
-        return joined, func.coalesce(device_models.c.model_name, "")
+    def _rows(after_device: str | None = None) -> Any:  # noqa: ANN401 - a SQLAlchemy join
+        """Every device joined with each model it serves (a device that reported no model yet: one row, no model).
+        ``after_device`` bounds both sides of the join, so either side is read from its primary key's index from
+        that device on (PostgreSQL carries no range from one side of a join to the other)."""
+        on = devices.c.device_id == device_models.c.device_id
+        if after_device is not None:
+            on = on & (device_models.c.device_id >= after_device)
+        return devices.outerjoin(device_models, on)
 
     def fleet(self, *, limit: int | None = None, after: tuple[str, str] | None = None, state: str = "",
               model_name: str = "", version: str = "", stale_since_ms: int = 0) -> list[dict[str, Any]]:
-        """One row per device and model (latest state), by device id then model name: those after ``after``
-        (``(device id, model name)``), at most ``limit`` (keyset pagination: each page is one index range scan,
-        however large the fleet), optionally filtered."""
-        joined, model = self._rows()
-        query = (select(devices.c.device_id, model.label("model_name"), devices.c.facts_json,
-                        func.coalesce(device_models.c.last_seen_ms, devices.c.last_seen_ms).label("last_seen_ms"),
-                        *(device_models.c[f] for f in MODEL_FIELDS))
-                 .select_from(joined).where(*self._filters(state, model_name, version, stale_since_ms)))
-        if after is not None:
-            query = query.where(tuple_(devices.c.device_id, model) > tuple_(*after))
-        query = query.order_by(devices.c.device_id, model)
-        if limit is not None:
-            query = query.limit(limit)
+        """One row per device and model (latest state), by device id then model name (a device with no model
+        first, as model ``""``): those after ``after`` (``(device id, model name)``), at most ``limit``,
+        optionally filtered. See :meth:`fleet_query`."""
+        query = self.fleet_query(limit=limit, after=after, state=state, model_name=model_name, version=version,
+                                 stale_since_ms=stale_since_ms)
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
+
+    def fleet_query(self, *, limit: int | None = None, after: tuple[str, str] | None = None, state: str = "",
+                    model_name: str = "", version: str = "", stale_since_ms: int = 0) -> Select:
+        """The query of :meth:`fleet`: keyset pagination on the two primary keys' own columns, so each page is an
+        index range scan from ``after`` on, however far into the fleet it is (a key on ``COALESCE(model_name,
+        '')`` could use no index: each page read and sorted every row before it)."""
+        query = (select(devices.c.device_id, func.coalesce(device_models.c.model_name, "").label("model_name"),
+                        devices.c.facts_json, devices.c.stats_out_of_window, devices.c.clock_skew_ms,
+                        func.coalesce(device_models.c.last_seen_ms, devices.c.last_seen_ms).label("last_seen_ms"),
+                        *(device_models.c[f] for f in MODEL_FIELDS))
+                 .select_from(self._rows(after[0] if after is not None else None))
+                 .where(*self._filters(state, model_name, version, stale_since_ms)))
+        if after is not None:
+            device, model = after
+            # model names are never empty, so ``> ''`` is every model of the device; a row with no model (NULL)
+            # sorts first and is never after a key of its own device
+            query = query.where(devices.c.device_id >= device,
+                                (devices.c.device_id > device) | (device_models.c.model_name > model))
+        query = query.order_by(devices.c.device_id, device_models.c.model_name.asc().nulls_first())
+        return query.limit(limit) if limit is not None else query
 
     def fleet_summary(self, *, state: str = "", model_name: str = "", version: str = "",
                       stale_since_ms: int = 0) -> dict[str, int]:
         """Rows (device and model) per state among those the filters select."""
-        joined, _ = self._rows()
-        query = (select(device_models.c.state, func.count()).select_from(joined)
+        query = (select(device_models.c.state, func.count()).select_from(self._rows())
                  .where(*self._filters(state, model_name, version, stale_since_ms))
                  .group_by(device_models.c.state))
         with self.engine.connect() as conn:
