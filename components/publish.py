@@ -30,12 +30,23 @@ from edgeloop_core.contract import (
     sign_pointer,
 )
 from edgeloop_core.contract.channel import DEFAULT_TTL, ChannelPointer
-from edgeloop_core.errors import ManifestInvalid, ObjectNotFound, StoreError, VersionExists
+from edgeloop_core.errors import (
+    ConfigError,
+    ManifestInvalid,
+    ObjectNotFound,
+    SignatureInvalid,
+    StoreError,
+    VersionExists,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from edgeloop_core.store import ObjectStore
+
+RESIGN_WINDOW = DEFAULT_TTL / 3
+"""A channel pointer that expires within this (30 days of the 90-day TTL) is re-signed by a scheduled run that has
+nothing to train (:func:`resign_channels`), so a model that does not change keeps its channels alive."""
 
 VALIDATION_FILE = "validation.npz"
 REPORT_FILE = "report.html"
@@ -192,6 +203,15 @@ def move_channel(store: ObjectStore, layout: ArtifactLayout, name: str, channel:
     The version must be complete (its manifest exists). The sequence is the larger of the old pointer's + 1 and
     the current time in milliseconds, so it grows even when the old pointer is unreadable.
     """
+    pointer = _next_pointer(store, layout, name, channel, version, signing_key, ttl)
+    store.put_bytes(layout.channel_key(name, channel), pointer.model_dump_json(indent=2).encode(),
+                    content_type="application/json")
+    return pointer
+
+
+def _next_pointer(store: ObjectStore, layout: ArtifactLayout, name: str, channel: str, version: str,
+                  signing_key: Ed25519PrivateKey, ttl: timedelta) -> ChannelPointer:
+    """The signed pointer :func:`move_channel` writes (checked names, complete version, higher sequence)."""
     check_name(name, "model name")
     check_name(channel, "channel")
     check_name(version, "version")
@@ -204,9 +224,83 @@ def move_channel(store: ObjectStore, layout: ArtifactLayout, name: str, channel:
     except (ObjectNotFound, ManifestInvalid):
         pass
     sequence = max(previous + 1, int(time.time() * 1000))
-    pointer = sign_pointer(name, channel, version, sequence, signing_key, ttl=ttl)
-    store.put_bytes(key, pointer.model_dump_json(indent=2).encode(), content_type="application/json")
+    return sign_pointer(name, channel, version, sequence, signing_key, ttl=ttl)
+
+
+def channel_pointers(store: ObjectStore, layout: ArtifactLayout, name: str) -> list[ChannelPointer | str]:
+    """Every channel pointer of model ``name``, sorted by channel; one that cannot be parsed is given as its
+    one-line reason instead (nothing is verified here: :func:`resign_channels` checks signatures)."""
+    check_name(name, "model name")
+    prefix = layout.channel_key(name, "x")[: -len("x.json")]
+    found: list[ChannelPointer | str] = []
+    for key in sorted(store.list_keys(prefix)):
+        channel = key[len(prefix):].removesuffix(".json")
+        try:
+            found.append(parse_pointer(store.get_bytes(key), name, check_name(channel, "channel")))
+        except (ManifestInvalid, ConfigError, ObjectNotFound) as exc:
+            found.append(str(exc))
+    return found
+
+
+def resign_channels(store: ObjectStore, layout: ArtifactLayout, name: str, signing_key: Ed25519PrivateKey, *,
+                    within: timedelta = RESIGN_WINDOW, ttl: timedelta = DEFAULT_TTL,
+                    now: datetime | None = None) -> list[ChannelPointer]:
+    """Re-sign every channel pointer of ``name`` that expires within ``within`` of ``now`` (expired ones included):
+    same version, higher sequence, a fresh ``ttl``, as :func:`move_channel` (``edgeloop pipeline promote``) signs
+    it. Returns the new pointers.
+
+    Only a pointer this key signed is re-signed: one that is unsigned, malformed or signed by another key is left
+    as it is, so a planted pointer is never laundered into a valid one. The write is conditional on the pointer
+    being the object read (``If-Match``): a channel that someone moved meanwhile keeps their newer pointer.
+    """
+    now = now or datetime.now(timezone.utc)
+    resigned = []
+    prefix = layout.channel_key(name, "x")[: -len("x.json")]
+    for key in sorted(store.list_keys(prefix)):
+        with store._errors(key):  # the store's one-line errors (put_bytes has no If-Match)
+            found = store.client.get_object(Bucket=store.bucket, Key=key)
+            data, etag = found["Body"].read(), found["ETag"]
+        pointer = _own_pointer(data, name, key[len(prefix):].removesuffix(".json"), signing_key)
+        if pointer is None or _aware(pointer.expires) - now > within:
+            continue
+        fresh = _next_pointer(store, layout, name, pointer.channel, pointer.version, signing_key, ttl)
+        try:
+            with store._errors(key):  # a 412 becomes VersionExists
+                store.client.put_object(Bucket=store.bucket, Key=key, Body=fresh.model_dump_json(indent=2).encode(),
+                                        ContentType="application/json", IfMatch=etag)
+        except VersionExists:  # 412: the channel moved since we read it; the newer pointer stays
+            continue
+        resigned.append(fresh)
+    return resigned
+
+
+def _own_pointer(data: bytes, name: str, channel: str, signing_key: Ed25519PrivateKey) -> ChannelPointer | None:
+    """The pointer in ``data`` if it parses for ``name``/``channel`` and ``signing_key`` signed it, else None."""
+    from edgeloop_core.contract.signing import check_signature
+
+    try:
+        pointer = parse_pointer(data, name, check_name(channel, "channel"))
+        check_signature(pointer.signature, pointer.canonical_bytes(), signing_key.public_key(),
+                        f"channel {channel!r} of {name!r}")
+    except (ManifestInvalid, ConfigError, SignatureInvalid):
+        return None
     return pointer
+
+
+def _aware(moment: datetime) -> datetime:
+    """``moment`` with UTC assumed when it has no time zone."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def resign_from_env(*, model_name: str, bucket: str, prefix: str, s3_endpoint: str,
+                    signing_key_path: str | None = None) -> list[ChannelPointer]:
+    """The pipeline's re-sign step: :func:`resign_channels` with the publish step's signing key
+    (``EDGELOOP_SIGNING_KEY[_FILE]``) and S3 credentials from boto3's usual chain."""
+    from edgeloop_core.contract import load_signing_key
+    from edgeloop_core.store import ObjectStore
+
+    store = ObjectStore(bucket, endpoint_url=s3_endpoint or None)
+    return resign_channels(store, ArtifactLayout(prefix), model_name, load_signing_key(signing_key_path))
 
 
 def publish_from_paths(

@@ -219,6 +219,19 @@ def publish(dataset: Input[Dataset], onnx_models: Input[Model], evaluation: Inpu
 
 
 @component
+def resign_channels(model_name: str, bucket: str, prefix: str, s3_endpoint: str) -> str:
+    """Re-sign the model's channel pointers that expire within a third of their TTL (same version, higher sequence),
+    with the publish step's key; the pipeline runs it when the plan skips training. Returns what it re-signed."""
+    from components.publish import resign_from_env
+
+    pointers = resign_from_env(model_name=model_name, bucket=bucket, prefix=prefix, s3_endpoint=s3_endpoint)
+    for p in pointers:
+        print(f"re-signed channel {p.channel!r} of {model_name!r}: {p.version}, sequence {p.sequence}, "
+              f"expires {p.expires.isoformat()}")
+    return ",".join(p.channel for p in pointers)
+
+
+@component
 def import_onnx(onnx_uri: str, calibration_uri: str, holdout_fraction: float, calibration_layout: str,
                 calibration_scale: float, calibration_mean: str, calibration_std: str, calibration_samples: int,
                 onnx_models: Output[Model], holdout: Output[Dataset], task: str = "", layout: str = "",

@@ -281,3 +281,61 @@ def promote_command(
                            ttl=timedelta(days=ttl_days))
     console.print(f"{model}: channel {channel!r} → {pointer.version} (sequence {pointer.sequence}, "
                   f"expires {pointer.expires:%Y-%m-%d})")
+
+
+@app.command("channels")
+def channels_command(
+    models: Annotated[list[str] | None, typer.Argument(help="model names (default: every model in the bucket)")] = None,
+    bucket: Annotated[str, typer.Option(envvar="EDGELOOP_S3_BUCKET", help="bucket")] = "edgeloop",
+    prefix: Annotated[str, typer.Option(envvar="EDGELOOP_S3_PREFIX", help="key prefix before models/")] = "",
+    endpoint: Annotated[str | None, typer.Option(envvar="AWS_ENDPOINT_URL_S3", help="S3 endpoint URL")] = None,
+    within_days: Annotated[int, typer.Option(
+        help="flag pointers that expire within this many days (30: the window a skipped scheduled run re-signs)")] = 30,
+    verify_key: Annotated[Path | None, typer.Option(
+        help="PEM public key(s) to check each pointer's signature (default: EDGELOOP_VERIFY_KEY[_FILE], if set)")] = (
+            None),
+) -> None:
+    """List every channel pointer, one line each: version, sequence, expiry; flags those that expire within
+    --within-days (a scheduled run re-signs them when it skips training; `promote` re-signs by hand)."""
+    import os
+    from datetime import datetime, timezone
+
+    from components.publish import channel_pointers
+    from edgeloop_core.contract import ArtifactLayout, load_verify_keys
+    from edgeloop_core.contract.signing import VERIFY_KEY_ENV, VERIFY_KEY_FILE_ENV
+    from edgeloop_core.store import ObjectStore
+
+    store, layout = ObjectStore(bucket, endpoint_url=endpoint), ArtifactLayout(prefix)
+    checks = verify_key is not None or bool(os.environ.get(VERIFY_KEY_ENV) or os.environ.get(VERIFY_KEY_FILE_ENV))
+    trusted = load_verify_keys(verify_key) if checks else None
+    now = datetime.now(timezone.utc)
+    for name in models or store.list_prefixes(layout.model_prefix("x")[: -len("x/")]):
+        for pointer in channel_pointers(store, layout, name):
+            line = f"{name}: UNREADABLE {pointer}" if isinstance(pointer, str) else _channel_line(
+                pointer, trusted, now, within_days)
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _channel_line(pointer, trusted: list | None, now, within_days: int) -> str:  # noqa: ANN001 - lazy imports
+    """One channel pointer in one line, flagged UNTRUSTED (signature check fails), EXPIRED or EXPIRES SOON."""
+    from datetime import timezone
+
+    from edgeloop_core.contract.signing import check_signature
+    from edgeloop_core.errors import SignatureInvalid
+
+    where = f"{pointer.name}/{pointer.channel}"
+    expires = pointer.expires if pointer.expires.tzinfo else pointer.expires.replace(tzinfo=timezone.utc)
+    days = (expires - now).total_seconds() / 86400
+    line = (f"{where} → {pointer.version} (sequence {pointer.sequence}, expires {expires:%Y-%m-%d %H:%M} UTC, "
+            f"in {days:.0f} days)")
+    resign = f"re-sign: edgeloop pipeline promote {pointer.name} {pointer.version} --channel {pointer.channel}"
+    if trusted is not None:
+        try:
+            check_signature(pointer.signature, pointer.canonical_bytes(), trusted, where)
+        except SignatureInvalid as exc:
+            return f"{line} UNTRUSTED: {exc} (devices refuse it; nothing re-signs it for you)"
+    if days <= 0:
+        return f"{line} EXPIRED: devices refuse it; {resign}"
+    if days <= within_days:
+        return f"{line} EXPIRES SOON: {resign}"
+    return line

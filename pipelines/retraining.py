@@ -1,4 +1,5 @@
-"""The retraining pipeline: load data, plan, train, prune, QAT, export, evaluate (gate), report, publish.
+"""The retraining pipeline: load data, plan, train, prune, QAT, export, evaluate (gate), report, publish; or, when
+the plan skips training, re-sign the channel pointers that expire soon.
 
 The same steps train a classifier (``digits``, image folders, Speech Commands) or a detector (``data_uri=
 synthetic-detection``, ``arch=detector``): each step judges the model by the data's task, top-1 accuracy or COCO
@@ -21,8 +22,9 @@ def build_pipeline(*, s3_secret: str | None = None, signing_secret: str | None =
     """The pipeline, plus the wiring a Kubeflow cluster needs (all off by default, as ``kfp.local`` runs it):
 
     * ``s3_secret``: a Kubernetes Secret with ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, given as environment
-      to the steps that touch S3 (load data, plan, publish);
-    * ``signing_secret``: a Secret with ``signing-key.pem``, mounted into the publish step;
+      to the steps that touch S3 (load data, plan, publish, resign channels);
+    * ``signing_secret``: a Secret with ``signing-key.pem``, mounted into the publish step and the step that re-signs
+      channel pointers ahead of expiry when the plan skips training;
     * ``train_gpus``: GPUs (``nvidia.com/gpu``) for train, prune and QAT.
     """
 
@@ -86,6 +88,12 @@ def build_pipeline(*, s3_secret: str | None = None, signing_secret: str | None =
                 tolerance_points=tolerance_points, plan_info=decision.outputs["plan_info"],
             )
             published.set_caching_options(False)  # every publish is a new version
+        with dsl.If(decision.outputs["Output"] == "skip", name="keep-channels-signed"):
+            # nothing to train: still re-sign pointers that expire within a third of their TTL, or a model that does
+            # not change for 90 days would stop being accepted by its own fleet
+            resigned = steps.resign_channels(model_name=model_name, bucket=bucket, prefix=prefix,
+                                             s3_endpoint=s3_endpoint)
+            resigned.set_caching_options(False)
 
         for task in (fp32, pruned, quantized):
             if train_gpus:
@@ -93,12 +101,13 @@ def build_pipeline(*, s3_secret: str | None = None, signing_secret: str | None =
         if s3_secret or signing_secret:
             from kfp import kubernetes
 
-            for task in (data, decision, published):
+            for task in (data, decision, published, resigned):
                 if s3_secret:
                     kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env=S3_ENV_KEYS)
             if signing_secret:
-                kubernetes.use_secret_as_volume(published, secret_name=signing_secret, mount_path=SIGNING_MOUNT)
-                published.set_env_variable("EDGELOOP_SIGNING_KEY_FILE", f"{SIGNING_MOUNT}/signing-key.pem")
+                for task in (published, resigned):  # the only steps that sign
+                    kubernetes.use_secret_as_volume(task, secret_name=signing_secret, mount_path=SIGNING_MOUNT)
+                    task.set_env_variable("EDGELOOP_SIGNING_KEY_FILE", f"{SIGNING_MOUNT}/signing-key.pem")
 
     return pipeline
 
