@@ -51,6 +51,9 @@ class EdgeApp:
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _pending: set = field(default_factory=set)
     telemetry_errors: int = 0
+    _facts: dict[str, Any] = field(default_factory=dict)
+    outbox_error: str = ""
+    """Why the outbox could not be opened at start (empty once it is open): telemetry waits, serving does not."""
 
     @property
     def runtime(self) -> ModelRuntime | None:
@@ -63,8 +66,10 @@ class EdgeApp:
         a broken outbox must not stop serving or reconciling; what could not be queued is logged and counted
         (``telemetry_errors``)."""
         log.info("%s %s", kind, payload)
+        if self.outbox is None:  # not open yet (said once, when it failed): the event is lost, and counted
+            self.telemetry_errors += 1
+            return
         try:
-            assert self.outbox is not None
             self.outbox.add(kind, payload)
             if self.sender is not None:
                 self.sender.wake()
@@ -116,14 +121,9 @@ class EdgeApp:
         tls = self._tls()  # a bad TLS setting fails before anything starts
         self.facts = self.facts or await asyncio.to_thread(
             detect, self.settings.tegra_release_file, self.settings.device_model_file, self.settings.device_module)
-        self.outbox = Outbox(self.settings.cache_dir / "telemetry-outbox.sqlite", self.settings.device_id,
-                             max_events=self.settings.outbox_max_events)
-        if self.settings.hub_address:
-            token = self.settings.hub_token.get_secret_value() if self.settings.hub_token else None
-            hub_tls = HubTls(self.settings.hub_tls_ca_file, self.settings.hub_tls_cert_file,
-                             self.settings.hub_tls_key_file) if self.settings.hub_tls_ca_file else None
-            self.sender = TelemetrySender(self.outbox, self.settings.hub_address, token,
-                                          interval_s=self.settings.telemetry_interval_s, tls=hub_tls)
+        outbox = await asyncio.to_thread(self._open_outbox)
+        if outbox is not None:
+            self._use_outbox(outbox)
         self.repository = ModelRepository(self.settings, self.facts, store=self.store, report=self.report,
                                           on_batch=self.metrics.observe_batch)
         self.repository.on_change(self._on_change)
@@ -145,7 +145,8 @@ class EdgeApp:
                 log.warning("node annotations disabled: %s", exc)
                 self.node = None
             self.repository.on_change(self._annotate_node)
-        self.report("facts", {"facts": self.facts.to_dict(), "node_labels": labels})
+        self._facts = {"facts": self.facts.to_dict(), "node_labels": labels}
+        self.report("facts", self._facts)
         triton = self.repository.triton
         if triton is not None:
             await self.repository.start_triton()  # before any model loads; a Triton that cannot start fails here
@@ -155,10 +156,11 @@ class EdgeApp:
                 port=self.settings.control_port if triton is not None else self.settings.grpc_port,
                 max_batch_size=self.settings.max_request_batch_size, max_message_bytes=self.settings.max_message_bytes,
                 on_result=self._on_result, tls=tls, alive=self.alive,
-                shm_release_after_s=self.settings.shm_release_after_s,
+                shm_release_after_s=self.settings.shm_release_after_s, health_port=self.settings.health_port,
                 control=RepositoryControl(self.settings.repository_control,
                                           self.settings.control_token.get_secret_value()
-                                          if self.settings.control_token else None))
+                                          if self.settings.control_token else None,
+                                          frozenset(self.settings.control_client_names)))
         except BaseException:
             if triton is not None:  # nothing may outlive a start that failed
                 await asyncio.to_thread(triton.stop)
@@ -171,6 +173,52 @@ class EdgeApp:
         self._tasks.append(loop.create_task(self._stats_forever(), name="edgeloop-stats"))
         if self.sender is not None:
             self._tasks.append(loop.create_task(self.sender.run_forever(), name="edgeloop-telemetry"))
+        if self.outbox is None:
+            self._tasks.append(loop.create_task(self._open_outbox_later(), name="edgeloop-outbox"))
+
+    def _open_outbox(self) -> Outbox | None:
+        """The telemetry outbox, or ``None`` when it cannot be opened now (a full disk, say): logged, and the
+        reason kept in ``outbox_error``; the device serves without it (runs in a worker thread)."""
+        path = self.settings.cache_dir / "telemetry-outbox.sqlite"
+        try:
+            return Outbox(path, self.settings.device_id, max_events=self.settings.outbox_max_events)
+        except EdgeloopError as exc:
+            if not self.outbox_error:  # once, not at every retry
+                log.error("%s; serving goes on without telemetry (events are counted as telemetry_errors) and the "
+                          "outbox is retried in the background", exc)
+            self.outbox_error = str(exc)
+            return None
+
+    def _use_outbox(self, outbox: Outbox) -> None:
+        """Queue telemetry in ``outbox`` from now on, and forward it to the hub when one is set (event loop)."""
+        self.outbox, self.outbox_error = outbox, ""
+        if self.settings.hub_address:
+            token = self.settings.hub_token.get_secret_value() if self.settings.hub_token else None
+            hub_tls = HubTls(self.settings.hub_tls_ca_file, self.settings.hub_tls_cert_file,
+                             self.settings.hub_tls_key_file) if self.settings.hub_tls_ca_file else None
+            self.sender = TelemetrySender(outbox, self.settings.hub_address, token,
+                                          interval_s=self.settings.telemetry_interval_s, tls=hub_tls)
+
+    async def _open_outbox_later(self) -> None:
+        """Retry the outbox that could not be opened at start, with back-off (``retry_initial_s`` doubling up to
+        ``retry_max_s``, seconds); once it opens, say so (log and an ``outbox_opened`` event with the events lost
+        meanwhile), send the device's facts again and start forwarding."""
+        delay = self.settings.retry_initial_s
+        while True:
+            await asyncio.sleep(delay)
+            outbox = await asyncio.to_thread(self._open_outbox)
+            if outbox is not None:
+                break
+            delay = min(delay * 2, self.settings.retry_max_s)
+        lost = self.telemetry_errors
+        self._use_outbox(outbox)
+        log.warning("telemetry outbox opened under %s: telemetry resumes (%d events were lost meanwhile)",
+                    self.settings.cache_dir, lost)
+        self.report("outbox_opened", {"events_lost": lost})
+        self.report("facts", self._facts)
+        if self.sender is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self.sender.run_forever(),
+                                                                      name="edgeloop-telemetry"))
 
     def _tls(self) -> TlsFiles | None:
         s = self.settings

@@ -273,9 +273,12 @@ class ModelRuntime:
         self._heartbeat = time.monotonic()
 
     def wedged(self) -> bool:
-        """True when the loop has been silent longer than ``liveness_timeout_s`` (a hung build or download):
-        liveness then fails and the kubelet restarts the pod."""
-        return time.monotonic() - self._heartbeat > self.settings.liveness_timeout_s
+        """True when the loop has been silent longer than ``liveness_timeout_s`` (seconds) and its work made no
+        progress meanwhile either (a hung build, a download no byte arrived for): liveness then fails and the kubelet
+        restarts the pod. While a version is being brought up, a download that brings bytes or a build whose steps
+        finish counts as life however long it takes (:meth:`ArtifactCache.note_progress`)."""
+        last = max(self._heartbeat, self.cache.progress_at(self.name)) if self.state.loading else self._heartbeat
+        return time.monotonic() - last > self.settings.liveness_timeout_s
 
     # --- serving ---------------------------------------------------------------------------------------------
     def model(self, name: str, version: str = "") -> ServingModel:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from edgeloop_core.errors import ConfigError
 
@@ -143,14 +143,22 @@ class EdgeSettings(BaseSettings):
         10.0, ge=0, description="a shared-memory region is released this long after the connection that registered "
                                 "it closed (0: only when unregistered); one whose object was deleted or replaced, "
                                 "at once")
+    health_port: int = Field(
+        0, ge=0, le=65535, description="also serve grpc.health.v1 alone, in plaintext, on this port, for gRPC probes "
+                                       "when the endpoint uses TLS (0: off); no inference or control there")
     tls_cert_file: Path | None = Field(None, description="server certificate (PEM): set with tls_key_file for TLS")
     tls_key_file: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca_file: Path | None = Field(
         None, description="CA (PEM) for client certificates: set, every client must present one (mutual TLS)")
     repository_control: bool = Field(
-        False, description="allow RepositoryModelLoad/Unload (with control_token or a client certificate)")
+        False, description="allow RepositoryModelLoad/Unload (with control_token or a certificate in "
+                           "control_client_names)")
     control_token: SecretStr | None = Field(
-        None, description="bearer token the repository-control RPCs require (unless mutual TLS is on)")
+        None, description="bearer token that allows the repository-control RPCs")
+    control_client_names: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="client-certificate names (subject CN or a SAN; comma-separated) allowed repository control under "
+                    "mutual TLS; any other certificate may infer but not load or unload")
     batching_budget_ms: float | None = Field(
         None, gt=0, description="after validation, sweep batch sizes and pick batching limits within this latency, ms")
 
@@ -159,7 +167,8 @@ class EdgeSettings(BaseSettings):
     retry_initial_s: float = Field(2.0, gt=0, description="first back-off after a failure, seconds")
     retry_max_s: float = Field(300.0, gt=0, description="back-off cap, seconds")
     liveness_timeout_s: float = Field(
-        1800.0, gt=0, description="a life-cycle loop silent this long (a wedged build) turns liveness off, seconds")
+        1800.0, gt=0, description="a life-cycle loop silent this long turns liveness off, seconds; bytes arriving "
+                                  "for a download and a finished build count as life, a stalled one does not")
     fetch_attempts: int = Field(8, gt=0, description="attempts per file download before the cycle fails")
 
     # --- identity and telemetry
@@ -176,6 +185,13 @@ class EdgeSettings(BaseSettings):
         None, description="this pod's node (downward API); set: read its labels, write edgeloop.io/* annotations")
 
     _names = field_validator("model_name", "model_version")(_checked_name)
+
+    @field_validator("control_client_names", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):  # EDGE_CONTROL_CLIENT_NAMES=edge-admin,ops.example.com
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
     @field_validator("models")
     @classmethod

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from edgeloop_core.store import ObjectStore
 
 log = logging.getLogger(__name__)
-_CHUNK_BYTES = 1 << 20
+_CHUNK_BYTES = 64 << 10
+"""One read of a download's body: each counts as progress (liveness), so it must arrive well within
+``liveness_timeout_s`` even on a slow link (64 KiB in 1,800 s is 36 bytes/s)."""
 _HEADROOM_BYTES = 16 << 20
 """Free disk left after a download: SQLite (the outbox) and the engine build need room to write too."""
 RECORD_SUFFIX = ".record.json"
@@ -115,6 +117,8 @@ class ArtifactCache:
         self.root = Path(root).expanduser()
         self.max_bytes = max_bytes
         self._records = threading.RLock()
+        self._progress: dict[str, float] = {}
+        """Model name → when (``time.monotonic()``) its last download chunk arrived or engine build step ended."""
         """Several models' life cycles share this cache: one read-modify-write of state.json/channels.json (and
         one eviction) at a time."""
         try:
@@ -123,6 +127,14 @@ class ArtifactCache:
         except OSError as exc:
             raise ConfigError(f"cannot create the cache folder {self.root}: {exc.strerror} (set EDGE_CACHE_DIR to a "
                               f"writable folder)") from exc
+
+    def note_progress(self, name: str) -> None:
+        """Model ``name``'s download or build moved on just now (liveness counts it as life)."""
+        self._progress[name] = time.monotonic()
+
+    def progress_at(self, name: str) -> float:
+        """When (``time.monotonic()``, seconds) model ``name``'s work last moved on; 0.0 when it never did."""
+        return self._progress.get(name, 0.0)
 
     def version_dir(self, name: str, version: str) -> Path:
         """Where a version's verified files live."""
@@ -152,9 +164,16 @@ class ArtifactCache:
         attempts: int = 8,
         on_chunk: Callable[[int], None] | None = None,
     ) -> tuple[dict[str, Path], int]:
-        """Make every file in ``refs`` present and verified; returns ``(paths by file, bytes downloaded)``."""
+        """Make every file in ``refs`` present and verified; returns ``(paths by file, bytes downloaded)``. Every
+        chunk that arrives is progress for ``manifest.name`` (:meth:`note_progress`), then goes to ``on_chunk``."""
         directory = self.version_dir(manifest.name, manifest.version)
         paths, downloaded = {}, 0
+
+        def arrived(nbytes: int) -> None:
+            self.note_progress(manifest.name)
+            if on_chunk is not None:
+                on_chunk(nbytes)
+
         for ref in refs:
             dest = directory / ref.file
             if dest.exists():
@@ -165,7 +184,7 @@ class ArtifactCache:
                 except DigestMismatch:
                     dest.unlink()
             download_resumable(store, layout.file_key(manifest.name, manifest.version, ref.file), dest, ref,
-                               attempts=attempts, on_chunk=on_chunk)
+                               attempts=attempts, on_chunk=arrived)
             downloaded += ref.size_bytes
             paths[ref.file] = dest
         write_atomic(directory / "manifest.json", manifest.to_json().encode())

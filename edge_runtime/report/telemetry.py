@@ -41,22 +41,26 @@ class Outbox:
     def __init__(self, path: Path, device_id: str, *, max_events: int = 10_000) -> None:
         self.device_id = device_id
         self.max_events = max_events
+        db: sqlite3.Connection | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():  # created private: events name the device, its versions and its errors
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
             os.chmod(path, 0o600)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, kind TEXT NOT NULL, "
-                             "ts_ms INTEGER NOT NULL, payload TEXT NOT NULL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, kind TEXT NOT NULL, "
+                       "ts_ms INTEGER NOT NULL, payload TEXT NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         except (OSError, sqlite3.Error) as exc:
+            if db is not None:  # the caller retries: no connection may leak per try
+                db.close()
             from edgeloop_core.errors import CacheFull, ConfigError
 
             if "full" in str(exc).lower() or getattr(exc, "errno", None) == 28:
                 raise CacheFull(f"cannot create the telemetry outbox {path}: the disk is full") from exc
             raise ConfigError(f"cannot open the telemetry outbox {path}: {exc}") from exc
+        self._db = db
         self._lock = threading.Lock()
 
     def add(self, kind: str, payload: dict[str, Any]) -> str:

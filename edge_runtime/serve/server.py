@@ -45,13 +45,14 @@ async def start_server(runtime: ServedModels, *, bind_address: str, port: int, m
                        tls: TlsFiles | None = None, control: RepositoryControl | None = None,
                        alive: Callable[[], bool] | None = None,
                        liveness_period_s: float = 2.0,
-                       shm_release_after_s: float = 10.0) -> tuple[grpc.aio.Server, int]:
+                       shm_release_after_s: float = 10.0, health_port: int = 0) -> tuple[grpc.aio.Server, int]:
     """Start serving on ``bind_address:port`` (0: a free port); returns the server and the bound port.
 
     Health reports SERVING for the overall server and the inference service exactly when the device is ready (its
     desired models validated and serving, by ``ready_policy``), which is what the pod's readiness probe asks. The
     liveness service follows ``alive()`` (the life-cycle loops run, none wedged), checked every
-    ``liveness_period_s``.
+    ``liveness_period_s``. With ``health_port``, the same health service is also served in plaintext on that port
+    (and nothing else there), for the kubelet's gRPC probes, which cannot speak TLS.
     """
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -78,8 +79,30 @@ async def start_server(runtime: ServedModels, *, bind_address: str, port: int, m
     pending.add(asyncio.get_running_loop().create_task(
         _sweep_shared_memory(servicer.shared, bound, liveness_period_s, shm_release_after_s),
         name="edgeloop-shm-sweep"))
+    if health_port:
+        pending.add(await _serve_health_only(server, health_servicer, bind_address, health_port))
     server.edgeloop_background = pending  # the liveness and shared-memory loops, cancelled when the app stops
     return server, bound
+
+
+async def _serve_health_only(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                             bind_address: str, port: int) -> asyncio.Task:
+    """Serve ``grpc.health.v1`` alone, in plaintext, on ``bind_address:port``: the kubelet's gRPC probes cannot do
+    TLS, and an exec probe would start a Python process per probe (and need a client certificate under mutual
+    TLS). It tells only what the probes may see: readiness and liveness. Returns the task that stops it once
+    ``server`` stops (or is cancelled)."""
+    health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    _bind(health_server, bind_address, port, None)
+    await health_server.start()
+
+    async def stop_with_server() -> None:
+        try:
+            await server.wait_for_termination()
+        finally:
+            await health_server.stop(0)
+
+    return asyncio.get_running_loop().create_task(stop_with_server(), name="edgeloop-health-port")
 
 
 async def _follow_readiness(health_servicer: health.aio.HealthServicer, runtime: ServedModels,

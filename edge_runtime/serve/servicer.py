@@ -51,24 +51,38 @@ class ServedModels(Protocol):
 @dataclass(frozen=True)
 class RepositoryControl:
     """Who may load and unload models: nobody unless ``enabled``; then a caller presenting ``token`` as
-    ``authorization: Bearer <token>``, or any caller with a verified client certificate (mutual TLS)."""
+    ``authorization: Bearer <token>``, or one whose verified client certificate (mutual TLS) names, as subject CN
+    or a subject alternative name, one of ``client_names``. Authentication is not authorisation: any other client
+    certificate may infer but gets PERMISSION_DENIED here."""
 
     enabled: bool
     token: str | None = None
+    client_names: frozenset[str] = frozenset()
 
     def authorize(self, context: grpc.aio.ServicerContext) -> None:
         """Raise :class:`AccessDenied` or :class:`Unauthenticated` unless this caller may change the repository."""
         if not self.enabled:
             raise AccessDenied("repository control is off on this device (EDGE_REPOSITORY_CONTROL): models follow "
                                "the desired file and channel")
-        peer = context.auth_context() or {}
-        if peer.get("x509_pem_cert") or peer.get("x509_common_name"):
-            return  # the TLS layer verified the client's certificate against our client CA
         header = dict(context.invocation_metadata() or ()).get("authorization", "")
         presented = header.removeprefix("Bearer ").strip()
-        if not self.token or not presented or not hmac.compare_digest(presented.encode(), self.token.encode()):
-            raise Unauthenticated("repository control needs a client certificate or the control token "
-                                  "(authorization: Bearer ...)")
+        if self.token and presented and hmac.compare_digest(presented.encode(), self.token.encode()):
+            return
+        names = certificate_names(context)
+        if names & self.client_names:
+            return  # the TLS layer verified the certificate against our client CA; the list says it may control
+        if names:
+            raise AccessDenied(f"client certificate {', '.join(sorted(names))} may infer but not control the "
+                               "repository: list it in EDGE_CONTROL_CLIENT_NAMES or present the control token")
+        raise Unauthenticated("repository control needs the control token (authorization: Bearer ...) or a client "
+                              "certificate listed in EDGE_CONTROL_CLIENT_NAMES")
+
+
+def certificate_names(context: grpc.aio.ServicerContext) -> set[str]:
+    """The subject CN and subject alternative names of the caller's verified client certificate (empty without)."""
+    peer = context.auth_context() or {}
+    return {value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            for key in ("x509_common_name", "x509_subject_alternative_name") for value in peer.get(key, ())}
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):

@@ -125,9 +125,55 @@ def test_tls_and_repository_control_come_from_secrets():
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "edge-tls"
     assert volumes["hub-tls"]["secret"]["secretName"] == "hub-ca"
-    assert "tcpSocket" in container["livenessProbe"]  # the kubelet's gRPC probe speaks no TLS
     plain = pod_template(render("edge-runtime"))["spec"]["containers"][0]
-    assert not {"EDGE_REPOSITORY_CONTROL", "EDGE_TLS_CERT_FILE"} & {e["name"] for e in plain["env"]}
+    assert not {"EDGE_REPOSITORY_CONTROL", "EDGE_TLS_CERT_FILE", "EDGE_HEALTH_PORT",
+                "EDGE_CONTROL_CLIENT_NAMES"} & {e["name"] for e in plain["env"]}
+
+
+@pytest.mark.parametrize("engine", ["builtin", "triton"])
+def test_under_tls_the_probes_still_ask_the_health_service(engine):
+    """gRPC probes speak no TLS; TCP checks would pass a wedged loop and an unready device, so with TLS the probes
+    ask the same grpc.health.v1 answers on the runtime's plaintext health-only port."""
+    container = pod_template(render("edge-runtime", None, "tls.existingSecret=edge-tls", "tls.mutual=true",
+                                    f"serving.engine={engine}"))["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["EDGE_HEALTH_PORT"] == "8006"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["health"] == 8006
+    assert "hostPort" not in {p["name"]: p for p in container["ports"]}["health"]
+    assert container["readinessProbe"] == {"grpc": {"port": 8006, "service": "inference.GRPCInferenceService"},
+                                           "periodSeconds": 5, "failureThreshold": 2}
+    liveness = container["livenessProbe"]
+    assert liveness["grpc"] == {"port": 8006, "service": "edgeloop.liveness"} and "tcpSocket" not in liveness
+    (service,) = [d for d in render("edge-runtime", None, "tls.existingSecret=edge-tls") if d["kind"] == "Service"]
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}  # the Service leaves it out
+
+
+def test_devices_get_a_client_certificate_for_a_mutual_tls_hub():
+    template = pod_template(render("edge-runtime", CHARTS / "edge-runtime" / "ci" / "hub-mtls-values.yaml"))
+    container = template["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["EDGE_HUB_TLS_CA_FILE"] == "/etc/edgeloop/hub-tls/ca.crt"
+    assert env["EDGE_HUB_TLS_CERT_FILE"] == "/etc/edgeloop/hub-tls/tls.crt"
+    assert env["EDGE_HUB_TLS_KEY_FILE"] == "/etc/edgeloop/hub-tls/tls.key"
+    assert env["EDGE_CONTROL_CLIENT_NAMES"] == "edge-admin.ops.example"
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert volumes["hub-tls"]["secret"]["secretName"] == "edgeloop-hub-client"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["hub-tls"] == {"name": "hub-tls", "mountPath": "/etc/edgeloop/hub-tls", "readOnly": True}
+    # a hub with TLS only: the CA alone, no client certificate
+    server_only = pod_template(render("edge-runtime", None, "hub.address=hub:50052", "hub.tlsSecret=hub-ca"))
+    server_env = {e["name"]: e.get("value") for e in server_only["spec"]["containers"][0]["env"]}
+    assert server_env["EDGE_HUB_TLS_CA_FILE"] == "/etc/edgeloop/hub-tls/ca.crt"
+    assert not {"EDGE_HUB_TLS_CERT_FILE", "EDGE_HUB_TLS_KEY_FILE"} & set(server_env)
+    # the settings the runtime reads are the ones the chart sets: EDGE_HUB_TLS_* become its mutual-TLS HubTls
+    from edge_runtime.settings import EdgeSettings
+
+    names = {f"EDGE_{name.upper()}" for name in EdgeSettings.model_fields}
+    assert {k for k in env if k.startswith("EDGE_")} <= names
+    refused = subprocess.run([HELM, "template", "x", str(CHARTS / "edge-runtime"), "--set",
+                              "repositoryControl.clientNames[0]=a\\,b"], capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert refused.returncode != 0 and "clientNames" in refused.stderr
 
 
 def test_chart_only_bump_leaves_the_pod_template_unchanged(tmp_path):

@@ -158,8 +158,10 @@ class EngineProvider:
                 notes.append(f"{source} engine set aside: it does not load ({exc})")
         timing = self.cache.root / "engines" / "timing" / plan.timing_cache_file if plan.backend == "tensorrt" else None
         with self._build_lock:
+            self.cache.note_progress(manifest.name)  # the wait for the lock is over: the build starts
             engine, _ = build_engine(plan, model_path, path, max_batch_size=batch, timing_cache=timing,
                                      ort_threads=self.ort_threads, ort_spin=self.ort_spin)
+        self.cache.note_progress(manifest.name)  # a build step finished: liveness counts it as life
         notes.extend(f"TensorRT: {m}" for m in getattr(engine, "build_messages", []))
         self._record(path, "built")
         if self.share:
@@ -180,7 +182,7 @@ class EngineProvider:
             return ""
         try:
             download_resumable(self.store, self.layout.file_key(manifest.name, manifest.version, ref.file), path, ref,
-                               attempts=self.fetch_attempts)
+                               attempts=self.fetch_attempts, on_chunk=lambda _: self.cache.note_progress(manifest.name))
         except EdgeloopError as exc:
             notes.append(f"prebuilt engine not used: {exc}")
             return ""
@@ -206,7 +208,7 @@ class EngineProvider:
                             size_bytes=record.size_bytes, built_by=record.built_by)
             download_resumable(self.store, self.layout.engine_key(manifest.name, manifest.version, target,
                                                                   plan.engine_file), path, ref,
-                               attempts=self.fetch_attempts)
+                               attempts=self.fetch_attempts, on_chunk=lambda _: self.cache.note_progress(manifest.name))
         except ValidationError as exc:
             notes.append(f"shared engine refused: its record is not valid ({exc.errors()[0]['msg']})")
             return ""
