@@ -257,20 +257,14 @@ def resign_channels(store: ObjectStore, layout: ArtifactLayout, name: str, signi
     resigned = []
     prefix = layout.channel_key(name, "x")[: -len("x.json")]
     for key in sorted(store.list_keys(prefix)):
-        with store._errors(key):  # the store's one-line errors (put_bytes has no If-Match)
-            found = store.client.get_object(Bucket=store.bucket, Key=key)
-            data, etag = found["Body"].read(), found["ETag"]
+        data, etag = store.get_tagged(key)
         pointer = _own_pointer(data, name, key[len(prefix):].removesuffix(".json"), signing_key)
         if pointer is None or _aware(pointer.expires) - now > within:
             continue
         fresh = _next_pointer(store, layout, name, pointer.channel, pointer.version, signing_key, ttl)
-        try:
-            with store._errors(key):  # a 412 becomes VersionExists
-                store.client.put_object(Bucket=store.bucket, Key=key, Body=fresh.model_dump_json(indent=2).encode(),
-                                        ContentType="application/json", IfMatch=etag)
-        except VersionExists:  # 412: the channel moved since we read it; the newer pointer stays
-            continue
-        resigned.append(fresh)
+        if store.replace_if_unchanged(key, fresh.model_dump_json(indent=2).encode(), etag,
+                                      content_type="application/json"):  # else the channel moved: theirs stays
+            resigned.append(fresh)
     return resigned
 
 

@@ -145,6 +145,23 @@ class ObjectStore:
         with self._errors(key):
             return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
+    def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The whole object and its ETag, for a write conditional on it (:meth:`replace_if_unchanged`)."""
+        with self._errors(key):
+            found = self.client.get_object(Bucket=self.bucket, Key=key)
+            return found["Body"].read(), found["ETag"]
+
+    def replace_if_unchanged(self, key: str, data: bytes, etag: str, *,
+                             content_type: str = "application/octet-stream") -> bool:
+        """Write ``data`` over ``key`` only while it still has ``etag`` (``If-Match``); ``False`` when someone wrote
+        it since it was read (the store answers 412), so their newer object stays."""
+        try:
+            with self._errors(key):
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, IfMatch=etag)
+        except VersionExists:  # 412 Precondition Failed: not the object we read any more
+            return False
+        return True
+
     def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/octet-stream",
                   if_absent: bool = False) -> None:
         """Write ``data`` to ``key``; with ``if_absent`` the write is conditional (``If-None-Match: *``)."""
