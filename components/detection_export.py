@@ -17,9 +17,7 @@ needs instead of a classifier's checks:
 
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +25,15 @@ import torch
 from torch import nn
 
 from components.detector import OUTPUT_NAME, detection_task
-from components.export import INPUT_NAME, OPSET, VariantInfo, convert_fp16, quantize_ort_int8, run_onnx
+from components.export import INPUT_NAME, OPSET, VariantInfo, export_variants, run_onnx
 from edgeloop_core.contract import TensorSpec
 from edgeloop_core.errors import ContractError
 
-MIN_F1 = {"fp32-dense": 0.99, "fp32": 0.99, "fp16": 0.98, "int8-qdq": 0.9, "int8-ort": 0.9}
-"""Least detection F1 against the variant's own PyTorch model (IoU 0.5, the task's score threshold)."""
-MAX_ABS_DIFF = {"fp32-dense": 1e-3, "fp32": 1e-3}
-"""Largest output difference from PyTorch (pixels for boxes, 0..1 for scores) the FP32 exports may show."""
+BOUNDS: dict[str, tuple[float, float | None]] = {
+    "fp32-dense": (0.99, 1e-3), "fp32": (0.99, 1e-3), "fp16": (0.98, None), "int8-qdq": (0.9, None),
+    "int8-ort": (0.9, None)}
+"""Per variant: the least detection F1 against its own PyTorch model (IoU 0.5, the task's score threshold), and the
+largest output difference (pixels for boxes, 0..1 for scores) the FP32 exports may show."""
 
 
 def export_detector_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]) -> Path:
@@ -104,6 +103,11 @@ def check_detector(path: str | Path, reference: np.ndarray, x: np.ndarray, *, mi
     return diff, f1
 
 
+def _check(path: Path, reference: np.ndarray, x: np.ndarray, floor: float,
+           max_abs_diff: float | None) -> tuple[float, float]:
+    return check_detector(path, reference, x, min_f1=floor, max_abs_diff=max_abs_diff)
+
+
 def export_detector_variants(
     dense: nn.Module,
     pruned: nn.Module,
@@ -113,37 +117,8 @@ def export_detector_variants(
     x_calibration: np.ndarray,
     out_dir: str | Path,
 ) -> list[VariantInfo]:
-    """Export every variant of the detector into ``out_dir`` (``<variant>.onnx``) and write ``variants.json``."""
-    from components.models import count_flops, count_params
-    from components.train import predict
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shape = tuple(x_check.shape[1:])
-    dense_flops, pruned_flops = count_flops(dense, shape), count_flops(pruned, shape)
-    references = {"dense": predict(dense, x_check), "pruned": predict(pruned, x_check),
-                  "quantized": predict(quantized, x_check)}
-    infos: list[VariantInfo] = []
-
-    def add(name: str, precision: str, quantization: str, backends: tuple[str, ...], model: nn.Module,
-            reference: str) -> None:
-        path = out / f"{name}.onnx"
-        diff, f1 = check_detector(path, references[reference], x_check, min_f1=MIN_F1[name],
-                                  max_abs_diff=MAX_ABS_DIFF.get(name))
-        infos.append(VariantInfo(name, path.name, precision, quantization, backends, reference != "dense",
-                                 count_params(model), dense_flops if reference == "dense" else pruned_flops, diff,
-                                 f1))
-
-    both = ("tensorrt", "onnxruntime")
-    export_detector_onnx(dense, out / "fp32-dense.onnx", shape)
-    add("fp32-dense", "fp32", "none", both, dense, "dense")
-    export_detector_onnx(pruned, out / "fp32.onnx", shape)
-    add("fp32", "fp32", "none", both, pruned, "pruned")
-    convert_fp16(out / "fp32.onnx", out / "fp16.onnx")
-    add("fp16", "fp16", "none", both, pruned, "pruned")
-    export_detector_onnx(quantized, out / "int8-qdq.onnx", shape)
-    add("int8-qdq", "int8", "modelopt-qdq", ("tensorrt",), quantized, "quantized")
-    quantize_ort_int8(out / "fp32.onnx", out / "int8-ort.onnx", x_calibration, float_head=True)
-    add("int8-ort", "int8", "ort-qdq", ("onnxruntime",), pruned, "pruned")
-    (out / "variants.json").write_text(json.dumps([asdict(i) for i in infos], indent=2))
-    return infos
+    """Export every variant of the detector into ``out_dir`` (``<variant>.onnx``) and write ``variants.json``:
+    :func:`components.export.export_variants` with the detector's exporter, check and bounds, and ONNX Runtime's
+    INT8 keeping the decode in floating point."""
+    return export_variants(dense, pruned, quantized, x_check=x_check, x_calibration=x_calibration, out_dir=out_dir,
+                           export=export_detector_onnx, check=_check, bounds=BOUNDS, float_head=True)

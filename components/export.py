@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -319,6 +319,19 @@ def check_against_torch(
     return diff, agreement
 
 
+CLASSIFIER_BOUNDS: dict[str, tuple[float, float | None]] = {
+    "fp32-dense": (1.0, 1e-3), "fp32": (1.0, 1e-3), "fp16": (0.99, 5e-2), "int8-qdq": (0.98, None),
+    "int8-ort": (0.95, None)}
+"""Per variant: the least top-1 agreement with its PyTorch model, and the largest output difference (or none)."""
+Exporter = Callable[[nn.Module, Path, tuple[int, ...]], Path]
+Check = Callable[[Path, np.ndarray, np.ndarray, float, "float | None"], tuple[float, float]]
+
+
+def _check_classifier(path: Path, reference: np.ndarray, x: np.ndarray, floor: float,
+                      max_abs_diff: float | None) -> tuple[float, float]:
+    return check_against_torch(path, reference, x, min_agreement=floor, max_abs_diff=max_abs_diff)
+
+
 def export_variants(
     dense: nn.Module,
     pruned: nn.Module,
@@ -327,8 +340,16 @@ def export_variants(
     x_check: np.ndarray,
     x_calibration: np.ndarray,
     out_dir: str | Path,
+    export: Exporter = export_onnx,
+    check: Check = _check_classifier,
+    bounds: dict[str, tuple[float, float | None]] = CLASSIFIER_BOUNDS,
+    float_head: bool = False,
 ) -> list[VariantInfo]:
-    """Export every variant into ``out_dir`` (``<variant>.onnx``) and write ``variants.json`` describing them."""
+    """Export every variant into ``out_dir`` (``<variant>.onnx``) and write ``variants.json`` describing them.
+
+    Each file is checked against its PyTorch model by ``check`` within ``bounds[variant]`` (a classifier's top-1
+    agreement by default; the detector's export passes its own exporter, check and bounds, and ``float_head`` for
+    ONNX Runtime's INT8, see :mod:`components.detection_export`)."""
     from components.models import count_flops, count_params
     from components.train import predict
 
@@ -340,24 +361,22 @@ def export_variants(
     infos: list[VariantInfo] = []
 
     def add(name: str, precision: str, quantization: str, backends: tuple[str, ...], pruned_flag: bool,
-            model: nn.Module, flops: int, reference: np.ndarray, min_agreement: float,
-            max_diff: float | None) -> None:
+            model: nn.Module, flops: int, reference: np.ndarray) -> None:
         path = out / f"{name}.onnx"
-        diff, agreement = check_against_torch(path, reference, x_check, min_agreement=min_agreement,
-                                              max_abs_diff=max_diff)
+        diff, agreement = check(path, reference, x_check, *bounds[name])
         infos.append(VariantInfo(name, path.name, precision, quantization, backends, pruned_flag,
                                  count_params(model), flops, diff, agreement))
 
-    export_onnx(dense, out / "fp32-dense.onnx", shape)
-    add("fp32-dense", "fp32", "none", ("tensorrt", "onnxruntime"), False, dense, dense_flops, ref_dense, 1.0, 1e-3)
-    export_onnx(pruned, out / "fp32.onnx", shape)
-    add("fp32", "fp32", "none", ("tensorrt", "onnxruntime"), True, pruned, pruned_flops, ref_pruned, 1.0, 1e-3)
+    export(dense, out / "fp32-dense.onnx", shape)
+    add("fp32-dense", "fp32", "none", ("tensorrt", "onnxruntime"), False, dense, dense_flops, ref_dense)
+    export(pruned, out / "fp32.onnx", shape)
+    add("fp32", "fp32", "none", ("tensorrt", "onnxruntime"), True, pruned, pruned_flops, ref_pruned)
     convert_fp16(out / "fp32.onnx", out / "fp16.onnx")
-    add("fp16", "fp16", "none", ("tensorrt", "onnxruntime"), True, pruned, pruned_flops, ref_pruned, 0.99, 5e-2)
-    export_onnx(quantized, out / "int8-qdq.onnx", shape)
-    add("int8-qdq", "int8", "modelopt-qdq", ("tensorrt",), True, quantized, pruned_flops, ref_quant, 0.98, None)
-    quantize_ort_int8(out / "fp32.onnx", out / "int8-ort.onnx", x_calibration)
-    add("int8-ort", "int8", "ort-qdq", ("onnxruntime",), True, pruned, pruned_flops, ref_pruned, 0.95, None)
+    add("fp16", "fp16", "none", ("tensorrt", "onnxruntime"), True, pruned, pruned_flops, ref_pruned)
+    export(quantized, out / "int8-qdq.onnx", shape)
+    add("int8-qdq", "int8", "modelopt-qdq", ("tensorrt",), True, quantized, pruned_flops, ref_quant)
+    quantize_ort_int8(out / "fp32.onnx", out / "int8-ort.onnx", x_calibration, float_head=float_head)
+    add("int8-ort", "int8", "ort-qdq", ("onnxruntime",), True, pruned, pruned_flops, ref_pruned)
     (out / "variants.json").write_text(json.dumps([asdict(i) for i in infos], indent=2))
     return infos
 
