@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from components.export import INPUT_NAME, VariantInfo
 from edgeloop_core.errors import ConfigError, GateFailed
 from edgeloop_core.timing import time_calls
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 BASELINE = "fp32-dense"
 PRUNED = "fp32"
@@ -139,31 +143,34 @@ def evaluate_variants(
         raise ConfigError(f"the baseline variant {BASELINE!r} is missing (have {names})")
     results: list[VariantEvaluation] = []
     for info in infos:
-        path = onnx_dir / info.file
-        session = _session(path)
-        logits = np.concatenate(
-            [session.run(None, {INPUT_NAME: x_test[i : i + 256]})[0] for i in range(0, len(x_test), 256)]
-        )
-        predicted = logits.argmax(axis=1)
-        results.append(
-            VariantEvaluation(
-                name=info.name,
-                precision=info.precision,
-                quantization=info.quantization,
-                pruned=info.pruned,
-                params=info.params,
-                flops=info.flops,
-                size_bytes=path.stat().st_size,
-                accuracy=float((predicted == y_test).mean()),
-                latency_ms_b1=measure_latency_ms(session, x_test[0], 1, runs=latency_runs),
-                latency_ms_b16=measure_latency_ms(session, x_test[0], 16, runs=max(10, latency_runs // 4)),
-                confusion=confusion_matrix(y_test, predicted, num_classes),
-            )
-        )
+        session = _session(onnx_dir / info.file)
+        predicted = _outputs(session, x_test).argmax(axis=1)
+        results.append(_evaluation(info, onnx_dir, session, x_test, latency_runs,
+                                   accuracy=float((predicted == y_test).mean()),
+                                   confusion=confusion_matrix(y_test, predicted, num_classes)))
     rank_by_speed(results, min_speedup)
     failures = gate_failures(results, tolerance_points, min_score, "accuracy")
     return Evaluation(BASELINE, tolerance_points, results, passed=not failures, failures=failures,
                       min_speedup=min_speedup, calibration=calibration or {}, min_score=min_score)
+
+
+def _outputs(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    """The model's first output on every sample of ``x``, run 256 at a time."""
+    return np.concatenate([session.run(None, {INPUT_NAME: x[i : i + 256]})[0] for i in range(0, len(x), 256)])
+
+
+def _evaluation(info: VariantInfo, onnx_dir: Path, session: ort.InferenceSession, x_test: np.ndarray,
+                latency_runs: int, *, accuracy: float, confusion: list[list[int]] | None = None,
+                map50_95: float | None = None) -> VariantEvaluation:
+    """A variant's evaluation: what the export recorded, its file size, its score (``accuracy``: top-1 or mAP@0.5,
+    with a classifier's ``confusion`` or a detector's ``map50_95``), and its CPU latency at batch 1 and 16."""
+    return VariantEvaluation(
+        name=info.name, precision=info.precision, quantization=info.quantization, pruned=info.pruned,
+        params=info.params, flops=info.flops, size_bytes=(onnx_dir / info.file).stat().st_size, accuracy=accuracy,
+        latency_ms_b1=measure_latency_ms(session, x_test[0], 1, runs=latency_runs),
+        latency_ms_b16=measure_latency_ms(session, x_test[0], 16, runs=max(10, latency_runs // 4)),
+        confusion=confusion or [], map50_95=map50_95,
+    )
 
 
 def gate_failures(results: list[VariantEvaluation], tolerance_points: float, min_score: float,
@@ -215,23 +222,13 @@ def evaluate_detector_variants(
     results: list[VariantEvaluation] = []
     control = None
     for info in infos:
-        path = onnx_dir / info.file
-        session = _session(path)
-        outputs = np.concatenate(
-            [session.run(None, {INPUT_NAME: x_test[i : i + 256]})[0] for i in range(0, len(x_test), 256)]
-        )
+        session = _session(onnx_dir / info.file)
+        outputs = _outputs(session, x_test)
         map50, map50_95 = detection_scores(outputs, boxes_test, size)
         if info.name == BASELINE:
             control = control_map50(outputs, boxes_test, size)
-        results.append(
-            VariantEvaluation(
-                name=info.name, precision=info.precision, quantization=info.quantization, pruned=info.pruned,
-                params=info.params, flops=info.flops, size_bytes=path.stat().st_size, accuracy=map50,
-                latency_ms_b1=measure_latency_ms(session, x_test[0], 1, runs=latency_runs),
-                latency_ms_b16=measure_latency_ms(session, x_test[0], 16, runs=max(10, latency_runs // 4)),
-                map50_95=map50_95,
-            )
-        )
+        results.append(_evaluation(info, onnx_dir, session, x_test, latency_runs, accuracy=map50,
+                                   map50_95=map50_95))
     rank_by_speed(results, min_speedup)
     failures = gate_failures(results, tolerance_points, min_score, "mAP@0.5")
     return Evaluation(BASELINE, tolerance_points, results, passed=not failures, failures=failures,
