@@ -292,24 +292,25 @@ def _check_published(manifest, local_s3, bucket: str, layout: str) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(("family", "opset"), [("yolov8n", 17), ("yolo11n", 18)])
 def test_a_fixed_batch_yolov8_export_imports_publishes_and_serves_batches(yolo_exporter, tmp_path, local_s3,
-                                                                          key_dir, edge_settings):
-    """The issue's model: YOLOv8n at opset 17, 320 pixels, batch 1. The task is inferred (yolov8, 80 classes), the
-    gate judges by detection F1 against FP32 with an informative negative control, and batch-2 requests answer like
-    the original run one sample at a time."""
+                                                                          key_dir, edge_settings, family, opset):
+    """The issue's model, YOLOv8n at opset 17, and YOLO11n at opset 18 (its head has the same layout), at 320
+    pixels and batch 1. The task is inferred (yolov8, 80 classes), the gate judges by detection F1 against FP32 with
+    an informative negative control, and batch-2 requests answer like the original run one sample at a time."""
     from pipelines.import_onnx import import_onnx_pipeline
     from pipelines.local_run import run_local
 
-    spec = ExportSpec("yolov8n", 17, 320, False)
+    spec = ExportSpec(family, opset, 320, False)
     source = yolo_exporter.export(spec)
     np.savez(tmp_path / "calibration.npz", images=_images(24, spec.imgsz))
-    local_s3.store("imports-yolov8n")
+    local_s3.store(f"imports-{family}")
     mp = pytest.MonkeyPatch()
     for key, value in {**local_s3.env(), "EDGELOOP_SIGNING_KEY_FILE": str(key_dir / "signing-key.pem")}.items():
         mp.setenv(key, value)
     try:
         result = run_local({"onnx_uri": str(source), "calibration_uri": str(tmp_path / "calibration.npz"),
-                            "model_name": "yolov8n", "bucket": "imports-yolov8n",
+                            "model_name": family, "bucket": f"imports-{family}",
                             "s3_endpoint": local_s3.endpoint_url, "min_agreement": 0.95},
                            runs_dir=tmp_path / "runs", pipeline=import_onnx_pipeline)
     finally:
@@ -317,9 +318,9 @@ def test_a_fixed_batch_yolov8_export_imports_publishes_and_serves_batches(yolo_e
     manifest = result.manifest
     assert manifest is not None and manifest.inputs[0].shape == [-1, 3, 320, 320]
     assert manifest.training["intake"]["fixed_batch"] is None
-    _check_published(manifest, local_s3, "imports-yolov8n", "yolov8")
+    _check_published(manifest, local_s3, f"imports-{family}", "yolov8")
     queries = _images(4, spec.imgsz, seed=5)
-    got = _serve_and_ask("yolov8n", "imports-yolov8n", tmp_path, edge_settings, queries, batch=2)
+    got = _serve_and_ask(family, f"imports-{family}", tmp_path, edge_settings, queries, batch=2)
     expected = _one_at_a_time(source, {"images": queries})
     assert got["output0"].shape == (4, 84, 2100)
     np.testing.assert_allclose(got["output0"], expected["output0"], rtol=1e-3, atol=1e-2)
