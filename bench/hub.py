@@ -14,8 +14,15 @@ back-off. Two replicas share the load call by call. Reported per backend and off
 p50/p99 of the accepted calls, errors by code (after retries), hub CPU per accepted event, and, checked in the
 database by event id, events lost (acknowledged but not stored) and stored twice. Then ``fleet status`` against
 fleets of 1k/10k/50k devices (rows written straight into the database): time to the first page and to the whole
-fleet. Needs PostgreSQL for two of the three backends (``EDGELOOP_TEST_POSTGRES_URL``, which ``.ci/run`` sets
-up); without it those rows are skipped.
+fleet (target for 50k: ≤ 0.5 s in total). Then the tail: ``--tail-rate`` calls/s on one whole-core PostgreSQL hub,
+``--tail-runs`` runs (a fresh hub each, warmed up for ``--tail-warmup`` seconds at that rate, not measured) of
+``--tail-repeats`` measurements of ``--seconds``, p99 and refusals per second (the hub's own Prometheus counter) of
+each (target: p99 ≤ 30 ms at 1,000 calls/s in every one). Then the stats footprint per device-day on PostgreSQL: the
+runtime's stats of ``--footprint-devices`` devices over ``--footprint-hours`` hours, rolled up as the hub does,
+bytes per row of each table from ``pg_total_relation_size`` (target: ≤ 10% of raw; small counts overstate the
+rollups' bytes per row, pages being 8 kB). Every table has a refusals-per-second column (the hub's
+``edgeloop_hub_admission_refused_total``). Needs PostgreSQL for two of the three backends, the tail and the footprint
+(``EDGELOOP_TEST_POSTGRES_URL``, which ``.ci/run`` sets up); without it those rows are skipped.
 
 On two cores the load generator cannot offer 3× what a whole-core hub takes (it saturates its own core first), nor
 can two hubs on one core add capacity. So overload and scale-out run with each hub held to ``--hub-cpu`` of a core
@@ -64,6 +71,8 @@ POSTGRES_URL = os.environ.get("EDGELOOP_TEST_POSTGRES_URL",
                               "postgresql+psycopg://edgeloop:edgeloop@127.0.0.1:5432/edgeloop")
 RETRIED = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
 REFUSED = ("RESOURCE_EXHAUSTED", "CANCELLED")
+REFUSED_METRIC = "edgeloop_hub_admission_refused_total"
+"""The hub's own count of the calls its admission limit refused (Prometheus)."""
 """How an overloaded hub turns a call away: past its in-flight limit (RESOURCE_EXHAUSTED), or past gRPC's bound on
 calls the hub has not picked up yet (CANCELLED)."""
 STATS_PAYLOAD = json.dumps({"ready": True, "models": [{"model_name": "digits-cnn", "state": "serving", "p50_ms": 0.4}]})
@@ -77,8 +86,9 @@ class Hub(ServerProcess):
     def __init__(self, url: str, tokens_file: Path, reader: str, log: Path, cpu: float | None = None,
                  core: int = SERVER_CORE) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         env = {**os.environ, "HUB_DATABASE_URL": url, "HUB_TOKENS_FILE": str(tokens_file), "HUB_READ_TOKENS": reader,
-               "HUB_PORT": str(self.port), "HUB_BIND_ADDRESS": "127.0.0.1"}
+               "HUB_PORT": str(self.port), "HUB_BIND_ADDRESS": "127.0.0.1", "HUB_METRICS_PORT": str(self.metrics_port)}
         super().__init__([str(EDGELOOP), "hub", "serve"], log, env, core, cpu)
         try:
             self.wait_port(self.port, timeout_s=60)
@@ -89,6 +99,16 @@ class Hub(ServerProcess):
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def metric(self, name: str) -> float:
+        """A sample of the hub's own Prometheus metrics (``/metrics``), e.g. its count of refusals."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        raise RuntimeError(f"the hub's /metrics has no {name}")
 
 
 async def offer(addresses: list[str], tokens: dict[str, str], rate: float, seconds: float) -> dict:
@@ -165,7 +185,7 @@ async def offer(addresses: list[str], tokens: dict[str, str], rate: float, secon
     # would otherwise stretch the time the accepted calls are divided by
     in_window = sum(1 for t in acked_at if t < started + offered_seconds)
     return {"sent": sent, "offered_rate": sent / offered_seconds, "acked": acked, "latencies": latencies,
-            "accepted_rate": in_window / offered_seconds,
+            "accepted_rate": in_window / offered_seconds, "offered_seconds": offered_seconds,
             "refusals": refusals,
             "errors": errors, "details": details}
 
@@ -187,10 +207,10 @@ def reset(url: str) -> None:
     that autovacuum then cleans up during the next run, on the same two cores."""
     from sqlalchemy import text
 
-    from telemetry_hub.store import HubStore, device_models, devices, events, stats
+    from telemetry_hub.store import HubStore, device_models, devices, events, rollup_state, rollups, stats
 
     store = HubStore(url)
-    tables = (events, stats, device_models, devices)
+    tables = (events, stats, device_models, devices, rollup_state, *rollups.values())
     with store.engine.begin() as conn:
         if store.engine.dialect.name == "postgresql":
             conn.execute(text("TRUNCATE " + ", ".join(t.name for t in tables)))
@@ -371,8 +391,10 @@ def measure_rate(label: str, url: str, replicas: int, rate: float, seconds: floa
                                           SERVER_CORE if cpu is None else (SERVER_CORE, CLIENT_CORE)[n % 2]))
                 for n, log in enumerate(logs)]
         cpu_before = sum(cpu_seconds(h.pid) for h in hubs)
+        refused_before = sum(h.metric(REFUSED_METRIC) for h in hubs)
         result = asyncio.run(offer([h.address for h in hubs], tokens, rate, seconds))
         used = sum(cpu_seconds(h.pid) for h in hubs) - cpu_before
+        hub_refused = sum(h.metric(REFUSED_METRIC) for h in hubs) - refused_before
     lost, twice = audit(url, result["acked"])
     accepted = len(result["acked"])
     lat = np.array(result["latencies"]) if result["latencies"] else np.array([0.0])
@@ -380,9 +402,12 @@ def measure_rate(label: str, url: str, replicas: int, rate: float, seconds: floa
     row = {"backend": label, "offered": result["offered_rate"], "accepted": result["accepted_rate"],
            "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
            "refusal_p50": float(np.percentile(refused, 50)), "errors": result["errors"],
-           "cpu_us": used / max(accepted, 1) * 1e6, "lost": lost, "twice": twice}
+           "cpu_us": used / max(accepted, 1) * 1e6, "lost": lost, "twice": twice,
+           "refused_per_s": hub_refused / result["offered_seconds"],
+           "client_refused_per_s": len(result["refusals"]) / result["offered_seconds"]}
     print(f"{label:20s} offered {row['offered']:7.0f}/s accepted {row['accepted']:7.0f}/s "
-          f"p50 {row['p50']:7.1f} ms p99 {row['p99']:8.1f} ms errors {row['errors']} "
+          f"p50 {row['p50']:7.1f} ms p99 {row['p99']:8.1f} ms refused {row['refused_per_s']:.1f}/s (hub) "
+          f"{row['client_refused_per_s']:.1f}/s (calls) errors {row['errors']} "
           f"cpu/event {row['cpu_us']:.0f} µs lost {lost} twice {twice} {result['details']}", flush=True)
     return row
 
@@ -417,6 +442,71 @@ def fleet_overload(label: str, rate: float, args: argparse.Namespace, tokens: di
           f"{result['queued']} waiting in outboxes, failed sends {errors}, lost {lost} twice {twice}",
           flush=True)
     return row
+
+
+def tail_runs(args: argparse.Namespace, tokens: dict[str, str], tokens_file: Path, reader: str,
+              work: Path) -> list[dict]:
+    """The tail at ``--tail-rate`` calls/s on one PostgreSQL hub with a whole core: ``--tail-runs`` runs (each a
+    fresh hub process on an emptied database, warmed up for ``--tail-warmup`` s at the same rate first, not
+    measured) of ``--tail-repeats`` measurements of ``--seconds`` each, one row per
+    measurement (p50/p99 of the accepted calls, refusals per second by the hub's own counter)."""
+    rows = []
+    for run in range(1, args.tail_runs + 1):
+        reset(POSTGRES_URL)
+        with Hub(POSTGRES_URL, tokens_file, reader, work / f"tail-{run}.log") as hub:
+            if args.tail_warmup > 0:  # connections, the database's caches: a hub just started, not measured
+                asyncio.run(offer([hub.address], tokens, args.tail_rate, args.tail_warmup))
+            for repeat in range(1, args.tail_repeats + 1):
+                before = hub.metric(REFUSED_METRIC)
+                result = asyncio.run(offer([hub.address], tokens, args.tail_rate, args.seconds))
+                refused = hub.metric(REFUSED_METRIC) - before
+                lat = np.array(result["latencies"]) if result["latencies"] else np.array([0.0])
+                row = {"run": run, "repeat": repeat, "offered": result["offered_rate"],
+                       "accepted": result["accepted_rate"], "p50": float(np.percentile(lat, 50)),
+                       "p99": float(np.percentile(lat, 99)), "refused_per_s": refused / result["offered_seconds"],
+                       "errors": result["errors"]}
+                rows.append(row)
+                print(f"tail run {run}.{repeat}: offered {row['offered']:.0f}/s accepted {row['accepted']:.0f}/s "
+                      f"p50 {row['p50']:.1f} ms p99 {row['p99']:.1f} ms refused {row['refused_per_s']:.1f}/s "
+                      f"errors {row['errors']}", flush=True)
+    return rows
+
+
+def stats_footprint(args: argparse.Namespace) -> dict:
+    """What stats cost per device-day on PostgreSQL: ``--footprint-devices`` devices × ``--footprint-hours`` hours
+    of the runtime's stats (a Jetson serving one model) every 30 s, ingested and rolled up as the hub does, each
+    table's bytes per row measured (:func:`telemetry_hub.footprint.bytes_per_row`) and scaled to a device-day at the
+    hub's default retentions (raw 1 h, 5-minute buckets 14 days)."""
+    from telemetry_hub.footprint import STATS_INTERVAL_S, TYPICAL_STATS_PAYLOAD, bytes_per_row, per_device_day
+    from telemetry_hub.server import HubSettings
+    from telemetry_hub.store import ROLLUP_LAG_MS, HubStore, IncomingEvent
+
+    reset(POSTGRES_URL)
+    defaults = HubSettings.model_fields
+    raw_hours = defaults["stats_raw_retention_hours"].default
+    fine_days = defaults["stats_retention_days"].default
+    store = HubStore(POSTGRES_URL)
+    try:
+        hour_ms = 3_600_000
+        start = (int(time.time() * 1000) - args.footprint_hours * hour_ms) // hour_ms * hour_ms
+        per_call = 240  # two hours of one device's stats a call
+        stamps = [start + i * STATS_INTERVAL_S * 1000 for i in range(args.footprint_hours * 3600 // STATS_INTERVAL_S)]
+        for device in range(args.footprint_devices):
+            for first in range(0, len(stamps), per_call):
+                store.ingest(f"jetson-{device:05d}", [
+                    IncomingEvent(str(uuid.uuid4()), "stats", ts, TYPICAL_STATS_PAYLOAD)
+                    for ts in stamps[first:first + per_call]])
+        rolled = store.roll_up(now_ms=int(time.time() * 1000) + ROLLUP_LAG_MS + 1)
+        sizes = bytes_per_row(store)
+    finally:
+        store.engine.dispose()
+    reset(POSTGRES_URL)
+    day = per_device_day(sizes, raw_retention_hours=raw_hours, fine_days=fine_days)
+    result = {**day, "sizes": sizes, "raw_rows": rolled["rows"], "raw_hours": raw_hours, "fine_days": fine_days,
+              "payload_bytes": len(TYPICAL_STATS_PAYLOAD)}
+    print(f"stats footprint: bytes/row {({k: round(v) for k, v in sizes.items()})}; per device-day raw "
+          f"{day['raw'] / 1e6:.2f} MB, rolled up {day['rolled_up'] / 1e3:.1f} kB ({day['ratio']:.1%})", flush=True)
+    return result
 
 
 def ramp_up(measure: Callable[[float], dict], ramp: list[float], extra: int = 3) -> list[dict]:
@@ -457,9 +547,11 @@ def overload_and_scale_out(args: argparse.Namespace, tokens: dict[str, str], eve
 
 
 QUICK = {"rates": "50,200", "seconds": 2.0, "devices": 1000, "fleet_sizes": "1000", "capped_rates": "50,100",
-         "fleet_processes": 1}
+         "fleet_processes": 1, "tail_rate": 200.0, "tail_runs": 2, "tail_repeats": 2, "footprint_devices": 10,
+         "footprint_hours": 2}
 FULL = {"rates": "50,200,1000,3000", "seconds": 10.0, "devices": 10_000, "fleet_sizes": "1000,10000,50000",
-        "capped_rates": "150,300,450,600,750", "fleet_processes": 2}
+        "capped_rates": "150,300,450,600,750", "fleet_processes": 2, "tail_rate": 1000.0, "tail_runs": 3,
+        "tail_repeats": 3, "footprint_devices": 200, "footprint_hours": 6}
 """The load of a ``--quick`` run (every part, short and small) and of a full one, where an option does not say."""
 
 
@@ -484,24 +576,26 @@ def fleet_status_rows(sizes: list[int], have_postgres: bool, tokens_file: Path, 
 def tables(rows: list[dict], capped: list[dict], fleet_rows: list[dict], skipped: list[str],
            args: argparse.Namespace) -> str:
     """The markdown tables and the notes under them."""
-    lines = ["| backend | offered events/s | accepted events/s | p50 ms | p99 ms | errors (after retries) | "
-             "hub CPU µs/event | lost | stored twice |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines = ["| backend | offered events/s | accepted events/s | p50 ms | p99 ms | refused/s | "
+             "errors (after retries) | hub CPU µs/event | lost | stored twice |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
         lines.append(f"| {r['backend']} | {r['offered']:.0f} | {r['accepted']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | "
-                     f"{errors} | {r['cpu_us']:.0f} | {r['lost']} | {r['twice']} |")
+                     f"{r['refused_per_s']:.1f} | {errors} | {r['cpu_us']:.0f} | {r['lost']} | {r['twice']} |")
     if capped:
         lines += ["", "Each hub held to a CPU limit (as a pod's), so that 3× overload and two replicas are loads the "
                   "load generator can offer:", "", "| hubs | offered events/s | accepted events/s | p50 ms | p99 ms | "
-                  "refused after (p50 ms) | errors (after retries) | hub CPU µs/event | lost | stored twice |",
-                  "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+                  "refused after (p50 ms) | refused/s | errors (after retries) | hub CPU µs/event | lost | "
+                  "stored twice |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for r in capped:
             errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
             refused = f"{r['refusal_p50']:.1f}" if r["refusal_p50"] else ""  # 0: nothing was refused
             p50 = "" if r["p50"] is None else f"{r['p50']:.1f}"
             p99 = "" if r["p99"] is None else f"{r['p99']:.1f}"
+            per_s = f"{r['refused_per_s']:.1f}" if "refused_per_s" in r else ""  # a fleet's: by code, below
             lines.append(f"| {r['backend']} | {r['offered']:.0f} | {r['accepted']:.0f} | {p50} | {p99} | {refused} | "
-                         f"{errors} | {r['cpu_us']:.0f} | {r['lost']} | {r['twice']} |")
+                         f"{per_s} | {errors} | {r['cpu_us']:.0f} | {r['lost']} | {r['twice']} |")
     lines += ["", "| fleet status | devices | first page ms | whole fleet ms | rows |", "|---|---:|---:|---:|---:|"]
     for f in fleet_rows:
         lines.append(f"| {f['backend']} | {f['size']} | {f['first_ms']:.0f} | {f['all_ms']:.0f} | {f['rows']} |")
@@ -518,6 +612,52 @@ def tables(rows: list[dict], capped: list[dict], fleet_rows: list[dict], skipped
         lines += capped_notes(capped, args)
     for reason in skipped:
         lines.append(f"- skipped: {reason}")
+    return "\n".join(lines)
+
+
+PAGING_TARGET_MS = 500.0
+"""Paging a fleet of 50,000 devices, every page: at most this long in total (issue #25)."""
+TAIL_TARGET_MS = 30.0
+"""p99 of the accepted calls at 1,000 calls/s on a whole core, in every tail measurement."""
+FOOTPRINT_TARGET = 0.10
+"""Stats per device-day with rollups: at most this share of raw stats'."""
+
+
+def tail_and_footprint(tail: list[dict], footprint: dict | None, fleet_rows: list[dict],
+                       args: argparse.Namespace) -> str:
+    """The tail runs' table, and the paging and footprint figures against their targets."""
+    lines = [""]
+    if tail:
+        lines += [f"p99 at {args.tail_rate:.0f} calls/s on one PostgreSQL hub with a whole core: {args.tail_runs} runs "
+                  f"(a fresh hub each, after {args.tail_warmup:g} s of warm-up) of {args.tail_repeats} measurements "
+                  f"of {args.seconds:g} s:", "",
+                  "| run | offered calls/s | accepted calls/s | p50 ms | p99 ms | refused/s | errors (after retries) |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for r in tail:
+            errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
+            lines.append(f"| {r['run']}.{r['repeat']} | {r['offered']:.0f} | {r['accepted']:.0f} | {r['p50']:.1f} | "
+                         f"{r['p99']:.1f} | {r['refused_per_s']:.1f} | {errors} |")
+        worst = max(r["p99"] for r in tail)
+        verdict = "met" if worst <= TAIL_TARGET_MS and args.tail_rate >= 1000 else "NOT met"
+        lines += ["", f"- tail: worst p99 {worst:.1f} ms over {len(tail)} measurements, "
+                      f"{max(r['refused_per_s'] for r in tail):.1f} refusals/s at most "
+                      f"(target: p99 ≤ {TAIL_TARGET_MS:.0f} ms at 1,000 calls/s in every one: {verdict})"]
+    for f in fleet_rows:
+        if f["size"] >= 50_000:
+            verdict = "met" if f["all_ms"] <= PAGING_TARGET_MS else "NOT met"
+            lines.append(f"- paging {f['size']:,} devices on {f['backend']}: {f['all_ms']:.0f} ms in total "
+                         f"(target ≤ {PAGING_TARGET_MS:.0f} ms: {verdict})")
+    if footprint:
+        sizes = footprint["sizes"]
+        verdict = "met" if footprint["ratio"] <= FOOTPRINT_TARGET else "NOT met"
+        lines.append(f"- stats footprint per device-day on PostgreSQL ({footprint['raw_rows']:,} stats of the runtime, "
+                     f"{footprint['payload_bytes']} bytes of JSON each, every 30 s): raw stats "
+                     f"{sizes['stats']:.0f} bytes/row, {footprint['raw'] / 1e6:.2f} MB per device-day (what the hub "
+                     f"kept for every day before rollups); with rollups (raw {footprint['raw_hours']:g} h, 5-minute "
+                     f"buckets {sizes['stats_5m']:.0f} bytes/row for {footprint['fine_days']} days, hourly "
+                     f"{sizes['stats_1h']:.0f} bytes/row) {footprint['rolled_up'] / 1e3:.1f} kB per device-day, "
+                     f"{footprint['ratio']:.1%} of raw (target ≤ {FOOTPRINT_TARGET:.0%}: {verdict}); a day held at an "
+                     f"hour only: {footprint['hourly'] / 1e3:.1f} kB")
     return "\n".join(lines)
 
 
@@ -560,6 +700,22 @@ def parse_args() -> tuple[argparse.Namespace, BenchRun]:
     parser.add_argument("--fleet-processes", type=int,
                         help="load-generator processes that share the simulated fleet of runtime senders "
                              f"(default {FULL['fleet_processes']}; --quick: {QUICK['fleet_processes']})")
+    parser.add_argument("--tail-rate", type=float,
+                        help="calls/s of the tail runs on one whole-core PostgreSQL hub "
+                             f"(default {FULL['tail_rate']:g}; --quick: {QUICK['tail_rate']:g})")
+    parser.add_argument("--tail-runs", type=int, help="tail runs, each a fresh hub (default "
+                                                      f"{FULL['tail_runs']}; --quick: {QUICK['tail_runs']}; 0: skip)")
+    parser.add_argument("--tail-repeats", type=int, help="measurements of --seconds per tail run "
+                                                         f"(default {FULL['tail_repeats']}; --quick: "
+                                                         f"{QUICK['tail_repeats']})")
+    parser.add_argument("--tail-warmup", type=float, default=2.0,
+                        help="seconds at --tail-rate before each tail run's measurements (not measured)")
+    parser.add_argument("--footprint-devices", type=int, help="devices of the stats footprint measurement (default "
+                                                              f"{FULL['footprint_devices']}; --quick: "
+                                                              f"{QUICK['footprint_devices']}; 0: skip)")
+    parser.add_argument("--footprint-hours", type=int, help="hours of stats per device there (default "
+                                                            f"{FULL['footprint_hours']}; --quick: "
+                                                            f"{QUICK['footprint_hours']})")
     BenchRun.add_options(parser, "hub")
     args = parser.parse_args()
     run = BenchRun.from_args("hub", args, parser)
@@ -603,10 +759,18 @@ def main() -> None:
                 capped.extend(overload_and_scale_out(args, tokens, everyone, tokens_file, reader, work))
         fleet_rows = fleet_status_rows([int(s) for s in args.fleet_sizes.split(",")], have_postgres, tokens_file,
                                        reader, work)
+        tail: list[dict] = []
+        footprint = None
         if have_postgres:
+            if args.tail_runs:
+                tail = tail_runs(args, tokens, tokens_file, reader, work)
+            if args.footprint_devices:
+                footprint = stats_footprint(args)
             reset(POSTGRES_URL)
+        else:
+            skipped.append("the tail runs and the stats footprint: they need PostgreSQL")
 
-    table = tables(rows, capped, fleet_rows, skipped, args)
+    table = tables(rows, capped, fleet_rows, skipped, args) + tail_and_footprint(tail, footprint, fleet_rows, args)
     print(table)
     write_plot(rows + capped, run.plot)
     run.finish(table)

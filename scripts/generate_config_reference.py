@@ -28,7 +28,8 @@ HUB_CHART = ROOT / "helm" / "telemetry-hub"
 
 # Units by the name's suffix, as STYLE.md asks names to carry them (``queue_delay_us``, ``cache_max_bytes``).
 UNIT_SUFFIXES = (
-    ("_bytes", "bytes"), ("_mib", "MiB"), ("_us", "µs"), ("_ms", "ms"), ("_s", "seconds"), ("_days", "days"),
+    ("_bytes", "bytes"), ("_mib", "MiB"), ("_us", "µs"), ("_ms", "ms"), ("_s", "seconds"), ("_hours", "hours"),
+    ("_days", "days"),
     ("_events", "events"), ("_attempts", "attempts"), ("_batch_size", "samples"), ("_rpcs", "calls"),
     ("_threads", "threads"),
 )

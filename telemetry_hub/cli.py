@@ -45,27 +45,57 @@ def serve_command(
     asyncio.run(run())
 
 
-def fleet_table(devices) -> Table:  # noqa: ANN001 - telemetry DeviceStatus messages
-    """A row per device and model: target key, desired and serving version, state, validation, p50/p99, last seen."""
+def clock_skew(ms: int) -> str:
+    """A device's clock skew (ms) for people: ``+10.0 d``, ``-3.2 h``, ``+12 min``, ``-4 s``."""
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000)):
+        if abs(ms) >= size:
+            return f"{ms / size:+.1f} {unit}"
+    return f"{ms / 60_000:+.0f} min" if abs(ms) >= 60_000 else f"{ms / 1000:+.0f} s"
+
+
+DRIFT_THRESHOLD = 0.2
+"""Jensen-Shannon distance above which ``fleet status`` marks a device's drift (``--drift-threshold``): what a few
+hundred samples of the training distribution stay well below, and a shifted camera or microphone passes."""
+
+
+def drift_cell(drift_json: str, threshold: float) -> str:
+    """``0.63 input:x:c0:mean DRIFT`` (the largest Jensen-Shannon distance and its feature, marked above
+    ``threshold``), or empty."""
+    if not drift_json:
+        return ""
+    drift = json.loads(drift_json)
+    mark = " DRIFT" if drift.get("max", 0.0) > threshold else ""
+    return f"{drift.get('max', 0.0):.2f} {drift.get('feature', '')}{mark}"
+
+
+def fleet_table(devices, drift_threshold: float = DRIFT_THRESHOLD) -> Table:  # noqa: ANN001 - DeviceStatus messages
+    """A row per device and model: target key, desired and serving version, state, validation, p50/p99, last seen,
+    the device's clock skew, the stats the hub did not keep (stamped outside its window), and the drift of what it
+    serves from the training data (marked above ``drift_threshold``)."""
     table = Table(title="fleet")
     for column in ("device", "model", "target key", "desired", "serving", "state", "validation", "variant", "p50 ms",
-                   "p99 ms", "batching", "last seen (UTC)"):
+                   "p99 ms", "mJ/inf", "batching", "last seen (UTC)", "clock skew", "stats dropped", "drift"):
         table.add_column(column)
     for d in devices:
         batching = ""
         if d.batching_json:
             chosen = json.loads(d.batching_json).get("chosen") or {}
             batching = f"≤{chosen.get('max_batch_size')} / {chosen.get('max_queue_delay_us')} µs"
-        variant = ""
+        variant = energy = ""
         if d.variant_json:
             choice = json.loads(d.variant_json)
+            if choice.get("mj_per_inference") is not None:  # absent where the device has no power rails
+                energy = f"{choice['mj_per_inference']:.3f}"
             reason = str(choice.get("reason") or "").split(";")[0]  # the first clause: "1.21x faster than fp32"
             variant = f"{choice.get('chosen')} ({choice.get('mode')}: {reason})"
         seen = datetime.fromtimestamp(d.last_seen_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S") \
             if d.last_seen_ms else ""
         table.add_row(d.device_id, d.model_name, d.target_key, d.desired_version, d.serving_version, d.state,
                       d.validation_result, variant, f"{d.p50_ms:.2f}" if d.p50_ms else "",
-                      f"{d.p99_ms:.2f}" if d.p99_ms else "", batching, seen)
+                      f"{d.p99_ms:.2f}" if d.p99_ms else "", energy, batching, seen,
+                      clock_skew(d.clock_skew_ms) if d.clock_skew_known else "",
+                      str(d.stats_out_of_window) if d.stats_out_of_window else "",
+                      drift_cell(d.drift_json, drift_threshold))
     return table
 
 
@@ -105,9 +135,11 @@ def status_command(
     at_version: Annotated[str, typer.Option("--at-version", help="only devices wanting or serving this version")] = "",
     stale_minutes: Annotated[int, typer.Option(help="only devices not seen for this many minutes")] = 0,
     limit: Annotated[int, typer.Option(help="rows to print at most (the counts cover every device)")] = 200,
+    drift_threshold: Annotated[float, typer.Option(
+        help="mark drift (Jensen-Shannon distance, 0..1) above this")] = DRIFT_THRESHOLD,
 ) -> None:
     """Counts per state first, then a row per device and model: target key, desired and serving version,
-    validation, p50/p99."""
+    validation, p50/p99, clock skew, drift."""
     from edgeloop_core.errors import ConfigError
     from telemetry_hub.server import fleet_pages
 
@@ -137,7 +169,7 @@ def status_command(
     total = first.total if first else 0
     counts = ", ".join(f"{k} {v}" for k, v in sorted(first.state_counts.items())) if first else ""
     console.print(f"{total} device models: {counts}" if counts else f"{total} device models")
-    console.print(fleet_table(devices))
+    console.print(fleet_table(devices, drift_threshold))
     if total > len(devices):
         console.print(f"(first {len(devices)} of {total} rows: --limit shows more, the filters fewer)")
 

@@ -20,13 +20,15 @@ from typing import Any
 import grpc
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.exc import OperationalError
 
-from edgeloop_core.errors import AccessDenied, ConfigError, HubAuthError, InvalidInput, Overloaded
+from edgeloop_core.errors import AccessDenied, ConfigError, HubAuthError, InvalidInput, Overloaded, StoreUnavailable
 from edgeloop_core.protos import telemetry_pb2 as pb
 from edgeloop_core.protos import telemetry_pb2_grpc
 from edgeloop_core.rpc_errors import ErrorMapping
 from edgeloop_core.tls import HubTls, TlsFiles
-from telemetry_hub.store import HubStore, IncomingEvent
+from telemetry_hub.admission import AdmissionLimit, HubMetrics
+from telemetry_hub.store import HubStore, IncomingEvent, Ingested
 
 
 class HubSettings(BaseSettings):
@@ -46,13 +48,33 @@ class HubSettings(BaseSettings):
     tls_client_ca_file: Path | None = Field(
         None, description="CA (PEM) for client certificates: set, every device must present one (mutual TLS)")
     max_concurrent_rpcs: int = Field(
-        64, gt=0, description="calls in progress at once; more get RESOURCE_EXHAUSTED at once (devices back off) "
-                              "instead of queueing until they time out")
+        1024, gt=0, description="the ceiling of the adaptive admission limit: calls in progress at once at most. "
+                                "Under it the limit follows the latency of admitted calls (see "
+                                "admission_target_latency_ms); calls past the limit get RESOURCE_EXHAUSTED at once "
+                                "(devices back off) instead of queueing until they time out")
+    admission_target_latency_ms: float = Field(
+        50.0, gt=0, description="the latency (ms) an admitted Report call should finish within: while calls do, the "
+                                "admission limit grows (to max_concurrent_rpcs); when they take longer it shrinks, to "
+                                "about the hub's measured capacity (calls/s) × this. Far below a device's 10 s "
+                                "deadline, above a healthy hub's p99")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (admission limit, calls in "
+                                                             "flight, refusals); 0: off")
     stats_retention_days: int = Field(
-        14, ge=1, description="days of stats events kept (PostgreSQL: whole day partitions dropped); state changes "
-                              "are kept")
+        14, ge=1, description="days of stats kept at 5-minute resolution (rollups per device and model); also how "
+                              "old a stats event may be stamped and still be kept. State changes are kept for good")
+    stats_raw_retention_hours: float = Field(
+        1.0, ge=0.1, description="hours raw stats events are kept after their stamp and their arrival: the window a "
+                                 "resend is recognised in (a device resends within its back-off, at most a minute) "
+                                 "and a device's recent stats can be read one by one; older ones live in the "
+                                 "rollups only")
+    stats_hourly_retention_days: int = Field(
+        90, ge=1, description="days of stats kept at hourly resolution (at least stats_retention_days)")
+    rollup_interval_s: float = Field(
+        60.0, gt=0, description="how often raw stats are rolled up (what arrived up to 2 minutes before) and raw "
+                                "stats past their window deleted")
     maintenance_interval_s: float = Field(
-        3600.0, gt=0, description="how often retention runs (and PostgreSQL's day partitions are made ahead)")
+        3600.0, gt=0, description="how often each tier's retention runs (and PostgreSQL's day partitions are made "
+                                  "ahead)")
     otlp_endpoint: str | None = Field(
         None, description="OpenTelemetry collector, OTLP/gRPC (e.g. http://otel-collector:4317; https:// for TLS): "
                           "set, one replica pushes the fleet's latest state there as gauges")
@@ -131,7 +153,8 @@ class GroupWriter:
         self.groups = 0
         self.calls = 0
 
-    async def submit(self, device_id: str, batch: list[IncomingEvent]) -> tuple[list[str], int]:
+    async def submit(self, device_id: str, batch: list[IncomingEvent]) -> Ingested:
+        """Queue one call's events for the next group; returns what they came to once committed."""
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((device_id, batch, future))
         if self._task is None or self._task.done():
@@ -177,25 +200,30 @@ class GroupWriter:
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
     """Report (ingest, grouped into shared transactions) and FleetStatus over :class:`HubStore`, behind an admission
-    limit of our own: grpc.aio's ``maximum_concurrent_rpcs`` stops refusing after the first wave of overload
-    (grpc/grpc#41531), so calls past ``max_in_flight`` are refused here, at once, with RESOURCE_EXHAUSTED."""
+    limit of our own (:class:`~telemetry_hub.admission.AdmissionLimit`, adaptive): grpc.aio's
+    ``maximum_concurrent_rpcs`` stops refusing after the first wave of overload (grpc/grpc#41531), so calls past the
+    limit are refused here, at once, with RESOURCE_EXHAUSTED."""
 
-    def __init__(self, store: HubStore, tokens: Tokens, max_in_flight: int = 64) -> None:
+    def __init__(self, store: HubStore, tokens: Tokens, admission: AdmissionLimit | None = None) -> None:
         self.store = store
         self.tokens = tokens
         self.writer = GroupWriter(store)
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
+        self.admission = admission or AdmissionLimit(1024, 0.05)
 
     @contextlib.contextmanager
     def _admitted(self) -> Iterator[None]:
-        if self.in_flight >= self.max_in_flight:
-            raise Overloaded(f"the hub has {self.in_flight} calls in progress: retry after a back-off")
-        self.in_flight += 1
+        started = self.admission.acquire()
+        if started is None:
+            raise Overloaded(f"the hub has {self.admission.in_flight} calls in progress, its limit now: retry after "
+                             f"a back-off")
+        overloaded = False
         try:
             yield
+        except (StoreUnavailable, OperationalError):  # the database could not keep up (or is gone): back off too
+            overloaded = True
+            raise
         finally:
-            self.in_flight -= 1
+            self.admission.release(started, overloaded=overloaded)
 
     def _authenticate(self, context: grpc.aio.ServicerContext, device_id: str | None) -> None:
         """``device_id`` set: the caller must hold that device's token; ``None``: a reader token."""
@@ -210,8 +238,9 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
         with self._admitted():
             self._authenticate(context, request.device_id)
             batch = [IncomingEvent(e.id, e.kind, e.timestamp_ms, e.payload_json) for e in request.events]
-            ids, duplicates = await self.writer.submit(request.device_id, batch)
-            return pb.ReportResponse(acknowledged_ids=ids, duplicates=duplicates)
+            done = await self.writer.submit(request.device_id, batch)
+            return pb.ReportResponse(acknowledged_ids=done.ids, duplicates=done.duplicates,
+                                     stats_out_of_window=done.out_of_window, clock_skew_ms=done.clock_skew_ms or 0)
 
     async def FleetStatus(self, request: pb.FleetStatusRequest, context: grpc.aio.ServicerContext) -> pb.FleetStatusResponse:  # noqa: N802,E501
         self._authenticate(context, None)
@@ -237,7 +266,9 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
                             state=r["state"] or "", validation_result=r["validation_result"] or "",
                             p50_ms=r["p50_ms"] or 0.0, p99_ms=r["p99_ms"] or 0.0, last_seen_ms=r["last_seen_ms"] or 0,
                             facts_json=r["facts_json"] or "{}", batching_json=r["batching_json"] or "",
-                            variant_json=r["variant_json"] or "")
+                            variant_json=r["variant_json"] or "", drift_json=r["drift_json"] or "",
+                            stats_out_of_window=r["stats_out_of_window"] or 0,
+                            clock_skew_ms=r["clock_skew_ms"] or 0, clock_skew_known=r["clock_skew_ms"] is not None)
             for r in rows])
         if not request.page_token:  # the summary comes first, with the first page
             counts = await asyncio.to_thread(self.store.fleet_summary, **filters)
@@ -249,17 +280,21 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
 
 async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tuple[grpc.aio.Server, int, HubStore]:
     """Start the hub; returns ``(server, bound port, store)``."""
-    store = store or HubStore(settings.database_url, stats_retention_days=settings.stats_retention_days)
+    store = store or HubStore(settings.database_url, stats_retention_days=settings.stats_retention_days,
+                              raw_retention_hours=settings.stats_raw_retention_hours,
+                              hourly_retention_days=settings.stats_hourly_retention_days)
     age_ms = int(settings.max_connection_age_s * 1000)
     server = grpc.aio.server(options=[("grpc.max_connection_age_ms", age_ms),
                                       ("grpc.max_connection_age_grace_ms", min(age_ms, 30_000)),
-                                      # calls the event loop has not picked up yet: past these, gRPC cancels the
-                                      # newest at once (a device backs off) instead of letting them age
-                                      ("grpc.server.max_pending_requests", settings.max_concurrent_rpcs),
-                                      ("grpc.server.max_pending_requests_hard_limit",
-                                       2 * settings.max_concurrent_rpcs),
+                                      # calls the event loop has not picked up yet (not the calls in progress,
+                                      # which the admission limit sizes): past these, gRPC cancels the newest at
+                                      # once (a device backs off) instead of letting them age behind a busy loop
+                                      ("grpc.server.max_pending_requests", PENDING_CALLS),
+                                      ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
                                       ("grpc.server_max_unrequested_time_in_server", 1)])
-    servicer = TelemetryServicer(store, load_tokens(settings), settings.max_concurrent_rpcs)
+    metrics = HubMetrics()
+    admission = AdmissionLimit(settings.max_concurrent_rpcs, settings.admission_target_latency_ms / 1000, metrics)
+    servicer = TelemetryServicer(store, load_tokens(settings), admission)
     ErrorMapping().add_servicer(telemetry_pb2_grpc.add_TelemetryHubServicer_to_server, servicer, server)
     address = f"{settings.bind_address}:{settings.port}"
     if settings.tls_cert_file or settings.tls_key_file:
@@ -272,35 +307,60 @@ async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tup
     if port == 0:
         raise ConfigError(f"cannot bind the hub to {settings.bind_address}:{settings.port}: is the port in use?")
     await server.start()
+    if settings.metrics_port:
+        try:
+            metrics.serve(settings.bind_address, settings.metrics_port)
+        except OSError as exc:
+            await server.stop(0)
+            raise ConfigError(f"cannot serve the hub's metrics on {settings.bind_address}:{settings.metrics_port}: "
+                              f"{exc.strerror}") from exc
 
-    async def maintain() -> None:  # every replica may run it (it takes a lock)
-        while True:
-            await asyncio.sleep(settings.maintenance_interval_s)
-            try:
-                done = await asyncio.to_thread(store.apply_retention)
-                log.info("retention: %s", done)
-            except Exception as exc:  # noqa: BLE001 - the next round tries again; the hub keeps serving
-                log.warning("retention failed: %s", exc)
-
-    maintenance = asyncio.get_running_loop().create_task(maintain(), name="hub-maintenance")
-    metrics = None
+    maintenance = asyncio.get_running_loop().create_task(maintain(store, settings), name="hub-maintenance")
+    fleet_metrics = None
     if settings.otlp_endpoint:
         from telemetry_hub.otlp import FleetMetrics
 
-        metrics = FleetMetrics(store, settings.otlp_endpoint, settings.otlp_interval_s)
+        fleet_metrics = FleetMetrics(store, settings.otlp_endpoint, settings.otlp_interval_s)
     grpc_stop = server.stop
 
     async def stop(grace: float | None) -> None:  # stopping the hub stops its maintenance, writer and export too
         maintenance.cancel()
         await grpc_stop(grace)
         await servicer.writer.close()
-        if metrics is not None:
-            await asyncio.to_thread(metrics.close)
+        if fleet_metrics is not None:
+            await asyncio.to_thread(fleet_metrics.close)
 
     server.stop = stop
     return server, port, store
 
 
+async def maintain(store: HubStore, settings: HubSettings) -> None:
+    """The hub's background loop: every ``rollup_interval_s`` roll raw stats up (and trim them), every
+    ``maintenance_interval_s`` apply each tier's retention. Every replica may run it (both are safe to run at once).
+    A failure is logged and the next round tries again; the hub keeps serving."""
+    loop = asyncio.get_running_loop()
+    retained_at = loop.time()
+    while True:
+        await asyncio.sleep(min(settings.rollup_interval_s, settings.maintenance_interval_s))
+        try:
+            done = await asyncio.to_thread(store.roll_up)
+            if done["rows"] or done["trimmed"]:
+                log.info("stats rollup: %s", done)
+        except Exception as exc:  # noqa: BLE001 - the next round tries again (the watermark says where)
+            log.warning("stats rollup failed: %s", exc)
+        if loop.time() - retained_at < settings.maintenance_interval_s:
+            continue
+        retained_at = loop.time()
+        try:
+            log.info("retention: %s", await asyncio.to_thread(store.apply_retention))
+        except Exception as exc:  # noqa: BLE001 - the next round tries again; the hub keeps serving
+            log.warning("retention failed: %s", exc)
+
+
+PENDING_CALLS = 256
+"""Calls gRPC holds for the event loop to pick up, at most (then it cancels the newest at once): a burst that arrives
+faster than the loop picks calls up waits here, about 0.1 s of a whole-core hub's pick-up rate (64 cancelled bursts a
+hub had the headroom for); a call that waits here longer than 1 s is cancelled anyway."""
 PAGE_SIZE, MAX_PAGE_SIZE = 500, 1000
 """Devices per FleetStatus reply: a page of 1000 is about 1 MB, far below gRPC's 4 MiB default."""
 
@@ -325,8 +385,6 @@ async def fleet_pages(address: str, token: str, tls: HubTls | None = None, **fil
 
 
 def _raise_for(exc: grpc.aio.AioRpcError, address: str) -> None:
-    from edgeloop_core.errors import StoreUnavailable
-
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
         raise HubAuthError(f"the hub at {address} refused the token") from exc
     if exc.code() == grpc.StatusCode.PERMISSION_DENIED:

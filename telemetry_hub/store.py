@@ -4,33 +4,41 @@
 The schema is Alembic's (``telemetry_hub/migrations``): the hub upgrades the database at start, one replica at a
 time (a PostgreSQL advisory lock), and stamps a database an older hub created before it migrates it. State changes
 (every event but ``stats``) are kept in ``events``; ``stats`` events go to ``stats``, partitioned by day on
-PostgreSQL, and :meth:`HubStore.apply_retention` drops the days older than the retention (SQLite: deletes them).
+PostgreSQL. Raw stats are kept for a short window (``raw_retention_hours``, 1 h by default): the hub's background
+loop rolls them up per device and model into 5-minute and hourly buckets (:meth:`HubStore.roll_up`, which then
+deletes the raw rows past the window), and :meth:`HubStore.apply_retention` keeps each tier for its own retention
+(PostgreSQL: whole raw day partitions dropped once rolled up). Readers of stats history use
+:meth:`HubStore.stats_series`, which reads the finest tier still kept.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
     Column,
     Float,
+    Integer,
     MetaData,
     String,
     Table,
     Text,
+    case,
     create_engine,
     func,
     inspect,
     select,
     text,
+    update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql import Select
@@ -88,10 +96,91 @@ device_models = Table(
     Column("last_seen_ms", BigInteger, default=0),
     Column("batching_json", Text, default=""),
     Column("variant_json", Text, default=""),
+    Column("drift_json", Text, nullable=True),
 )
 """One row per device and model it serves (a device serves several models, each with its own life cycle)."""
+
+
+def _rollup_table(name: str) -> Table:
+    return Table(
+        name, metadata,
+        Column("device_id", String(128), primary_key=True),
+        Column("model_name", String(128), primary_key=True),
+        Column("bucket_ms", BigInteger, primary_key=True),
+        Column("samples", Integer, nullable=False),
+        Column("requests", BigInteger, nullable=False),
+        Column("p50_ms_sum", Float, nullable=False),
+        Column("p50_count", Integer, nullable=False),
+        Column("p99_ms_max", Float, nullable=True),
+        Column("last_ts_ms", BigInteger, nullable=False),
+        Column("state", String(32), nullable=False),
+        Column("serving_version", String(128), nullable=False),
+    )
+
+
+ROLLUP_PERIODS_MS = {"stats_5m": 300_000, "stats_1h": 3_600_000}
+rollups = {name: _rollup_table(name) for name in ROLLUP_PERIODS_MS}
+"""Stats per device and model per bucket (5 minutes, one hour; ``bucket_ms``: the bucket's start): stats events
+(``samples``), requests served (summed), the mean of their p50s (``p50_ms_sum / p50_count``), the worst p99, and
+the state and serving version of the bucket's latest event (``last_ts_ms``). Rows only add up, so a late or
+re-rolled event merges into its bucket (see :meth:`HubStore.roll_up`)."""
+rollup_state = Table(
+    "rollup_state", metadata,
+    Column("name", String(32), primary_key=True),
+    Column("watermark_ms", BigInteger, nullable=False),
+)
+"""How far the rollup got: every raw stats row that arrived (``received_ms``) at or before the watermark is in the
+rollups."""
+ROLLUP_LAG_MS = 120_000
+"""A rollup pass takes what arrived up to this long ago, no later: an ingest transaction stamps its rows when it
+starts and may commit a little later (or on another replica whose clock is a little off)."""
+ROLLUP_SLICE_MS = 300_000
+"""Arrival time rolled up per transaction (a backlog goes in slices, each committed with its watermark)."""
+_PG_INPUT = """
+doc AS (SELECT device_id, ts_ms, edgeloop_try_jsonb(payload) AS j FROM stats
+        WHERE received_ms > :low AND received_ms <= :high),
+input AS MATERIALIZED (
+  SELECT d.device_id, d.ts_ms, left(coalesce(m->>'model_name', ''), 128) AS model_name,
+         CASE WHEN jsonb_typeof(m->'requests') = 'number' AND (m->>'requests')::numeric > 0
+              THEN floor((m->>'requests')::numeric)::bigint ELSE 0 END AS requests,
+         CASE WHEN jsonb_typeof(m->'p50_ms') = 'number' THEN (m->>'p50_ms')::float8 END AS p50,
+         CASE WHEN jsonb_typeof(m->'p99_ms') = 'number' THEN (m->>'p99_ms')::float8 END AS p99,
+         left(coalesce(m->>'state', ''), 32) AS state,
+         left(coalesce(nullif(m->>'serving_version', ''), m->>'version', ''), 128) AS version
+  FROM doc d CROSS JOIN LATERAL jsonb_array_elements(CASE
+      WHEN jsonb_typeof(d.j->'models') = 'array' AND jsonb_array_length(d.j->'models') > 0 THEN d.j->'models'
+      WHEN jsonb_typeof(d.j) = 'object' THEN jsonb_build_array(d.j)
+      ELSE '[{}]'::jsonb END) AS m
+  WHERE jsonb_typeof(m) = 'object')"""
+
+
+def _pg_tier(name: str) -> str:
+    period = ROLLUP_PERIODS_MS[name]
+    return f"""INSERT INTO {name} AS t (device_id, model_name, bucket_ms, samples, requests, p50_ms_sum, p50_count,
+                                  p99_ms_max, last_ts_ms, state, serving_version)
+  SELECT device_id, model_name, ts_ms / {period} * {period}, count(*), sum(requests), coalesce(sum(p50), 0),
+         count(p50), max(p99), max(ts_ms), (array_agg(state ORDER BY ts_ms DESC))[1],
+         (array_agg(version ORDER BY ts_ms DESC))[1]
+  FROM input GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+  ON CONFLICT (device_id, model_name, bucket_ms) DO UPDATE SET
+    samples = t.samples + excluded.samples, requests = t.requests + excluded.requests,
+    p50_ms_sum = t.p50_ms_sum + excluded.p50_ms_sum, p50_count = t.p50_count + excluded.p50_count,
+    p99_ms_max = greatest(t.p99_ms_max, excluded.p99_ms_max), last_ts_ms = greatest(t.last_ts_ms, excluded.last_ts_ms),
+    state = CASE WHEN excluded.last_ts_ms >= t.last_ts_ms THEN excluded.state ELSE t.state END,
+    serving_version = CASE WHEN excluded.last_ts_ms >= t.last_ts_ms THEN excluded.serving_version
+                           ELSE t.serving_version END
+  RETURNING 1"""
+
+
+PG_ROLLUP = (f"WITH {_PG_INPUT}, fine AS ({_pg_tier('stats_5m')}), hourly AS ({_pg_tier('stats_1h')}) "
+             "SELECT count(*) FROM doc")
+"""One slice of the rollup on PostgreSQL, in one statement: the raw rows that arrived in ``(:low, :high]`` read as
+JSON in the database (a payload that does not parse is a sample of model ``""``), added to both tiers; returns the
+raw rows read."""
+TEXT_LIMITS = {"target_key": 128, "desired_version": 128, "serving_version": 128, "state": 32}
+"""The model row's string columns and their lengths: what a device sends is cut to fit (PostgreSQL refuses longer)."""
 MODEL_FIELDS = ("target_key", "desired_version", "serving_version", "state", "validation_result", "p50_ms",
-                "p99_ms", "batching_json", "variant_json")
+                "p99_ms", "batching_json", "variant_json", "drift_json")
 
 
 @dataclass(frozen=True)
@@ -102,6 +191,19 @@ class IncomingEvent:
     kind: str
     timestamp_ms: int
     payload_json: str
+
+
+class Ingested(NamedTuple):
+    """What one Report call's events came to."""
+
+    ids: list[str]
+    """Every id of the call: stored now or before (the device may drop them from its outbox)."""
+    duplicates: int
+    """Ids already stored (resends)."""
+    out_of_window: int = 0
+    """Stats events acknowledged but not kept: stamped outside :meth:`HubStore.stats_window`."""
+    clock_skew_ms: int | None = None
+    """The call's newest event stamp minus the hub's clock when it arrived (ms); ``None``: no usable stamp."""
 
 
 def _private_sqlite_file(url: str) -> None:
@@ -157,7 +259,8 @@ def _model_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
     elif kind == "batch_sweep":
         changes["batching_json"] = json.dumps({"chosen": payload.get("chosen"), "points": payload.get("points")})
     elif kind == "variant_choice":
-        changes["variant_json"] = json.dumps({k: payload.get(k) for k in ("chosen", "mode", "reason", "figures")})
+        changes["variant_json"] = json.dumps({k: payload.get(k) for k in ("chosen", "mode", "reason", "objective",
+                                                                          "mj_per_inference", "figures")})
     elif kind == "stats":
         for field in ("desired_version", "serving_version", "state", "target_key"):
             if payload.get(field):
@@ -165,7 +268,40 @@ def _model_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         for field in ("p50_ms", "p99_ms"):
             if payload.get(field) is not None:
                 changes[field] = float(payload[field])
+        drift = field_drift(payload.get("field"))
+        if drift is not None:
+            changes["drift_json"] = json.dumps(drift)
+    for field, limit in TEXT_LIMITS.items():  # a device's odd value (a list, a long string) must not fail the write
+        if field in changes:
+            changes[field] = _text(changes[field])[:limit]
     return changes
+
+
+def field_drift(field: Any) -> dict[str, Any] | None:  # noqa: ANN401 - a JSON value from a device
+    """The drift of a stats event's ``field`` statistics (the device's counts in its model's baseline bins, and the
+    baseline's proportions, :mod:`edgeloop_core.drift`): ``{"max", "feature", "features", "samples"}``, the
+    Jensen-Shannon distance per feature and the largest; ``None`` when there are none, or they do not make sense (a
+    device's odd payload is ignored, never an error)."""
+    from edgeloop_core.contract.field import FeatureBaseline, FieldBaseline
+    from edgeloop_core.drift import divergence
+
+    if not isinstance(field, dict) or not isinstance(field.get("counts"), dict) \
+            or not isinstance(field.get("baseline"), dict):
+        return None
+    try:
+        features = {name: FeatureBaseline(proportions=[float(p) for p in shares])
+                    for name, shares in field["baseline"].items() if isinstance(shares, list) and shares}
+        counts = {name: [int(c) for c in values] for name, values in field["counts"].items()
+                  if isinstance(values, list) and all(isinstance(c, int) and c >= 0 for c in values)}
+        samples = int(field.get("samples") or 0)
+        per_feature = divergence(FieldBaseline(samples=1, features=features), counts) if features else {}
+    except (TypeError, ValueError):
+        return None
+    per_feature = {name: round(value, 4) for name, value in per_feature.items() if math.isfinite(value)}
+    if not per_feature:
+        return None
+    worst = max(per_feature, key=per_feature.__getitem__)
+    return {"max": per_feature[worst], "feature": worst, "features": per_feature, "samples": samples}
 
 
 def _changes(kind: str, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -184,6 +320,41 @@ def _changes(kind: str, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     return device, models
 
 
+def _number(value: Any) -> float | None:  # noqa: ANN401 - a JSON value
+    """A JSON number as a float; anything else (a string, a boolean, null) is no number."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _stats_figures(payload_json: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(model name, figures)`` of each model a raw stats event reports (its ``models``, or the one it names; a
+    payload that names none: model ``""``): requests, p50/p99 (ms), state and serving version. A payload that does
+    not parse still counts as a sample (of model ``""``). The same reading as :data:`PG_ROLLUP`'s."""
+    try:
+        payload = json.loads(payload_json or "{}")
+    except ValueError:
+        payload = {}
+    payload = payload if isinstance(payload, dict) else {}
+    models = payload["models"] if isinstance(payload.get("models"), list) and payload["models"] else [payload]
+    figures = []
+    for status in models:  # as PG_ROLLUP reads them
+        if not isinstance(status, dict):
+            continue
+        requests = _number(status.get("requests"))
+        figures.append((_text(status.get("model_name"))[:128], {
+            "requests": int(requests) if requests and requests > 0 else 0,
+            "p50_ms": _number(status.get("p50_ms")), "p99_ms": _number(status.get("p99_ms")),
+            "state": _text(status.get("state"))[:32],
+            "serving_version": (_text(status.get("serving_version")) or _text(status.get("version")))[:128]}))
+    return figures
+
+
+def _text(value: Any) -> str:  # noqa: ANN401 - a JSON value
+    """A JSON value as PostgreSQL's ``->>`` gives it: a string as is, null as empty, anything else as JSON."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "))
+
+
 def _partition_name(day: int) -> str:
     """``stats_dYYYYMMDD`` for the day ``day`` (days since the epoch): names sort as the days do."""
     return "stats_d" + time.strftime("%Y%m%d", time.gmtime(day * 86_400))
@@ -192,9 +363,15 @@ def _partition_name(day: int) -> str:
 class HubStore:
     """The hub's database: migrated to the current schema when opened (see the module docstring)."""
 
-    def __init__(self, url: str, *, stats_retention_days: int = 14) -> None:
+    def __init__(self, url: str, *, stats_retention_days: int = 14, raw_retention_hours: float = 1.0,
+                 hourly_retention_days: int = 90) -> None:
+        """``stats_retention_days``: days of 5-minute rollups kept (and how old a stats event may be stamped and
+        still be kept); ``raw_retention_hours``: hours raw stats are kept (after both their stamp and their
+        arrival); ``hourly_retention_days``: days of hourly rollups kept."""
         _private_sqlite_file(url)
         self.stats_retention_days = stats_retention_days
+        self.raw_retention_ms = int(raw_retention_hours * 3_600_000)
+        self.hourly_retention_days = max(hourly_retention_days, stats_retention_days)
         try:
             self.engine = create_engine(url)
             self.migrate()
@@ -237,9 +414,16 @@ class HubStore:
         cutoff_ms, end_ms = self.stats_window(now_ms)  # the days ingest keeps are the days that have partitions
         first_day = cutoff_ms // DAY_MS
         done = {"created": 0, "dropped": 0, "deleted": 0}
+        hourly_cutoff_ms = (now_ms // DAY_MS - self.hourly_retention_days) * DAY_MS
         with self.engine.begin() as conn:
-            if not self.postgresql:
-                done["deleted"] = conn.execute(stats.delete().where(stats.c.ts_ms < cutoff_ms)).rowcount or 0
+            for name, cutoff in (("stats_5m", cutoff_ms), ("stats_1h", hourly_cutoff_ms)):
+                table = rollups[name]
+                done[name] = conn.execute(table.delete().where(table.c.bucket_ms < cutoff)).rowcount or 0
+            watermark = conn.execute(select(rollup_state.c.watermark_ms)
+                                     .where(rollup_state.c.name == "stats")).scalar() or 0
+            if not self.postgresql:  # only what the rollups hold already
+                done["deleted"] = conn.execute(stats.delete().where(
+                    stats.c.ts_ms < cutoff_ms, stats.c.received_ms <= watermark)).rowcount or 0
                 return done
             conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK + 1})"))
             existing = set(conn.execute(text(
@@ -255,24 +439,127 @@ class HubStore:
                     done["created"] += 1
             for name in existing:
                 if name.startswith("stats_d") and name < _partition_name(first_day):
+                    if conn.execute(text(f"SELECT 1 FROM {name} WHERE received_ms > :w LIMIT 1"),
+                                    {"w": watermark}).first():
+                        continue  # not rolled up yet: the next round drops it
                     conn.execute(text(f"DROP TABLE {name}"))
                     done["dropped"] += 1
         return done
+
+    def roll_up(self, now_ms: int | None = None) -> dict[str, int]:
+        """Add the raw stats that arrived since the last pass (up to :data:`ROLLUP_LAG_MS` ago) to the 5-minute and
+        hourly rollups, then delete the raw rows past the raw window that the rollups hold. A backlog goes in
+        slices of :data:`ROLLUP_SLICE_MS` of arrival time, each in one transaction with the watermark it moves, so a
+        pass cut short leaves every slice added exactly once. Replicas may run it together: the watermark row is
+        locked while a slice is added (a second replica waits, then finds the slice done). Returns
+        ``{"rows": raw rows rolled up, "slices": transactions, "trimmed": raw rows deleted}``."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        upper = now_ms - ROLLUP_LAG_MS
+        done = {"rows": 0, "slices": 0, "trimmed": 0}
+        while True:
+            with self.engine.begin() as conn:
+                conn.execute(self._insert()(rollup_state).values(name="stats", watermark_ms=0)
+                             .on_conflict_do_nothing(index_elements=["name"]))
+                watermark = conn.execute(select(rollup_state.c.watermark_ms).where(rollup_state.c.name == "stats")
+                                         .with_for_update()).scalar_one()
+                following = conn.execute(select(func.min(stats.c.received_ms))
+                                         .where(stats.c.received_ms > watermark)).scalar()
+                if following is None or following > upper:  # nothing more has arrived in time
+                    if watermark < upper:
+                        conn.execute(update(rollup_state).where(rollup_state.c.name == "stats")
+                                     .values(watermark_ms=upper))
+                    break
+                end = min(upper, following + ROLLUP_SLICE_MS)
+                if self.postgresql:  # in the database: no payload crosses into Python (or holds its GIL)
+                    done["rows"] += conn.execute(text(PG_ROLLUP), {"low": watermark, "high": end}).scalar_one()
+                else:
+                    rows = conn.execute(select(stats.c.device_id, stats.c.ts_ms, stats.c.payload)
+                                        .where(stats.c.received_ms > watermark, stats.c.received_ms <= end)).all()
+                    self._add_to_rollups(conn, rows)
+                    done["rows"] += len(rows)
+                conn.execute(update(rollup_state).where(rollup_state.c.name == "stats").values(watermark_ms=end))
+                done["slices"] += 1
+        cutoff = now_ms - self.raw_retention_ms
+        with self.engine.begin() as conn:  # kept a raw window after stamp and arrival: resends still meet them
+            done["trimmed"] = conn.execute(stats.delete().where(
+                stats.c.ts_ms < cutoff, stats.c.received_ms < min(cutoff, upper + 1))).rowcount or 0
+        return done
+
+    def _add_to_rollups(self, conn: Any, rows: Iterable[Any]) -> None:  # noqa: ANN401 - a SQLAlchemy connection
+        """Aggregate raw ``(device_id, ts_ms, payload)`` rows per tier, device, model and bucket, and add them to
+        the rollup rows (additive upserts, in key order so replicas cannot deadlock)."""
+        sums: dict[str, dict[tuple[str, str, int], dict[str, Any]]] = {name: {} for name in ROLLUP_PERIODS_MS}
+        for device_id, ts_ms, payload in rows:
+            for model, figures in _stats_figures(payload):
+                for name, period in ROLLUP_PERIODS_MS.items():
+                    row = sums[name].setdefault((device_id, model, ts_ms // period * period), {
+                        "samples": 0, "requests": 0, "p50_ms_sum": 0.0, "p50_count": 0, "p99_ms_max": None,
+                        "last_ts_ms": -1, "state": "", "serving_version": ""})
+                    row["samples"] += 1
+                    row["requests"] += figures["requests"]
+                    if figures["p50_ms"] is not None:
+                        row["p50_ms_sum"] += figures["p50_ms"]
+                        row["p50_count"] += 1
+                    if figures["p99_ms"] is not None:
+                        row["p99_ms_max"] = max(row["p99_ms_max"] or 0.0, figures["p99_ms"])
+                    if ts_ms >= row["last_ts_ms"]:
+                        row.update(last_ts_ms=ts_ms, state=figures["state"],
+                                   serving_version=figures["serving_version"])
+        for name, buckets in sums.items():
+            if not buckets:
+                continue
+            table = rollups[name]
+            upsert = self._insert()(table)
+            old, new = table.c, upsert.excluded
+            newer = new.last_ts_ms >= old.last_ts_ms
+            statement = upsert.on_conflict_do_update(index_elements=["device_id", "model_name", "bucket_ms"], set_={
+                "samples": old.samples + new.samples, "requests": old.requests + new.requests,
+                "p50_ms_sum": old.p50_ms_sum + new.p50_ms_sum, "p50_count": old.p50_count + new.p50_count,
+                "p99_ms_max": self._greatest(func.coalesce(old.p99_ms_max, new.p99_ms_max),
+                                             func.coalesce(new.p99_ms_max, old.p99_ms_max)),
+                "last_ts_ms": self._greatest(old.last_ts_ms, new.last_ts_ms),
+                "state": case((newer, new.state), else_=old.state),
+                "serving_version": case((newer, new.serving_version), else_=old.serving_version)})
+            conn.execute(statement, [{"device_id": d, "model_name": m, "bucket_ms": b, **row}
+                                     for (d, m, b), row in sorted(buckets.items())])
+
+    def stats_series(self, device_id: str, model_name: str, since_ms: int, until_ms: int,
+                     now_ms: int | None = None) -> list[dict[str, Any]]:
+        """A device's model's stats from ``since_ms`` to ``until_ms``, bucket by bucket, from the finest tier still
+        kept: 5-minute buckets within the 5-minute retention, hourly ones before it (raw stats reach the rollups
+        within a few minutes). Each: ``bucket_ms``, ``period_ms``, ``samples``, ``requests``, ``p50_ms`` (mean),
+        ``p99_ms`` (worst), ``state``, ``serving_version``."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        fine_from = self.stats_window(now_ms)[0]
+        series: list[dict[str, Any]] = []
+        with self.engine.connect() as conn:
+            for name, low, high in (("stats_1h", since_ms, min(until_ms, fine_from)),
+                                    ("stats_5m", max(since_ms, fine_from), until_ms)):
+                table = rollups[name]
+                query = (select(table).where(table.c.device_id == device_id, table.c.model_name == model_name,
+                                             table.c.bucket_ms >= low, table.c.bucket_ms < high)
+                         .order_by(table.c.bucket_ms))
+                for r in conn.execute(query):
+                    series.append({"bucket_ms": r.bucket_ms, "period_ms": ROLLUP_PERIODS_MS[name],
+                                   "samples": r.samples, "requests": r.requests,
+                                   "p50_ms": r.p50_ms_sum / r.p50_count if r.p50_count else None,
+                                   "p99_ms": r.p99_ms_max, "state": r.state, "serving_version": r.serving_version})
+        return series
 
     def stats_window(self, now_ms: int) -> tuple[int, int]:
         """The timestamps a ``stats`` event is kept for: within the retention, and not past the days made ahead."""
         return (now_ms // DAY_MS - self.stats_retention_days) * DAY_MS, (now_ms // DAY_MS + DAYS_AHEAD + 1) * DAY_MS
 
-    def ingest(self, device_id: str, batch: Iterable[IncomingEvent]) -> tuple[list[str], int]:
-        """Store events not seen before (by device and id) and update the device's rows; returns ``(acknowledged ids,
-        duplicates)``. Every id in ``batch`` is acknowledged: new ones are stored, old ones were already."""
+    def ingest(self, device_id: str, batch: Iterable[IncomingEvent]) -> Ingested:
+        """Store events not seen before (by device and id) and update the device's rows; returns the acknowledged
+        ids, the duplicates and the stats not kept. Every id in ``batch`` is acknowledged: new ones are stored, old
+        ones were already, out-of-window stats are dropped (and counted)."""
         return self.ingest_many([(device_id, list(batch))])[0]
 
-    def ingest_many(self, calls: list[tuple[str, list[IncomingEvent]]]) -> list[tuple[list[str], int]]:
+    def ingest_many(self, calls: list[tuple[str, list[IncomingEvent]]]) -> list[Ingested]:
         """:meth:`ingest` for several devices' calls in one transaction (the hub groups the calls that arrive
         together): one multi-row insert per table, one multi-row upsert per kind of row change, rows in key order
-        (so replicas writing the same devices cannot deadlock). Returns each call's ``(acknowledged ids,
-        duplicates)``."""
+        (so replicas writing the same devices cannot deadlock). Returns each call's :class:`Ingested`."""
         now = int(time.time() * 1000)
         low, high = self.stats_window(now)
         kept: list[list[IncomingEvent]] = []
@@ -312,7 +599,7 @@ class HubStore:
                     statement.returning(stats.c.device_id, stats.c.id), periodic)}
             device_rows: dict[str, dict[str, Any]] = {}
             model_rows: dict[tuple[str, str], dict[str, Any]] = {}
-            results: list[tuple[list[str], int]] = []
+            results: list[Ingested] = []
             claimed: set[tuple[str, str]] = set()
             for (device_id, batch), stored, out in zip(calls, kept, dropped, strict=True):
                 fresh = [e for e in stored if (device_id, e.id) in inserted and (device_id, e.id) not in claimed]
@@ -333,11 +620,12 @@ class HubStore:
                 if batch:
                     changes["last_seen_ms"] = max(changes.get("last_seen_ms", 0),
                                                   max(e.timestamp_ms for e in batch))
+                skew = None
                 if stamps := [e.timestamp_ms for e in batch if _well_formed(e)]:
-                    changes["clock_skew_ms"] = max(stamps) - now
+                    skew = changes["clock_skew_ms"] = max(stamps) - now
                 if out:  # added to the device's count (see _upsert_rows)
                     changes["stats_out_of_window"] = changes.get("stats_out_of_window", 0) + out
-                results.append(([e.id for e in batch], len(stored) - len(fresh)))
+                results.append(Ingested([e.id for e in batch], len(stored) - len(fresh), out, skew))
             # one statement per set of changed columns, so a device's first two calls on two replicas cannot collide
             self._upsert_rows(conn, devices, ["device_id"],
                               [{"device_id": d, **c} for d, c in sorted(device_rows.items())])

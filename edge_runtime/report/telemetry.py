@@ -125,6 +125,9 @@ class TelemetrySender:
         self._wake = asyncio.Event()
         self._channel: grpc.aio.Channel | None = None
         self.failures = 0
+        self.stats_out_of_window = 0
+        """Stats events the hub acknowledged but did not keep (stamped outside its window), since start."""
+        self._hub_drops_stats = False  # the last answer about stats: dropped (warned once until it changes)
 
     def wake(self) -> None:
         """Send soon (a new event)."""
@@ -141,10 +144,26 @@ class TelemetrySender:
             reply = await stub.Report(pb.ReportRequest(device_id=self.outbox.device_id, events=events),
                                       metadata=self._metadata, timeout=10)
             self.outbox.acknowledge(list(reply.acknowledged_ids))
+            self._note_out_of_window(reply, sum(1 for e in events if e.kind in DROPPABLE_KINDS))
             sent += len(reply.acknowledged_ids)
             if not reply.acknowledged_ids:
                 break
         return sent
+
+    def _note_out_of_window(self, reply: pb.ReportResponse, stats_sent: int) -> None:
+        """Count the stats the hub did not keep and say so once per change (no event contents in the log): a warning
+        when it starts dropping them, a line when it keeps them again."""
+        dropped = reply.stats_out_of_window
+        self.stats_out_of_window += dropped
+        if dropped and not self._hub_drops_stats:
+            log.warning("the telemetry hub %s acknowledged %d stats events of this device without keeping them: "
+                        "they are stamped outside its window (this call's newest stamp is %+.0f s from the hub's "
+                        "clock); check the device clock (NTP)", self.address, dropped, reply.clock_skew_ms / 1000)
+        elif stats_sent > dropped == 0 and self._hub_drops_stats:
+            log.info("the telemetry hub %s keeps this device's stats events again", self.address)
+        else:
+            return
+        self._hub_drops_stats = dropped > 0
 
     async def run_forever(self) -> None:
         """Flush on every wake-up and every interval; while the hub is down, wait out the back-off (new events

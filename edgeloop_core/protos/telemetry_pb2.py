@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = __import__('edgeloop_core.protos._pool', fromlist=['POOL']).POOL.AddSerializedFile(b'\n\x0ftelemetry.proto\x12\x15\x65\x64geloop.telemetry.v1\"`\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\x12\x14\n\x0cpayload_json\x18\x05 \x01(\t\"P\n\rReportRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.edgeloop.telemetry.v1.Event\">\n\x0eReportResponse\x12\x18\n\x10\x61\x63knowledged_ids\x18\x01 \x03(\t\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\x87\x01\n\x12\x46leetStatusRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x16\n\x0estale_since_ms\x18\x06 \x01(\x03\"\x9c\x02\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\ntarget_key\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65sired_version\x18\x04 \x01(\t\x12\x17\n\x0fserving_version\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x19\n\x11validation_result\x18\x07 \x01(\t\x12\x0e\n\x06p50_ms\x18\x08 \x01(\x01\x12\x0e\n\x06p99_ms\x18\t \x01(\x01\x12\x14\n\x0clast_seen_ms\x18\n \x01(\x03\x12\x12\n\nfacts_json\x18\x0b \x01(\t\x12\x15\n\rbatching_json\x18\x0c \x01(\t\x12\x14\n\x0cvariant_json\x18\r \x01(\t\"\xfa\x01\n\x13\x46leetStatusResponse\x12\x34\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32#.edgeloop.telemetry.v1.DeviceStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12Q\n\x0cstate_counts\x18\x03 \x03(\x0b\x32;.edgeloop.telemetry.v1.FleetStatusResponse.StateCountsEntry\x12\r\n\x05total\x18\x04 \x01(\x03\x1a\x32\n\x10StateCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xcf\x01\n\x0cTelemetryHub\x12W\n\x06Report\x12$.edgeloop.telemetry.v1.ReportRequest\x1a%.edgeloop.telemetry.v1.ReportResponse\"\x00\x12\x66\n\x0b\x46leetStatus\x12).edgeloop.telemetry.v1.FleetStatusRequest\x1a*.edgeloop.telemetry.v1.FleetStatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = __import__('edgeloop_core.protos._pool', fromlist=['POOL']).POOL.AddSerializedFile(b'\n\x0ftelemetry.proto\x12\x15\x65\x64geloop.telemetry.v1\"`\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\x12\x14\n\x0cpayload_json\x18\x05 \x01(\t\"P\n\rReportRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12,\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1c.edgeloop.telemetry.v1.Event\"r\n\x0eReportResponse\x12\x18\n\x10\x61\x63knowledged_ids\x18\x01 \x03(\t\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x1b\n\x13stats_out_of_window\x18\x03 \x01(\x05\x12\x15\n\rclock_skew_ms\x18\x04 \x01(\x03\"\x87\x01\n\x12\x46leetStatusRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x16\n\x0estale_since_ms\x18\x06 \x01(\x03\"\xfe\x02\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\ntarget_key\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65sired_version\x18\x04 \x01(\t\x12\x17\n\x0fserving_version\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x19\n\x11validation_result\x18\x07 \x01(\t\x12\x0e\n\x06p50_ms\x18\x08 \x01(\x01\x12\x0e\n\x06p99_ms\x18\t \x01(\x01\x12\x14\n\x0clast_seen_ms\x18\n \x01(\x03\x12\x12\n\nfacts_json\x18\x0b \x01(\t\x12\x15\n\rbatching_json\x18\x0c \x01(\t\x12\x14\n\x0cvariant_json\x18\r \x01(\t\x12\x1b\n\x13stats_out_of_window\x18\x0e \x01(\x03\x12\x15\n\rclock_skew_ms\x18\x0f \x01(\x03\x12\x18\n\x10\x63lock_skew_known\x18\x10 \x01(\x08\x12\x12\n\ndrift_json\x18\x11 \x01(\t\"\xfa\x01\n\x13\x46leetStatusResponse\x12\x34\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32#.edgeloop.telemetry.v1.DeviceStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12Q\n\x0cstate_counts\x18\x03 \x03(\x0b\x32;.edgeloop.telemetry.v1.FleetStatusResponse.StateCountsEntry\x12\r\n\x05total\x18\x04 \x01(\x03\x1a\x32\n\x10StateCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xcf\x01\n\x0cTelemetryHub\x12W\n\x06Report\x12$.edgeloop.telemetry.v1.ReportRequest\x1a%.edgeloop.telemetry.v1.ReportResponse\"\x00\x12\x66\n\x0b\x46leetStatus\x12).edgeloop.telemetry.v1.FleetStatusRequest\x1a*.edgeloop.telemetry.v1.FleetStatusResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTREQUEST']._serialized_start=140
   _globals['_REPORTREQUEST']._serialized_end=220
   _globals['_REPORTRESPONSE']._serialized_start=222
-  _globals['_REPORTRESPONSE']._serialized_end=284
-  _globals['_FLEETSTATUSREQUEST']._serialized_start=287
-  _globals['_FLEETSTATUSREQUEST']._serialized_end=422
-  _globals['_DEVICESTATUS']._serialized_start=425
-  _globals['_DEVICESTATUS']._serialized_end=709
-  _globals['_FLEETSTATUSRESPONSE']._serialized_start=712
-  _globals['_FLEETSTATUSRESPONSE']._serialized_end=962
-  _globals['_FLEETSTATUSRESPONSE_STATECOUNTSENTRY']._serialized_start=912
-  _globals['_FLEETSTATUSRESPONSE_STATECOUNTSENTRY']._serialized_end=962
-  _globals['_TELEMETRYHUB']._serialized_start=965
-  _globals['_TELEMETRYHUB']._serialized_end=1172
+  _globals['_REPORTRESPONSE']._serialized_end=336
+  _globals['_FLEETSTATUSREQUEST']._serialized_start=339
+  _globals['_FLEETSTATUSREQUEST']._serialized_end=474
+  _globals['_DEVICESTATUS']._serialized_start=477
+  _globals['_DEVICESTATUS']._serialized_end=859
+  _globals['_FLEETSTATUSRESPONSE']._serialized_start=862
+  _globals['_FLEETSTATUSRESPONSE']._serialized_end=1112
+  _globals['_FLEETSTATUSRESPONSE_STATECOUNTSENTRY']._serialized_start=1062
+  _globals['_FLEETSTATUSRESPONSE_STATECOUNTSENTRY']._serialized_end=1112
+  _globals['_TELEMETRYHUB']._serialized_start=1115
+  _globals['_TELEMETRYHUB']._serialized_end=1322
 # @@protoc_insertion_point(module_scope)

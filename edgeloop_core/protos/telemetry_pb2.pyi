@@ -29,12 +29,16 @@ class ReportRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
-    __slots__ = ("acknowledged_ids", "duplicates")
+    __slots__ = ("acknowledged_ids", "duplicates", "stats_out_of_window", "clock_skew_ms")
     ACKNOWLEDGED_IDS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    STATS_OUT_OF_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_SKEW_MS_FIELD_NUMBER: _ClassVar[int]
     acknowledged_ids: _containers.RepeatedScalarFieldContainer[str]
     duplicates: int
-    def __init__(self, acknowledged_ids: _Optional[_Iterable[str]] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    stats_out_of_window: int
+    clock_skew_ms: int
+    def __init__(self, acknowledged_ids: _Optional[_Iterable[str]] = ..., duplicates: _Optional[int] = ..., stats_out_of_window: _Optional[int] = ..., clock_skew_ms: _Optional[int] = ...) -> None: ...
 
 class FleetStatusRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "state", "model_name", "version", "stale_since_ms")
@@ -53,7 +57,7 @@ class FleetStatusRequest(_message.Message):
     def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[str] = ..., stale_since_ms: _Optional[int] = ...) -> None: ...
 
 class DeviceStatus(_message.Message):
-    __slots__ = ("device_id", "model_name", "target_key", "desired_version", "serving_version", "state", "validation_result", "p50_ms", "p99_ms", "last_seen_ms", "facts_json", "batching_json", "variant_json")
+    __slots__ = ("device_id", "model_name", "target_key", "desired_version", "serving_version", "state", "validation_result", "p50_ms", "p99_ms", "last_seen_ms", "facts_json", "batching_json", "variant_json", "stats_out_of_window", "clock_skew_ms", "clock_skew_known", "drift_json")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TARGET_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +71,10 @@ class DeviceStatus(_message.Message):
     FACTS_JSON_FIELD_NUMBER: _ClassVar[int]
     BATCHING_JSON_FIELD_NUMBER: _ClassVar[int]
     VARIANT_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATS_OUT_OF_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_SKEW_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_SKEW_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_JSON_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     model_name: str
     target_key: str
@@ -80,7 +88,11 @@ class DeviceStatus(_message.Message):
     facts_json: str
     batching_json: str
     variant_json: str
-    def __init__(self, device_id: _Optional[str] = ..., model_name: _Optional[str] = ..., target_key: _Optional[str] = ..., desired_version: _Optional[str] = ..., serving_version: _Optional[str] = ..., state: _Optional[str] = ..., validation_result: _Optional[str] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., last_seen_ms: _Optional[int] = ..., facts_json: _Optional[str] = ..., batching_json: _Optional[str] = ..., variant_json: _Optional[str] = ...) -> None: ...
+    stats_out_of_window: int
+    clock_skew_ms: int
+    clock_skew_known: bool
+    drift_json: str
+    def __init__(self, device_id: _Optional[str] = ..., model_name: _Optional[str] = ..., target_key: _Optional[str] = ..., desired_version: _Optional[str] = ..., serving_version: _Optional[str] = ..., state: _Optional[str] = ..., validation_result: _Optional[str] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., last_seen_ms: _Optional[int] = ..., facts_json: _Optional[str] = ..., batching_json: _Optional[str] = ..., variant_json: _Optional[str] = ..., stats_out_of_window: _Optional[int] = ..., clock_skew_ms: _Optional[int] = ..., clock_skew_known: bool = ..., drift_json: _Optional[str] = ...) -> None: ...
 
 class FleetStatusResponse(_message.Message):
     __slots__ = ("devices", "next_page_token", "state_counts", "total")

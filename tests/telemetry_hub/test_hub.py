@@ -51,8 +51,10 @@ def hub_store(request, tmp_path):
         return HubStore(f"sqlite:///{tmp_path / 'hub.sqlite'}")
     store = open_postgres_store(POSTGRES_URL)
     with store.engine.begin() as conn:  # a clean slate for this test
-        from telemetry_hub.store import device_models, devices, events, stats
+        from telemetry_hub.store import device_models, devices, events, rollup_state, rollups, stats
 
+        for table in (rollup_state, *rollups.values()):
+            conn.execute(table.delete())
         conn.execute(events.delete())
         conn.execute(stats.delete())
         conn.execute(device_models.delete())
@@ -74,9 +76,9 @@ def test_ingest_deduplicates_and_builds_the_fleet_view(hub_store):
                    tolerance=0.01),
              event("serving", 3, version="v2", target_key="ort1.31-cpu-aarch64-int8"),
              event("stats", 4, desired_version="v2", serving_version="v2", state="serving", p50_ms=0.4, p99_ms=1.2)]
-    ids, duplicates = hub_store.ingest("jetson-1", first)
+    ids, duplicates, *_ = hub_store.ingest("jetson-1", first)
     assert ids == [e.id for e in first] and duplicates == 0
-    again, duplicates = hub_store.ingest("jetson-1", first[1:3])  # a resend after a lost acknowledgement
+    again, duplicates, *_ = hub_store.ingest("jetson-1", first[1:3])  # a resend after a lost acknowledgement
     assert duplicates == 2 and again == [e.id for e in first[1:3]]
     assert hub_store.count_events("jetson-1") == 4
     hub_store.ingest("jetson-2", [event("failed", 5, version="v3", error="validation failed")])
@@ -199,7 +201,7 @@ def test_a_database_from_an_older_hub_gains_new_columns(tmp_path):
         db.execute("INSERT INTO devices (device_id, model_name, state) VALUES ('jetson-0', 'digits-cnn', 'serving')")
     store = HubStore(f"sqlite:///{path}")
     store.ingest("jetson-0", [event("batch_sweep", 9, chosen={"max_batch_size": 8}, points=[])])
-    assert store.migrate() == "0005"  # stamped as the first schema, then migrated to the head
+    assert store.migrate() == "0007"  # stamped as the first schema, then migrated to the head
     (row,) = store.fleet()  # the old row became the device's row for its model, and the new event updated it
     assert (row["model_name"], row["state"]) == ("digits-cnn", "serving")
     assert json.loads(row["batching_json"])["chosen"]["max_batch_size"] == 8
@@ -212,7 +214,8 @@ def test_the_variant_choice_reaches_the_fleet_view_and_table(hub_store):
 
     reason = "1.14x faster than int8-ort; fastest of 2 validated variants: 0.180 ms at batch 1, 2.700 ms at batch 16"
     hub_store.ingest("jetson-1", [event("variant_choice", 1, version="v2", chosen="fp32", mode="measured",
-                                       reason=reason, figures=[{"variant": "fp32", "passed": True}])])
+                                       reason=reason, objective="balanced", mj_per_inference=0.0421,
+                                       figures=[{"variant": "fp32", "passed": True}])])
     # several variants were validated; the fleet view shows the served one's result, from the serving event
     hub_store.ingest("jetson-1", [
         event("validated", 2, version="v2", variant="fp32-dense", passed=True, metric="top1_accuracy", value=0.999,
@@ -228,6 +231,8 @@ def test_the_variant_choice_reaches_the_fleet_view_and_table(hub_store):
     console.print(fleet_table([status]))
     text = console.export_text()
     assert "fp32 (measured: 1.14x faster than int8-ort)" in text
+    assert " 0.042 " in text  # the served variant's mJ per inference (absent where a device has no power rails)
+    assert json.loads(row["variant_json"])["mj_per_inference"] == 0.0421
 
 
 def test_the_sqlite_database_is_private(tmp_path):
@@ -239,7 +244,7 @@ def test_a_malformed_event_is_acknowledged_and_does_not_block_the_batch(hub_stor
     good = event("stats", 5, state="serving", p50_ms=0.5)
     bad_payload = event("validated", 6, value="not a number", passed=True)
     too_long = IncomingEvent("x" * 200, "stats", NOW_MS + 7, "{}")
-    ids, _ = hub_store.ingest("jetson-7", [good, bad_payload, too_long])
+    ids, *_ = hub_store.ingest("jetson-7", [good, bad_payload, too_long])
     assert ids == [good.id, bad_payload.id, too_long.id]  # all acknowledged: the device's outbox moves on
     assert hub_store.count_events("jetson-7") == 2  # the malformed one is not stored
     row = next(r for r in hub_store.fleet() if r["device_id"] == "jetson-7")
@@ -261,7 +266,7 @@ def test_racing_resends_and_first_calls_on_two_replicas_never_fail(hub_store):
         def send(store, batch=batch, device=device, barrier=barrier) -> None:
             barrier.wait()
             try:
-                ids, _ = store.ingest(device, batch)
+                ids, *_ = store.ingest(device, batch)
                 assert ids == [e.id for e in batch]
             except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
                 errors.append(exc)
@@ -367,24 +372,38 @@ def test_a_device_serving_several_models_has_a_row_per_model(hub_store):
 
 
 def test_stats_are_kept_for_the_retention_and_state_changes_for_good(hub_store):
-    """Stats live by day (PostgreSQL: a partition per day, made ahead and dropped whole); retention removes the days
-    past it and never a state change; stats stamped outside the window are acknowledged but not kept."""
-    from telemetry_hub.store import DAY_MS, stats
+    """Raw stats live by day (PostgreSQL: a partition per day, made ahead, dropped whole once rolled up) for the raw
+    window only: the rollup moves them into 5-minute and hourly buckets, each tier kept for its retention; a state
+    change is never removed; stats stamped outside the window are acknowledged but not kept."""
+    from telemetry_hub.store import DAY_MS, rollups, stats
 
-    old = [IncomingEvent(str(uuid.uuid4()), "stats", NOW_MS - 10 * DAY_MS, json.dumps({"model_name": "m"})),
+    old = [IncomingEvent(str(uuid.uuid4()), "stats", NOW_MS - 10 * DAY_MS, json.dumps({"model_name": "m",
+                                                                                   "p50_ms": 2.0})),
            IncomingEvent(str(uuid.uuid4()), "serving", NOW_MS - 10 * DAY_MS, json.dumps({"model_name": "m",
                                                                                      "version": "v1"}))]
-    ids, duplicates = hub_store.ingest("retained", [*old, event("stats", 1)])
+    ids, duplicates, *_ = hub_store.ingest("retained", [*old, event("stats", 1)])
     assert len(ids) == 3 and duplicates == 0
     skewed = IncomingEvent(str(uuid.uuid4()), "stats", NOW_MS + 30 * DAY_MS, "{}")  # a clock far ahead
     too_old = IncomingEvent(str(uuid.uuid4()), "stats", NOW_MS - 30 * DAY_MS, "{}")
     assert hub_store.ingest("retained", [skewed, too_old])[0] == [skewed.id, too_old.id]
     assert hub_store.count_events("retained", "stats") == 2 and hub_store.count_events("retained") == 3
-    done = hub_store.apply_retention(now_ms=NOW_MS + 11 * DAY_MS)  # 11 days on, 14 kept: 3 days back stay
-    assert hub_store.count_events("retained", "stats") == 1  # the 10-day-old one went, yesterday's stays
+    with hub_store.engine.connect() as conn:  # a resend of a raw stats event is still a duplicate
+        kept = conn.execute(stats.select().where(stats.c.device_id == "retained")).first()
+    assert hub_store.ingest("retained", [IncomingEvent(kept.id, "stats", kept.ts_ms, kept.payload)])[1] == 1
+    later = NOW_MS + 11 * DAY_MS
+    assert hub_store.apply_retention(now_ms=later).get("deleted", 0) == 0  # nothing rolled up yet: nothing goes
+    assert hub_store.count_events("retained", "stats") == 2
+    assert hub_store.roll_up(now_ms=later)["rows"] == 2
+    done = hub_store.apply_retention(now_ms=later)  # 11 days on, 14 kept at 5 minutes, 90 at an hour
+    assert hub_store.count_events("retained", "stats") == 0  # rolled up, then past the raw hour
     assert hub_store.count_events("retained", "serving") == 1  # state changes are kept
+    with hub_store.engine.connect() as conn:
+        fine = conn.execute(rollups["stats_5m"].select().where(rollups["stats_5m"].c.device_id == "retained")).all()
+        hourly = conn.execute(rollups["stats_1h"].select().where(rollups["stats_1h"].c.device_id == "retained")).all()
+    assert [r.bucket_ms // DAY_MS for r in fine] == [NOW_MS // DAY_MS]  # the 10-day-old one is past 14 days now
+    assert sorted(r.bucket_ms // DAY_MS for r in hourly) == [(NOW_MS - 10 * DAY_MS) // DAY_MS, NOW_MS // DAY_MS]
+    assert done["stats_5m"] == 1 and done["stats_1h"] == 0
     if hub_store.postgresql:
-        assert done["dropped"] >= 1
         from sqlalchemy import text
 
         from telemetry_hub.store import DAYS_AHEAD, _partition_name
@@ -392,15 +411,10 @@ def test_stats_are_kept_for_the_retention_and_state_changes_for_good(hub_store):
         with hub_store.engine.connect() as conn:
             parts = set(conn.execute(text("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = "
                                           "i.inhrelid WHERE i.inhparent = 'stats'::regclass")).scalars())
-        later = (NOW_MS + 11 * DAY_MS) // DAY_MS
-        wanted = {_partition_name(d) for d in range(later - 14, later + DAYS_AHEAD + 1)}
-        assert wanted <= parts and not {p for p in parts if p < _partition_name(later - 14)}
-    else:
-        assert done["deleted"] == 1
-    with hub_store.engine.connect() as conn:  # a resend of a kept stats event is still a duplicate
-        kept = conn.execute(stats.select().where(stats.c.device_id == "retained")).first()
-    again = IncomingEvent(kept.id, "stats", kept.ts_ms, kept.payload)
-    assert hub_store.ingest("retained", [again])[1] == 1
+        day = later // DAY_MS
+        wanted = {_partition_name(d) for d in range(day - 14, day + DAYS_AHEAD + 1)}
+        assert wanted <= parts and not {p for p in parts if p < _partition_name(day - 14)}
+        assert done["dropped"] >= 1
 
 
 def test_calls_that_arrive_together_are_committed_together_and_answered_each(hub_store):
@@ -425,8 +439,8 @@ def test_calls_that_arrive_together_are_committed_together_and_answered_each(hub
 
     writer, results = asyncio.run(scenario())
     assert writer.calls == 41 and writer.groups < writer.calls
-    assert [ids for ids, _ in results] == [[e.id for e in b] for _, b in [*calls, resend]]
-    assert sum(duplicates for _, duplicates in results) == 1
+    assert [r.ids for r in results] == [[e.id for e in b] for _, b in [*calls, resend]]
+    assert sum(r.duplicates for r in results) == 1
     assert hub_store.count_events() >= 80
     rows = {r["device_id"]: r for r in hub_store.fleet() if r["device_id"].startswith("grouped-")}
     assert len(rows) == 20 and all(r["state"] == "serving" for r in rows.values())
@@ -591,7 +605,7 @@ def test_retention_keeps_to_the_stats_table_of_its_own_schema():
         url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
         store = HubStore(url.render_as_string(hide_password=False))
         assert store.apply_retention()["dropped"] == 0
-        ids, _ = store.ingest("jetson-1", [event("stats", 1, state="serving", p50_ms=0.3, p99_ms=0.9)])
+        ids, *_ = store.ingest("jetson-1", [event("stats", 1, state="serving", p50_ms=0.3, p99_ms=0.9)])
         assert len(ids) == 1 and store.count_events("jetson-1") == 1
         with admin.begin() as conn:
             ours = conn.execute(sqlalchemy.text(

@@ -5,41 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 
 import pytest
 import sqlalchemy
 from sqlalchemy import event as sa_event
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from telemetry_hub.server import HubSettings, fleet_pages, start_hub
 from telemetry_hub.store import HubStore, device_models, devices
-from tests.telemetry_hub.test_hub import POSTGRES_URL, postgres_listening
 
 FLEET = 20_000
-
-
-@pytest.fixture
-def own_schema_store():
-    """A hub store on PostgreSQL in a schema of its own (other tests share the public one), dropped afterwards."""
-    if not postgres_listening(POSTGRES_URL):
-        pytest.skip("no PostgreSQL listening (.ci/run starts one)")
-    schema = f"hub_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    store = None
-    try:
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        store = HubStore(url.render_as_string(hide_password=False))
-        yield store
-    finally:
-        if store is not None:
-            store.engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def fill_fleet(store: HubStore) -> set[tuple[str, str]]:
@@ -134,7 +109,8 @@ def test_the_same_event_id_from_two_devices_is_kept_for_each(backend, tmp_path, 
     else:
         url = request.getfixturevalue("own_schema_store").engine.url.render_as_string(hide_password=False)
         with sqlalchemy.create_engine(url).begin() as conn:  # the fixture's hub, back to an empty schema
-            conn.execute(text("DROP TABLE alembic_version, events, stats, device_models, devices CASCADE"))
+            conn.execute(text("DROP TABLE alembic_version, events, stats, device_models, devices, stats_5m, stats_1h, "
+                              "rollup_state CASCADE"))
     migrate_to(url, "0003")
     old_change, old_stats = event("serving", 1, version="v1"), event("stats", 2, state="serving")
     engine = sqlalchemy.create_engine(url)
@@ -153,16 +129,16 @@ def test_the_same_event_id_from_two_devices_is_kept_for_each(backend, tmp_path, 
     engine.dispose()
     store = HubStore(url)
     try:
-        assert store.migrate() == "0005" and store.count_events("jetson-old") == 2
+        assert store.migrate() == "0007" and store.count_events("jetson-old") == 2
         batch = [event("validated", 3, version="v2", passed=True), event("serving", 4, version="v2"),
                  event("stats", 5, state="serving", p50_ms=0.4), old_change]
-        assert store.ingest("jetson-a", batch) == ([e.id for e in batch], 0)
-        assert store.ingest("jetson-b", batch) == ([e.id for e in batch], 0)  # its clone: the same ids, all new
+        assert store.ingest("jetson-a", batch)[:2] == ([e.id for e in batch], 0)
+        assert store.ingest("jetson-b", batch)[:2] == ([e.id for e in batch], 0)  # its clone: the same ids, all new
         assert store.count_events("jetson-a") == store.count_events("jetson-b") == 4
-        assert store.ingest("jetson-b", batch[1:3]) == ([e.id for e in batch[1:3]], 2)  # a resend: stored once
+        assert store.ingest("jetson-b", batch[1:3])[:2] == ([e.id for e in batch[1:3]], 2)  # a resend: stored once
         # two calls of one device in one group carrying the same id: new for the first only
         twice = store.ingest_many([("jetson-c", batch[:1]), ("jetson-c", batch[:1]), ("jetson-d", batch[:1])])
-        assert [d for _, d in twice] == [0, 1, 0]
+        assert [r.duplicates for r in twice] == [0, 1, 0]
         assert store.count_events("jetson-b") == 4 and store.count_events("jetson-c") == 1
         assert store.count_events("jetson-old") == 2
         assert {r["device_id"]: r["state"] for r in store.fleet()}["jetson-b"] == "serving"
@@ -180,10 +156,70 @@ def test_stats_out_of_the_window_are_counted_with_the_device_clock_skew(backend,
              else request.getfixturevalue("own_schema_store"))
     day = 86_400_000
     old, ahead = event("stats", -20 * day, state="serving"), event("stats", 10 * day, state="serving")
-    ids, duplicates = store.ingest("jetson-skewed", [old, event("stats", 1, state="serving")])
+    ids, duplicates, *_ = store.ingest("jetson-skewed", [old, event("stats", 1, state="serving")])
     assert len(ids) == 2 and duplicates == 0 and store.count_events("jetson-skewed") == 1
     store.ingest_many([("jetson-skewed", [ahead]), ("jetson-ok", [event("stats", 2, state="serving")])])
     rows = {r["device_id"]: r for r in store.fleet()}
     assert rows["jetson-skewed"]["stats_out_of_window"] == 2 and rows["jetson-ok"]["stats_out_of_window"] == 0
     assert 9 * day < rows["jetson-skewed"]["clock_skew_ms"] < 11 * day  # its last call: stamped 10 days ahead
     assert abs(rows["jetson-ok"]["clock_skew_ms"]) < day
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_device_is_told_its_stats_were_not_kept_and_the_fleet_shows_its_skew(backend, tmp_path, request,
+                                                                                  caplog):
+    """The acknowledgement says how many of the call's stats the hub dropped (and the call's skew); the runtime's
+    sender warns once while that goes on (no event contents in the log) and says when it ends; FleetStatus and the
+    `fleet status` table show the device's count and clock skew."""
+    import logging
+
+    from rich.console import Console
+
+    from edge_runtime.report.telemetry import Outbox, TelemetrySender
+    from telemetry_hub.cli import fleet_table
+    from telemetry_hub.server import fleet_status
+
+    store = (HubStore(f"sqlite:///{tmp_path / 'hub.sqlite'}") if backend == "sqlite"
+             else request.getfixturevalue("own_schema_store"))
+    day = 86_400_000
+    outbox = Outbox(tmp_path / "outbox.sqlite", "jetson-skewed")
+
+    def stats_event(age_ms: int) -> None:
+        outbox.add("stats", {"state": "serving", "note": "payload-marker"})
+        with outbox._lock:  # the device clock was far off when it stamped this one
+            outbox._db.execute("UPDATE outbox SET ts_ms = ts_ms - ? WHERE rowid = (SELECT MAX(rowid) FROM outbox)",
+                               (age_ms,))
+
+    async def scenario():
+        settings = HubSettings(database_url="sqlite://", port=0, tokens="jetson-skewed:tok", read_tokens="reader")
+        server, port, _ = await start_hub(settings, store)
+        sender = TelemetrySender(outbox, f"127.0.0.1:{port}", "tok")
+        try:
+            stats_event(20 * day)
+            stats_event(0)
+            with caplog.at_level(logging.INFO, logger="edge_runtime.report.telemetry"):
+                assert await sender.flush() == 2
+                first = [r.getMessage() for r in caplog.records]
+                stats_event(20 * day)
+                assert await sender.flush() == 1  # dropped again: no second warning
+                stats_event(0)
+                assert await sender.flush() == 1  # kept again: said once
+            return first, await fleet_status(f"127.0.0.1:{port}", "reader")
+        finally:
+            await sender.close()
+            await server.stop(0)
+
+    first, rows = asyncio.run(scenario())
+    outbox.close()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].getMessage() in first
+    assert "1 stats events" in warnings[0].getMessage() and "clock" in warnings[0].getMessage()
+    assert any("keeps this device's stats events again" in r.getMessage() for r in caplog.records)
+    assert not any("payload-marker" in r.getMessage() for r in caplog.records)
+    (row,) = rows
+    assert (row.stats_out_of_window, row.clock_skew_known) == (2, True)
+    assert abs(row.clock_skew_ms) < day  # its last call was stamped now
+    console = Console(width=400, record=True)
+    console.print(fleet_table(rows))
+    text_out = console.export_text()
+    assert "clock skew" in text_out and "stats dropped" in text_out
