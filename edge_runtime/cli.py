@@ -100,6 +100,42 @@ def wav_to_input(wav: Path, manifest_path: Path) -> tuple[np.ndarray, list[str]]
     return features[None].astype(np.float32), manifest.labels
 
 
+@app.command("selfcheck")
+def selfcheck_command(
+    out: Annotated[Path, typer.Option(help="where the JSON report goes")] = Path("edgeloop-selfcheck.json"),
+    config: Annotated[Path | None, typer.Option(help="settings file (JSON/YAML); EDGE_* variables override it")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="folder for the demo model and its engines (default: a "
+                                                       "temporary one)")] = None,
+    tests: Annotated[Path | None, typer.Option(help="the tests/ folder (default: beside the package)")] = None,
+    no_tests: Annotated[bool, typer.Option("--no-tests", help="do not run the GPU conformance tests")] = False,
+    budget_s: Annotated[float, typer.Option(help="timing per variant and batch size, seconds")] = 1.0,
+) -> None:
+    """Check this device once: facts and target key, CUDA, TensorRT, the demo model in fp32/fp16/int8-qdq built
+    and timed (which precision wins), the GPU conformance tests, Triton's libraries; one JSON report. Exit 1 when a
+    check failed; what could not be checked here is reported as skipped, with the reason."""
+    import tempfile
+
+    from edge_runtime.report.selfcheck import run_selfcheck
+    from edge_runtime.settings import EdgeSettings
+    from edgeloop_core.files import write_atomic
+
+    settings = EdgeSettings.load(config)
+    default_tests = Path(__file__).resolve().parents[1] / "tests"
+    with tempfile.TemporaryDirectory(prefix="edgeloop-selfcheck-") as scratch:
+        report = run_selfcheck(settings, work_dir or Path(scratch), tests=tests or default_tests,
+                               run_tests=not no_tests, budget_s=budget_s)
+    console.print(f"device: {report.device.get('gpu_name') or report.device.get('arch')}, backend {report.backend}, "
+                  f"target key {report.target_key}")
+    table = Table("check", "status", "seconds", "finding or reason")
+    for check in report.checks:
+        table.add_row(check.name, check.status, f"{check.seconds:.2f}", check.reason)
+    console.print(table)
+    write_atomic(out, report.model_dump_json(indent=2).encode())
+    console.print(f"report: {out}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @app.command("triton-backend")
 def triton_backend_command(
     python: Annotated[Path | None, typer.Argument(help="the interpreter it embeds (default: this one)")] = None,
@@ -144,3 +180,24 @@ def infer_command(
         if key in result:
             table.add_row(key, f"{result[key]:.4f}" if key == "accuracy" else f"{result[key]:.2f}")
     console.print(table)
+
+
+@app.command("label")
+def label_command(
+    request_id: Annotated[str, typer.Argument(help="the ModelInfer request id the app sent")],
+    label: Annotated[str, typer.Argument(help="a class index (3), or JSON: '\"cat\"', '{\"false_trigger\": true}'")],
+    address: Annotated[str, typer.Option(help="host:port of the runtime")] = "127.0.0.1:8001",
+    model: Annotated[str, typer.Option(help="model name")] = "digits-cnn",
+    source: Annotated[str, typer.Option(help="who says so (operator, app, ...)")] = "cli",
+    token: Annotated[str | None, typer.Option(envvar="EDGE_CONTROL_TOKEN", show_default=False,
+                                              help="the device's control token (EDGE_CONTROL_TOKEN)")] = None,
+    ca_file: Annotated[Path | None, typer.Option(help="CA (PEM) of a TLS endpoint")] = None,
+) -> None:
+    """Send the right answer for an earlier request (field capture, docs/capture.md): joined to its capture while it
+    is on the device, else sent home as its own record."""
+    from edge_runtime.report.capture.client import send_label
+
+    answer = send_label(address, model, request_id, label, source=source, token=token, ca_file=ca_file)
+    console.print(f"{model} {request_id}: " + (f"joined to {answer.captures} spooled capture(s)"
+                                               if answer.outcome == "joined"
+                                               else "not on the device any more: sent home as a label record"))

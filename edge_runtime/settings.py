@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from edgeloop_core.contract.captures import CapturePolicy
 from edgeloop_core.errors import ConfigError
 
 
@@ -36,6 +37,8 @@ class ModelEntry(BaseModel):
     max_queue_delay_us: int | None = Field(None, ge=0, description="extra wait for company, µs (unset: the setting)")
     batching_budget_ms: float | None = Field(
         None, gt=0, description="tune batching limits within this latency, ms (unset: the setting)")
+    capture: CapturePolicy | None = Field(
+        None, description="field capture of this model's requests (docs/capture.md; unset: not captured)")
 
     _names = field_validator("name", "version")(_checked_name)
 
@@ -92,6 +95,19 @@ class EdgeSettings(BaseSettings):
     variant_choice_budget_s: float = Field(
         2.0, ge=0, description="seconds of timing per candidate variant when choosing the fastest (0: no measuring, "
                                "the first compatible variant in preference order)")
+    variant_objective: Literal["balanced", "latency", "throughput", "energy"] = Field(
+        "balanced", description="what the measured variant choice optimises among the variants that pass validation: "
+                                "the geometric mean of per-sample p50 at batch 1 and at the serving batch (balanced), "
+                                "batch-1 p50 (latency), per-sample p50 at the serving batch (throughput), or the "
+                                "module's mJ per inference from its power rails (energy; without rails: balanced)")
+    power_root: Path = Field(
+        Path("/"), description="where /sys is read from for the INA3221 power rails (energy per inference); a path "
+                               "without them turns energy measuring off")
+    power_rails: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="INA3221 rail labels whose sum is the module's power (comma-separated; "
+                                          "empty: VDD_IN, or every rail where there is none, as on AGX Orin)")
+    power_sample_period_ms: float = Field(
+        10.0, gt=0, description="power sampling period during timing runs, ms (the energy is the trapezoid integral)")
     share_engines: bool = Field(False, description="upload engines this device built to S3 for identical devices")
     engine_signing_key_file: Path | None = Field(
         None, description="fleet build key (ed25519 PEM) that signs engines this device shares; needed to share")
@@ -111,10 +127,11 @@ class EdgeSettings(BaseSettings):
     triton_python: Path | None = Field(
         None, description="else: the python of a virtualenv with nvidia-pytriton (its tritonserver), numpy<2 and "
                           "onnxruntime (engine triton)")
-    triton_backend: Literal["auto", "edgeloop", "python"] = Field(
-        "auto", description="what runs ONNX Runtime engines in Triton: edgeloop's backend, in tritonserver's process "
-                            "(edgeloop), Triton's Python backend, a stub process per model (python), or edgeloop's "
-                            "where it can be built or was prebuilt, else python (auto) (engine triton)")
+    triton_backend: Literal["auto", "onnxruntime", "python", "edgeloop"] = Field(
+        "auto", description="what runs ONNX Runtime engines in Triton: Triton's native onnxruntime backend where the "
+                            "Triton install has it, else Triton's Python backend (auto); onnxruntime or python: that "
+                            "one; edgeloop: edgeloop's own C backend in tritonserver's process, opt-in (needs a C "
+                            "compiler or a prebuilt library) (engine triton)")
     triton_metrics_port: int = Field(8002, ge=0, le=65535, description="Triton's Prometheus port (0: pick one)")
     control_port: int = Field(
         8005, ge=0, le=65535, description="with engine triton, edgeloop's own gRPC (health, readiness, repository "
@@ -128,13 +145,16 @@ class EdgeSettings(BaseSettings):
                              "batches form from what queues while the engine is busy)")
     company_queue_delay_us: int = Field(
         3000, ge=0, description="wait for company while waiting brings it, µs: under load a Python gRPC layer hands "
-                                "requests over one at a time, and a fuller batch costs less per request; a 1 ms probe "
-                                "every 64th run starts it, two waits that bring nobody stop it, so a lone client "
-                                "waits only on probes (0: off; capped by the batching budget's slack)")
+                                "requests over one at a time, and a fuller batch costs less per request; a short "
+                                "probe (about 0.3 ms; 16 runs apart, doubling to 256 while probes find nobody) starts "
+                                "it, two waits that bring nobody stop it, so a lone client waits only on probes (0: "
+                                "off; capped by the batching budget's slack)")
     max_request_batch_size: int = Field(
         256, gt=0, description="most samples one request may carry (larger than an engine run: split and rejoined)")
     ort_intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime threads per run (0: ONNX Runtime's default, all cores)")
+        0, ge=0, description="ONNX Runtime threads per run (0: one per core this process may use, its CPU "
+                          "affinity; never ONNX Runtime's own default, which pins a worker to every core of the "
+                          "machine, past taskset and cpusets)")
     ort_spin_wait: bool | None = Field(
         None, description="ONNX Runtime worker threads spin between runs (unset: only on CPUs with more than 4 cores; "
                           "spinning burns a core a small device needs)")
@@ -181,12 +201,18 @@ class EdgeSettings(BaseSettings):
     outbox_max_events: int = Field(
         10_000, ge=100, description="outbox cap: above it the oldest stats events go (state changes never)")
     telemetry_interval_s: float = Field(30.0, gt=0, description="period of stats events and outbox flushes, seconds")
+    field_stats_rate: float = Field(
+        0.1, ge=0, le=1, description="share of answered requests counted into the field statistics the hub compares "
+                                     "with the training data for drift (0: off; only counts per bin leave the device)")
+    field_stats_min_samples: int = Field(
+        200, ge=1, description="samples a model's field statistics gather before a stats event carries them (fewer "
+                               "say too little about a distribution)")
     kube_node_name: str | None = Field(
         None, description="this pod's node (downward API); set: read its labels, write edgeloop.io/* annotations")
 
     _names = field_validator("model_name", "model_version")(_checked_name)
 
-    @field_validator("control_client_names", mode="before")
+    @field_validator("control_client_names", "power_rails", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):  # EDGE_CONTROL_CLIENT_NAMES=edge-admin,ops.example.com

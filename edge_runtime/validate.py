@@ -1,6 +1,7 @@
 """Validate before serving: the version's held-out set through the engine this device built, judged by the model's
 task (:mod:`edgeloop_core.quality`) against the manifest's reference (minus tolerance) and, when configured, a
-batch-1 p99 latency budget."""
+batch-1 p99 latency budget. Where the device has power rails, the batch-1 latency run also gives the module's energy
+per inference (:mod:`edge_runtime.build.power`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.build.engines.base import Engine
+from edge_runtime.build.power import PowerSampler, time_with_energy
 from edgeloop_core.contract import Manifest
 from edgeloop_core.detection import decode, detection_map
 from edgeloop_core.errors import ValidationFailed
@@ -23,7 +25,6 @@ from edgeloop_core.quality import (
     tensor_agreement,
     top1_accuracy,
 )
-from edgeloop_core.timing import time_calls
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class ValidationResult:
     latency_budget_p99_ms: float | None
     passed: bool
     reason: str
+    mj_per_inference: float | None = None
+    """Module energy per inference during the batch-1 latency run, mJ; ``None`` where there are no power rails."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly."""
@@ -49,8 +52,9 @@ class ValidationResult:
     def summary(self) -> str:
         """One line: ``passed top1_accuracy 0.9944 >= 0.9844 (p99 0.21 ms)``."""
         verdict = "passed" if self.passed else "failed"
+        energy = "" if self.mj_per_inference is None else f", {self.mj_per_inference:.3f} mJ/inference"
         return (f"{verdict} {self.metric} {self.value:.4f} >= {self.reference - self.tolerance:.4f}"
-                if self.passed else f"{verdict}: {self.reason}") + f" (p99 {self.p99_ms:.2f} ms)"
+                if self.passed else f"{verdict}: {self.reason}") + f" (p99 {self.p99_ms:.2f} ms{energy})"
 
 
 
@@ -123,11 +127,13 @@ def measure(manifest: Manifest, outputs: dict[str, np.ndarray], data: Validation
 
 
 def validate(engine: Engine, validation_path: Path, manifest: Manifest, variant: str, *,
-             latency_budget_p99_ms: float | None = None, latency_runs: int = 100) -> ValidationResult:
+             latency_budget_p99_ms: float | None = None, latency_runs: int = 100,
+             power: PowerSampler | None = None) -> ValidationResult:
     """Run the validation set; ``passed`` only if the task's metric and (when set) latency are within bounds.
 
     The metric is the manifest's (:func:`measure`: top-1 or mAP against labels, or agreement with the FP32 model
-    judged by the task). Latency: batch-1 requests cycling through the validation samples.
+    judged by the task). Latency: batch-1 requests cycling through the validation samples, with the module's energy
+    per inference where ``power`` has rails.
     """
     spec = manifest.validation
     data = read_validation_set(validation_path, manifest, engine)
@@ -137,7 +143,8 @@ def validate(engine: Engine, validation_path: Path, manifest: Manifest, variant:
     count = len(next(iter(data.inputs.values())))
     samples = itertools.cycle([{k: v[i : i + 1] for k, v in data.inputs.items()}
                                for i in range(min(count, latency_runs))])
-    timing = time_calls(lambda: engine.infer(next(samples)), runs=max(1, min(latency_runs, count)), warmup=0)
+    timing, mj = time_with_energy(lambda: engine.infer(next(samples)), 1, power=power,
+                                  runs=max(1, min(latency_runs, count)), warmup=0)
     p50, p99 = timing.p50_ms, timing.p99_ms
     reasons = []
     if value < reference - spec.tolerance - 1e-9:
@@ -151,7 +158,7 @@ def validate(engine: Engine, validation_path: Path, manifest: Manifest, variant:
     return ValidationResult(variant=variant, metric=spec.metric, value=value, reference=reference,
                             tolerance=spec.tolerance, samples=count, p50_ms=p50, p99_ms=p99,
                             latency_budget_p99_ms=latency_budget_p99_ms, passed=not reasons,
-                            reason="; ".join(reasons))
+                            reason="; ".join(reasons), mj_per_inference=mj)
 
 
 def require_passed(result: ValidationResult, where: str) -> None:

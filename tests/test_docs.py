@@ -143,3 +143,16 @@ def test_every_key_of_the_desired_file_the_chart_writes_has_its_chart_value_in_t
     unread = sorted(keys - set(read.desired)) + sorted(entry_keys - set(read.entry_keys))
     assert not unread, f"the generator found no chart value for the desired file's keys {unread}"
     assert keys <= set(EdgeSettings.model_fields) and entry_keys <= set(ModelEntry.model_fields)
+
+
+def test_no_page_promises_cuda_shared_memory_on_jetson():
+    """Triton's Jetson guide: CUDA IPC is not supported on JetPack (system shared memory is). Every sentence of the
+    README and the docs that offers CUDA shared memory says where it does not hold."""
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        text = " ".join(page.read_text(encoding="utf-8").split())
+        for sentence in re.split(r"(?<=[.;:])\s", text):
+            if "CUDA shared memory" in sentence:
+                window = text[text.index(sentence):text.index(sentence) + len(sentence) + 200]
+                caveat = re.search(r"not[^.]{0,40}Jetson|Jetson[^.]{0,80}not supported", window)
+                assert caveat, f"{page.name}: CUDA shared memory offered without its Jetson caveat: {sentence[:160]}"

@@ -4,20 +4,37 @@
 end to end and holds it to the real APIs' contracts, taken from NVIDIA's bindings (``python/src/infer/pyCore.cpp``
 at the v10.3.0 and v11.0 tags of NVIDIA/TensorRT) and cuda-python's runtime module. What it checks:
 
-* **Names per API level.** ``install(api="10.3")`` exposes ``BuilderFlag.FP16``/``INT8`` and
-  ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH``/``STRONGLY_TYPED``; ``api="11"`` has no FP16/INT8 builder flags
-  and only ``STRONGLY_TYPED`` (plus the plugin flags): touching a missing member raises ``AttributeError`` as the
-  real module does. 10.3 comes with cuda-python 12 (``cuda.cudart`` and ``cuda.bindings.runtime``), 11 with
-  cuda-bindings 13 (no ``cuda.cudart``).
+* **Names and values per API level.** ``install(api="10.3")`` exposes ``BuilderFlag.FP16``/``INT8`` and
+  ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH`` (0)/``STRONGLY_TYPED`` (1); ``api="11"`` has no FP16/INT8 builder
+  flags and ``STRONGLY_TYPED`` is 0, ``PREFER_JIT_PYTHON_PLUGINS`` 1, ``PREFER_AOT_PYTHON_PLUGINS`` 2 (so
+  ``1 << STRONGLY_TYPED`` is a different bit at each level): touching a missing member raises ``AttributeError`` as
+  the real module does. Every value is the real one (:data:`ENUMS`), checked against NVIDIA/TensorRT at tag v10.3.0
+  (commit 7ad13e72): ``include/NvInfer.h`` lines 8297-8430 (``enum class BuilderFlag``, ``kFP16 = 0`` ..
+  ``kREFIT_INDIVIDUAL = 23``) and 9609-9620 (``kEXPLICIT_BATCH = 0``, ``kSTRONGLY_TYPED = 1``), bound in
+  ``python/src/infer/pyCore.cpp`` lines 1337-1367 and 1500-1505; and at tag v11.0 (commit 771d8efd):
+  ``include/NvInfer.h`` lines 9978-10114 (``kDEBUG = 2`` .. ``kDISTRIBUTIVE_INDEPENDENCE = 27``, no kFP16/kINT8) and
+  11406-11424 (``kSTRONGLY_TYPED = 0``, ``kPREFER_JIT_PYTHON_PLUGINS = 1``, ``kPREFER_AOT_PYTHON_PLUGINS = 2``), bound
+  in ``python/src/infer/pyCore.cpp`` lines 1592-1616 and 1762-1769. 10.3 comes with cuda-python 12
+  (``cuda.cudart`` and ``cuda.bindings.runtime``), 11 with cuda-bindings 13 (no ``cuda.cudart``).
 * **Argument names.** Methods take the keyword names the bindings declare (``set_shape(input, min, opt, max)``,
   ``set_input_shape(name, shape)``, ``execute_async_v3(stream_handle)``, ``set_memory_pool_limit(pool,
-  pool_size)``, ``create_timing_cache(serialized_timing_cache)``, ``set_timing_cache(cache, ignore_mismatch)``,
-  ``deserialize_cuda_engine(serialized_engine)``, ...); ``execute_async_v3`` wants an ``int`` handle.
+  pool_size)``, ``create_timing_cache(serialized_timing_cache)``, ``set_timing_cache(cache, ignore_mismatch)``
+  (pyCore.cpp v10.3.0 lines 1480-1483), ``deserialize_cuda_engine(serialized_engine)`` (line 1539), ...);
+  ``execute_async_v3`` wants an ``int`` handle.
 * **Profiles.** ``set_shape`` raises ``RuntimeError`` unless min ≤ opt ≤ max per dimension and static dimensions
   match the network; building fails (``None``, with an error logged) when an input has no profile.
-* **Plans are not portable.** A plan records the TensorRT build (major.minor.patch.build) and the device (name,
-  compute capability, SM count) it was built for; ``deserialize_cuda_engine`` logs an error and returns ``None``
-  for another build, another device, or bytes that are not a plan.
+* **Plans, as portable as real ones.** A plan records the TensorRT build (major.minor.patch.build) and the device
+  (name, compute capability, SM count) it was built for. ``deserialize_cuda_engine`` logs an error and returns
+  ``None`` for another TensorRT build, another compute capability ("generated on an incompatible device, expecting
+  compute 8.7 got compute 9.0"), or bytes that are not a plan; a device of the *same* compute capability but another
+  model (an Orin Nano loading an Orin NX plan) gets the plan with TensorRT's warning "Using an engine plan file across
+  different models of devices is not recommended", as real TensorRT does. The runtime's target key (module, SM count)
+  is what keeps such plans apart, and the tests hold it to that.
+* **Timing caches, validated.** A serialized cache records the TensorRT build and the device it was timed on.
+  ``create_timing_cache`` on bytes that are not a cache, or a cache of another TensorRT build, logs a warning and
+  gives a new empty cache (TensorRT ignores a corrupt cache; a build must not fail for it); ``set_timing_cache``
+  refuses (``False``, error logged) a cache from another device unless ``ignore_mismatch`` is true (then it warns),
+  as ``IBuilderConfig::setTimingCache`` documents (NvInfer.h v10.3.0 lines 9268-9285). A build adds its timings.
 * **Execution.** ``set_input_shape`` returns ``False`` outside the profile; ``execute_async_v3`` fails unless every
   input shape and tensor address is set and the buffers are large enough. Bytes really move: ``cudaMalloc`` hands
   out device buffers, ``cudaMemcpyAsync`` copies host memory in and out, and the engine computes its outputs with
@@ -40,6 +57,24 @@ import numpy as np
 
 MAGIC = b"EDGELOOP-TRT-STANDIN\n"
 FULL_VERSIONS = {"10.3": "10.3.0.30", "11": "11.0.0.114"}
+ENUMS: dict[str, tuple[dict[str, int], dict[str, int]]] = {
+    # (NetworkDefinitionCreationFlag, BuilderFlag) with the values of include/NvInfer.h at each tag; the names are the
+    # ones python/src/infer/pyCore.cpp binds (see the module docstring for the lines).
+    "10.3": ({"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1},
+             {"FP16": 0, "INT8": 1, "DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4, "DISABLE_TIMING_CACHE": 5, "TF32": 6,
+              "SPARSE_WEIGHTS": 7, "SAFETY_SCOPE": 8, "OBEY_PRECISION_CONSTRAINTS": 9,
+              "PREFER_PRECISION_CONSTRAINTS": 10, "DIRECT_IO": 11, "REJECT_EMPTY_ALGORITHMS": 12,
+              "VERSION_COMPATIBLE": 13, "EXCLUDE_LEAN_RUNTIME": 14, "FP8": 15, "ERROR_ON_TIMING_CACHE_MISS": 16,
+              "BF16": 17, "DISABLE_COMPILATION_CACHE": 18, "STRIP_PLAN": 19, "WEIGHTLESS": 19, "REFIT_IDENTICAL": 20,
+              "WEIGHT_STREAMING": 21, "INT4": 22, "REFIT_INDIVIDUAL": 23}),
+    "11": ({"STRONGLY_TYPED": 0, "PREFER_JIT_PYTHON_PLUGINS": 1, "PREFER_AOT_PYTHON_PLUGINS": 2},
+           {"DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4, "DISABLE_TIMING_CACHE": 5, "TF32": 6, "SPARSE_WEIGHTS": 7,
+            "SAFETY_SCOPE": 8, "DIRECT_IO": 11, "VERSION_COMPATIBLE": 12, "EXCLUDE_LEAN_RUNTIME": 13,
+            "ERROR_ON_TIMING_CACHE_MISS": 15, "DISABLE_COMPILATION_CACHE": 17, "STRIP_PLAN": 18, "REFIT_IDENTICAL": 19,
+            "WEIGHT_STREAMING": 20, "REFIT_INDIVIDUAL": 22, "STRICT_NANS": 23, "MONITOR_MEMORY": 24,
+            "EDITABLE_TIMING_CACHE": 26, "DISTRIBUTIVE_INDEPENDENCE": 27}),
+}
+TIMING_MAGIC = b"EDGELOOP-TRT-STANDIN-TIMING\n"
 
 
 @dataclass
@@ -178,11 +213,11 @@ def _cudart_module(state: _Cuda, name: str) -> types.ModuleType:
     return mod
 
 
-def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:
+def _tensorrt_module(api: str, state: _Cuda, version: str) -> types.ModuleType:
     import onnx
 
     trt = types.ModuleType("tensorrt")
-    trt.__version__ = FULL_VERSIONS[api]
+    trt.__version__ = version
     trt.__standin__ = True
 
     Severity = _enum("Severity", {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3, "VERBOSE": 4})  # noqa: N806 - TensorRT's own name
@@ -228,22 +263,9 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:
     TensorIOMode = _enum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})  # noqa: N806 - TensorRT's own name
     MemoryPoolType = _enum("MemoryPoolType", {"WORKSPACE": 0, "DLA_MANAGED_SRAM": 1, "DLA_LOCAL_DRAM": 2,  # noqa: N806 - TensorRT's own name
                                               "DLA_GLOBAL_DRAM": 3, "TACTIC_DRAM": 4, "TACTIC_SHARED_MEMORY": 5})
-    if api == "10.3":
-        creation = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
-        flags = ["FP16", "BF16", "INT8", "DEBUG", "GPU_FALLBACK", "REFIT", "DISABLE_TIMING_CACHE", "TF32",
-                 "SPARSE_WEIGHTS", "SAFETY_SCOPE", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS",
-                 "DIRECT_IO", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME", "FP8", "ERROR_ON_TIMING_CACHE_MISS",
-                 "DISABLE_COMPILATION_CACHE", "WEIGHTLESS", "STRIP_PLAN", "REFIT_IDENTICAL", "WEIGHT_STREAMING",
-                 "INT4", "REFIT_INDIVIDUAL"]
-    else:
-        creation = {"STRONGLY_TYPED": 1, "PREFER_AOT_PYTHON_PLUGINS": 2, "PREFER_JIT_PYTHON_PLUGINS": 3}
-        flags = ["DEBUG", "GPU_FALLBACK", "REFIT", "DISABLE_TIMING_CACHE", "EDITABLE_TIMING_CACHE", "TF32",
-                 "SPARSE_WEIGHTS", "SAFETY_SCOPE", "DIRECT_IO", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME",
-                 "ERROR_ON_TIMING_CACHE_MISS", "DISABLE_COMPILATION_CACHE", "STRIP_PLAN", "REFIT_IDENTICAL",
-                 "WEIGHT_STREAMING", "REFIT_INDIVIDUAL", "STRICT_NANS", "MONITOR_MEMORY",
-                 "DISTRIBUTIVE_INDEPENDENCE"]
+    creation, flags = ENUMS[api]
     NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", creation)  # noqa: N806 - TensorRT's own name
-    BuilderFlag = _enum("BuilderFlag", {name: i for i, name in enumerate(flags)})  # noqa: N806 - TensorRT's own name
+    BuilderFlag = _enum("BuilderFlag", flags)  # noqa: N806 - TensorRT's own name
 
     @dataclass
     class ITensor:
@@ -325,15 +347,21 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:
                 raise RuntimeError("Shape provided for max is inconsistent with other shapes.")
             self.shapes[input] = (lo, mid, hi)
 
+    here = [state.device.name, state.device.major, state.device.minor, state.device.sm_count]
+
     class ITimingCache:
-        def __init__(self, data: bytes) -> None:
-            self.data = bytes(data) or json.dumps({"trt": trt.__version__}).encode()
+        """Serialized as the magic, then JSON: the TensorRT build, the device it was timed on, and its entries."""
+
+        def __init__(self, device: list, entries: int = 0) -> None:
+            self.device, self.entries = list(device), entries
 
         def serialize(self) -> memoryview:
-            return memoryview(self.data)
+            body = {"trt": trt.__version__, "device": self.device, "entries": self.entries}
+            return memoryview(TIMING_MAGIC + json.dumps(body).encode())
 
     class IBuilderConfig:
-        def __init__(self) -> None:
+        def __init__(self, logger) -> None:
+            self.logger = logger
             self.profiles: list[IOptimizationProfile] = []
             self.flags: set = set()
             self.pools: dict = {}
@@ -354,9 +382,34 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:
             self.flags.add(flag)
 
         def create_timing_cache(self, serialized_timing_cache) -> ITimingCache:
-            return ITimingCache(bytes(serialized_timing_cache))
+            data = bytes(serialized_timing_cache)
+            if not data:
+                return ITimingCache(here)
+            try:
+                if not data.startswith(TIMING_MAGIC):
+                    raise ValueError("bad magic")
+                body = json.loads(data[len(TIMING_MAGIC):])
+                device, entries, version = list(body["device"]), int(body["entries"]), body["trt"]
+            except (ValueError, KeyError, TypeError):
+                self.logger.log(Severity.WARNING, "The timing cache is corrupted and will be ignored: a new one is "
+                                                  "created.")
+                return ITimingCache(here)
+            if version != trt.__version__:
+                self.logger.log(Severity.WARNING, f"The timing cache was created by TensorRT {version}, this is "
+                                                  f"{trt.__version__}: it is ignored and a new one is created.")
+                return ITimingCache(here)
+            return ITimingCache(device, entries)
 
         def set_timing_cache(self, cache, ignore_mismatch) -> bool:
+            if not isinstance(cache, ITimingCache) or not isinstance(ignore_mismatch, bool):
+                raise TypeError("set_timing_cache(): incompatible function arguments")
+            if cache.device != here:
+                if not ignore_mismatch:
+                    self.logger.log(Severity.ERROR, f"The timing cache was created on device {cache.device}, this "
+                                                    f"is {here}: set ignore_mismatch to use it.")
+                    return False
+                self.logger.log(Severity.WARNING, "Using a timing cache from a device with different CUDA device "
+                                                  "properties may lead to functional or performance bugs.")
             self.cache = cache
             return True
 
@@ -376,7 +429,7 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:
             return INetworkDefinition(int(flags))
 
         def create_builder_config(self) -> IBuilderConfig:
-            return IBuilderConfig()
+            return IBuilderConfig(self.logger)
 
         def create_optimization_profile(self) -> IOptimizationProfile:
             return IOptimizationProfile()
@@ -407,6 +460,8 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:
                                                         f"shape {tuple(tensor.shape)}")
                         return None
             self.logger.log(Severity.WARNING, "stand-in: tactics not timed (this is not TensorRT)")
+            if config.cache is not None:
+                config.cache.entries += 1  # the layers' timings, as a real build adds them to an attached cache
             header = {"trt": trt.__version__, "device": [state.device.name, state.device.major, state.device.minor,
                                                          state.device.sm_count],
                       "profile": {k: [list(v) for v in dims] for k, dims in profile.items()},
@@ -532,11 +587,16 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:
                                                 f"TensorRT, expecting library version {trt.__version__} got "
                                                 f"{header.get('trt')}, please rebuild.")
                 return None
-            here = [state.device.name, state.device.major, state.device.minor, state.device.sm_count]
-            if header.get("device") != here:
-                self.logger.log(Severity.ERROR, f"The engine plan was built for device {header.get('device')}, "
-                                                f"this is {here}: please rebuild.")
+            built_on = header.get("device") or [None, 0, 0, 0]
+            if built_on[1:3] != here[1:3]:
+                self.logger.log(Severity.ERROR, f"The engine plan file is generated on an incompatible device, "
+                                                f"expecting compute {here[1]}.{here[2]} got compute "
+                                                f"{built_on[1]}.{built_on[2]}, please rebuild.")
                 return None
+            if built_on != here:  # same compute capability, another device model: TensorRT only warns
+                self.logger.log(Severity.WARNING, "Using an engine plan file across different models of devices is "
+                                                  "not recommended and is likely to affect performance or even cause "
+                                                  "errors.")
             try:
                 return ICudaEngine(header, data[len(MAGIC) + 4 + size:], self.logger)
             except Exception as exc:  # noqa: BLE001 - a truncated plan: the real runtime logs and returns None
@@ -551,10 +611,13 @@ def _tensorrt_module(api: str, state: _Cuda) -> types.ModuleType:
     return trt
 
 
-def install(monkeypatch, api: str = "10.3", *, device: Device | None = None, gpu: bool = True) -> types.ModuleType:
-    """Put the stand-in ``tensorrt`` and cuda-python modules in ``sys.modules`` (undone by ``monkeypatch``)."""
+def install(monkeypatch, api: str = "10.3", *, device: Device | None = None, gpu: bool = True,
+            version: str | None = None) -> types.ModuleType:
+    """Put the stand-in ``tensorrt`` and cuda-python modules in ``sys.modules`` (undone by ``monkeypatch``).
+    ``version``: the build the module reports (default :data:`FULL_VERSIONS` of ``api``), e.g. ``"10.13.3.9"`` for
+    the TensorRT 10.x of JetPack 7, whose Python API is 10.3's."""
     state = _Cuda(device or Device(), gpu)
-    trt = _tensorrt_module(api, state)
+    trt = _tensorrt_module(api, state, version or FULL_VERSIONS[api])
     cuda = types.ModuleType("cuda")
     bindings = types.ModuleType("cuda.bindings")
     runtime = _cudart_module(state, "cuda.bindings.runtime")

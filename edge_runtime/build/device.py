@@ -5,13 +5,17 @@ The facts choose the backend and the variant, make the target key, and go upstre
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeloop_core.contract.target import module_slug
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 NV_TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 DEVICE_MODEL = Path("/proc/device-tree/model")
@@ -67,11 +71,33 @@ def _arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
+SCRATCH_VARIABLES = ("TMPDIR", "CUDA_CACHE_PATH")
+"""Folders CUDA, TensorRT and Triton write scratch files to: the chart points both into the cache volume (``/tmp`` is a
+small emptyDir, and passing its limit evicts the pod)."""
+
+
+def prepare_scratch(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Create the folders :data:`SCRATCH_VARIABLES` name, before CUDA first compiles a kernel or TensorRT first
+    writes a temporary file (a ``TMPDIR`` that does not exist makes them fall back to ``/tmp``). Returns a note for
+    each folder that cannot be created; never raises."""
+    notes = []
+    for variable in SCRATCH_VARIABLES:
+        folder = environ.get(variable)
+        if not folder:
+            continue
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            notes.append(f"{variable}={folder} cannot be created ({exc.strerror or exc}): scratch files go to /tmp")
+    return notes
+
+
 def detect(tegra_release: Path = NV_TEGRA_RELEASE, device_model: Path = DEVICE_MODEL,
            module: str | None = None) -> DeviceFacts:
     """Probe this machine; every probe that fails is left out with a note, never an error. ``module`` (a node
-    label or setting) names the Jetson module where the device-tree model cannot be read."""
-    notes: list[str] = []
+    label or setting) names the Jetson module where the device-tree model cannot be read. The scratch folders
+    (:func:`prepare_scratch`) are created first: this is the runtime's first touch of CUDA."""
+    notes: list[str] = prepare_scratch()
     ort_version, providers = None, ()
     try:
         import onnxruntime as ort

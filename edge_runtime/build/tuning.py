@@ -3,6 +3,8 @@ engine's maximum and pick the dynamic-batching limits that keep a request within
 
 Published Orin Nano measurements of a spectrogram transformer found larger batches cut time and energy per sample
 until memory runs out; the best batch is a property of the device and the model, so each device measures its own.
+Where the device has power rails (:mod:`edge_runtime.build.power`), each batch size also gets the module's energy
+per inference (mJ), integrated over the same timed runs.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from edge_runtime.build.engines.base import Engine
+from edge_runtime.build.power import PowerSampler, time_with_energy
 from edgeloop_core.errors import ConfigError
-from edgeloop_core.timing import repeat_batch, time_calls
+from edgeloop_core.timing import repeat_batch
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class BatchPoint:
     p50_ms: float
     p99_ms: float
     samples_per_s: float
+    mj_per_inference: float | None = None
+    """Module energy per inference (per sample) at this batch, mJ; ``None`` where there are no power rails."""
 
 
 @dataclass(frozen=True)
@@ -51,13 +56,14 @@ def batch_sizes(max_batch: int) -> list[int]:
 
 
 def sweep(engine: Engine, sample: dict[str, np.ndarray], max_batch: int, *, runs: int = 30,
-          warmup: int = 3) -> list[BatchPoint]:
-    """Time ``engine.infer`` on batches of copies of ``sample`` (one sample of every input, batch axis first)."""
+          warmup: int = 3, power: PowerSampler | None = None) -> list[BatchPoint]:
+    """Time ``engine.infer`` on batches of copies of ``sample`` (one sample of every input, batch axis first), with
+    the energy per inference where ``power`` has rails."""
     points = []
     for batch in batch_sizes(max_batch):
         x = repeat_batch(sample, batch)
-        timing = time_calls(lambda x=x: engine.infer(x), runs=runs, warmup=warmup)
-        points.append(BatchPoint(batch, timing.p50_ms, timing.p99_ms, batch / (timing.p50_ms / 1e3)))
+        timing, mj = time_with_energy(lambda x=x: engine.infer(x), batch, power=power, runs=runs, warmup=warmup)
+        points.append(BatchPoint(batch, timing.p50_ms, timing.p99_ms, batch / (timing.p50_ms / 1e3), mj))
     return points
 
 

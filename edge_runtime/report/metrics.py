@@ -31,6 +31,11 @@ class RuntimeMetrics:
                            registry=self.registry)
         self.validation = Gauge("edgeloop_validation_value", "Last on-device validation metric value", ["model"],
                                 registry=self.registry)
+        self.energy = Gauge("edgeloop_energy_millijoules_per_inference",
+                            "Module energy per inference of the serving variant, mJ, from the power rails while it "
+                            "was timed on this device (absent where there are no rails)", ["model", "variant"],
+                            registry=self.registry)
+        self._energy_labels: dict[str, tuple[str, str]] = {}
 
         self.jetson_gpu = Gauge("edgeloop_jetson_gpu_utilization_percent", "GPU load (devfreq)",
                                 registry=self.registry)
@@ -73,6 +78,16 @@ class RuntimeMetrics:
         self.model_ready.labels(model).set(1.0 if ready else 0.0)
         if validation is not None:
             self.validation.labels(model).set(validation)
+
+    def set_energy(self, model: str, variant: str | None, mj_per_inference: float | None) -> None:
+        """Mirror the serving variant's energy per inference (mJ); ``None`` removes the series (absent, never 0)."""
+        old = self._energy_labels.pop(model, None)
+        if old is not None and (mj_per_inference is None or old != (model, variant or "")):
+            self.energy.remove(*old)
+        if mj_per_inference is not None:
+            labels = (model, variant or "")
+            self.energy.labels(*labels).set(mj_per_inference)
+            self._energy_labels[model] = labels
 
     def serve(self, address: str, port: int) -> None:
         """Start the HTTP exporter thread."""

@@ -5,7 +5,9 @@ from edgeloop_core.contract.channel import ChannelPointer, check_name, parse_poi
 from edgeloop_core.contract.digest import sha256_bytes, sha256_file, verify_file
 from edgeloop_core.contract.layout import ArtifactLayout
 from edgeloop_core.contract.manifest import (
+    ENGINES_BY_VARIANT_SCHEMA,
     SCHEMA_VERSION,
+    Clip,
     EngineRef,
     FileRef,
     Manifest,
@@ -16,6 +18,7 @@ from edgeloop_core.contract.manifest import (
     TensorSpec,
     Validation,
     Variant,
+    engine_entry,
 )
 from edgeloop_core.contract.signing import (
     generate_signing_key,
@@ -29,9 +32,11 @@ from edgeloop_core.contract.signing import (
 from edgeloop_core.contract.target import TargetKey
 
 __all__ = [
+    "ENGINES_BY_VARIANT_SCHEMA",
     "SCHEMA_VERSION",
     "ArtifactLayout",
     "ChannelPointer",
+    "Clip",
     "EngineRef",
     "FileRef",
     "Manifest",
@@ -44,6 +49,7 @@ __all__ = [
     "Validation",
     "Variant",
     "check_name",
+    "engine_entry",
     "generate_signing_key",
     "key_id",
     "load_signing_key",

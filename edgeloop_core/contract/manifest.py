@@ -4,19 +4,37 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgeloop_core.contract.field import FieldBaseline
 from edgeloop_core.contract.layout import MANIFEST_FILE
-from edgeloop_core.errors import ManifestInvalid
+from edgeloop_core.contract.target import TargetKey
+from edgeloop_core.errors import ConfigError, ManifestInvalid
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped on any change the edge must know about; the edge refuses a manifest newer than it understands.
 2: variants carry ``preferred`` and ``speedup`` (the pipeline's CPU speed-up figures).
 3: a ``task`` (what the outputs mean: classification, detection with its layout, declared output slices) and the
 validation metrics that judge by it (``top1_agreement``, ``tensor_agreement``, ``detection_f1``, ``detection_map50``),
-with the negative control measured when the validation set was made."""
+with the negative control measured when the validation set was made.
+4: ``engines`` keyed by target key *and* variant (``<target-key>/<variant>``, :func:`engine_entry`): ``fp32`` and
+``fp32-dense`` share a target key, so a key of its own lets a manifest carry a prebuilt engine for each. Schemas 1-3
+keyed by target key alone (one engine per target, its file named after the variant) and are still read. Also, both
+optional: ``field_baseline``, the training data's field statistics (:mod:`edgeloop_core.drift`) that a device
+compares what it serves with, for drift; ``preprocessing.clip``, a clip model's frames, frame rate, stride and
+layout."""
+
+ENGINES_BY_VARIANT_SCHEMA = 4
+"""The first schema whose ``engines`` are keyed ``<target-key>/<variant>``."""
+
+
+def engine_entry(target_key: str, variant: str) -> str:
+    """The key of a prebuilt engine in :attr:`Manifest.engines` (schema 4): ``<target-key>/<variant>``, the same
+    two levels as its place in the bucket (``engines/<target-key>/<variant>.plan``)."""
+    return f"{target_key}/{variant}"
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 """Model names, versions and channels: lower case, safe in S3 keys, Kubernetes annotations and file names."""
@@ -90,6 +108,16 @@ class Task(_Strict):
         return self
 
 
+class Clip(_Strict):
+    """A clip model's input: ``frames`` consecutive frames sampled at ``fps``; a streaming client starts a window
+    every ``stride`` frames. ``layout``: where the time axis sits (``NCTHW``: channels before time)."""
+
+    frames: int = Field(ge=1)
+    fps: float = Field(gt=0)
+    stride: int = Field(default=1, ge=1)
+    layout: Literal["NCTHW", "NTCHW"] = "NCTHW"
+
+
 class Preprocessing(_Strict):
     """How a client turns raw data into the input tensor: ``x = (raw * scale - mean) / std`` per channel."""
 
@@ -99,6 +127,13 @@ class Preprocessing(_Strict):
     mean: list[float] = Field(default_factory=lambda: [0.0])
     std: list[float] = Field(default_factory=lambda: [1.0])
     params: dict[str, float | int | str] = Field(default_factory=dict)
+    clip: Clip | None = Field(default=None, description="clip models: frames per clip, frame rate, stride, layout")
+
+    @model_validator(mode="after")
+    def _clip_layout(self) -> Preprocessing:
+        if self.clip is not None and self.clip.layout != self.layout:
+            raise ValueError(f"preprocessing layout {self.layout!r} differs from its clip's {self.clip.layout!r}")
+        return self
 
 
 class FileRef(_Strict):
@@ -156,7 +191,7 @@ class Validation(FileRef):
 
 
 class EngineRef(FileRef):
-    """A prebuilt (or shared back) TensorRT engine for one target key."""
+    """A prebuilt (or shared back) engine for one target key and variant."""
 
     built_by: str = ""
 
@@ -186,7 +221,12 @@ class Manifest(_Strict):
     variants: list[Variant] = Field(min_length=1)
     validation: Validation
     report: FileRef | None = None
-    engines: dict[str, EngineRef] = Field(default_factory=dict)
+    engines: dict[str, EngineRef] = Field(
+        default_factory=dict,
+        description="prebuilt engines: schema 4 keys them `<target-key>/<variant>` (engine_entry); schemas 1-3 by "
+                    "target key alone")
+    field_baseline: FieldBaseline | None = Field(
+        default=None, description="the training data's field statistics (edgeloop_core.drift), for drift")
     signature: Signature | None = None
 
     @model_validator(mode="after")
@@ -205,7 +245,30 @@ class Manifest(_Strict):
         clashes = sorted({f for f in files if files.count(f) > 1 or f == MANIFEST_FILE})
         if clashes:  # each file has its own place beside manifest.json in the bucket and in a device's cache
             raise ValueError(f"file names must be unique and not {MANIFEST_FILE!r}, got {clashes}")
+        if self.schema_version >= ENGINES_BY_VARIANT_SCHEMA:
+            self._check_engine_keys(names)
         return self
+
+    def _check_engine_keys(self, names: list[str]) -> None:
+        for key in self.engines:
+            target, _, variant = key.rpartition("/")
+            if not target or variant not in names:
+                raise ValueError(f"engines are keyed <target-key>/<variant> with a variant of this manifest "
+                                 f"(schema {ENGINES_BY_VARIANT_SCHEMA}), got {key!r}")
+            try:
+                TargetKey.parse(target)
+            except ConfigError as exc:
+                raise ValueError(f"engine {key!r}: {exc}") from exc
+
+    def engine_for(self, target_key: str, variant: str) -> EngineRef | None:
+        """The prebuilt engine this manifest lists for ``target_key`` and ``variant``, or ``None``.
+
+        Schemas 1-3 keyed engines by target key alone: there the engine counts for ``variant`` only when its file is
+        named after it (``<variant>.plan``), as the runtime of that time required."""
+        if self.schema_version >= ENGINES_BY_VARIANT_SCHEMA:
+            return self.engines.get(engine_entry(target_key, variant))
+        ref = self.engines.get(target_key)
+        return ref if ref is not None and PurePosixPath(ref.file).name.startswith(f"{variant}.") else None
 
     def variant(self, name: str) -> Variant:
         """The variant called ``name``; ``KeyError`` if there is none."""
@@ -222,12 +285,32 @@ class Manifest(_Strict):
         refs.extend(self.engines.values())
         return refs
 
+    def with_engine(self, target_key: str, variant: str, ref: EngineRef) -> Manifest:
+        """A copy (unsigned, schema :data:`SCHEMA_VERSION`) that also lists ``ref`` as the prebuilt engine for
+        ``target_key`` and ``variant``: how a publisher adds engines before it signs. :class:`ManifestInvalid` when
+        the variant is not in this manifest or the target key does not parse."""
+        if self.schema_version < ENGINES_BY_VARIANT_SCHEMA and self.engines:
+            raise ManifestInvalid(f"{self.name}/{self.version} keys its engines by target key alone (schema "
+                                  f"{self.schema_version}): it cannot take engines per variant")
+        payload = self.model_dump(mode="json", exclude={"signature"})
+        payload.update(schema_version=SCHEMA_VERSION,
+                       engines={**payload["engines"], engine_entry(target_key, variant): ref.model_dump(mode="json")})
+        try:
+            return Manifest.model_validate(payload)
+        except ValidationError as exc:
+            why = exc.errors()[0]["msg"]
+            raise ManifestInvalid(f"cannot add the engine for {target_key}/{variant}: {why}") from exc
+
     def canonical_bytes(self) -> bytes:
         """The bytes that are signed: sorted-key compact JSON of every field except ``signature``.
 
-        Fields added in schema 3 (``task``, ``validation.control``) are left out while they hold their defaults, so a
-        manifest signed before they existed verifies exactly as it did."""
+        Fields added since schema 3 (``task``, ``validation.control``, ``field_baseline``) are left out while they
+        hold their defaults, so a manifest signed before they existed verifies exactly as it did."""
         payload = self.model_dump(mode="json", exclude={"signature"})
+        if self.field_baseline is None:
+            del payload["field_baseline"]
+        if self.preprocessing.clip is None:
+            del payload["preprocessing"]["clip"]
         if self.task == Task():
             del payload["task"]
         if self.validation.control is None:

@@ -202,3 +202,69 @@ def test_a_name_must_match_whole(name):
     with pytest.raises(ConfigError) as info:
         check_name(name, "channel")
     assert "not a valid name" in str(info.value)
+
+
+def _with_dense(tmp_path):
+    """The staged version plus an ``fp32-dense`` variant: two fp32 variants, so one TensorRT target key."""
+    from edgeloop_core.contract import Variant
+
+    manifest = make_staged_version(tmp_path)
+    dense = Variant(file="fp32-dense.onnx", sha256="0" * 64, size_bytes=1, name="fp32-dense", precision="fp32",
+                    backends=["tensorrt", "onnxruntime"])
+    return Manifest.model_validate({**manifest.model_dump(), "variants": [*manifest.model_dump()["variants"],
+                                                                          dense.model_dump()]})
+
+
+TARGET = "trt10.3.0.30-sm87x8-orin-nx-l4t36.4-aarch64-fp32-b1x8x16"
+
+
+def _engine(variant: str):
+    from edgeloop_core.contract import EngineRef
+
+    return EngineRef(file=f"engines/{TARGET}/{variant}.plan", sha256=f"{len(variant):064x}", size_bytes=len(variant),
+                     built_by="fleet-builder")
+
+
+def test_a_manifest_carries_a_prebuilt_engine_per_variant_of_one_target_key(tmp_path, signing_key, verify_key):
+    from edgeloop_core.contract import SCHEMA_VERSION
+
+    manifest = _with_dense(tmp_path).with_engine(TARGET, "fp32", _engine("fp32")).with_engine(
+        TARGET, "fp32-dense", _engine("fp32-dense"))
+    assert manifest.schema_version == SCHEMA_VERSION == 4
+    assert sorted(manifest.engines) == [f"{TARGET}/fp32", f"{TARGET}/fp32-dense"]
+    signed = sign_manifest(manifest, signing_key)
+    parsed = Manifest.from_json(signed.to_json())
+    verify_manifest(parsed, verify_key)
+    assert parsed.engine_for(TARGET, "fp32") == _engine("fp32")
+    assert parsed.engine_for(TARGET, "fp32-dense") == _engine("fp32-dense")
+    assert parsed.engine_for(TARGET.replace("x8-orin-nx", "x4-orin-nano"), "fp32") is None
+    assert {f.file for f in parsed.files()} >= {f"engines/{TARGET}/fp32.plan", f"engines/{TARGET}/fp32-dense.plan"}
+
+
+@pytest.mark.parametrize(("key", "why"), [(TARGET, "keyed <target-key>/<variant>"),
+                                          (f"{TARGET}/int4", "keyed <target-key>/<variant>"),
+                                          ("not-a-key/fp32", "not-a-key")])
+def test_a_schema_4_engine_key_names_a_target_and_a_variant_of_the_manifest(tmp_path, key, why):
+    raw = json.loads(_with_dense(tmp_path).to_json())
+    raw["engines"] = {key: json.loads(_engine("fp32").model_dump_json())}
+    with pytest.raises(ManifestInvalid) as info:
+        Manifest.from_json(json.dumps(raw))
+    assert why in str(info.value) and "\n" not in str(info.value)
+
+
+def test_schema_3_manifests_keep_their_target_keyed_engines_and_signatures(tmp_path, signing_key, verify_key):
+    """Before schema 4 an engine was keyed by target key alone and counted for the variant its file is named after;
+    such a manifest still parses, verifies (its canonical bytes are what they were) and resolves the same way, and a
+    runtime of schema 3 refuses a schema 4 manifest (the `newer` row above)."""
+    raw = json.loads(_with_dense(tmp_path).to_json())
+    raw.update(schema_version=3, engines={TARGET: json.loads(_engine("fp32").model_dump_json())})
+    old = sign_manifest(Manifest.from_json(json.dumps(raw)), signing_key)
+    payload = json.loads(old.canonical_bytes())
+    assert payload["schema_version"] == 3 and list(payload["engines"]) == [TARGET]  # nothing added, nothing renamed
+    again = Manifest.from_json(old.to_json())
+    verify_manifest(again, verify_key)
+    assert again.engine_for(TARGET, "fp32") == _engine("fp32")
+    assert again.engine_for(TARGET, "fp32-dense") is None  # the one engine is fp32's: its file says so
+    with pytest.raises(ManifestInvalid) as info:
+        again.with_engine(TARGET, "fp32-dense", _engine("fp32-dense"))
+    assert "by target key alone" in str(info.value)

@@ -56,3 +56,20 @@ def test_missing_figures_are_said_not_dropped(tmp_path):
 def test_nothing_there_is_reported_as_such(tmp_path):
     sample = JetsonSensors(tmp_path).sample()
     assert set(sample.unavailable) == {"gpu_utilization", "gpu_frequency", "ram", "temperatures", "power"}
+
+
+def test_scratch_folders_the_chart_points_into_the_cache_volume_are_created_before_cuda_starts(tmp_path, monkeypatch):
+    """TMPDIR must exist (else CUDA, TensorRT and Python fall back to the small /tmp emptyDir); detect() creates it
+    and CUDA_CACHE_PATH first, and says so, without failing, where it cannot."""
+    from edge_runtime.build.device import detect, prepare_scratch
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TMPDIR", str(cache / "scratch" / "tmp"))
+    monkeypatch.setenv("CUDA_CACHE_PATH", str(cache / "scratch" / "cuda"))
+    facts = detect(tmp_path / "no-tegra", tmp_path / "no-model")
+    assert (cache / "scratch" / "tmp").is_dir() and (cache / "scratch" / "cuda").is_dir()
+    assert not any("cannot be created" in n for n in facts.notes)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    notes = prepare_scratch({"TMPDIR": str(blocked / "tmp")})
+    assert len(notes) == 1 and notes[0].startswith(f"TMPDIR={blocked / 'tmp'} cannot be created")

@@ -156,10 +156,86 @@ def test_plans_are_refused_by_another_build_or_device_and_profiles_are_enforced(
     with pytest.raises(EngineError) as other_build:
         TrtEngine(plan, max_batch_size=8)
     assert "not compatible with this version of TensorRT" in str(other_build.value)
-    trt_standin.install(monkeypatch, "10.3", device=trt_standin.Device("Orin", 8, 7, 4))  # an Orin Nano 4GB
+    trt_standin.install(monkeypatch, "10.3", device=trt_standin.Device("NVIDIA H100 80GB HBM3", 9, 0, 132))
     with pytest.raises(EngineError) as other_device:
         TrtEngine(plan, max_batch_size=8)
-    assert "built for device" in str(other_device.value)
+    assert "incompatible device, expecting compute 9.0 got compute 8.7" in str(other_device.value)
+    # an Orin Nano 4GB (sm_87, 4 SMs) loads the Orin NX's plan, as real TensorRT does, with its warning: the target
+    # key (module, SM count) is what keeps a device from ever being handed such a plan
+    trt_standin.install(monkeypatch, "10.3", device=trt_standin.Device("Orin", 8, 7, 4))
+    nano = TrtEngine(plan, max_batch_size=8)
+    assert any("across different models of devices" in m for m in nano.logger.messages)
+    assert nano.infer({"input": np.zeros((2, 1, 8, 8), np.float32)})["logits"].shape == (2, 10)
+    nano.close()
+
+
+@pytest.mark.parametrize(("api", "bit", "fp16"), [("10.3", 1 << 1, 0), ("11", 0, None)])
+def test_the_stand_in_has_the_bindings_enum_values_and_the_builder_sets_the_right_bit(monkeypatch, trained, tmp_path,
+                                                                                       api, bit, fp16):
+    """NvInfer.h: 10.3 has kEXPLICIT_BATCH = 0, kSTRONGLY_TYPED = 1, kFP16 = 0; 11 has kSTRONGLY_TYPED = 0 (ignored:
+    always strongly typed), kPREFER_JIT_PYTHON_PLUGINS = 1 and no kFP16 (see tests/trt_standin.py for the lines)."""
+    from edge_runtime.build.engines.tensorrt import build_trt
+
+    trt = trt_standin.install(monkeypatch, api)
+    assert int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == (1 if api == "10.3" else 0)
+    if api == "11":
+        assert int(trt.NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS) == 1
+        assert int(trt.BuilderFlag.DISTRIBUTIVE_INDEPENDENCE) == 27 and not hasattr(trt.BuilderFlag, "FP16")
+    else:
+        assert int(trt.BuilderFlag.FP16) == fp16 and int(trt.BuilderFlag.REFIT_INDIVIDUAL) == 23
+    created = []
+    real_create = trt.Builder.create_network
+    monkeypatch.setattr(trt.Builder, "create_network", lambda self, flags=0: created.append(flags) or
+                        real_create(self, flags))
+    build_trt(trained.good["fp32"], tmp_path / "fp32.plan", batch_profile=(1, 2, 4))
+    assert created == [bit]  # 10.3: 1 << STRONGLY_TYPED; 11: nothing (1 << 0 would be the deprecated flag)
+
+
+def test_a_corrupt_timing_cache_is_ignored_with_a_warning_and_rewritten(monkeypatch, trained, tmp_path):
+    from edge_runtime.build.engines.tensorrt import build_trt
+
+    trt_standin.install(monkeypatch, "10.3")
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"\x00not a timing cache")
+    messages = build_trt(trained.good["fp32"], tmp_path / "a.plan", batch_profile=(1, 2, 4), timing_cache=cache)
+    assert any("timing cache is corrupted" in m for m in messages)
+    assert cache.read_bytes().startswith(trt_standin.TIMING_MAGIC)  # a valid cache replaced the corrupt one
+    again = build_trt(trained.good["fp32"], tmp_path / "b.plan", batch_profile=(1, 2, 4), timing_cache=cache)
+    assert not any("timing cache" in m for m in again)  # the rewritten cache is accepted
+    assert b'"entries": 2' in cache.read_bytes()  # and grows with each build
+    trt_standin.install(monkeypatch, "11")  # a cache of another TensorRT build: ignored, never an error
+    other = build_trt(trained.good["fp32"], tmp_path / "c.plan", batch_profile=(1, 2, 4), timing_cache=cache)
+    assert any("created by TensorRT 10.3.0.30" in m for m in other)
+
+
+def test_bad_requests_are_invalid_input_and_a_bad_engine_output_is_an_engine_error(monkeypatch, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edge_runtime.build.engines.tensorrt import TrtEngine, build_trt
+    from edgeloop_core.errors import EngineError, InvalidInput
+
+    trt_standin.install(monkeypatch, "11")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["sum"]),
+         helper.make_node("ReduceSum", ["sum", "axis0"], ["total"], keepdims=1)],
+        "two_inputs", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [-1, 3]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, [-1, 3]),
+         helper.make_tensor_value_info("total", TensorProto.FLOAT, [1, 3])],  # summed over the batch: not servable
+        initializer=[helper.make_tensor("axis0", TensorProto.INT64, [1], [0])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    build_trt(tmp_path / "m.onnx", tmp_path / "m.plan", batch_profile=(1, 2, 4))
+    engine = TrtEngine(tmp_path / "m.plan", max_batch_size=4)
+    with pytest.raises(InvalidInput) as disagree:
+        engine.infer({"a": np.zeros((2, 3), np.float32), "b": np.zeros((3, 3), np.float32)})
+    assert "share one batch size" in str(disagree.value)
+    with pytest.raises(InvalidInput) as missing:
+        engine.infer({"a": np.zeros((2, 3), np.float32)})
+    assert "missing input(s) ['b']" in str(missing.value)
+    with pytest.raises(EngineError) as no_batch:
+        engine.infer({"a": np.ones((2, 3), np.float32), "b": np.ones((2, 3), np.float32)})
+    assert "batch as its first axis" in str(no_batch.value)
+    engine.close()
 
 
 def test_a_fixed_batch_onnx_gets_a_fixed_profile(monkeypatch, tmp_path):
@@ -241,6 +317,74 @@ def test_unsupported_jetpack_combinations_are_refused_with_what_to_do():
     assert "JetPack 6.1/6.2" in str(jp60.value) and "8.6" in str(jp60.value)
     with pytest.raises(ConfigError) as trt11:
         resolve_backend(replace(orin, trt_version="11.0.0.114"))
-    assert "JetPack 7" in str(trt11.value)
+    assert "runs TensorRT 10.3" in str(trt11.value)  # NVIDIA: Orin on JetPack 6 stays on TensorRT 10.x
     with pytest.raises(ConfigError):
         resolve_backend(replace(orin, trt_version="8.6.2.3", l4t_release="36.3"))
+
+
+def test_a_device_takes_the_prebuilt_engine_of_its_own_variant_when_two_share_a_target_key(monkeypatch, store,
+                                                                                           trained, tmp_path):
+    """``fp32`` and ``fp32-dense`` share a target key; a schema 4 manifest lists a prebuilt plan for each, and each
+    variant's plan comes from the bucket (source ``manifest``), not from a build, and not the other's plan."""
+    from edge_runtime.build.engines import plan_for
+    from edge_runtime.build.engines.provider import EngineProvider
+    from edge_runtime.build.engines.tensorrt import build_trt
+    from edge_runtime.fetch.cache import ArtifactCache
+    from edgeloop_core.contract import ArtifactLayout, EngineRef, Manifest, Variant, sha256_file
+    from tests.conftest import make_staged_version
+
+    trt_standin.install(monkeypatch, "11", device=trt_standin.Device("NVIDIA H100 80GB HBM3", 9, 0, 132, 80 << 30))
+    facts = detect(Path("/nonexistent"), Path("/nonexistent"))
+    staged = make_staged_version(tmp_path / "m", name=MODEL)
+    dense = Variant(file="fp32-dense.onnx", sha256="0" * 64, size_bytes=1, name="fp32-dense", precision="fp32",
+                    backends=["tensorrt"])
+    manifest = Manifest.model_validate({**staged.model_dump(), "variants": [*staged.model_dump()["variants"],
+                                                                            dense.model_dump()]})
+    plans = {v: plan_for(manifest, facts, manifest.variant(v), backend="tensorrt", device="cpu")
+             for v in ("fp32", "fp32-dense")}
+    target = str(plans["fp32"].target_key)
+    assert str(plans["fp32-dense"].target_key) == target
+    layout, digests = ArtifactLayout(), {}
+    for variant, onnx_file in (("fp32", trained.good["fp32"]), ("fp32-dense", trained.untrained["fp32"])):
+        plan_file = tmp_path / variant / f"{variant}.plan"
+        build_trt(onnx_file, plan_file, batch_profile=plans[variant].target_key.batch_profile)
+        digest, size = sha256_file(plan_file)
+        ref = EngineRef(file=f"engines/{target}/{variant}.plan", sha256=digest, size_bytes=size, built_by="ci")
+        store.put_file(layout.file_key(manifest.name, manifest.version, ref.file), plan_file)
+        manifest, digests[variant] = manifest.with_engine(target, variant, ref), digest
+    assert digests["fp32"] != digests["fp32-dense"]
+    provider = EngineProvider(ArtifactCache(tmp_path / "cache", 1 << 30), store, layout, device_id="orin-1",
+                              max_batch_size=16)
+    for variant, plan in plans.items():
+        engine, source, notes = provider.obtain(manifest, plan, tmp_path / "no-onnx-needed.onnx")
+        engine.close()
+        assert source == "manifest", notes
+        assert sha256_file(provider.path(manifest, plan))[0] == digests[variant]
+
+
+def test_a_thor_on_jetpack_7_with_its_tensorrt_10_serves_on_tensorrt(monkeypatch, store, signing_key, trained,
+                                                                      edge_settings, tmp_path):
+    """JetPack 7.0 (L4T r38.2) ships TensorRT 10.13 for Thor (sm_110 under CUDA 13): the runtime builds and serves a
+    plan there, where it used to refuse the pair and, with a CPU fallback allowed, serve on the CPU."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "nv_tegra_release").write_text("# R38 (release), REVISION: 2.1, GCID: 41062509, BOARD: generic, "
+                                           "EABI: aarch64, DATE: ...\n")
+    (host / "model").write_text("NVIDIA Jetson AGX Thor Developer Kit\x00")
+    trt_standin.install(monkeypatch, "10.3", device=trt_standin.Device("NVIDIA Thor", 11, 0, 20, 128 << 30),
+                        version="10.13.3.9")
+    files = {"tegra_release_file": host / "nv_tegra_release", "device_model_file": host / "model"}
+    from dataclasses import replace
+
+    facts = replace(detect(files["tegra_release_file"], files["device_model_file"]), arch="aarch64")
+    publish_model(store, signing_key, trained, "v1")
+    edge = RunningEdge(edge_settings(store.bucket, allow_cpu_fallback=True, **files), store=store, facts=facts)
+    try:
+        edge.wait_ready(60)
+        serving = edge.app.runtime.serving
+        assert serving.plan.backend == "tensorrt" and not edge.events("cpu_fallback")
+        assert str(serving.plan.target_key) == "trt10.13.3.9-sm110x20-agx-thor-l4t38.2-aarch64-fp32-b1x8x16"
+        logits, version = _predict(edge.address, trained.x_val[:4])
+        assert version == "v1" and logits.shape == (4, 10)
+    finally:
+        edge.stop()

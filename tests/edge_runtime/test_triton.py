@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,11 +116,12 @@ def test_triton_serves_what_edgeloop_validated_swaps_under_load_refuses_a_bad_ve
             None, {"input": x})[0]
         assert np.allclose(infer(client), expected, atol=1e-4)
         assert triton_config(client, MODEL) == {"edgeloop_version": "v1", "variant": served}
-        # edgeloop's own backend runs it inside tritonserver (make test has the C compiler it is built with)
-        assert client.get_model_config(MODEL, as_json=True)["config"]["backend"] == "edgeloop"
+        # the wheel has no native onnxruntime backend: Triton's Python backend runs it (edgeloop's is opt-in only)
+        assert client.get_model_config(MODEL, as_json=True)["config"]["backend"] == "python"
         # ONNX Runtime in Triton reads the runtime's settings as the builtin engine does (0 threads: all cores)
         engine_json = json.loads(next((repository.triton.repo / MODEL).glob("*/engine.json")).read_text())
-        assert (engine_json["threads"], engine_json["spin"]) == (0, (os.cpu_count() or 1) > 4)
+        usable = len(os.sched_getaffinity(0))  # 0 threads: one per core this process may use (never ORT's own 0)
+        assert (engine_json["threads"], engine_json["spin"]) == (usable, usable > 4)
         through = [e for e in edge.events("validated") if e.get("source") == "triton"]
         assert through and through[0]["version"] == "v1" and through[0]["passed"]
         from tritonclient.utils import InferenceServerException
@@ -412,6 +414,103 @@ def test_a_bad_request_merged_with_good_ones_fails_alone(tmp_path, triton_python
         server.stop()
 
 
+def test_python_backend_runs_a_request_whose_second_input_has_another_shape_on_its_own(tmp_path, triton_python):
+    """Eight concurrent requests merged by Triton's batcher (50 ms queue delay) into one ``execute`` of the
+    Python-backend model; one carries a second input of another width (Triton hands requests of different shapes to
+    one ``execute`` where an input allows ragged batches). The model checks every input's shape, so that request
+    runs on its own and all eight get ONNX Runtime's answer (before, only the first input was checked and the failed
+    merge failed the whole batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as triton
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
+    from edge_runtime.serve.triton.dataplane import write_model
+    from tests.onnx_models import save
+
+    path = save(tmp_path / "two.onnx", [helper.make_node("ReduceSum", ["y", "axes"], ["s"], keepdims=1),
+                                        helper.make_node("Add", ["x", "s"], ["z"])],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3]),
+                 helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "n"])],
+                [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", 3])],
+                [numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    engine = OrtEngine(path, max_batch_size=8, threads=1)
+    server = bare_triton(tmp_path, triton_python, backend="python")
+    server.start()
+    try:
+        write_model(server.repo, "two", 1, engine_path=path, platform=engine.platform, inputs=engine.inputs,
+                    outputs=engine.outputs, max_batch_size=8, max_queue_delay_us=50_000, edgeloop_version="v1",
+                    variant="fp32", backend="python")
+        config = server.repo / "two" / "config.pbtxt"  # as a user's config may: Triton then merges other widths
+        config.write_text(config.read_text().replace('name: "y" data_type: TYPE_FP32 dims: [ -1 ]',
+                                                     'name: "y" data_type: TYPE_FP32 dims: [ -1 ] '
+                                                     'allow_ragged_batch: true', 1))
+        assert "allow_ragged_batch" in config.read_text()
+        server.load("two")
+        requests = [(np.full((1, 3), i, np.float32), np.ones((1, 2 if i == 3 else 4), np.float32)) for i in range(8)]
+
+        def ask(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+            with triton.InferenceServerClient(f"127.0.0.1:{server.grpc_port}") as client:
+                tensors = []
+                for name, value in zip(("x", "y"), pair, strict=True):
+                    tensors.append(triton.InferInput(name, list(value.shape), "FP32"))
+                    tensors[-1].set_data_from_numpy(value)
+                return client.infer("two", tensors).as_numpy("z")
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, requests))
+        assert server.metrics()["two"]["executions"] < 8  # merged into one execute
+        for (x, y), answer in zip(requests, answers, strict=True):
+            assert np.array_equal(answer, x + y.sum(1, keepdims=True))
+    finally:
+        server.stop()
+
+
+def test_an_installs_python_backend_stub_imports_numpy_and_onnxruntime_from_the_runtimes_venv(tmp_path,
+                                                                                               triton_python):
+    """A Triton install laid out as the Jetson image has it (``bin/``, ``lib/`` with the system's libpython,
+    ``backends/python/`` with its stub; made here from the wheel's files): the stub embeds a Python whose own
+    site-packages have no onnxruntime; it runs isolated (PYTHONPATH ignored) and takes its prefix from the
+    ``python3`` on PATH, so the runtime puts the venv it names first there."""
+
+    from onnx import TensorProto
+
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
+    from edge_runtime.serve.triton.dataplane import TritonEngine, TritonServer, find_triton, write_model
+    from tests.onnx_models import elementwise_model
+
+    wheel = find_triton(None, triton_python, tmp_path / "wheel-work", "python")
+    home = tmp_path / "home"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "tritonserver").symlink_to(wheel.binary)
+    shutil.copytree(wheel.backends / "python", home / "backends" / "python")  # Triton's backend and the stub
+    (home / "lib").mkdir()
+    for library in (wheel.binary.parents[3] / "nvidia_pytriton.libs").iterdir():
+        (home / "lib" / library.name).symlink_to(library)
+    probe = "import json, sysconfig; v = sysconfig.get_config_var; print(json.dumps([v('LIBDIR'), v('INSTSONAME')]))"
+    facts = json.loads(subprocess.run([str(triton_python), "-c", probe], capture_output=True, text=True, check=True,
+                                      timeout=60).stdout)
+    (home / "lib" / facts[1]).symlink_to(Path(facts[0]) / facts[1])  # the system's libpython, as apt installs it
+    install = find_triton(home, triton_python, tmp_path / "work", "python")
+    assert install.ort_backend == "python" and install.env["PATH"].startswith(f"{triton_python.parent}:")
+    path = elementwise_model(tmp_path / "neg.onnx", "Neg", TensorProto.FLOAT, ["b", 3])
+    engine = OrtEngine(path, max_batch_size=4, threads=1)
+    server = TritonServer(install, tmp_path / "repo", bind_address="127.0.0.1", grpc_port=0, metrics_port=0,
+                          log_path=tmp_path / "triton.log")
+    server.start()
+    try:
+        write_model(server.repo, "neg", 1, engine_path=path, platform=engine.platform, inputs=engine.inputs,
+                    outputs=engine.outputs, max_batch_size=4, max_queue_delay_us=0, edgeloop_version="v1",
+                    variant="fp32", backend=install.ort_backend)
+        server.load("neg")
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        assert np.array_equal(TritonEngine(server, "neg", engine.inputs, engine.outputs, 4, engine.platform).infer(
+            {"x": x})["y"], -x)
+    finally:
+        server.stop()
+
+
 def test_two_models_through_triton_and_a_dead_stub_touches_only_its_own(store, signing_key, trained, edge_settings,
                                                                        triton_python, tmp_path):
     """Two models, each with its own life cycle, served by one Triton's Python backend (a stub process per model):
@@ -483,12 +582,11 @@ def test_a_tritonserver_that_cannot_start_says_why_in_one_line(tmp_path, triton_
             assert said.count("failed to start GRPC service") == 1, said  # this start's lines only
 
 
-def test_edgeloop_backend_is_built_once_found_prebuilt_and_otherwise_falls_back_saying_why(tmp_path, triton_python,
-                                                                                           monkeypatch, caplog):
+def test_edgeloop_backend_is_built_once_found_prebuilt_and_only_when_asked_for(tmp_path, triton_python, monkeypatch):
     """edgeloop's backend is compiled against the interpreter it embeds, once (keyed by the source and the
-    interpreter); a prebuilt one (images build it at build time) needs no compiler. Without a compiler, ``auto``
-    serves through Triton's Python backend with a warning that says why, ``edgeloop`` refuses in one line; a
-    source that does not compile says so in one line and leaves nothing half-built."""
+    interpreter); a prebuilt one (images build it at build time) needs no compiler. ``auto`` never builds it (it
+    serves through Triton's own backends); without a compiler ``edgeloop`` refuses in one line; a source that does
+    not compile says so in one line and leaves nothing half-built."""
     from edge_runtime.serve.triton import native as triton_native
     from edge_runtime.serve.triton.dataplane import find_triton
     from edgeloop_core.errors import ConfigError
@@ -504,9 +602,8 @@ def test_edgeloop_backend_is_built_once_found_prebuilt_and_otherwise_falls_back_
     assert (install.backends / "edgeloop" / "edgeloop_engine.py").exists()
 
     elsewhere = tmp_path / "elsewhere"  # no build there, and no compiler
-    with caplog.at_level("WARNING"):
-        assert find_triton(None, triton_python, elsewhere, "auto").ort_backend == "python"
-    assert "no C compiler" in caplog.text
+    assert find_triton(None, triton_python, elsewhere, "auto").ort_backend == "python"  # auto never builds it
+    assert not (elsewhere / "edgeloop-backend").exists()
     with pytest.raises(ConfigError, match="no C compiler"):
         find_triton(None, triton_python, elsewhere, "edgeloop")
 

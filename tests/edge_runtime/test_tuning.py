@@ -31,6 +31,28 @@ def test_sweep_on_a_real_engine_and_limits_within_the_budget(trained):
     assert all(p.p99_ms > budget for p in points if p.batch > chosen.max_batch_size)
 
 
+def test_each_batch_size_gets_its_energy_per_inference_on_a_recorded_orin(trained, tmp_path):
+    """The recorded Orin NX tree (tests/data/sysfs-orin-nx: the real INA3221 paths and labels, see its SOURCE.md) at a
+    steady draw: energy per inference is power x time per sample, so batching that pays in time pays in energy."""
+    import shutil
+    from pathlib import Path
+
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
+    from edge_runtime.build.power import PowerSampler
+
+    root = tmp_path / "orin"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "sysfs-orin-nx", root)
+    engine = OrtEngine(trained.good["int8-ort"], max_batch_size=32)
+    points = sweep(engine, {"input": trained.x_val[:1]}, 32, runs=15, power=PowerSampler(root, period_s=0.005))
+    assert all(p.mj_per_inference is not None and p.mj_per_inference > 0 for p in points)
+    assert points[-1].mj_per_inference < points[0].mj_per_inference
+    milliwatts = 5008 * 926 / 1000  # VDD_IN as recorded
+    for p in points:
+        assert 0.3 < p.mj_per_inference / (milliwatts * p.p50_ms / 1e3 / p.batch) < 10  # mean vs median time
+    bare = sweep(engine, {"input": trained.x_val[:1]}, 2, runs=3, power=PowerSampler(tmp_path / "no-rails"))
+    assert [p.mj_per_inference for p in bare] == [None, None]  # absent, never 0
+
+
 def test_choice_rules():
     points = [BatchPoint(1, 1.0, 1.5, 1000), BatchPoint(2, 1.2, 1.8, 1600), BatchPoint(4, 2.0, 3.5, 2000)]
     generous = choose(points, 10.0, max_queue_delay_us=500)

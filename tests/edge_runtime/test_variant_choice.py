@@ -128,3 +128,162 @@ def test_a_faster_variant_that_fails_validation_is_never_served(store, signing_k
         assert "failed: int8-ort" in runtime.choice.reason
     finally:
         edge.stop()
+
+
+ORIN_NX = Path(__file__).resolve().parents[1] / "data" / "sysfs-orin-nx"
+VDD_IN_CURRENT = "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon1/curr1_input"
+
+
+class Drawing:
+    """A real ONNX Runtime engine that, while it runs, makes the recorded Orin's VDD_IN show the current the test
+    scripts for it (as the INA3221 would show the module's draw): the power sampler reads only the files."""
+
+    def __init__(self, engine, current_file: Path, milliamps: int) -> None:
+        self.engine, self.current_file, self.milliamps = engine, current_file, milliamps
+
+    def __getattr__(self, name) -> object:
+        return getattr(self.engine, name)
+
+    def infer(self, inputs):
+        if self.current_file.read_text().strip() != str(self.milliamps):
+            self.current_file.write_text(f"{self.milliamps}\n")
+        return self.engine.infer(inputs)
+
+
+def _local_manifest(trained, files: dict[str, Path], folder: Path):
+    """An unsigned manifest for ``files`` with the good model's references, and its validation set on disk."""
+    from datetime import datetime, timezone
+
+    from edgeloop_core.contract import Manifest, TensorSpec, Validation, Variant, sha256_file
+    from tests.edge_runtime.conftest import accuracy_of
+
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "validation.npz", inputs=trained.x_val.astype(np.float32), labels=trained.y_val)
+    reference = {n: accuracy_of(trained.good[n if n in trained.good else "fp32"], trained.x_val, trained.y_val)
+                 for n in files}
+    variants = []
+    for name, path in files.items():
+        digest, size = sha256_file(path)
+        variants.append(Variant(file=Path(path).name, sha256=digest, size_bytes=size, name=name,
+                                precision="int8" if "int8" in name else "fp32", backends=["onnxruntime"],
+                                quantization="ort-qdq" if "int8" in name else "none", accuracy=reference[name]))
+    digest, size = sha256_file(folder / "validation.npz")
+    manifest = Manifest(name=MODEL, version="v1", created_at=datetime.now(timezone.utc),
+                        inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 1, 8, 8])],
+                        outputs=[TensorSpec(name="logits", datatype="FP32", shape=[-1, 10])],
+                        labels=[str(i) for i in range(10)], variants=variants,
+                        validation=Validation(file="validation.npz", sha256=digest, size_bytes=size,
+                                              num_samples=len(trained.y_val), reference=reference, tolerance=0.02))
+    return manifest, folder / "validation.npz"
+
+
+def test_the_energy_objective_picks_the_lowest_mj_per_inference_among_variants_that_pass(trained, slow_fp32,
+                                                                                         tmp_path):
+    import shutil
+
+    from edge_runtime.build.choice import VariantFigures, choose_variant, load_choice, measure_variant, save_choice
+    from edge_runtime.build.engines.onnxruntime import OrtEngine
+    from edge_runtime.build.power import PowerSampler
+    from edge_runtime.validate import validate
+
+    root = tmp_path / "orin"
+    shutil.copytree(ORIN_NX, root)
+    power = PowerSampler(root, period_s=0.005)
+    # the slow variant draws a tenth of the fast one's current (the fast one costs far more energy per inference
+    # although it is faster); the untrained int8 draws least of all, but fails validation
+    files = {"fp32": slow_fp32, "fp32-dense": trained.good["fp32"], "int8-ort": trained.untrained["int8-ort"]}
+    draws = {"fp32": 300, "fp32-dense": 3000, "int8-ort": 50}
+    manifest, validation_path = _local_manifest(trained, files, tmp_path / "version")
+    figures, results = [], {}
+    for name, path in files.items():
+        engine = Drawing(OrtEngine(path, max_batch_size=8), root / VDD_IN_CURRENT, draws[name])
+        result = results[name] = validate(engine, validation_path, manifest, name, power=power)
+        if not result.passed:
+            figures.append(VariantFigures(name, f"key-{name}", False, result.value, reason=result.reason))
+            continue
+        measured = measure_variant(engine, {"input": trained.x_val[:1]}, 8, budget_s=0.6, power=power)
+        figures.append(measured.figures(name, f"key-{name}", result.value))
+
+    assert not results["int8-ort"].passed and results["fp32"].passed and results["fp32-dense"].passed
+    # validation reports mJ/inference for every variant, failed ones too; the failed one's is the lowest
+    assert all(r.mj_per_inference is not None and r.mj_per_inference > 0 for r in results.values())
+    assert results["int8-ort"].mj_per_inference < min(results[n].mj_per_inference for n in ("fp32", "fp32-dense"))
+    by_name = {f.variant: f for f in figures}
+    for name in ("fp32", "fp32-dense"):  # per variant and batch, and consistent with power x time
+        figure = by_name[name]
+        assert figure.b1_mj is not None and figure.batched_mj is not None
+        milliwatts = 5008 * draws[name] / 1000
+        # energy follows the mean time per call, the check the median: a loaded machine's stragglers widen the band
+        assert 0.3 < figure.b1_mj / (milliwatts * figure.b1.p50_ms / 1e3) < 10
+        assert 0.3 < figure.batched_mj / (milliwatts * figure.batched.p50_ms / 1e3 / 8) < 10
+    assert by_name["fp32"].score_ms > by_name["fp32-dense"].score_ms  # the slow branch is slower...
+    assert by_name["fp32"].mj_per_inference < by_name["fp32-dense"].mj_per_inference  # ...and cheaper
+
+    energy = choose_variant(figures, "energy")
+    assert energy.chosen == "fp32" and energy.objective == "energy" and "less energy than fp32-dense" in energy.reason
+    assert "failed: int8-ort" in energy.reason
+    assert energy.mj_per_inference == by_name["fp32"].mj_per_inference
+    assert energy.to_dict()["mj_per_inference"] == energy.mj_per_inference
+    assert choose_variant(figures, "balanced").chosen == "fp32-dense"
+
+    # remembered per objective: a saved energy choice is not the answer to another objective
+    candidates = {f.variant: f.target_key for f in figures}
+    save_choice(tmp_path, candidates, energy)
+    cached = load_choice(tmp_path, candidates, "energy")
+    assert cached.chosen == "fp32" and cached.mode == "cached" and cached.mj_per_inference == energy.mj_per_inference
+    assert load_choice(tmp_path, candidates, "balanced") is None
+
+
+def test_the_energy_objective_without_rails_falls_back_to_balanced_and_says_so():
+    from edge_runtime.build.choice import VariantFigures, choose_variant
+    from edgeloop_core.timing import Timing
+
+    fast = VariantFigures("fp16", "k1", True, 0.99, 8, Timing(1.0, 1.2, 50), Timing(4.0, 4.4, 50))
+    slow = VariantFigures("fp32", "k2", True, 0.99, 8, Timing(2.0, 2.2, 50), Timing(8.0, 8.8, 50))
+    choice = choose_variant([slow, fast], "energy")
+    assert choice.chosen == "fp16" and choice.objective == "energy" and "no energy figure: balanced" in choice.reason
+    assert choice.mj_per_inference is None and choice.to_dict()["mj_per_inference"] is None
+    # one variant's reading failed (rails flaked): it ranks after those with a figure, whatever its speed
+    from dataclasses import replace
+
+    measured = replace(slow, b1_mj=2.0, batched_mj=2.0)
+    partial = choose_variant([fast, measured], "energy")
+    assert partial.chosen == "fp32" and "fp16 gave none" in partial.reason
+    # batch 1 and the serving batch disagree: each objective takes its own side
+    lone = VariantFigures("int8", "k3", True, 0.99, 8, Timing(0.5, 0.6, 50), Timing(16.0, 17.0, 50))
+    busy = VariantFigures("fp16", "k1", True, 0.99, 8, Timing(1.0, 1.2, 50), Timing(4.0, 4.4, 50))
+    assert choose_variant([lone, busy], "latency").chosen == "int8"
+    assert choose_variant([lone, busy], "throughput").chosen == "fp16"
+    assert "the throughput of int8" in choose_variant([lone, busy], "throughput").reason
+
+
+@pytest.mark.integration
+def test_the_runtime_chooses_by_energy_and_reports_mj_per_inference(store, signing_key, trained, slow_fp32,
+                                                                   edge_settings, tmp_path):
+    import shutil
+
+    from prometheus_client import generate_latest
+
+    root = tmp_path / "orin"
+    shutil.copytree(ORIN_NX, root)  # a steady draw: the lowest energy per inference is the least time per inference
+    publish_model(store, signing_key, trained, "v1", files={"fp32": slow_fp32, "fp32-dense": trained.good["fp32"]})
+    settings = edge_settings(store.bucket, variant_choice_budget_s=0.6, variant_objective="energy", power_root=root,
+                             power_sample_period_ms=5)
+    edge = RunningEdge(settings, store=store)
+    try:
+        edge.wait_ready(90)
+        runtime = edge.app.runtime
+        choice = runtime.choice
+        assert choice.mode == "measured" and choice.objective == "energy", choice
+        figures = {f.variant: f for f in choice.figures}
+        assert set(figures) == {"fp32", "fp32-dense"} and all(f.mj_per_inference for f in figures.values())
+        best = min(figures.values(), key=lambda f: f.mj_per_inference)
+        assert runtime.serving.plan.variant.name == best.variant and "less energy than" in choice.reason
+        assert runtime.status()["mj_per_inference"] == choice.mj_per_inference == best.mj_per_inference
+        event = edge.events("variant_choice")[-1]
+        assert event["objective"] == "energy" and event["mj_per_inference"] == best.mj_per_inference
+        assert all(e["mj_per_inference"] > 0 for e in edge.events("validated"))
+        text = generate_latest(edge.app.metrics.registry).decode()
+        assert f'edgeloop_energy_millijoules_per_inference{{model="{MODEL}",variant="{best.variant}"}}' in text
+    finally:
+        edge.stop()

@@ -325,3 +325,20 @@ def test_the_jetson_image_checks_for_tensorrt_at_build_time_without_importing_it
     present = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env={"PATH": "/usr/bin", "PYTHONPATH": str(fake.parent)})
     assert present.returncode == 0, present.stderr  # found without being imported
+
+
+@pytest.mark.parametrize("values", [None, CHARTS / "edge-runtime" / "ci" / "pvc-cache-values.yaml"],
+                         ids=["hostPath-cache", "pvc-cache"])
+def test_cuda_and_tensorrt_scratch_files_go_to_the_cache_volume_not_the_small_tmp(values):
+    """CUDA's JIT compute cache (``CUDA_CACHE_PATH``, default ``~/.nv/ComputeCache``) and temporary files (``TMPDIR``,
+    default ``/tmp``) would land in the 256 MiB ``/tmp`` emptyDir, whose limit evicts the pod when passed."""
+    spec = pod_template(render("edge-runtime", values))["spec"]
+    container = spec["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    cache_dir = env["EDGE_CACHE_DIR"]
+    assert mounts[cache_dir] == "cache" and "emptyDir" not in volumes["cache"]
+    for variable in ("CUDA_CACHE_PATH", "TMPDIR"):
+        assert env[variable].startswith(cache_dir + "/"), f"{variable} is {env[variable]}, outside the cache volume"
+    assert volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"] == "256Mi"  # documented in docs/fleet.md

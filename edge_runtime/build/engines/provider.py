@@ -177,7 +177,7 @@ class EngineProvider:
 
     def _fetch_prebuilt(self, manifest: Manifest, plan: EnginePlan, path: Path, notes: list[str]) -> str:
         """A prebuilt engine the signed manifest lists for this target key and variant (its sha256 is signed)."""
-        ref = manifest.engines.get(str(plan.target_key))
+        ref = manifest.engine_for(str(plan.target_key), plan.variant.name)
         if ref is None or Path(ref.file).name != plan.engine_file:
             return ""
         try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edge_runtime.build.device import DeviceFacts
 from edge_runtime.build.engines.base import Engine
+from edge_runtime.build.jetpack import check_jetson_support
 from edgeloop_core.contract import Manifest, TargetKey, Variant
 from edgeloop_core.errors import ConfigError, EngineError
 
@@ -48,32 +49,6 @@ class EnginePlan:
     def record_file(self) -> str:
         """File name of a shared engine's record (its digest and builder) next to it in S3."""
         return f"{self.variant.name}.json"
-
-
-SUPPORTED_JETSON = (
-    # (TensorRT major.minor or major, lowest L4T release, what ships it)
-    ("10.3", (36, 4), "JetPack 6.1/6.2 (L4T r36.4), Python 3.10, CUDA 12.6"),
-    ("11", (38, 0), "JetPack 7 (L4T r38), Python 3.12, CUDA 13"),
-)
-"""The TensorRT/JetPack combinations edgeloop's images are built and checked for (README: Jetson)."""
-
-
-def check_jetson_support(facts: DeviceFacts) -> None:
-    """:class:`ConfigError` with what to do when this Jetson's L4T release and TensorRT do not go together."""
-    if facts.l4t_release is None or facts.trt_version is None:
-        return
-    l4t = tuple(int(p) for p in facts.l4t_release.split("."))
-    parts = facts.trt_version.split(".")
-    trt_mm, trt_major = ".".join(parts[:2]), parts[0]
-    for version, lowest, ships in SUPPORTED_JETSON:
-        if version in (trt_mm, trt_major):
-            if l4t < lowest:
-                raise ConfigError(
-                    f"TensorRT {facts.trt_version} needs {ships}; this Jetson runs L4T r{facts.l4t_release} "
-                    f"(JetPack 6.0 is r36.3 and ships TensorRT 8.6): upgrade JetPack, or set EDGE_BACKEND=onnxruntime")
-            return
-    raise ConfigError(f"TensorRT {facts.trt_version} on L4T r{facts.l4t_release} is not a supported combination "
-                      "(supported: " + "; ".join(f"TensorRT {v} on {s}" for v, _, s in SUPPORTED_JETSON) + ")")
 
 
 def resolve_backend(facts: DeviceFacts, backend: str = "auto", *,

@@ -1,6 +1,7 @@
 """TensorRT engine: build from the Q/DQ (or FP16) ONNX with the Python API, run with CUDA buffers.
 
-Written for TensorRT 10.3 (JetPack 6.1/6.2, Python 3.10) and 11 (JetPack 7). Both build a *strongly typed*
+Written for TensorRT 10.3 (JetPack 6.1/6.2, Python 3.10), the 10.x of JetPack 7 and 11 (11.4.1+ on JetPack 7.2.2+;
+the pairs are in :mod:`edge_runtime.build.jetpack`). All build a *strongly typed*
 network, so precision comes from the ONNX itself (Q/DQ nodes give INT8, an FP16 graph gives FP16) and no INT8/FP16
 builder flags are set (TensorRT 11 has none): 10.3 needs the ``STRONGLY_TYPED`` creation flag, 11 has no other
 mode. The batch range comes from an optimization profile — fixed when the ONNX has a fixed batch — and a timing
@@ -110,7 +111,9 @@ def build_trt(onnx_path: Path, engine_path: Path, *, batch_profile: tuple[int, i
         profile.set_shape(tensor.name, lo, opt, hi)
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
-    cache = config.create_timing_cache(cache_bytes)
+    # TensorRT ignores a corrupt cache (or one of another build) with a warning and starts an empty one; the build
+    # then rewrites the file. Should create_timing_cache return None instead, start from an empty cache, never fail.
+    cache = config.create_timing_cache(cache_bytes) or config.create_timing_cache(b"")
     config.set_timing_cache(cache, ignore_mismatch=True)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -137,10 +140,7 @@ class TrtEngine:
             raise EngineError(f"{engine_path.name} is not an engine for this TensorRT build and GPU"
                               f"{_said(self.logger)}")
         self._context = self._engine.create_execution_context()
-        workspace = getattr(self._engine, "device_memory_size_v2", None)
-        if workspace is None:  # TensorRT before 10.1
-            workspace = getattr(self._engine, "device_memory_size", 0)
-        self.memory_bytes = engine_path.stat().st_size + int(workspace)
+        self.memory_bytes = engine_path.stat().st_size + int(self._engine.device_memory_size_v2)
         """The engine's weights (its plan's size) and the activation memory its execution context allocates."""
         self._stream = _check(self._cuda.cudaStreamCreate(), "stream creation")
         self._buffers: dict[str, tuple[int, int]] = {}
@@ -153,6 +153,8 @@ class TrtEngine:
             dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
             shape = tuple(self._engine.get_tensor_shape(name))
             self._dtypes[name] = dtype
+            if not shape:
+                raise EngineError(f"{name} is a scalar: this runtime serves tensors with a batch axis first")
             info = TensorInfo(name, NUMPY_TO_DATATYPE.get(dtype, str(dtype)), (-1 if shape[0] < 0 else shape[0],
                                                                                *shape[1:]))
             if self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
@@ -177,10 +179,9 @@ class TrtEngine:
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cuda, kind = self._cuda, self._cuda.cudaMemcpyKind
-        batch = 0
+        batch = self._batch_of(inputs)
         for info in self.inputs:
             host = np.ascontiguousarray(inputs[info.name], dtype=self._dtypes[info.name])
-            batch = host.shape[0]
             if batch > self.max_batch_size:
                 raise InvalidInput(f"batch {batch} exceeds the engine's maximum {self.max_batch_size}")
             if not self._context.set_input_shape(info.name, host.shape):
@@ -206,8 +207,22 @@ class TrtEngine:
                                         kind.cudaMemcpyDeviceToHost, self._stream), f"copy of {info.name} back")
             results[info.name] = host
         _check(cuda.cudaStreamSynchronize(self._stream), "stream synchronization")
-        assert all(r.shape[0] == batch for r in results.values())
+        wrong = {name: r.shape for name, r in results.items() if not r.shape or r.shape[0] != batch}
+        if wrong:
+            raise EngineError(f"the engine returned outputs {wrong} for a batch of {batch}: each output must have the "
+                              "batch as its first axis; serve this model with onnxruntime")
         return results
+
+    def _batch_of(self, inputs: dict[str, np.ndarray]) -> int:
+        """The batch size every input shares; :class:`InvalidInput` for a missing input or disagreeing batches."""
+        missing = [info.name for info in self.inputs if info.name not in inputs]
+        if missing:
+            raise InvalidInput(f"missing input(s) {missing}: the engine takes {[i.name for i in self.inputs]}")
+        batches = {info.name: np.shape(inputs[info.name])[:1] for info in self.inputs}
+        if len(set(batches.values())) != 1 or () in batches.values():
+            raise InvalidInput(f"inputs must share one batch size along their first axis, got "
+                               f"{ {name: b[0] if b else None for name, b in batches.items()} }")
+        return int(next(iter(batches.values()))[0])
 
     def close(self) -> None:
         for pointer, _ in self._buffers.values():

@@ -4,16 +4,18 @@ a supervised ``tritonserver`` serves the device's inference port.
 * :func:`find_triton` locates the binary: a Triton install (``EDGE_TRITON_HOME``: the JetPack release or the x86
   image's ``/opt/tritonserver``) or the ``tritonserver`` inside the ``nvidia-pytriton`` wheel of a virtualenv
   (``EDGE_TRITON_PYTHON``: its interpreter; the wheel needs numpy < 2, so it lives apart from edgeloop's own), and
-  the backend that serves ONNX Runtime engines: edgeloop's own (:mod:`edge_runtime.serve.triton.native`,
-  in-process) where it can be built, else Triton's Python backend (``EDGE_TRITON_BACKEND``).
+  the backend that serves ONNX Runtime engines (``EDGE_TRITON_BACKEND``, :func:`ort_backend_for`): Triton's native
+  ``onnxruntime`` backend where the install has it, else Triton's Python backend; edgeloop's own C backend
+  (:mod:`edge_runtime.serve.triton.native`, in-process) only when asked for by name.
 * :class:`TritonServer` starts it in explicit model-control mode (gRPC on the inference port, metrics on their own
   port, HTTP off, the repository API restricted to calls carrying a per-start secret header that only edgeloop
   holds), talks to it over the Open Inference Protocol (ServerLive, the repository extension, ModelInfer), and
   restarts it when it dies.
 * :func:`write_model` writes one model version: a TensorRT plan (``platform: tensorrt_plan``), or the ONNX Runtime
-  engine edgeloop built for edgeloop's backend or for the Python-backend model in ``triton_backend/model.py``, with a
-  generated ``config.pbtxt`` (inputs, outputs, ``max_batch_size``, dynamic batching from the tuned limits, one
-  instance, ``version_policy: latest 1`` so that loading a new version swaps it in only once it loaded).
+  engine edgeloop built, for Triton's ``onnxruntime`` backend (``model.onnx``), for the Python-backend model in
+  ``backend/model.py`` or for edgeloop's backend, with a generated ``config.pbtxt`` (:func:`model_config`: inputs,
+  outputs, ``max_batch_size``, dynamic batching from the tuned limits, one instance, ONNX Runtime's thread counts,
+  ``version_policy: latest 1`` so that loading a new version swaps it in only once it loaded).
 * :class:`TritonEngine` is an :class:`~edge_runtime.build.engines.base.Engine` whose runs go through Triton: validation
   runs through it on the engine Triton serves.
 """
@@ -65,29 +67,73 @@ class TritonInstall:
     backends: Path
     env: dict[str, str] = field(default_factory=dict)
     ort_backend: str = "python"
-    """The Triton backend that serves ONNX Runtime engines: edgeloop's own (``edgeloop``) or Triton's Python
-    backend (``python``)."""
+    """The Triton backend that serves ONNX Runtime engines: Triton's native ``onnxruntime``, Triton's ``python``
+    backend, or edgeloop's own (``edgeloop``, opt-in)."""
+
+
+ORT_BACKENDS = ("auto", "onnxruntime", "python", "edgeloop")
+"""What ``EDGE_TRITON_BACKEND`` may name for ONNX Runtime engines (:func:`ort_backend_for`)."""
+
+
+def installed_backends(backends: Path) -> frozenset[str]:
+    """The Triton backends under the backend directory ``backends``: each folder ``<name>`` holding Triton's
+    ``libtriton_<name>.so`` (``onnxruntime/libtriton_onnxruntime.so``, ``python/libtriton_python.so``, ...)."""
+    try:
+        folders = [entry for entry in Path(backends).iterdir() if entry.is_dir()]
+    except OSError:
+        return frozenset()
+    return frozenset(f.name for f in folders if (f / f"libtriton_{f.name}.so").exists())
+
+
+def ort_backend_for(requested: str, installed: frozenset[str] | set[str]) -> str:
+    """The Triton backend that serves ONNX Runtime engines, given what was asked (``EDGE_TRITON_BACKEND``) and the
+    backends the Triton install has (:func:`installed_backends`): ``auto`` takes Triton's native ``onnxruntime``
+    backend where it is installed (the Jetson and x86 Triton releases), else Triton's ``python`` backend (the
+    nvidia-pytriton wheel); ``onnxruntime`` and ``python`` name one and need it installed; ``edgeloop`` (edgeloop's
+    own C backend) is only ever an explicit choice. ConfigError, in one line, where the choice cannot be had."""
+    if requested not in ORT_BACKENDS:
+        raise ConfigError(f"EDGE_TRITON_BACKEND={requested} is not one of {', '.join(ORT_BACKENDS)}")
+    if requested == "edgeloop":
+        return requested
+    wanted = ("onnxruntime", "python") if requested == "auto" else (requested,)
+    for name in wanted:
+        if name in installed:
+            return name
+    raise ConfigError(f"Triton has no {' or '.join(wanted)} backend to run ONNX Runtime engines with (its backend "
+                      f"directory holds {', '.join(sorted(installed)) or 'none'}): install Triton's "
+                      f"{wanted[0]} backend or set EDGE_TRITON_BACKEND")
 
 
 def find_triton(home: Path | None, python: Path | None, work: Path, backend: str = "auto") -> TritonInstall:
     """The Triton to run: ``home`` (a Triton install: ``bin/tritonserver``, ``backends/``), else the wheel in
-    ``python``'s virtualenv, and the backend that serves ONNX Runtime engines (``backend``: ``edgeloop``, edgeloop's
-    own, in-process; ``python``, Triton's Python backend; ``auto``, edgeloop's where it can be had, else Python's,
-    with a warning saying why). ConfigError, saying what to set or install, if what was asked for is not usable."""
+    ``python``'s virtualenv, and the backend that serves ONNX Runtime engines (:func:`ort_backend_for`: Triton's
+    native ``onnxruntime`` where installed, else its ``python`` backend; edgeloop's own C backend only when
+    ``backend`` is ``edgeloop``). ConfigError, saying what to set or install, if what was asked for is not usable."""
     install = _locate(home, python, work)
-    if backend == "python":
-        return install
+    choice = ort_backend_for(backend, installed_backends(install.backends))
     embedded = Path(python) if python is not None else Path(sys.executable)  # its site-packages: numpy, onnxruntime
-    try:
-        library = backend_library(embedded, work)
-    except ConfigError as exc:
-        if backend == "edgeloop":
-            raise
-        log.warning("Triton runs ONNX Runtime engines in its Python backend: edgeloop's own cannot be had here (%s)",
-                    exc)
-        return install
+    if choice == "python":
+        if home is None:  # the wheel's stub was copied for that interpreter and finds its packages
+            return install
+        return replace(install, env={**install.env, "PATH": _python_first_on_path(embedded)})
+    if choice == "onnxruntime":
+        return replace(install, ort_backend=choice)
+    return _with_edgeloop_backend(install, home, embedded, work)
+
+
+def _python_first_on_path(python: Path) -> str:
+    """PATH with ``python``'s folder first. The Python backend's stub embeds the system's libpython in an isolated
+    configuration (PYTHONPATH is ignored) and takes its prefix from the ``python3`` it finds on PATH: the venv's,
+    so it imports numpy and onnxruntime from there."""
+    return os.pathsep.join(p for p in (str(Path(python).parent), os.environ.get("PATH", "")) if p)
+
+
+def _with_edgeloop_backend(install: TritonInstall, home: Path | None, embedded: Path, work: Path) -> TritonInstall:
+    """``install`` with edgeloop's own backend (built or prebuilt for ``embedded``) beside Triton's backends (an
+    install's backend folder stays as it is: its backends are linked beside ours)."""
+    library = backend_library(embedded, work)
     backends = install.backends
-    if home is not None:  # an install's backend folder stays as it is: its backends are linked beside ours
+    if home is not None:
         backends = Path(work) / "triton-backends"
         backends.mkdir(parents=True, exist_ok=True)
         for entry in Path(install.backends).iterdir():
@@ -296,14 +342,14 @@ class TritonServer:
             self.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=timeout_s,
                                           metadata=self._control)
         except grpc.RpcError as exc:
-            raise EngineError(f"Triton could not load {name}: {exc.details()}") from exc
+            raise EngineError(f"Triton could not load {name}: {_one_line(exc.details())}") from exc
 
     def unload(self, name: str) -> None:
         try:
             self.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=60,
                                             metadata=self._control)
         except grpc.RpcError as exc:
-            raise EngineError(f"Triton could not unload {name}: {exc.details()}") from exc
+            raise EngineError(f"Triton could not unload {name}: {_one_line(exc.details())}") from exc
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -332,6 +378,11 @@ class TritonServer:
             per_model = figures.setdefault(model, {})
             per_model[names[metric]] = per_model.get(names[metric], 0.0) + float(line.rsplit(" ", 1)[1])
         return figures
+
+
+def _one_line(said: str | None) -> str:
+    """Triton's words on one line (its load errors end in ";\\n", and may join several lines)."""
+    return " ".join((said or "no reason given").split()).rstrip(";")
 
 
 def _child_state(pid: int, parent: int) -> str | None:
@@ -366,15 +417,18 @@ def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platfo
                 spin: bool = False, backend: str = "python") -> Path:
     """Write version ``number`` of Triton model ``name``; returns its folder.
 
-    A TensorRT plan is linked in as ``model.plan``; any other engine is an ONNX Runtime engine at ``engine_path``,
-    served by ``backend``: edgeloop's own, or Triton's Python backend (with the model in
-    ``triton_backend/model.py``). A model whose inputs have no dynamic batch axis gets
-    ``max_batch_size: 0`` (no batching), as Triton requires. Nothing is ever half-written where Triton looks (a
-    full disk, a crash): the version folder is filled under a name Triton ignores and renamed whole, then
-    config.pbtxt is replaced atomically; a failure leaves the repository as it was."""
+    A TensorRT plan is linked in as ``model.plan``; any other engine is an ONNX Runtime engine at ``engine_path`` (the
+    ONNX that passed validation on the device), served by ``backend``: Triton's native ``onnxruntime`` (linked in as
+    ``model.onnx``, its thread counts in the config's parameters), Triton's ``python`` backend (with the model in
+    ``backend/model.py``) or edgeloop's own; the last two read ``engine.json`` (the engine and ONNX Runtime's
+    threads and spinning). A model whose inputs have no dynamic batch axis gets ``max_batch_size: 0`` (no
+    batching), as Triton requires. Nothing is ever half-written where Triton looks (a full disk, a crash): the
+    version folder is filled under a name Triton ignores and renamed whole, then config.pbtxt is replaced
+    atomically; a failure leaves the repository as it was."""
     tensorrt = platform == "tensorrt_plan"
-    config = _config(name, "tensorrt_plan" if tensorrt else backend, inputs, outputs, max_batch_size,
-                     max_queue_delay_us, edgeloop_version, variant)
+    backend = "tensorrt_plan" if tensorrt else backend
+    config = model_config(name, backend, inputs, outputs, max_batch_size, max_queue_delay_us,
+                          {"edgeloop_version": edgeloop_version, "variant": variant}, threads=threads)
     model_dir = Path(repo) / name
     folder = model_dir / str(number)
     staging = model_dir / f".{number}.staging"  # not an integer: Triton skips it
@@ -382,8 +436,9 @@ def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platfo
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
-        if tensorrt:
-            (staging / "model.plan").symlink_to(Path(engine_path).resolve())
+        if backend in ("tensorrt_plan", "onnxruntime"):  # Triton's own backends read the file itself
+            filename = "model.plan" if tensorrt else "model.onnx"
+            (staging / filename).symlink_to(Path(engine_path).resolve())
         else:
             if backend == "python":
                 shutil.copy(BACKEND_MODEL, staging / "model.py")
@@ -399,10 +454,13 @@ def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platfo
     return folder
 
 
-def _config(name: str, backend: str, inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...],
-            max_batch_size: int, max_queue_delay_us: int, edgeloop_version: str, variant: str) -> str:
-    """The config.pbtxt of :func:`write_model` (``backend``: ``tensorrt_plan``, or the backend of an ONNX Runtime
-    engine); ConfigError for a tensor type Triton does not have."""
+def model_config(name: str, backend: str, inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...],
+                 max_batch_size: int, max_queue_delay_us: int, parameters: dict[str, str], *,
+                 threads: int = 0) -> str:
+    """The config.pbtxt of :func:`write_model` (text format of Triton's ``inference.ModelConfig``; ``backend``:
+    ``tensorrt_plan``, or the backend of an ONNX Runtime engine; ``threads``: ONNX Runtime's intra-op threads, 0
+    for its default, set for Triton's ``onnxruntime`` backend with one inter-op thread, as the builtin engine runs
+    it); ConfigError for a tensor type Triton does not have."""
     batched = batches(inputs, max_batch_size)
     tensorrt = backend == "tensorrt_plan"
     lines = [f'name: "{name}"', 'platform: "tensorrt_plan"' if tensorrt else f'backend: "{backend}"',
@@ -422,7 +480,8 @@ def _config(name: str, backend: str, inputs: tuple[TensorInfo, ...], outputs: tu
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}")
     lines.append(f'instance_group [ {{ count: 1 kind: {"KIND_GPU" if tensorrt else "KIND_CPU"} }} ]')
     lines.append("version_policy: { latest: { num_versions: 1 } }")
-    parameters = {"edgeloop_version": edgeloop_version, "variant": variant}
+    if backend == "onnxruntime":  # Triton's ONNX Runtime backend reads its session options from here
+        parameters = {**parameters, "intra_op_thread_count": str(max(0, threads)), "inter_op_thread_count": "1"}
     for key, value in parameters.items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}')
     return "\n".join(lines) + "\n"

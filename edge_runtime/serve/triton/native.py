@@ -1,4 +1,5 @@
-"""edgeloop's own Triton backend (``triton_backend/backend.c``): found prebuilt, or built here with the C compiler.
+"""edgeloop's own Triton backend (``backend/backend.c``; opt-in, ``EDGE_TRITON_BACKEND=edgeloop``): found prebuilt,
+or built here with the C compiler.
 
 The backend runs ONNX Runtime engines inside ``tritonserver`` through an embedded Python interpreter, where Triton's
 Python backend runs each model in a stub process and moves every request and response through shared memory (on one
@@ -7,7 +8,7 @@ CPU core that costs about as much as a small model). It is compiled against one 
 have numpy and onnxruntime.
 
 * :func:`backend_library` returns the library for an interpreter: prebuilt into the package's
-  ``triton_backend/build`` (images do that at build time, ``edgeloop edge triton-backend``), else built once into a
+  ``backend/build`` (images do that at build time, ``edgeloop edge triton-backend``), else built once into a
   work folder, keyed by the source and the interpreter, so an upgrade rebuilds it. ConfigError, saying what is
   missing (a compiler, Python's headers, a shared libpython), where it cannot be had.
 * :func:`install_backend` lays it out as a Triton backend (``<backends>/edgeloop/``) beside the other backends.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_runtime.build.engines.onnxruntime import spins
+from edge_runtime.build.engines.onnxruntime import intra_op_threads, spins
 from edge_runtime.serve.triton.dataplane import (
     CANDIDATE_SUFFIX,
     TritonEngine,
@@ -77,7 +77,7 @@ class TritonModel:
         """What Triton needs to run ``engine`` (read it before the engine is closed: Triton runs it from then on).
         ``threads`` and ``spin_wait`` are the ONNX Runtime settings the builtin engine reads."""
         return TritonCandidate(engine_path, engine.platform, engine.inputs, engine.outputs, max_batch_size,
-                               max_queue_delay_us, version, variant, threads, spins(spin_wait),
+                               max_queue_delay_us, version, variant, intra_op_threads(threads), spins(spin_wait),
                                self.server.install.ort_backend, int(getattr(engine, "memory_bytes", 0) or 0))
 
     def validate_candidate(self, candidate: TritonCandidate,

@@ -35,7 +35,8 @@ app.kubernetes.io/part-of: edgeloop
 {{- end }}
 {{- end }}
 
-{{/* What the device should serve; its checksum on the pod template rolls the fleet when it changes. */}}
+{{/* What the device should serve: the desired file in the ConfigMap, which reaches running pods in place (no checksum
+     on the pod template, so a model change restarts no pod). */}}
 {{- define "edge-runtime.desired" -}}
 {{- if .Values.models -}}
 {{- $models := list -}}
@@ -45,9 +46,12 @@ app.kubernetes.io/part-of: edgeloop
 {{- if .maxBatchSize }}{{ $_ := set $m "max_batch_size" (int .maxBatchSize) }}{{ end -}}
 {{- if hasKey . "maxQueueDelayUs" }}{{ $_ := set $m "max_queue_delay_us" (int .maxQueueDelayUs) }}{{ end -}}
 {{- if .batchingBudgetMs }}{{ $_ := set $m "batching_budget_ms" .batchingBudgetMs }}{{ end -}}
+{{- if .capture }}{{ $_ := set $m "capture" .capture }}{{ end -}}
 {{- $models = append $models $m -}}
 {{- end -}}
-{{- dict "models" $models | toJson -}}
+{{- $desired := dict "models" $models -}}
+{{- if .Values.capture }}{{ $_ := set $desired "capture" .Values.capture }}{{ end -}}
+{{- $desired | toJson -}}
 {{- else -}}
 {"model_name": {{ .Values.model.name | quote }}, "model_version": {{ .Values.model.version | quote }}}
 {{- end -}}

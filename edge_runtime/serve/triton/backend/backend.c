@@ -10,7 +10,14 @@
  * otherwise).
  *
  * It needs only Triton's C backend API, of which it declares the part it calls (from tritonbackend.h and
- * tritonserver.h, API version 1.x: opaque handles, int-sized enums), and Python's C API.
+ * tritonserver.h, API version 1.x: opaque handles, int-sized enums), and Python's C API. Because it declares them
+ * itself, TRITONBACKEND_Initialize checks TRITONBACKEND_ApiVersion first, as tritonbackend.h tells backends to: the
+ * same major version, and a minor no older than the one these declarations were written against (1.19: Triton
+ * 2.49, NGC 24.08; they match the headers of 2.49, 2.51 and main), else it refuses to load, in one line.
+ *
+ * Every request gets a response or an error: an input in GPU memory (a client's CUDA shared memory) is refused
+ * with INVALID_ARG and never read (this backend runs on the CPU), one in pinned host memory is copied; a request
+ * whose response could not be made is answered with an error at the end of the execution.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,6 +47,15 @@ enum { ERROR_UNKNOWN, ERROR_INTERNAL, ERROR_NOT_FOUND, ERROR_INVALID_ARG, ERROR_
 enum { MEMORY_CPU, MEMORY_CPU_PINNED, MEMORY_GPU };
 enum { REQUEST_RELEASE_ALL = 1 };
 enum { RESPONSE_COMPLETE_FINAL = 1 };
+
+/* The backend API version these declarations were written against (tritonbackend.h). A build may claim another
+ * (-DEDGELOOP_API_MINOR=...): the tests do, to see the refusal. */
+#define EDGELOOP_API_MAJOR 1
+#ifndef EDGELOOP_API_MINOR
+#define EDGELOOP_API_MINOR 19
+#endif
+
+extern TRITONSERVER_Error* TRITONBACKEND_ApiVersion(uint32_t* major, uint32_t* minor);
 
 extern TRITONSERVER_Error* TRITONSERVER_ErrorNew(int code, const char* msg);
 extern void TRITONSERVER_ErrorDelete(TRITONSERVER_Error* error);
@@ -115,7 +131,17 @@ static PyObject* engine_module; /* edgeloop_engine.py, imported once */
 TRITONSERVER_Error* TRITONBACKEND_Initialize(TRITONBACKEND_Backend* backend) {
     int artifact_type;
     const char* location;
-    TRITONSERVER_Error* err = TRITONBACKEND_BackendArtifacts(backend, &artifact_type, &location);
+    uint32_t major = 0, minor = 0;
+    TRITONSERVER_Error* err = TRITONBACKEND_ApiVersion(&major, &minor);
+    if (err) return err;
+    if (major != EDGELOOP_API_MAJOR || minor < EDGELOOP_API_MINOR) {
+        char message[512];
+        snprintf(message, sizeof message, "edgeloop backend: this Triton's backend API is %u.%u, the backend was "
+                 "written for %d.%d (the same major, that minor or newer): serve through Triton's onnxruntime or "
+                 "python backend (EDGE_TRITON_BACKEND=auto)", major, minor, EDGELOOP_API_MAJOR, EDGELOOP_API_MINOR);
+        return TRITONSERVER_ErrorNew(ERROR_UNSUPPORTED, message);
+    }
+    err = TRITONBACKEND_BackendArtifacts(backend, &artifact_type, &location);
     if (err) return err;
     /* numpy's and ONNX Runtime's extension modules look for Python's symbols globally: Triton opened this library
      * (and the libpython it needs) with local symbols. */
@@ -244,6 +270,7 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceInitialize(TRITONBACKEND_ModelIns
         snprintf(folder, sizeof folder, "%s/%llu", location, (unsigned long long)version);
         s->engine = PyObject_CallMethod(engine_module, "Engine", "ss#", folder, json, (Py_ssize_t)json_size);
         if (!s->engine || !read_signature(s)) err = python_error("the engine did not load");
+        else if (s->n_inputs == 0) s->batched = false; /* nothing carries a batch axis: each request runs whole */
         else if (s->n_inputs > MAX_TENSORS || s->n_outputs > MAX_TENSORS)
             err = TRITONSERVER_ErrorNew(ERROR_UNSUPPORTED, "edgeloop backend: more than 64 inputs or outputs");
     }
@@ -270,15 +297,46 @@ typedef struct {
     uint64_t bytes[MAX_TENSORS];
     uint32_t buffers[MAX_TENSORS];
     bool success;
+    bool answered; /* a response (or an error) was sent */
 } Pending;
 
-/* Send ``request`` an error response (the caller keeps ``error``). */
-static void respond_error(TRITONBACKEND_Request* request, TRITONSERVER_Error* error) {
+/* Send ``request`` an error response (the caller keeps ``error``); whether it was sent. */
+static bool respond_error(TRITONBACKEND_Request* request, TRITONSERVER_Error* error) {
     TRITONBACKEND_Response* response;
-    if (!TRITONBACKEND_ResponseNew(&response, request)) {
-        TRITONSERVER_Error* sent = TRITONBACKEND_ResponseSend(response, RESPONSE_COMPLETE_FINAL, error);
-        if (sent) TRITONSERVER_ErrorDelete(sent);
+    TRITONSERVER_Error* made = TRITONBACKEND_ResponseNew(&response, request);
+    if (made) {
+        TRITONSERVER_ErrorDelete(made);
+        return false;
     }
+    TRITONSERVER_Error* sent = TRITONBACKEND_ResponseSend(response, RESPONSE_COMPLETE_FINAL, error);
+    if (sent) TRITONSERVER_ErrorDelete(sent);
+    return sent == NULL;
+}
+
+/* Every request of ``group`` gets ``error`` (the caller keeps it). */
+static void fail_group(Pending** group, size_t n, TRITONSERVER_Error* error) {
+    for (size_t r = 0; r < n; r++) group[r]->answered = respond_error(group[r]->request, error);
+}
+
+/* Whether input ``k`` of ``p`` can be read here: an input in GPU memory (CUDA shared memory) is refused with
+ * INVALID_ARG in ``*err`` and never read; host memory, pinned or not, is read (or copied) as it is. */
+static bool in_host_memory(Pending* p, Py_ssize_t k, const char* name, TRITONSERVER_Error** err) {
+    for (uint32_t b = 0; b < p->buffers[k]; b++) {
+        const void* part;
+        uint64_t size;
+        int memory_type = MEMORY_CPU; /* what this backend prefers */
+        int64_t memory_id = 0;
+        *err = TRITONBACKEND_InputBuffer(p->inputs[k], b, &part, &size, &memory_type, &memory_id);
+        if (*err) return false;
+        if (memory_type != MEMORY_CPU && memory_type != MEMORY_CPU_PINNED) {
+            char message[512];
+            snprintf(message, sizeof message, "edgeloop backend: input %s is in GPU memory (CUDA shared memory); this "
+                     "backend runs on the CPU: pass it in the request or in system shared memory", name);
+            *err = TRITONSERVER_ErrorNew(ERROR_INVALID_ARG, message);
+            return false;
+        }
+    }
+    return true;
 }
 
 /* Input ``k`` of ``group`` as one buffer: the request's own when it is alone and in one piece, else merged into
@@ -295,7 +353,9 @@ static const void* gather(Instance* s, Pending** group, size_t n, Py_ssize_t k, 
     if (*total == 0) return empty; /* a tensor with no elements */
     if (n == 1 && group[0]->buffers[k] == 1) {
         *err = TRITONBACKEND_InputBuffer(group[0]->inputs[k], 0, &part, &size, &memory_type, &memory_id);
-        return *err ? NULL : part;
+        if (*err) return NULL;
+        if (memory_type == MEMORY_CPU) return part;
+        /* pinned host memory: copied below, like a tensor in several pieces (GPU memory was refused before) */
     }
     if (s->scratch_size[k] < *total) {
         void* grown = realloc(s->scratch[k], *total);
@@ -311,17 +371,25 @@ static const void* gather(Instance* s, Pending** group, size_t n, Py_ssize_t k, 
         for (uint32_t b = 0; b < group[r]->buffers[k]; b++) {
             memory_type = MEMORY_CPU;
             *err = TRITONBACKEND_InputBuffer(group[r]->inputs[k], b, &part, &size, &memory_type, &memory_id);
+            if (!*err && memory_type != MEMORY_CPU && memory_type != MEMORY_CPU_PINNED)
+                *err = TRITONSERVER_ErrorNew(ERROR_INVALID_ARG, "edgeloop backend: an input is in GPU memory");
             if (*err) return NULL;
+            if (size > *total - (uint64_t)(into - (char*)s->scratch[k])) {
+                *err = TRITONSERVER_ErrorNew(ERROR_INVALID_ARG, "edgeloop backend: an input's buffers exceed its size");
+                return NULL;
+            }
             memcpy(into, part, size);
             into += size;
         }
     return s->scratch[k];
 }
 
-/* Copy this request's rows of each output (``rows`` rows from row ``first``) into its response and send it. */
+/* Copy this request's rows of each output (``rows`` rows from row ``first``) into its response and send it (an
+ * error response where an output cannot be made); ``*answered``: whether anything was sent. */
 static TRITONSERVER_Error* respond(Instance* s, TRITONBACKEND_Request* request, Py_buffer* views, int64_t first,
-                                   int64_t rows) {
+                                   int64_t rows, bool* answered) {
     TRITONBACKEND_Response* response;
+    *answered = false;
     TRITONSERVER_Error* err = TRITONBACKEND_ResponseNew(&response, request);
     if (err) return err;
     for (Py_ssize_t o = 0; o < s->n_outputs && !err; o++) {
@@ -347,6 +415,8 @@ static TRITONSERVER_Error* respond(Instance* s, TRITONBACKEND_Request* request, 
         if (!err && size) memcpy(into, (const char*)v->buf + offset, size);
     }
     TRITONSERVER_Error* sent = TRITONBACKEND_ResponseSend(response, RESPONSE_COMPLETE_FINAL, err);
+    *answered = sent == NULL;
+    if (!sent) return err; /* sent: the caller learns whether it was an error */
     if (err) TRITONSERVER_ErrorDelete(err);
     return sent;
 }
@@ -362,7 +432,7 @@ static void run_group(Instance* s, Pending** group, size_t n, uint64_t* compute_
     for (Py_ssize_t k = 0; k < s->n_inputs && !err; k++) data[k] = gather(s, group, n, k, &sizes[k], &err);
     for (size_t r = 0; r < n && s->batched; r++) rows += group[r]->shapes[0][0];
     if (err) {
-        for (size_t r = 0; r < n; r++) respond_error(group[r]->request, err);
+        fail_group(group, n, err);
         TRITONSERVER_ErrorDelete(err);
         return;
     }
@@ -421,7 +491,7 @@ static void run_group(Instance* s, Pending** group, size_t n, uint64_t* compute_
             int64_t first = 0;
             for (size_t r = 0; r < n; r++) {
                 int64_t own = s->batched ? group[r]->shapes[0][0] : 0;
-                TRITONSERVER_Error* failed = respond(s, group[r]->request, views, first, own);
+                TRITONSERVER_Error* failed = respond(s, group[r]->request, views, first, own, &group[r]->answered);
                 group[r]->success = failed == NULL;
                 if (failed) TRITONSERVER_ErrorDelete(failed);
                 first += own;
@@ -435,7 +505,7 @@ static void run_group(Instance* s, Pending** group, size_t n, uint64_t* compute_
     if (retry) /* find the culprit: each request alone */
         for (size_t r = 0; r < n; r++) run_group(s, &group[r], 1, compute_start, compute_end);
     if (err) {
-        for (size_t r = 0; r < n; r++) respond_error(group[r]->request, err);
+        fail_group(group, n, err);
         TRITONSERVER_ErrorDelete(err);
     }
 }
@@ -448,6 +518,18 @@ static bool same_shape(const Instance* s, const Pending* first, const Pending* r
             if (r->shapes[k][d] != first->shapes[k][d]) return false;
     }
     return true;
+}
+
+/* A request released without a response leaves its client waiting for ever: any that a failure left unanswered
+ * (Triton could not make its response) gets an error now. */
+static void answer_the_rest(Pending* pending, uint32_t count) {
+    for (uint32_t r = 0; r < count; r++) {
+        if (pending[r].answered) continue;
+        TRITONSERVER_Error* error = TRITONSERVER_ErrorNew(ERROR_INTERNAL, "edgeloop backend: the response to this "
+                                                                          "request could not be made");
+        pending[r].answered = respond_error(pending[r].request, error);
+        TRITONSERVER_ErrorDelete(error);
+    }
 }
 
 TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_ModelInstance* instance,
@@ -478,9 +560,10 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_ModelInstan
             if (!err && (p->dims[k] > MAX_DIMS || (s->batched && p->dims[k] < 1)))
                 err = TRITONSERVER_ErrorNew(ERROR_INVALID_ARG, "edgeloop backend: an input has no batch axis or more "
                                                                "than 16 dimensions");
+            if (!err) in_host_memory(p, k, s->input_names[k], &err);
         }
         if (err) {
-            respond_error(p->request, err);
+            p->answered = respond_error(p->request, err);
             TRITONSERVER_ErrorDelete(err);
         } else {
             group[ready++] = p;
@@ -508,6 +591,7 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_ModelInstan
                                                           compute_start, compute_end, exec_end);
         if (err) TRITONSERVER_ErrorDelete(err);
     }
+    answer_the_rest(pending, count);
     for (uint32_t r = 0; r < count; r++) {
         TRITONSERVER_Error* released = TRITONBACKEND_RequestRelease(requests[r], REQUEST_RELEASE_ALL);
         if (released) TRITONSERVER_ErrorDelete(released);

@@ -26,7 +26,11 @@ def open_session(folder: str) -> ort.InferenceSession:
     with open(os.path.join(folder, "engine.json")) as f:
         engine = json.load(f)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(engine.get("threads", 1))
+    threads = int(engine.get("threads", 1))
+    # 0 would let ONNX Runtime pin a worker to every core of the machine, past taskset and cpusets
+    options.intra_op_num_threads = threads if threads > 0 else len(os.sched_getaffinity(0))
+    options.inter_op_num_threads = 1
+    options.inter_op_num_threads = 1  # sequential execution, as the builtin engine runs: no inter-op pool
     spin = "1" if engine.get("spin") else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)

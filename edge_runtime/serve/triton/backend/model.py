@@ -27,14 +27,11 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         feeds = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs}
                  for r in requests]
-        if not self.batched or len(feeds) == 1:
+        if not self.batched or len(feeds) == 1 or not self._mergeable(feeds):
             return [self._run_alone(feed) for feed in feeds]
         sizes = [len(feed[self.inputs[0]]) for feed in feeds]
-        shapes = {tuple(feed[name].shape[1:]) for feed in feeds for name in self.inputs[:1]}
-        if len(shapes) > 1:  # different non-batch shapes never share a run
-            return [self._run_alone(feed) for feed in feeds]
-        merged = {name: np.concatenate([feed[name] for feed in feeds]) for name in self.inputs}
-        try:
+        try:  # the merge too: a request the checks above let through must not fail the others
+            merged = {name: np.concatenate([feed[name] for feed in feeds]) for name in self.inputs}
             results = self.session.run(None, merged)
         except Exception:  # noqa: BLE001 - find the culprit: each request alone, so only it fails
             return [self._run_alone(feed) for feed in feeds]
@@ -43,6 +40,16 @@ class TritonPythonModel:
             responses.append(self._respond([value[offset: offset + size] for value in results]))
             offset += size
         return responses
+
+    def _mergeable(self, feeds: list) -> bool:
+        """Whether the requests can run as one batch: every input of every request has a batch axis, the same one
+        within a request, and each input the same non-batch shape in all of them (else each runs alone)."""
+        for feed in feeds:
+            if any(feed[name].ndim < 1 for name in self.inputs):
+                return False
+            if len({len(feed[name]) for name in self.inputs}) > 1:
+                return False
+        return all(len({feed[name].shape[1:] for feed in feeds}) == 1 for name in self.inputs)
 
     def _run_alone(self, feed: dict) -> object:
         """One request's response, or its own error: INVALID_ARG where ONNX Runtime blames the input (an index out of
