@@ -70,20 +70,86 @@ def port_open(port: int) -> bool:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of ``pid`` and every descendant (children of every thread: Triton's stubs, say), seconds."""
     total, ticks = 0.0, os.sysconf("SC_CLK_TCK")
-    pids, seen = [pid], set()
-    while pids:
-        p = pids.pop()
-        if p in seen:
-            continue
-        seen.add(p)
+    for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / ticks
-            for task in Path(f"/proc/{p}/task").iterdir():
-                pids.extend(int(c) for c in (task / "children").read_text().split())
-        except (OSError, IndexError, ValueError):  # the process (or thread) exited while we read it
+        except (OSError, IndexError, ValueError):  # the process exited while we read it
             continue
     return total
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every descendant (children of every thread), as /proc lists them now."""
+    found, pids = [], [pid]
+    while pids:
+        p = pids.pop()
+        if p in found:
+            continue
+        found.append(p)
+        with contextlib.suppress(OSError, ValueError):  # exited while we read it
+            for task in Path(f"/proc/{p}/task").iterdir():
+                pids.extend(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """The cores of a kernel CPU list (``0-2,5``: {0, 1, 2, 5})."""
+    cores: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cores.update(range(int(first), int(last or first) + 1))
+    return cores
+
+
+def thread_affinities(pid: int) -> dict[str, set[int]]:
+    """Every thread of ``pid`` and its descendants: ``"<pid>/<tid> <name>"`` → the cores it may run on (each
+    thread's ``Cpus_allowed_list`` in ``/proc/<pid>/task/<tid>/status``; a thread that sets its own affinity, as
+    ONNX Runtime's workers do unless told their number, shows here)."""
+    found: dict[str, set[int]] = {}
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    fields = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines()
+                                  if ":" in line)
+                    found[f"{p}/{task.name} {fields['Name'].strip()}"] = parse_cpu_list(fields["Cpus_allowed_list"])
+    return found
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Every thread of ``pid`` and its descendants: thread id → (the kernel's name for it, CPU seconds, user +
+    system). Python threads all carry their process's name here; py-spy's ``--threads`` names them."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[str, float]] = {}
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    text = (task / "stat").read_text()
+                    fields = text.rsplit(")", 1)[1].split()
+                    found[int(task.name)] = (text[text.index("(") + 1 : text.rindex(")")],
+                                             (int(fields[11]) + int(fields[12])) / ticks)
+    return found
+
+
+class NotPinnedError(RuntimeError):
+    """A thread of a server under test may run outside the cores it was pinned to: the comparison is void."""
+
+
+def verify_pinned(pid: int, cores: set[int], what: str) -> int:
+    """:class:`NotPinnedError` unless every thread of ``pid`` and its descendants may run only on ``cores``; returns
+    how many threads were checked. Call it after a warm-up: thread pools start (and pin themselves) on first use."""
+    affinities = thread_affinities(pid)
+    if not affinities:
+        raise NotPinnedError(f"{what}: no threads found under /proc/{pid} (did it exit?)")
+    escaped = {t: c for t, c in affinities.items() if not c <= cores}
+    if escaped:
+        listed = ", ".join(f"{t} on {sorted(c)}" for t, c in sorted(escaped.items()))
+        raise NotPinnedError(f"{what}: {len(escaped)} of {len(affinities)} threads left core(s) {sorted(cores)}: "
+                           f"{listed}; the comparison would be unfair, so this run stops")
+    return len(affinities)
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu") if Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists() else \

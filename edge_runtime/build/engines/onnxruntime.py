@@ -50,10 +50,27 @@ def build_ort(model_path: Path, engine_path: Path, device: str = "cpu") -> Path:
     return engine_path
 
 
+def usable_cores() -> int:
+    """How many cores this process may run on: its CPU affinity (``taskset``, a cpuset, a pod's exclusive cores),
+    not the machine's core count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS): the machine's count
+        return os.cpu_count() or 1
+
+
+def intra_op_threads(threads: int) -> int:
+    """ONNX Runtime's intra-op thread count for the setting ``threads``: as set, or for 0 one per core this process
+    may run on (:func:`usable_cores`). Never 0 itself: given 0, ONNX Runtime counts the machine's cores and pins one
+    worker to each, past ``taskset`` and cpusets (a server pinned to one core then computes on another); given a
+    count, it leaves every thread's affinity alone."""
+    return threads if threads > 0 else usable_cores()
+
+
 def spins(spin: bool | None) -> bool:
-    """Whether ONNX Runtime's workers spin between runs: as set, else only on CPUs with more than 4 cores (fast on a
-    big server, a burnt core on a small device)."""
-    return spin if spin is not None else (os.cpu_count() or 1) > 4
+    """Whether ONNX Runtime's workers spin between runs: as set, else only where this process may use more than 4
+    cores (fast on a big server, a burnt core on a small device)."""
+    return spin if spin is not None else usable_cores() > 4
 
 
 class OrtEngine:
@@ -67,7 +84,8 @@ class OrtEngine:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = intra_op_threads(threads)
+        options.inter_op_num_threads = 1  # sequential execution: no inter-op pool, and none to pin
         spinning = spins(spin)
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
