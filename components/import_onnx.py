@@ -36,7 +36,7 @@ from edgeloop_core.quality import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from edgeloop_core.drift import FieldBaseline
 
 log = logging.getLogger(__name__)
 VARIANTS = ("fp32", "fp16", "int8-qdq", "int8-ort")
@@ -340,7 +340,22 @@ def import_manifest(name: str, version: str, staging: Path, variants: list[Impor
                                                   None else v.agreement) for v in variants}, tolerance=tolerance,
                               control=gate.get("control")),
         report=FileRef(**ref("report.html")) if (staging / "report.html").exists() else None,
+        field_baseline=holdout_baseline(staging / "validation.npz", task or Task()),
     )
+
+
+def holdout_baseline(path: Path, task: Task) -> FieldBaseline | None:
+    """The field statistics (:mod:`edgeloop_core.drift`) of the held-out rows and the FP32 model's outputs on them,
+    as the drift baseline; ``None`` where the held-out inputs have nothing numeric to summarise."""
+    from edgeloop_core.drift import build_baseline
+
+    with np.load(path) as npz:
+        inputs = {k.removeprefix("input:"): npz[k] for k in npz.files if k.startswith("input:")}
+        outputs = {k.removeprefix("reference:"): npz[k] for k in npz.files if k.startswith("reference:")}
+    try:
+        return build_baseline(inputs, outputs, task, num_classes=task.num_classes)
+    except ValueError:
+        return None
 
 
 def save_holdout(path: Path, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray],

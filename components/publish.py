@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from edgeloop_core.contract import (
     sign_manifest,
     sign_pointer,
 )
+from edgeloop_core.contract.captures import CapturePolicy
 from edgeloop_core.contract.channel import DEFAULT_TTL, ChannelPointer
 from edgeloop_core.errors import (
     ConfigError,
@@ -42,6 +43,7 @@ from edgeloop_core.errors import (
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from edgeloop_core.drift import FieldBaseline
     from edgeloop_core.store import ObjectStore
 
 RESIGN_WINDOW = DEFAULT_TTL / 3
@@ -85,6 +87,29 @@ def _detection_contract(staging: Path, infos: Sequence[VariantInfo],
 
     output = output_spec(staging / infos[0].file)
     return [output], detection_task(data.num_classes, output.name)
+
+
+BASELINE_SAMPLES = 2000
+"""Training samples the field baseline is measured on, at most (a random, seeded subset of a larger set)."""
+
+
+def field_baseline(staging: Path, infos: Sequence[VariantInfo], data: DatasetSplits, task: Task) -> FieldBaseline:
+    """The training data's field statistics through the FP32 dense model (:mod:`edgeloop_core.drift`): the baseline
+    a device's served inputs and outputs are compared with for drift."""
+    import onnxruntime as ort
+
+    from edgeloop_core.drift import build_baseline
+
+    reference = next((i for i in infos if i.name == "fp32-dense"), infos[0])
+    rng = np.random.default_rng(0)
+    pick = rng.permutation(len(data.x_train))[:BASELINE_SAMPLES]
+    inputs = {INPUT_NAME: data.x_train[np.sort(pick)].astype(np.float32)}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(staging / reference.file), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, inputs), strict=True))
+    return build_baseline(inputs, outputs, task, num_classes=data.num_classes if task.kind != "detection" else None)
 
 
 def _file_ref(directory: Path, name: str) -> dict[str, Any]:
@@ -147,6 +172,7 @@ def build_manifest(
             control=evaluation.control,
         ),
         report=report,
+        field_baseline=field_baseline(staging, infos, data, task),
     )
 
 
@@ -196,35 +222,70 @@ def publish_version(
     return signed
 
 
+KEEP_CAPTURE = "keep"
+"""``capture`` of :func:`move_channel`: carry the current pointer's capture policy over (only from a pointer this
+signing key signed: a planted policy is never laundered into a signed one)."""
+
+
 def move_channel(store: ObjectStore, layout: ArtifactLayout, name: str, channel: str, version: str,
-                 signing_key: Ed25519PrivateKey, *, ttl: timedelta = DEFAULT_TTL) -> ChannelPointer:
+                 signing_key: Ed25519PrivateKey, *, ttl: timedelta = DEFAULT_TTL,
+                 capture: CapturePolicy | Literal["keep"] | None = KEEP_CAPTURE) -> ChannelPointer:
     """Point ``name``'s ``channel`` at ``version`` with a signed pointer whose sequence is above the current one's.
 
     The version must be complete (its manifest exists). The sequence is the larger of the old pointer's + 1 and
-    the current time in milliseconds, so it grows even when the old pointer is unreadable.
+    the current time in milliseconds, so it grows even when the old pointer is unreadable. ``capture`` is the
+    field-capture policy the pointer carries for the devices that follow it (docs/capture.md): ``"keep"`` (the
+    default) keeps the current pointer's, ``None`` carries none.
     """
-    pointer = _next_pointer(store, layout, name, channel, version, signing_key, ttl)
-    store.put_bytes(layout.channel_key(name, channel), pointer.model_dump_json(indent=2).encode(),
-                    content_type="application/json")
+    pointer = _next_pointer(store, layout, name, channel, version, signing_key, ttl, capture)
+    store.put_bytes(layout.channel_key(name, channel), pointer.to_json(), content_type="application/json")
     return pointer
 
 
+def set_channel_capture(store: ObjectStore, layout: ArtifactLayout, name: str, channel: str,
+                        signing_key: Ed25519PrivateKey, capture: CapturePolicy | None, *,
+                        ttl: timedelta = DEFAULT_TTL) -> ChannelPointer:
+    """Re-sign ``name``'s ``channel`` at the version it points to now with the field-capture policy ``capture``
+    (``None``: none), a higher sequence and a fresh ``ttl``; devices that follow the channel apply it within their
+    poll interval, without a restart. Only a pointer this key signed is re-signed (else :class:`SignatureInvalid`),
+    and only if nobody moved the channel meanwhile (else :class:`ConfigError`: run it again)."""
+    check_name(name, "model name")
+    check_name(channel, "channel")
+    key = layout.channel_key(name, channel)
+    data, etag = store.get_tagged(key)
+    current = _own_pointer(data, name, channel, signing_key)
+    if current is None:
+        raise SignatureInvalid(f"channel {channel!r} of {name!r} is not a pointer this signing key signed: promote a "
+                               f"version to it first (edgeloop pipeline promote)")
+    fresh = _next_pointer(store, layout, name, channel, current.version, signing_key, ttl, capture)
+    if not store.replace_if_unchanged(key, fresh.to_json(), etag, content_type="application/json"):
+        raise ConfigError(f"channel {channel!r} of {name!r} moved while its capture policy was set: run it again")
+    return fresh
+
+
 def _next_pointer(store: ObjectStore, layout: ArtifactLayout, name: str, channel: str, version: str,
-                  signing_key: Ed25519PrivateKey, ttl: timedelta) -> ChannelPointer:
-    """The signed pointer :func:`move_channel` writes (checked names, complete version, higher sequence)."""
+                  signing_key: Ed25519PrivateKey, ttl: timedelta,
+                  capture: CapturePolicy | Literal["keep"] | None = KEEP_CAPTURE) -> ChannelPointer:
+    """The signed pointer :func:`move_channel` writes (checked names, complete version, higher sequence, the
+    capture policy as :func:`move_channel` says)."""
     check_name(name, "model name")
     check_name(channel, "channel")
     check_name(version, "version")
     if not store.exists(layout.manifest_key(name, version)):
         raise ObjectNotFound(f"{name}/{version} has no manifest in s3://{store.bucket}: publish it first")
     key = layout.channel_key(name, channel)
-    previous = 0
+    previous, data = 0, b""
     try:
-        previous = parse_pointer(store.get_bytes(key), name, channel).sequence
+        data = store.get_bytes(key)
+        previous = parse_pointer(data, name, channel).sequence
     except (ObjectNotFound, ManifestInvalid):
         pass
+    if capture == KEEP_CAPTURE:
+        own = _own_pointer(data, name, channel, signing_key) if data else None
+        capture = own.capture if own is not None else None
     sequence = max(previous + 1, int(time.time() * 1000))
-    return sign_pointer(name, channel, version, sequence, signing_key, ttl=ttl)
+    return sign_pointer(name, channel, version, sequence, signing_key, ttl=ttl,
+                        capture=capture if isinstance(capture, CapturePolicy) else None)
 
 
 def channel_pointers(store: ObjectStore, layout: ArtifactLayout, name: str) -> list[ChannelPointer | str]:
@@ -261,8 +322,8 @@ def resign_channels(store: ObjectStore, layout: ArtifactLayout, name: str, signi
         pointer = _own_pointer(data, name, key[len(prefix):].removesuffix(".json"), signing_key)
         if pointer is None or _aware(pointer.expires) - now > within:
             continue
-        fresh = _next_pointer(store, layout, name, pointer.channel, pointer.version, signing_key, ttl)
-        if store.replace_if_unchanged(key, fresh.model_dump_json(indent=2).encode(), etag,
+        fresh = _next_pointer(store, layout, name, pointer.channel, pointer.version, signing_key, ttl, pointer.capture)
+        if store.replace_if_unchanged(key, fresh.to_json(), etag,
                                       content_type="application/json"):  # else the channel moved: theirs stays
             resigned.append(fresh)
     return resigned

@@ -14,13 +14,19 @@ import numpy as np
 
 from edge_runtime.build.device import DeviceFacts, detect
 from edge_runtime.lifecycle import ModelRuntime
+from edge_runtime.report.capture import CaptureMetrics, FieldCapture, Uploader
+from edge_runtime.report.capture.service import SERVICE_NAME as CAPTURE_SERVICE
+from edge_runtime.report.capture.service import add_capture_service
+from edge_runtime.report.field import FieldStatistics
 from edge_runtime.report.jetson import JetsonSensors
 from edge_runtime.report.metrics import RuntimeMetrics
 from edge_runtime.report.telemetry import Outbox, TelemetrySender
 from edge_runtime.repository import ModelRepository
+from edge_runtime.serve import observers
 from edge_runtime.serve.server import start_server
 from edge_runtime.serve.servicer import RepositoryControl
 from edge_runtime.settings import EdgeSettings
+from edgeloop_core.contract.captures import CaptureLayout
 from edgeloop_core.errors import ConfigError, EdgeloopError
 from edgeloop_core.tls import HubTls, TlsFiles
 
@@ -54,6 +60,11 @@ class EdgeApp:
     _facts: dict[str, Any] = field(default_factory=dict)
     outbox_error: str = ""
     """Why the outbox could not be opened at start (empty once it is open): telemetry waits, serving does not."""
+    capture: FieldCapture | None = None
+    """Field capture (docs/capture.md): ``None`` when its spool could not be opened (logged; serving goes on)."""
+    uploader: Uploader | None = None
+    field: FieldStatistics | None = None
+    """Field statistics for drift (what each model serves, in its baseline's bins), counted off the request path."""
 
     @property
     def runtime(self) -> ModelRuntime | None:
@@ -100,6 +111,8 @@ class EdgeApp:
             validation = runtime.last_validation
             self.metrics.set_state(name, runtime.state, runtime.ready(),
                                    validation.value if validation else None)
+            serving = runtime.serving
+            self.metrics.set_energy(name, serving.plan.variant.name if serving else None, runtime.mj_per_inference())
         self.metrics.ready.set(1.0 if self.repository.ready() else 0.0)
 
     def _annotate_node(self) -> None:
@@ -127,29 +140,15 @@ class EdgeApp:
         self.repository = ModelRepository(self.settings, self.facts, store=self.store, report=self.report,
                                           on_batch=self.metrics.observe_batch)
         self.repository.on_change(self._on_change)
-        labels: dict[str, str] = {}
-        if self.settings.kube_node_name:
-            from edge_runtime.report.kube import NodeReporter
-
-            try:
-                self.node = await asyncio.to_thread(NodeReporter, self.settings.kube_node_name)
-                labels = await asyncio.to_thread(self.node.labels)
-                if self.facts.module is None and labels.get("edgeloop.io/module"):
-                    from dataclasses import replace
-
-                    from edgeloop_core.contract.target import module_slug
-
-                    self.facts = replace(self.facts, module=module_slug(labels["edgeloop.io/module"]))
-                    self.repository.facts = self.facts
-            except EdgeloopError as exc:  # the runtime serves without Kubernetes; it says so once
-                log.warning("node annotations disabled: %s", exc)
-                self.node = None
-            self.repository.on_change(self._annotate_node)
+        labels = await self._read_node() if self.settings.kube_node_name else {}
         self._facts = {"facts": self.facts.to_dict(), "node_labels": labels}
         self.report("facts", self._facts)
         triton = self.repository.triton
         if triton is not None:
             await self.repository.start_triton()  # before any model loads; a Triton that cannot start fails here
+        await asyncio.to_thread(self._start_capture)
+        self._start_field_statistics()
+        control = self._control()
         try:
             self._server, self.control_port = await start_server(
                 self.repository, bind_address=self.settings.bind_address,
@@ -157,13 +156,11 @@ class EdgeApp:
                 max_batch_size=self.settings.max_request_batch_size, max_message_bytes=self.settings.max_message_bytes,
                 on_result=self._on_result, tls=tls, alive=self.alive,
                 shm_release_after_s=self.settings.shm_release_after_s, health_port=self.settings.health_port,
-                control=RepositoryControl(self.settings.repository_control,
-                                          self.settings.control_token.get_secret_value()
-                                          if self.settings.control_token else None,
-                                          frozenset(self.settings.control_client_names)))
+                control=control, services=self._capture_service(control))
         except BaseException:
             if triton is not None:  # nothing may outlive a start that failed
                 await asyncio.to_thread(triton.stop)
+            await asyncio.to_thread(self._stop_capture)
             raise
         self.grpc_port = triton.grpc_port if triton is not None else self.control_port
         if self.settings.metrics_port:
@@ -175,6 +172,104 @@ class EdgeApp:
             self._tasks.append(loop.create_task(self.sender.run_forever(), name="edgeloop-telemetry"))
         if self.outbox is None:
             self._tasks.append(loop.create_task(self._open_outbox_later(), name="edgeloop-outbox"))
+
+    async def _read_node(self) -> dict[str, str]:
+        """The node's labels (the module from ``edgeloop.io/module`` where the device tree does not say it), and
+        node annotations from now on; without Kubernetes, ``{}`` and a warning (the runtime serves anyway)."""
+        from edge_runtime.report.kube import NodeReporter
+
+        assert self.repository is not None and self.facts is not None
+        labels: dict[str, str] = {}
+        try:
+            self.node = await asyncio.to_thread(NodeReporter, self.settings.kube_node_name)
+            labels = await asyncio.to_thread(self.node.labels)
+            if self.facts.module is None and labels.get("edgeloop.io/module"):
+                from dataclasses import replace
+
+                from edgeloop_core.contract.target import module_slug
+
+                self.facts = replace(self.facts, module=module_slug(labels["edgeloop.io/module"]))
+                self.repository.facts = self.facts
+        except EdgeloopError as exc:  # the runtime serves without Kubernetes; it says so once
+            log.warning("node annotations disabled: %s", exc)
+            self.node = None
+        self.repository.on_change(self._annotate_node)
+        return labels
+
+    def _control(self) -> RepositoryControl:
+        """Who may control the repository (and label captures): the settings' switch, token and client names."""
+        s = self.settings
+        return RepositoryControl(s.repository_control, s.control_token.get_secret_value() if s.control_token else None,
+                                 frozenset(s.control_client_names))
+
+    def _start_capture(self) -> None:
+        """Open the capture spool under ``cache_dir/capture`` (finishing what a kill interrupted), start its worker
+        and uploader, and let it see every answered ModelInfer (runs in a worker thread). A spool that cannot be
+        opened is logged and the device serves without capture."""
+        assert self.repository is not None
+        s = self.settings
+        metrics = CaptureMetrics(self.metrics.registry)
+        capture = FieldCapture(s.cache_dir / "capture", s.device_id, self.repository.desired.capture_configuration,
+                               metrics)
+        try:
+            capture.start()
+        except Exception as exc:  # noqa: BLE001 - capture is an extra; serving is the job
+            log.error("field capture is off: its spool under %s cannot be opened: %s", s.cache_dir / "capture", exc)
+            return
+        assert capture.spool is not None
+        self.capture = capture
+        self.uploader = Uploader(capture.spool, self.repository.shared.store, CaptureLayout(s.s3_prefix),
+                                 s.device_id, metrics, retry_initial_s=s.retry_initial_s, retry_max_s=s.retry_max_s)
+        capture.on_ready = self.uploader.wake.set
+        self.uploader.start()
+        observers.attach(self.repository, capture.offer)
+
+    def _start_field_statistics(self) -> None:
+        """Count a share of what each model serves into its baseline's bins (:mod:`edge_runtime.report.field`)."""
+        assert self.repository is not None
+        if self.settings.field_stats_rate > 0:
+            self.field = FieldStatistics(self.settings.field_stats_rate, self.settings.field_stats_min_samples)
+            if self.capture is not None:  # drift bursts: capture compares the counts off the request path
+                self.field.listeners.append(self.capture.field_counts)
+            self.field.start()
+            observers.attach(self.repository, self.field.observe)
+
+    def _capture_service(self, control: RepositoryControl) -> list[tuple[str, Any]]:
+        """The Label RPC on the device's endpoint, under repository control's access rules (none without capture)."""
+        capture = self.capture
+        if capture is None:
+            return []
+        return [(CAPTURE_SERVICE, lambda server: add_capture_service(server, capture, control))]
+
+    def _stop_capture(self) -> None:
+        """Stop seeing requests, commit what is queued, stop the worker and the uploader (blocking: a thread)."""
+        if self.repository is not None and self.capture is not None:
+            observers.detach(self.repository, self.capture.offer)
+        if self.capture is not None:
+            self.capture.stop()
+        if self.uploader is not None:
+            self.uploader.stop()
+        if self.field is not None:
+            if self.repository is not None:
+                observers.detach(self.repository, self.field.observe)
+            self.field.stop()
+
+    def capture_stats(self) -> dict[str, Any]:
+        """Field capture's figures for the stats event: captured, dropped by reason, uploaded, spool bytes."""
+        if self.capture is None:
+            return {"enabled": False}
+        metrics = self.capture.metrics
+        totals: dict[str, dict[str, float]] = {"captured": {}, "dropped": {}, "uploaded": {}}
+        for family in metrics.registry.collect():
+            kind = {"edgeloop_capture_items": "captured", "edgeloop_capture_dropped": "dropped",
+                    "edgeloop_capture_uploaded": "uploaded"}.get(family.name)
+            for sample in family.samples if kind else ():
+                if sample.name.endswith("_total"):
+                    key = sample.labels.get("reason") or sample.labels.get("kind") or sample.labels.get("model", "")
+                    totals[kind][key] = totals[kind].get(key, 0.0) + sample.value
+        return {"enabled": True, **totals, "bursts": self.capture.bursts(),
+                "spool_bytes": metrics.value("edgeloop_capture_spool_bytes"),
+                "upload_error": self.uploader.failing if self.uploader is not None else ""}
 
     def _open_outbox(self) -> Outbox | None:
         """The telemetry outbox, or ``None`` when it cannot be opened now (a full disk, say): logged, and the
@@ -248,6 +343,8 @@ class EdgeApp:
                 "p50_ms": None if values is None else round(float(np.percentile(values, 50)), 3),
                 "p99_ms": None if values is None else round(float(np.percentile(values, 99)), 3),
                 **({"triton": triton[status["model_name"]]} if status["model_name"] in triton else {}),
+                **({"field": field} if self.field is not None
+                   and (field := self.field.take(status["model_name"])) is not None else {}),
             })
         jetson = None
         if self.facts is not None and self.facts.is_jetson:
@@ -260,6 +357,7 @@ class EdgeApp:
             "jetson": jetson if jetson is not None else {"unavailable": {"all": "not a Jetson"}},
             "telemetry_dropped": self.outbox.dropped() if self.outbox is not None else 0,
             "telemetry_errors": self.telemetry_errors,
+            "capture": self.capture_stats(),
         }
 
     async def _stats_forever(self) -> None:
@@ -284,6 +382,7 @@ class EdgeApp:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await asyncio.to_thread(self._stop_capture)
         if self.repository is not None:
             await self.repository.close()
         if self.sender is not None:

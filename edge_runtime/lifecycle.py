@@ -27,10 +27,11 @@ from edge_runtime.aio import wait_event
 from edge_runtime.build.choice import (
     VariantChoice,
     VariantFigures,
-    choose_fastest,
+    VariantMeasure,
+    choose_variant,
     load_choice,
+    measure_variant,
     save_choice,
-    time_variant,
 )
 from edge_runtime.build.device import DeviceFacts
 from edge_runtime.build.engines import EnginePlan, candidate_variants, named_variant, plan_for, resolve_backend
@@ -38,6 +39,7 @@ from edge_runtime.build.engines.base import Engine
 from edge_runtime.build.engines.provider import EngineProvider
 from edge_runtime.build.loader import EngineLoader
 from edge_runtime.build.memory import MemoryBudget
+from edge_runtime.build.power import PowerSampler
 from edge_runtime.build.tuning import BatchingChoice, choose, sweep
 from edge_runtime.fetch.cache import ArtifactCache
 from edge_runtime.fetch.desired import DesiredModels
@@ -59,7 +61,6 @@ from edgeloop_core.errors import (
 )
 from edgeloop_core.published import read_manifest, resolve_desired
 from edgeloop_core.store import ObjectStore
-from edgeloop_core.timing import Timing
 
 if TYPE_CHECKING:
     from edge_runtime.serve.triton.promotion import TritonModel
@@ -80,13 +81,13 @@ class CycleResult:
 @dataclass
 class _Passed:
     """A variant that passed validation on this device, with its engine (open) and, when variants were measured, its
-    score (ms)."""
+    rank under the variant objective (:meth:`VariantFigures.rank`, lower is better)."""
 
     plan: EnginePlan
     engine: Engine
     result: ValidationResult
     source: str
-    score_ms: float = 0.0
+    rank: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -139,6 +140,8 @@ class ModelRuntime:
         self.loader = EngineLoader(shared.engines, shared.memory)
         """This model's engines, within the device's memory budget."""
         self.triton = self._triton_model(shared)
+        self.power = PowerSampler.from_settings(shared.settings)
+        """The module's power rails, sampled while engines are timed (mJ/inference); none: figures absent."""
         """This model in tritonserver (``serving_engine`` triton), else ``None``."""
         self.desired_version: str | None = None
         self.state = State.STARTING
@@ -253,10 +256,22 @@ class ModelRuntime:
             "error": self.last_error,
             "validation": self.last_validation.summary() if self.last_validation else "",
             "batching": {"max_batch_size": self.batching[0], "max_queue_delay_us": self.batching[1]},
-            "variant_choice": ({"chosen": self.choice.chosen, "mode": self.choice.mode, "reason": self.choice.reason}
-                               if self.choice else None),
+            "variant_choice": ({"chosen": self.choice.chosen, "mode": self.choice.mode, "reason": self.choice.reason,
+                                "objective": self.choice.objective} if self.choice else None),
+            "mj_per_inference": self.mj_per_inference(),
             "paused": self.paused,
         }
+
+    def mj_per_inference(self) -> float | None:
+        """The serving variant's module energy per inference, mJ: from the variant choice's timing runs, else from
+        its validation; ``None`` where the device has no power rails (never 0)."""
+        serving = self.serving
+        if serving is None:
+            return None
+        if self.choice is not None and self.choice.chosen == serving.plan.variant.name \
+                and self.choice.mj_per_inference is not None:
+            return self.choice.mj_per_inference
+        return serving.validation.mj_per_inference
 
     @property
     def serving(self) -> ServingModel | None:
@@ -338,6 +353,7 @@ class ModelRuntime:
         version, pointer = resolve_desired(self.store, self.layout, name, wanted, self.trusted, min_sequence=seen)
         if pointer is not None:
             self.cache.record_sequence(name, wanted, pointer.sequence)
+        self.cache.record_pointer_capture(name, pointer.capture if pointer is not None else None)
         return version
 
     async def _serve_last_good(self, name: str, wanted: str) -> str | None:
@@ -406,7 +422,8 @@ class ModelRuntime:
         plans = self._candidate_plans(manifest)
         cached_choice = None
         if self._measuring(plans):
-            cached_choice = load_choice(self._choice_dir(manifest), self._candidate_keys(plans))
+            cached_choice = load_choice(self._choice_dir(manifest), self._candidate_keys(plans),
+                                        self.settings.variant_objective)
             if cached_choice is not None:
                 plans = [p for p in plans if p.variant.name == cached_choice.chosen]
         return self.loader.fitting(manifest, plans), cached_choice  # before downloading what could not load anyway
@@ -495,24 +512,25 @@ class ModelRuntime:
         """Validate ``engine`` on the version's validation set (accuracy and latency); reported as ``validated``."""
         self._set_state(State.VALIDATING)
         result = await asyncio.to_thread(validate, engine, validation_path, manifest, plan.variant.name,
-                                         latency_budget_p99_ms=self.settings.latency_budget_p99_ms)
+                                         latency_budget_p99_ms=self.settings.latency_budget_p99_ms, power=self.power)
         self._report("validated", {"version": manifest.version, "source": source, **result.to_dict()})
         return result
 
     async def _measure(self, trials: _Trials, manifest: Manifest, candidate: _Passed, validation_path: Path) -> None:
-        """Time a passing variant; its engine stays open only when it is the fastest so far (one engine open at a
-        time besides the fastest: device memory on a Jetson is shared)."""
+        """Time a passing variant (and its energy, where there are power rails); its engine stays open only when it
+        is the best so far under ``variant_objective`` (one engine open at a time besides the best: device memory on
+        a Jetson is shared)."""
         engine, plan = candidate.engine, candidate.plan
-        b1, batched = await asyncio.to_thread(self._time_variant, engine, validation_path, manifest)
-        figure = VariantFigures(plan.variant.name, str(plan.target_key), True, candidate.result.value,
-                                engine.max_batch_size, b1, batched)
+        measured = await asyncio.to_thread(self._time_variant, engine, validation_path, manifest)
+        figure = measured.figures(plan.variant.name, str(plan.target_key), candidate.result.value)
         trials.figures.append(figure)
-        if trials.passed is not None and figure.score_ms >= trials.passed.score_ms:
+        rank = figure.rank(self.settings.variant_objective)  # the order choose_variant uses
+        if trials.passed is not None and rank >= trials.passed.rank:
             self.loader.drop(engine)
             return
         if trials.passed is not None:
             self.loader.drop(trials.passed.engine)
-        trials.passed = replace(candidate, score_ms=figure.score_ms)
+        trials.passed = replace(candidate, rank=rank)
 
     def _choose_variant(self, manifest: Manifest, plans: list[EnginePlan], cached: VariantChoice | None,
                         trials: _Trials) -> _Passed:
@@ -643,20 +661,20 @@ class ModelRuntime:
             why = ("measuring is off (variant_choice_budget_s = 0): the first compatible variant in preference order"
                    if self.settings.variant_choice_budget_s <= 0 else "the only variant this backend runs")
             return VariantChoice(plans[0].variant.name, why, "static")
-        choice = choose_fastest(figures)
+        choice = choose_variant(figures, self.settings.variant_objective)
         assert choice is not None  # at least one candidate passed, or _bring_up raised
         return choice
 
-    def _time_variant(self, engine: Engine, validation_path: Path, manifest: Manifest) -> tuple[Timing, Timing]:
+    def _time_variant(self, engine: Engine, validation_path: Path, manifest: Manifest) -> VariantMeasure:
         inputs = read_validation_set(validation_path, manifest, engine).inputs
         sample = {k: v[:1] for k, v in inputs.items()}
-        return time_variant(engine, sample, engine.max_batch_size,
-                            budget_s=self.settings.variant_choice_budget_s)
+        return measure_variant(engine, sample, engine.max_batch_size,
+                               budget_s=self.settings.variant_choice_budget_s, power=self.power)
 
     def _tune(self, engine: Engine, validation_path: Path, manifest: Manifest) -> BatchingChoice:
         """Sweep batch sizes on this device and choose the batcher's limits (reported as ``batch_sweep``)."""
         inputs = read_validation_set(validation_path, manifest, engine).inputs
-        points = sweep(engine, {k: v[:1] for k, v in inputs.items()}, engine.max_batch_size)
+        points = sweep(engine, {k: v[:1] for k, v in inputs.items()}, engine.max_batch_size, power=self.power)
         assert self.batching_budget_ms is not None
         choice = choose(points, self.batching_budget_ms, self.max_queue_delay_us)
         self._report("batch_sweep", {"version": manifest.version, "points": [p.__dict__ for p in points],

@@ -8,6 +8,10 @@ Usage::
 
 The server gets its own data directory, its own free loopback ports and an access key pair written to an
 ``s3.json`` identity file (generated, never in the repo). ``env()`` gives the variables boto3 reads.
+
+More identities, each limited to what its SeaweedFS actions grant (``"Read:<bucket>/models/*"``,
+``"Write:<bucket>/field/dev-1/*"``: an action on a key prefix, SeaweedFS's own grammar for ``-s3.config``), are
+added with :meth:`LocalS3.add_identity` before the server starts; :meth:`LocalS3.env` of that name gives its keys.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -66,6 +71,21 @@ def weed_binary() -> str:
     return found
 
 
+ADMIN_ACTIONS = ("Admin", "Read", "Write", "List", "Tagging")
+"""What the pipeline's identity may do: everything."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An S3 identity of the local server: its key pair and what it may do (SeaweedFS action strings, e.g.
+    ``"Admin"`` for everything, ``"Write:bucket/prefix/*"`` for writes under one prefix)."""
+
+    name: str
+    access_key: str
+    secret_key: str
+    actions: tuple[str, ...]
+
+
 class LocalS3:
     """A SeaweedFS S3 server on ``127.0.0.1`` with its data in ``data_dir``.
 
@@ -81,12 +101,26 @@ class LocalS3:
         self._s3_port = s3_port
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = self.data_dir / "weed.log"
+        self._identities: dict[str, Identity] = {}
         cred_file = self.data_dir / "s3.json"
-        if cred_file.exists():
-            identity = json.loads(cred_file.read_text())["identities"][0]["credentials"][0]
-            self.access_key, self.secret_key = identity["accessKey"], identity["secretKey"]
+        if cred_file.exists():  # a restart keeps every identity's keys
+            for entry in json.loads(cred_file.read_text())["identities"]:
+                keys = entry["credentials"][0]
+                self._identities[entry["name"]] = Identity(entry["name"], keys["accessKey"], keys["secretKey"],
+                                                           tuple(entry["actions"]))
         else:
-            self.access_key, self.secret_key = "edgeloop" + secrets.token_hex(4), secrets.token_hex(20)
+            self._identities["edgeloop"] = Identity("edgeloop", "edgeloop" + secrets.token_hex(4),
+                                                    secrets.token_hex(20), ADMIN_ACTIONS)
+        admin = self._identities["edgeloop"]
+        self.access_key, self.secret_key = admin.access_key, admin.secret_key
+
+    def add_identity(self, name: str, actions: list[str]) -> Identity:
+        """Add an identity allowed only ``actions`` (SeaweedFS action strings); takes effect at the next start."""
+        if name in self._identities:
+            raise ConfigError(f"S3 identity {name!r} exists already")
+        identity = Identity(name, name + secrets.token_hex(4), secrets.token_hex(20), tuple(actions))
+        self._identities[name] = identity
+        return identity
 
     @property
     def endpoint_url(self) -> str:
@@ -95,11 +129,13 @@ class LocalS3:
             raise ConfigError("LocalS3 is not started")
         return f"http://127.0.0.1:{self._s3_port}"
 
-    def env(self) -> dict[str, str]:
-        """Environment variables for boto3 clients (and subprocesses such as kfp.local components)."""
+    def env(self, identity: str = "edgeloop") -> dict[str, str]:
+        """Environment variables for boto3 clients (and subprocesses such as kfp.local components), with the keys of
+        ``identity`` (default: the administrator the pipeline and the tests use)."""
+        keys = self._identities[identity]
         return {
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ACCESS_KEY_ID": keys.access_key,
+            "AWS_SECRET_ACCESS_KEY": keys.secret_key,
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT_URL_S3": self.endpoint_url,
         }
@@ -128,11 +164,9 @@ class LocalS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = {
             "identities": [
-                {
-                    "name": "edgeloop",
-                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
+                {"name": i.name, "credentials": [{"accessKey": i.access_key, "secretKey": i.secret_key}],
+                 "actions": list(i.actions)}
+                for i in self._identities.values()
             ]
         }
         cred_file = self.data_dir / "s3.json"

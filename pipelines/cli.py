@@ -267,20 +267,89 @@ def promote_command(
     prefix: Annotated[str, typer.Option(envvar="EDGELOOP_S3_PREFIX", help="key prefix before models/")] = "",
     endpoint: Annotated[str | None, typer.Option(envvar="AWS_ENDPOINT_URL_S3", help="S3 endpoint URL")] = None,
     ttl_days: Annotated[int, typer.Option(help="days until the pointer expires")] = 90,
+    capture_policy: Annotated[Path | None, typer.Option(
+        help="field-capture policy (JSON or YAML file, docs/capture.md) the pointer carries for the devices that "
+             "follow the channel (default: keep the current pointer's)")] = None,
+    no_capture: Annotated[bool, typer.Option(help="the pointer carries no capture policy")] = False,
 ) -> None:
     """Point a channel at a published version with a newly signed pointer (also: re-sign before it expires; go back
     to an older version on purpose). Signs with EDGELOOP_SIGNING_KEY[_FILE]."""
     from datetime import timedelta
 
-    from components.publish import move_channel
+    from components.publish import KEEP_CAPTURE, move_channel
     from edgeloop_core.contract import ArtifactLayout, load_signing_key
+    from edgeloop_core.errors import ConfigError
     from edgeloop_core.store import ObjectStore
 
+    if capture_policy is not None and no_capture:
+        raise ConfigError("give --capture-policy or --no-capture, not both")
+    capture = None if no_capture else read_capture_policy(capture_policy) if capture_policy else KEEP_CAPTURE
     store = ObjectStore(bucket, endpoint_url=endpoint)
     pointer = move_channel(store, ArtifactLayout(prefix), model, channel, version, load_signing_key(),
-                           ttl=timedelta(days=ttl_days))
+                           ttl=timedelta(days=ttl_days), capture=capture)
     console.print(f"{model}: channel {channel!r} → {pointer.version} (sequence {pointer.sequence}, "
-                  f"expires {pointer.expires:%Y-%m-%d})")
+                  f"expires {pointer.expires:%Y-%m-%d}){_capture_note(pointer)}")
+
+
+@app.command("set-capture")
+def set_capture_command(
+    model: Annotated[str, typer.Argument(help="model name")],
+    channel: Annotated[str, typer.Argument(help="channel whose pointer carries the policy")] = "stable",
+    policy: Annotated[Path | None, typer.Option(
+        help="field-capture policy, a JSON or YAML file (docs/capture.md)")] = None,
+    clear: Annotated[bool, typer.Option(help="remove the pointer's capture policy")] = False,
+    bucket: Annotated[str, typer.Option(envvar="EDGELOOP_S3_BUCKET", help="bucket")] = "edgeloop",
+    prefix: Annotated[str, typer.Option(envvar="EDGELOOP_S3_PREFIX", help="key prefix before models/")] = "",
+    endpoint: Annotated[str | None, typer.Option(envvar="AWS_ENDPOINT_URL_S3", help="S3 endpoint URL")] = None,
+    ttl_days: Annotated[int, typer.Option(help="days until the pointer expires")] = 90,
+) -> None:
+    """Switch field capture for every device that follows a channel, from the cloud: re-sign the channel's pointer
+    (same version, higher sequence) with a capture policy, or with --clear without one. A device's own desired
+    file still wins for a model it sets a policy for. Signs with EDGELOOP_SIGNING_KEY[_FILE]."""
+    from datetime import timedelta
+
+    from components.publish import set_channel_capture
+    from edgeloop_core.contract import ArtifactLayout, load_signing_key
+    from edgeloop_core.errors import ConfigError
+    from edgeloop_core.store import ObjectStore
+
+    if (policy is None) == (not clear):
+        raise ConfigError("give --policy FILE to set a capture policy, or --clear to remove it")
+    capture = read_capture_policy(policy) if policy is not None else None
+    store = ObjectStore(bucket, endpoint_url=endpoint)
+    pointer = set_channel_capture(store, ArtifactLayout(prefix), model, channel, load_signing_key(), capture,
+                                  ttl=timedelta(days=ttl_days))
+    console.print(f"{model}: channel {channel!r} → {pointer.version} (sequence {pointer.sequence}, "
+                  f"expires {pointer.expires:%Y-%m-%d}){_capture_note(pointer)}")
+
+
+def read_capture_policy(path: Path):  # noqa: ANN201 - CapturePolicy, imported lazily
+    """The capture policy in a JSON or YAML file; a ConfigError naming the file and the first problem."""
+    import yaml
+    from pydantic import ValidationError
+
+    from edgeloop_core.contract.captures import CapturePolicy
+    from edgeloop_core.errors import ConfigError
+
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML reads JSON too
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"capture policy {path} cannot be read: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"capture policy {path} is not a mapping of settings (docs/capture.md)")
+    try:
+        return CapturePolicy.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "policy"
+        raise ConfigError(f"capture policy {path}: {field}: {first['msg']}") from exc
+
+
+def _capture_note(pointer) -> str:  # noqa: ANN001 - ChannelPointer, imported lazily
+    """How a pointer's capture policy reads in one line."""
+    if pointer.capture is None:
+        return ", no capture policy"
+    return f", capture policy {pointer.capture.model_dump_json(exclude_defaults=True)}"
 
 
 @app.command("channels")
@@ -327,7 +396,7 @@ def _channel_line(pointer, trusted: list | None, now, within_days: int) -> str: 
     expires = pointer.expires if pointer.expires.tzinfo else pointer.expires.replace(tzinfo=timezone.utc)
     days = (expires - now).total_seconds() / 86400
     line = (f"{where} → {pointer.version} (sequence {pointer.sequence}, expires {expires:%Y-%m-%d %H:%M} UTC, "
-            f"in {days:.0f} days)")
+            f"in {days:.0f} days{_capture_note(pointer) if pointer.capture is not None else ''})")
     resign = f"re-sign: edgeloop pipeline promote {pointer.name} {pointer.version} --channel {pointer.channel}"
     if trusted is not None:
         try:

@@ -10,6 +10,7 @@ Layout under ``root``::
     engines/timing/<trt version>-<device>.cache            TensorRT timing cache (per TensorRT build and device)
     quarantine/<timestamp>-<file>, .reason                  engines set aside: failed their digest, load or validation
     channels.json                                          the highest channel-pointer sequence accepted, per channel
+    pointer-capture.json                                   {model: capture policy} of the last pointer accepted
     state.json                                             {"models": {name: {"desired", "version"}}} last good
 
 Every writer goes through :func:`write_atomic` (temp file, fsync, rename, fsync of the folder), so a power cut
@@ -34,6 +35,7 @@ from edgeloop_core.errors import CacheFull, ConfigError, DigestMismatch, Edgeloo
 from edgeloop_core.files import no_space_is_cache_full, place, write_atomic
 
 if TYPE_CHECKING:
+    from edgeloop_core.contract.captures import CapturePolicy
     from edgeloop_core.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ _CHUNK_BYTES = 64 << 10
 ``liveness_timeout_s`` even on a slow link (64 KiB in 1,800 s is 36 bytes/s)."""
 _HEADROOM_BYTES = 16 << 20
 """Free disk left after a download: SQLite (the outbox) and the engine build need room to write too."""
+POINTER_CAPTURE_FILE = "pointer-capture.json"
+"""Under the cache root: each model's field-capture policy from the channel pointer this device last accepted for
+it (only models whose pointer carries one), read by the desired state (:mod:`edge_runtime.fetch.desired`)."""
 RECORD_SUFFIX = ".record.json"
 """Next to each engine: the sha256 it had when it was built or verified, re-checked before every load."""
 
@@ -52,6 +57,16 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
     return StoreError, BotoCoreError, HTTPError, ConnectionError, TimeoutError
 
+
+
+def load_pointer_captures(root: Path) -> dict[str, Any]:
+    """Model → capture policy (as JSON) recorded from accepted channel pointers under cache root ``root``; ``{}``
+    when none was recorded or the file does not read."""
+    try:
+        data = json.loads((Path(root) / POINTER_CAPTURE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
 
 
 def download_resumable(
@@ -269,6 +284,23 @@ class ArtifactCache:
             if sequence > sequences.get(key, 0):
                 sequences[key] = sequence
                 write_atomic(self.root / "channels.json", json.dumps(sequences, sort_keys=True).encode())
+
+    def record_pointer_capture(self, name: str, capture: CapturePolicy | None) -> None:
+        """Remember the capture policy of the pointer just accepted for model ``name`` (``None``: it carries none,
+        or ``name`` is pinned to a version); written only when it changed. Call it only with a verified pointer's
+        policy: what it records switches capture on."""
+        with self._records:
+            policies = load_pointer_captures(self.root)
+            wanted = capture.model_dump(mode="json") if capture is not None else None
+            if policies.get(name) == wanted:
+                return
+            if wanted is None:
+                policies.pop(name, None)
+            else:
+                policies[name] = wanted
+            write_atomic(self.root / POINTER_CAPTURE_FILE, json.dumps(policies, sort_keys=True).encode())
+            log.info("capture policy from the channel pointer of %s: %s", name,
+                     "none" if capture is None else capture.model_dump_json(exclude_defaults=True))
 
     def save_state(self, name: str, state: dict[str, Any]) -> None:
         """Remember what serves for model ``name`` (its last good version), for a restart without network."""

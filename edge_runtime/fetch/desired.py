@@ -7,6 +7,14 @@ volume, re-read every cycle and watched for edits), the settings (``EDGE_MODELS`
 
 The desired file holds either ``{"models": [{"name": ..., "version": ..., ...}, ...]}`` or, as before several
 models, ``{"model_name": ..., "model_version": ...}``.
+
+Field capture (docs/capture.md) is set in the same place: a model entry may carry ``capture: {...}`` (a
+:class:`~edgeloop_core.contract.captures.CapturePolicy`; without one the model is not captured), and the file's
+top-level ``capture: {...}`` (:class:`~edgeloop_core.contract.captures.CaptureSettings`) holds the device-wide
+settings, ``enabled: false`` turning capture off whatever the models say. A model's channel pointer may carry a
+policy too (signed with it, set from the cloud by ``edgeloop pipeline set-capture``): the device uses it only from
+a pointer it accepted, and only for a model that neither the desired file nor the settings give a policy: the
+local policy wins.
 """
 
 from __future__ import annotations
@@ -16,9 +24,34 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from edge_runtime.fetch.cache import POINTER_CAPTURE_FILE, load_pointer_captures
 from edge_runtime.settings import EdgeSettings, ModelEntry, read_settings_file, unique_models
 from edgeloop_core.contract import check_name
+from edgeloop_core.contract.captures import CapturePolicy, CaptureSettings
 from edgeloop_core.errors import ConfigError
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+
+
+def capture_from(data: dict[str, Any], where: str) -> tuple[CaptureSettings | None, dict[str, CapturePolicy]]:
+    """The device-wide capture settings (``None``: the file sets none) and each model's capture policy that a
+    desired-file mapping holds; a bad block is a ConfigError naming it."""
+    try:
+        settings = CaptureSettings.model_validate(data["capture"]) if data.get("capture") is not None else None
+    except ValidationError as exc:
+        raise ConfigError(f"capture {where}: {_first_error(exc)}") from exc
+    policies: dict[str, CapturePolicy] = {}
+    items = data.get("models")
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, dict) and item.get("capture") is not None:
+            try:
+                policies[str(item.get("name"))] = CapturePolicy.model_validate(item["capture"])
+            except ValidationError as exc:
+                raise ConfigError(f"models {where}: {item.get('name')}: capture.{_first_error(exc)}") from exc
+    return settings, policies
 
 
 def entries_from(data: dict[str, Any], where: str, default: list[ModelEntry]) -> list[ModelEntry]:
@@ -28,7 +61,7 @@ def entries_from(data: dict[str, Any], where: str, default: list[ModelEntry]) ->
         if not isinstance(items, list):
             raise ConfigError(f"models {where} must be a list of {{name, version, ...}}")
         try:
-            return unique_models([ModelEntry.model_validate(item) for item in items])
+            return unique_models([ModelEntry.model_validate(_without_capture(item)) for item in items])
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
@@ -43,6 +76,11 @@ def entries_from(data: dict[str, Any], where: str, default: list[ModelEntry]) ->
     return default
 
 
+def _without_capture(item: object) -> object:
+    """A model entry without its ``capture`` block (read by :func:`capture_from`)."""
+    return {k: v for k, v in item.items() if k != "capture"} if isinstance(item, dict) else item
+
+
 class DesiredModels:
     """Answers "which models, each at which version or channel?" from the sources above."""
 
@@ -54,6 +92,8 @@ class DesiredModels:
         self.current: dict[str, ModelEntry] = {e.name: e for e in settings.desired_models()}
         """What :meth:`read` answered last (insertion order: the order the sources list them)."""
         self._seen: tuple[int, int, int] | None = None
+        self._capture: tuple[object, tuple[CaptureSettings, dict[str, CapturePolicy]]] | None = None
+        """The desired file's and the pointer policies' signatures, and the capture configuration read from them."""
 
     def file_signature(self) -> tuple[int, int, int] | None:
         """The desired file's (modification time, size, inode): a Kubernetes ConfigMap update swaps the file, an edit
@@ -99,3 +139,49 @@ class DesiredModels:
         clear a pin and follow the other sources."""
         check_name(name, "model name")
         self.pinned[name] = check_name(version, "version") if version else None
+
+    def capture_configuration(self) -> tuple[CaptureSettings, dict[str, CapturePolicy]]:
+        """The device-wide capture settings and each desired model's capture policy (models without one are not
+        captured): the desired file's over the settings' ``models`` entries, and for a model neither sets one for,
+        its accepted channel pointer's; re-parsed only when the file or the pointers' policies changed. A malformed
+        file is a ConfigError (the caller keeps what it had)."""
+        file_signature = self.file_signature()
+        signature = (file_signature, self._pointer_signature())
+        if self._capture is not None and self._capture[0] == signature:
+            return self._capture[1]
+        settings, policies = self._local_capture(file_signature)
+        for name, raw in load_pointer_captures(self._cache_root()).items():
+            if name not in policies:
+                try:
+                    policies[name] = CapturePolicy.model_validate(raw)
+                except ValidationError as exc:  # recorded by an older runtime: the pointer is read again next cycle
+                    raise ConfigError(f"capture policy of {name} from its channel pointer: {_first_error(exc)}") \
+                        from exc
+        self._capture = (signature, (settings, policies))
+        return settings, policies
+
+    def _cache_root(self) -> Path:
+        return Path(self.settings.cache_dir).expanduser()
+
+    def _pointer_signature(self) -> tuple[int, int, int] | None:
+        """(modification time, size, inode) of the pointer policies' file (``None``: none recorded)."""
+        try:
+            stat = (self._cache_root() / POINTER_CAPTURE_FILE).stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def _local_capture(self, signature: object) -> tuple[CaptureSettings, dict[str, CapturePolicy]]:
+        """The capture settings and policies of the desired file and the settings (``signature``: the file's)."""
+        settings, policies = CaptureSettings(), {
+            e.name: e.capture for e in self.settings.desired_models() if getattr(e, "capture", None) is not None}
+        path = self.settings.desired_file
+        if signature is not None and path is not None:
+            data = read_settings_file(Path(path))
+            if not data:
+                raise ConfigError(f"the desired file {path} is empty")
+            from_file, file_policies = capture_from(data, f"in {path}")
+            settings = from_file or settings
+            if "models" in data:  # the file's list replaces the settings' models, their policies with them
+                policies = file_policies
+        return settings, policies

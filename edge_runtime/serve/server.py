@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -45,7 +45,9 @@ async def start_server(runtime: ServedModels, *, bind_address: str, port: int, m
                        tls: TlsFiles | None = None, control: RepositoryControl | None = None,
                        alive: Callable[[], bool] | None = None,
                        liveness_period_s: float = 2.0,
-                       shm_release_after_s: float = 10.0, health_port: int = 0) -> tuple[grpc.aio.Server, int]:
+                       shm_release_after_s: float = 10.0, health_port: int = 0,
+                       services: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = ()
+                       ) -> tuple[grpc.aio.Server, int]:
     """Start serving on ``bind_address:port`` (0: a free port); returns the server and the bound port.
 
     Health reports SERVING for the overall server and the inference service exactly when the device is ready (its
@@ -73,7 +75,9 @@ async def start_server(runtime: ServedModels, *, bind_address: str, port: int, m
     if alive is not None:
         pending.add(asyncio.get_running_loop().create_task(
             _follow_liveness(health_servicer, alive, liveness_period_s), name="edgeloop-liveness"))
-    _enable_reflection(server)
+    for _, add_service in services:
+        add_service(server)
+    _enable_reflection(server, tuple(name for name, _ in services))
     bound = _bind(server, bind_address, port, tls)
     await server.start()
     pending.add(asyncio.get_running_loop().create_task(
@@ -148,12 +152,12 @@ async def _sweep_shared_memory(shared: SharedMemoryRegistry, port: int, period_s
             log.exception("shared-memory sweep failed")
 
 
-def _enable_reflection(server: grpc.aio.Server) -> None:
-    """Reflection for the inference and health services (grpcurl, Postman)."""
+def _enable_reflection(server: grpc.aio.Server, extra: tuple[str, ...] = ()) -> None:
+    """Reflection for the inference and health services and ``extra`` ones (grpcurl, Postman)."""
     _share_with_reflection(health_pb2.DESCRIPTOR)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server,
-        pool=POOL)
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, *extra, reflection.SERVICE_NAME),
+        server, pool=POOL)
 
 
 def _bind(server: grpc.aio.Server, bind_address: str, port: int, tls: TlsFiles | None) -> int:

@@ -12,6 +12,7 @@ import grpc
 
 from edge_runtime import __version__
 from edge_runtime.serve.converters import outputs_to_response, request_to_inputs, requested_outputs, tensor_metadata
+from edge_runtime.serve.observers import notify_infer
 from edge_runtime.serve.shm import SharedMemoryRegistry
 from edge_runtime.states import State
 from edgeloop_core.errors import AccessDenied, ModelNotFound, Unauthenticated
@@ -125,7 +126,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         inputs = request_to_inputs(request, model.engine.inputs, self.max_batch_size, self.shared)  # largest *request*
         names = requested_outputs(request, model.engine.outputs)
         outputs = await model.batcher.infer(inputs)  # the model looked up above: one lookup per request
-        return outputs_to_response(request, model.version, outputs, names, self.shared)
+        response = outputs_to_response(request, model.version, outputs, names, self.shared)
+        notify_infer(self.runtime, request, model, inputs, outputs)  # field capture: only queues, never waits
+        return response
 
     async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:  # noqa: N802,E501
         self.shared.register(request.name, request.key, int(request.offset), int(request.byte_size),

@@ -7,6 +7,12 @@ it trusts, has not expired, and its sequence is not lower than the highest it ac
 a pointer to an older signed version cannot be replayed). An operator who wants an older version pins it by
 version instead of by channel.
 
+A pointer may also carry ``capture``, a field-capture policy
+(:class:`~edgeloop_core.contract.captures.CapturePolicy`) for the devices that follow the channel, so a fleet's
+capture is switched from the cloud (docs/capture.md). It is signed with the rest; a pointer without one has the
+same canonical bytes as before the field existed, so every pointer signed earlier still verifies. A device uses the
+policy only from a pointer it accepted; its desired file's policy for the model wins where it sets one.
+
 Names, versions and channels all follow :data:`NAME_PATTERN` wherever they enter (:func:`check_name`).
 """
 
@@ -19,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgeloop_core.contract.captures import CapturePolicy
 from edgeloop_core.contract.manifest import NAME_PATTERN, Signature
 from edgeloop_core.errors import ChannelExpired, ChannelRollback, ConfigError, ManifestInvalid, SignatureInvalid
 
@@ -53,22 +60,36 @@ class ChannelPointer(BaseModel):
     sequence: int = Field(ge=1, description="grows with every move of the channel")
     expires: datetime
     updated_at: datetime | None = None
+    capture: CapturePolicy | None = Field(None, description="field-capture policy for the devices that follow "
+                                                            "this channel (absent: the pointer sets none)")
     signature: Signature | None = None
 
     def canonical_bytes(self) -> bytes:
-        """What is signed: sorted-key compact JSON of every field except ``signature``."""
-        payload = self.model_dump(mode="json", exclude={"signature"})
+        """What is signed: sorted-key compact JSON of every field except ``signature``; ``capture`` only when the
+        pointer has one, and then the fields the pointer's JSON holds (so a device whose policy knows a field more,
+        with a default, reads the same bytes)."""
+        payload = self.model_dump(mode="json", exclude={"signature", "capture"})
+        if self.capture is not None:
+            payload["capture"] = self.capture.model_dump(mode="json", exclude_unset=True)
         return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+
+    def to_json(self) -> bytes:
+        """The pointer as it is stored: indented JSON, without ``capture`` when it has none (a device older than the
+        field refuses a key it does not know)."""
+        return self.model_dump_json(indent=2, exclude={"capture"} if self.capture is None else None).encode()
 
 
 def sign_pointer(name: str, channel: str, version: str, sequence: int, private_key: Ed25519PrivateKey, *,
-                 ttl: timedelta = DEFAULT_TTL, now: datetime | None = None) -> ChannelPointer:
-    """A pointer from ``name``'s ``channel`` to ``version``, signed by ``private_key``."""
+                 ttl: timedelta = DEFAULT_TTL, now: datetime | None = None,
+                 capture: CapturePolicy | None = None) -> ChannelPointer:
+    """A pointer from ``name``'s ``channel`` to ``version``, signed by ``private_key``, with the field-capture
+    policy ``capture`` when given (stored and signed with every field spelled out)."""
     from edgeloop_core.contract.signing import make_signature
 
     now = now or datetime.now(timezone.utc)
+    spelled = CapturePolicy.model_validate(capture.model_dump(mode="json")) if capture is not None else None
     pointer = ChannelPointer(name=name, channel=channel, version=version, sequence=sequence, expires=now + ttl,
-                             updated_at=now)
+                             updated_at=now, capture=spelled)
     return pointer.model_copy(update={"signature": make_signature(private_key, pointer.canonical_bytes())})
 
 

@@ -59,7 +59,7 @@ def accuracy_of(path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 def publish_model(store, signing_key, trained: TrainedModels, version: str, *, files: dict[str, Path] | None = None,
                   name: str = "digits-cnn", channel: str | None = "stable", prefix: str = "",
-                  reference_files: dict[str, Path] | None = None) -> Manifest:
+                  reference_files: dict[str, Path] | None = None, field_baseline=None) -> Manifest:
     """Publish ``files`` (default: the good model) as ``version``; references come from ``reference_files``
     (default: the good model), so shipping the untrained files makes a version that must fail on-device
     validation."""
@@ -90,6 +90,7 @@ def publish_model(store, signing_key, trained: TrainedModels, version: str, *, f
         labels=[str(i) for i in range(10)], variants=variants,
         validation=Validation(file="validation.npz", sha256=digest, size_bytes=size, num_samples=len(trained.y_val),
                               reference={n: r for n, r in references.items() if n in files}, tolerance=0.02),
+        field_baseline=field_baseline,
     )
     from components.publish import publish_version
 

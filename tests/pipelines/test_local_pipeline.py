@@ -59,6 +59,12 @@ def test_default_run_publishes_a_complete_signed_version(default_run, pipeline_e
     for variant in manifest.variants:  # the manifest carries the evaluation's speed figures and preference
         assert variant.speedup == evaluation.variant(variant.name).speedup
         assert variant.preferred == evaluation.variant(variant.name).preferred
+    # the drift baseline: the training digits through the dense model, every digit predicted, confidence mostly high
+    baseline = manifest.field_baseline
+    assert baseline is not None and baseline.samples == 1167  # every training digit (under the 2,000 cap)
+    assert set(baseline.features) == {"input:input:c0:mean", "input:input:c0:std", "class", "confidence"}
+    assert len(baseline.features["class"].proportions) == 10 and min(baseline.features["class"].proportions) > 0.05
+    assert sum(baseline.features["confidence"].proportions[-3:]) > 0.8
 
 
 def test_default_model_meets_the_accuracy_and_pruning_targets(default_run):
