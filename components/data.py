@@ -21,11 +21,14 @@ from edgeloop_core.errors import ConfigError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".webp"}
 SYNTHETIC_DETECTION = "synthetic-detection"
 """The data URI of the generated detection set (:func:`load_synthetic_detection`)."""
+SYNTHETIC_ACTIONS = "synthetic-actions"
+"""The data URI of the generated action clips (:func:`load_synthetic_actions`)."""
 
 
 @dataclass
 class DatasetSplits:
-    """Preprocessed float32 NCHW inputs and int64 labels for each split, plus what a client must know."""
+    """Preprocessed float32 NCHW inputs (clips: NCTHW) and int64 labels for each split, plus what a client must
+    know."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -219,6 +222,30 @@ def load_synthetic_detection(seed: int = 0, sizes: tuple[int, int, int] | None =
     )
 
 
+def load_synthetic_actions(seed: int = 0, sizes: tuple[int, int, int] | None = None) -> DatasetSplits:
+    """The generated action clips (:mod:`components.action_data`: an object that moves, turns, grows or stays over a
+    cluttered, noisy background) as train/validation/test splits: ``x`` float32 ``[n, 1, 8, 32, 32]`` (``N, C, T, H,
+    W``) in [0, 1], ``y`` action indices. Each split comes from its own seed, so no clip is in two splits (default
+    :data:`~components.action_data.SPLIT_SIZES`).
+
+    The preprocessing says how a client makes a clip: ``kind="image"`` per frame (pixel / 255), ``layout="NCTHW"``
+    and the clip (:class:`~edgeloop_core.contract.Clip`: frames, frame rate, stride, layout)."""
+    from components.action_data import ACTIONS, FPS, FRAME_SIZE, FRAMES, SPLIT_SIZES, generate
+    from edgeloop_core.contract import Clip
+
+    parts = []
+    for split, count in enumerate(sizes or SPLIT_SIZES):
+        parts += list(generate(count, seed=[seed, split]))
+    return DatasetSplits(
+        *parts,
+        labels=list(ACTIONS),
+        preprocessing=Preprocessing(kind="image", layout="NCTHW", scale=1 / 255, mean=[0.0], std=[1.0],
+                                    params={"height": FRAME_SIZE, "width": FRAME_SIZE},
+                                    clip=Clip(frames=FRAMES, fps=FPS, layout="NCTHW")),
+        source=SYNTHETIC_ACTIONS,
+    )
+
+
 def load_image_folder(
     uri: str,
     *,
@@ -306,13 +333,16 @@ def load_speech_commands(root: str | Path, *, seed: int = 0, noisy_copies: int =
 
 def load_dataset(uri: str, *, seed: int = 0, image_size: int = 32, channels: int = 1) -> DatasetSplits:
     """Dispatch on ``uri``: ``digits`` (or ``sklearn:digits``); ``synthetic-detection`` (shapes on cluttered
-    64x64 backgrounds with box labels, :mod:`components.detection_data`); otherwise a folder — local, ``file://...``
+    64x64 backgrounds with box labels, :mod:`components.detection_data`); ``synthetic-actions`` (8-frame 32x32
+    clips of seven actions, :mod:`components.action_data`); otherwise a folder — local, ``file://...``
     or an ``s3://`` prefix (downloaded once) — in the Speech Commands layout or an image folder. ``image_size`` and
     ``channels`` apply to image folders only."""
     if uri in ("digits", "sklearn:digits"):
         return load_digits_dataset(seed=seed)
     if uri == SYNTHETIC_DETECTION:
         return load_synthetic_detection(seed=seed)
+    if uri == SYNTHETIC_ACTIONS:
+        return load_synthetic_actions(seed=seed)
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 or 3, got {channels}")
     with local_folder(uri) as root:

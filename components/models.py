@@ -1,5 +1,6 @@
-"""The model architectures the pipeline trains: a small CNN (the default), a small vision transformer, and a small
-anchor-free detector (:mod:`components.detector`) for detection data.
+"""The model architectures the pipeline trains: a small CNN (the default), a small vision transformer, a small
+anchor-free detector (:mod:`components.detector`) for detection data, and a small (2+1)D network for clips
+(:mod:`components.clip_model`).
 
 Layer widths are multiples of 16 so that Model Optimizer's FastNAS, which prunes channels in steps of its
 ``channel_divisor``, has room to cut FLOPs without touching depth.
@@ -16,9 +17,12 @@ from torch import nn
 
 from edgeloop_core.errors import ConfigError
 
-ARCHITECTURES = ("cnn", "vit", "ast", "detector")
+ARCHITECTURES = ("cnn", "vit", "ast", "detector", "r2plus1d")
 DETECTION_ARCHITECTURES = ("detector",)
 """Architectures that detect (YOLOv8-layout outputs, trained on box tables); the others classify."""
+CLIP_ARCHITECTURES = ("r2plus1d",)
+"""Architectures that classify clips (``[batch, channels, frames, height, width]`` inputs); the others take images
+or spectrograms."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class ModelSpec:
     num_classes: int
     width: int | None = None
     """Input width when it differs from ``image_size`` (spectrograms: mel bins x frames)."""
+    frames: int | None = None
+    """Frames per clip (clip architectures only)."""
 
     def save(self, path: str | Path) -> None:
         """Write as JSON."""
@@ -136,7 +142,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
     ``ast`` is the audio spectrogram transformer: the same encoder as ``vit``, with rectangular patches over the
     (mel bins x frames) spectrogram, each at most 8x8 and dividing the input exactly (40x98 gives 8x7 patches).
-    ``detector`` is :class:`components.detector.TinyDetector` (``num_classes`` object classes).
+    ``detector`` is :class:`components.detector.TinyDetector` (``num_classes`` object classes); ``r2plus1d`` is
+    :class:`components.clip_model.R2Plus1D` (clips of ``frames`` frames).
     """
     if spec.arch == "cnn":
         return SmallCNN(spec.in_channels, spec.image_size, spec.num_classes)
@@ -150,6 +157,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
         from components.detector import TinyDetector
 
         return TinyDetector(spec.in_channels, spec.image_size, spec.num_classes)
+    if spec.arch == "r2plus1d":
+        from components.clip_model import R2Plus1D
+
+        return R2Plus1D(spec.in_channels, spec.num_classes)
     raise ConfigError(f"unknown architecture {spec.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
 
 

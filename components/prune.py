@@ -15,6 +15,16 @@ from edgeloop_core.errors import ConfigError
 
 CHANNEL_DIVISOR = 16
 """FastNAS keeps channel and feature counts multiples of this (Model Optimizer's default is 32)."""
+FASTNAS_RULES = {
+    "nn.Conv2d": {"*": {"channel_divisor": CHANNEL_DIVISOR}},
+    "nn.Conv3d": {"*": {"channel_divisor": CHANNEL_DIVISOR}},  # the clip model's (2+1)D convolutions
+    "nn.Linear": {"*": {"feature_divisor": CHANNEL_DIVISOR}},
+    "nn.BatchNorm2d": {"*": {"feature_divisor": CHANNEL_DIVISOR}},
+    "nn.BatchNorm3d": {"*": {"feature_divisor": CHANNEL_DIVISOR}},
+    "nn.LayerNorm": {"*": {"feature_divisor": CHANNEL_DIVISOR}},
+}
+"""The search space FastNAS prunes in: every layer kind our architectures use, in steps of :data:`CHANNEL_DIVISOR`
+(a kind left out falls back to Model Optimizer's coarser default)."""
 
 
 @dataclass
@@ -70,13 +80,7 @@ def prune_model(
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    rules = {"channel_divisor": CHANNEL_DIVISOR}
-    mode = [("fastnas", {
-        "nn.Conv2d": {"*": rules},
-        "nn.Linear": {"*": {"feature_divisor": CHANNEL_DIVISOR}},
-        "nn.BatchNorm2d": {"*": {"feature_divisor": CHANNEL_DIVISOR}},
-        "nn.LayerNorm": {"*": {"feature_divisor": CHANNEL_DIVISOR}},
-    })]
+    mode = [("fastnas", FASTNAS_RULES)]
     with tempfile.TemporaryDirectory(prefix="edgeloop-prune-") as tmp:
         model.eval()
         try:

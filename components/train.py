@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from components.data import DatasetSplits
 from components.detection_data import is_box_table
-from components.models import ARCHITECTURES, DETECTION_ARCHITECTURES, ModelSpec, build_model
+from components.models import ARCHITECTURES, CLIP_ARCHITECTURES, DETECTION_ARCHITECTURES, ModelSpec, build_model
 from edgeloop_core.errors import ConfigError
 
 
@@ -143,15 +143,22 @@ def train_model(
     progress: bool = True,
 ) -> tuple[nn.Module, ModelSpec, TrainHistory]:
     """Train the FP32 baseline of ``arch`` on ``data``: a detector (:data:`DETECTION_ARCHITECTURES`) on detection
-    data, a classifier on the rest."""
-    if (data.task == "detection") != (arch in DETECTION_ARCHITECTURES):
-        fitting = [a for a in ARCHITECTURES if (a in DETECTION_ARCHITECTURES) == (data.task == "detection")]
-        raise ConfigError(f"{data.source} is {data.task} data, which arch {arch!r} cannot learn: set arch to one of "
+    data, a clip classifier (:data:`CLIP_ARCHITECTURES`) on clips (``[n, channels, frames, height, width]``), an
+    image classifier on the rest."""
+    clips = len(data.input_shape) == 4
+    kind = "detection" if data.task == "detection" else "clip" if clips else "classification"
+
+    def kind_of(a: str) -> str:
+        return "detection" if a in DETECTION_ARCHITECTURES else "clip" if a in CLIP_ARCHITECTURES else "classification"
+
+    if kind_of(arch) != kind:
+        fitting = [a for a in ARCHITECTURES if kind_of(a) == kind]
+        raise ConfigError(f"{data.source} is {kind} data, which arch {arch!r} cannot learn: set arch to one of "
                           f"{', '.join(fitting)}")
     seed_everything(seed)
-    channels, height, width = data.input_shape
+    channels, *frames, height, width = data.input_shape
     spec = ModelSpec(arch=arch, in_channels=channels, image_size=height, num_classes=data.num_classes,
-                     width=None if width == height else width)
+                     width=None if width == height else width, frames=frames[0] if frames else None)
     model = build_model(spec)
     history = fit(model, data, epochs=epochs, lr=lr, seed=seed, desc=f"train {arch}", progress=progress)
     return model, spec, history
