@@ -30,6 +30,14 @@ used per frame (server process, from /proc; in-process: ONNX Runtime's runs), an
 and cores are checked, not assumed: every thread of the server must be allowed core 0 only, and neither side may use
 more than one core's worth of CPU. Writes its section of ``bench/README.md`` (``bench/report.py``) and a plot;
 ``--quick`` runs one pair of 30-frame rounds into a copy of the README.
+
+The clip model (action recognition, :mod:`components.clip_model`) gets rows of its own: trained here through the
+pipeline's functions on the generated action set, each of its variants (FP32 dense, pruned FP32, FP16, CPU INT8)
+published as a model and measured with the streaming client's loop (``examples/clip_client.py``: a window of 8
+frames every 2, through shared memory) on a video of 4 × ``--frames`` frames of generated actions, against the same
+file in in-process ONNX Runtime, alternating for ``--rounds`` pairs: clips/s, the latency from a window's last frame
+to its action, edgeloop ÷ in-process, and each variant's speed-up against FP32 dense beside the Jetson Nano study's
+average (16%).
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ if TYPE_CHECKING:
     from edgeloop.local_s3 import LocalS3
     from edgeloop_core.contract import Task
     from edgeloop_core.store import ObjectStore
+    from examples.clip_client import ClipInput
     from examples.video_client import InputSpec
 
 SIZE = 320
@@ -242,41 +251,11 @@ def camera_frames(count: int, seed: int = 0) -> list[np.ndarray]:
 def publish_detector(store: ObjectStore, work: Path, name: str, onnx: Path, task: Task, inputs: np.ndarray) -> None:
     """Publish ``onnx`` as version ``v1`` of ``name`` on channel ``stable``: one FP32 variant, validated on the device
     by detection F1 against its own outputs on ``inputs``, signed with the benchmark's key."""
-    import shutil
-    from datetime import datetime, timezone
+    from edgeloop_core.contract import load_signing_key
+    from examples.publish_onnx import publish_onnx_as_is
 
-    import onnxruntime as ort
-
-    from components.import_onnx import tensor_specs
-    from components.publish import publish_version
-    from edgeloop_core.contract import (
-        ArtifactLayout,
-        Manifest,
-        Preprocessing,
-        Validation,
-        Variant,
-        load_signing_key,
-        sha256_file,
-    )
-
-    stage = work / f"stage-{name}"
-    stage.mkdir()
-    shutil.copy(onnx, stage / "fp32.onnx")
-    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": inputs}), strict=True))
-    np.savez(stage / "validation.npz", **{"input:images": inputs}, **{f"reference:{k}": v for k, v in outputs.items()})
-    refs = {f: dict(zip(("sha256", "size_bytes"), sha256_file(stage / f), strict=True))
-            for f in ("fp32.onnx", "validation.npz")}
-    specs_in, specs_out = tensor_specs(stage / "fp32.onnx")
-    manifest = Manifest(
-        name=name, version="v1", created_at=datetime.now(timezone.utc), inputs=specs_in, outputs=specs_out,
-        task=task, preprocessing=Preprocessing(kind="image", layout="NCHW", scale=1 / 255),
-        variants=[Variant(file="fp32.onnx", name="fp32", precision="fp32", backends=["tensorrt", "onnxruntime"],
-                          **refs["fp32.onnx"])],
-        validation=Validation(file="validation.npz", metric="detection_f1", num_samples=len(inputs),
-                              reference={"fp32": 1.0}, tolerance=0.02, **refs["validation.npz"]))
-    publish_version(store, manifest, stage, load_signing_key(work / "keys" / "signing-key.pem"),
-                    layout=ArtifactLayout(), channel="stable")
+    publish_onnx_as_is(store, load_signing_key(work / "keys" / "signing-key.pem"), onnx, name, task,
+                       {"images": inputs}, work=work)
 
 
 # --- measuring ----------------------------------------------------------------------------------------------------
@@ -500,6 +479,147 @@ def write_plot(results: list[Measured], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# --- the clip model (action recognition) --------------------------------------------------------------------------
+CLIP_VARIANTS = ("fp32-dense", "fp32", "fp16", "int8-ort")
+"""The variants of the clip model measured: FP32 dense is the baseline each speed-up is against."""
+CLIP_STRIDE = 2
+"""Frames between two windows of the streaming client."""
+STUDY_SPEEDUP = 1.16
+"""The published Jetson Nano study's average speed-up of optimized video action models (16%), quoted beside ours."""
+
+
+@dataclass
+class ClipRound:
+    """One pass of the streaming client's loop over the video on one path."""
+
+    clips_per_s: float
+    p50_ms: float
+    p99_ms: float
+    """Latency from the last frame of a window in hand to its action, ms."""
+
+
+def clip_variants(work: Path) -> tuple[Path, np.ndarray]:
+    """Train the clip model through the pipeline's functions (15 epochs, prune to 75% of the FLOPs, QAT, export) on
+    the generated action set; the variants' folder and a validation batch of clips."""
+    from components.data import calibration_indices, load_synthetic_actions
+    from components.export import export_variants
+    from components.prune import prune_model
+    from components.qat import quantize_aware_train
+    from components.train import train_model
+
+    data = load_synthetic_actions()
+    dense, _, _ = train_model(data, arch="r2plus1d", epochs=15, lr=0.004, progress=False)
+    import copy
+
+    pruned, _ = prune_model(copy.deepcopy(dense), data, keep_fraction=0.75, finetune_epochs=6, progress=False)
+    quantized, _ = quantize_aware_train(copy.deepcopy(pruned), data, epochs=3, calibration_samples=256,
+                                        progress=False)
+    rows = calibration_indices(data.y_train, 256)
+    export_variants(dense, pruned, quantized, x_check=data.x_test, x_calibration=data.x_train[rows],
+                    out_dir=work / "clips")
+    return work / "clips", data.x_test[:64]
+
+
+def clip_video(frames: int, seed: int = 0) -> list[np.ndarray]:
+    """A video of the generator's actions (16-frame segments), 64x64 BGR frames, decoded into memory."""
+    import cv2
+
+    from components.action_data import ACTIONS, generate_video
+
+    segments = -(-frames // 16)
+    actions = [ACTIONS[i % len(ACTIONS)] for i in range(segments)]
+    video = np.round(generate_video(actions, seed)[:frames] * 255).astype(np.uint8)
+    return [cv2.cvtColor(cv2.resize(f, (64, 64), interpolation=cv2.INTER_NEAREST), cv2.COLOR_GRAY2BGR)
+            for f in video]
+
+
+def clip_round(frames: list[np.ndarray], infer: Callable[[np.ndarray], np.ndarray], spec: ClipInput) -> ClipRound:
+    """The streaming client's loop (``examples.clip_client.process``, stride :data:`CLIP_STRIDE`) after a warm-up."""
+    from examples.clip_client import process
+
+    process(frames[:16], infer, spec, stride=CLIP_STRIDE)
+    summary = process(frames, infer, spec, stride=CLIP_STRIDE)
+    return ClipRound(summary.windows_per_s, summary.percentile_ms(50), summary.percentile_ms(99))
+
+
+class InProcessClip(InProcess):
+    """The clip model in this process's ONNX Runtime (threads as :class:`InProcess`): the first output's row."""
+
+    def __call__(self, tensor: np.ndarray) -> np.ndarray:  # type: ignore[override]
+        return self.session.run(self.names[:1], {"input": tensor})[0][0]
+
+
+def measure_clip_variant(name: str, onnx: Path, frames: list[np.ndarray], rounds: int, s3: LocalS3,
+                         work: Path) -> tuple[list[ClipRound], list[ClipRound]]:
+    """The served path (``edgeloop edge serve``, batching off, windows through shared memory) and in-process ONNX
+    Runtime for one published variant, alternating round by round."""
+    from bench.serve import Edgeloop
+    from examples.clip_client import ServedClipModel, connect
+
+    server = Edgeloop(s3, "bench", name, work, max_batch=1, log_name=f"edgeloop-{name}")
+    served: list[ClipRound] = []
+    local: list[ClipRound] = []
+    try:
+        server.ready()
+        client, spec, output, classes = connect(server.address, name, "NCTHW")
+        session = InProcessClip(onnx)
+        with contextlib.ExitStack() as regions:
+            model = ServedClipModel(regions, client, name, spec, output, classes)
+            for _ in range(rounds):
+                served.append(clip_round(frames, model, spec))
+                with on_core(SERVER_CORE):
+                    local.append(clip_round(frames, session, spec))
+                print(f"  {name}: edgeloop {served[-1].clips_per_s:.1f} clips/s, in-process "
+                      f"{local[-1].clips_per_s:.1f} clips/s", flush=True)
+        client.close()
+    finally:
+        server.stop()
+    return served, local
+
+
+def measure_clips(frames: int, rounds: int, work: Path, s3: LocalS3, store: ObjectStore) -> str:
+    """Publish each clip variant as a model of its own, measure both paths, and the markdown table."""
+    from edgeloop_core.contract import Task, load_signing_key
+    from examples.publish_onnx import publish_onnx_as_is
+
+    folder, validation = clip_variants(work)
+    video = clip_video(frames)
+    measured = {}
+    for variant in CLIP_VARIANTS:
+        name = f"clips-{variant}"
+        publish_onnx_as_is(store, load_signing_key(work / "keys" / "signing-key.pem"), folder / f"{variant}.onnx",
+                           name, Task(), {"input": validation}, work=work, metric="top1_agreement")
+        measured[variant] = measure_clip_variant(name, folder / f"{variant}.onnx", video, rounds, s3, work)
+    return clip_table(measured, len(video))
+
+
+def clip_table(measured: dict[str, tuple[list[ClipRound], list[ClipRound]]], frames: int) -> str:
+    """Per variant and path: median clips/s and latency; edgeloop ÷ in-process; speed-up against FP32 dense."""
+    def median(rounds: list[ClipRound]) -> ClipRound:
+        return sorted(rounds, key=lambda r: r.clips_per_s)[len(rounds) // 2]
+
+    lines = ["| clip variant | path | clips/s | last frame → action p50 ms | p99 ms | ÷ in-process ORT | "
+             "speed-up vs fp32-dense |", "|---|---|---:|---:|---:|---:|---:|"]
+    base = {path: median(measured["fp32-dense"][i]).clips_per_s for i, path in enumerate(("served", "local"))}
+    gains = []
+    for variant, (served, local) in measured.items():
+        ratio = statistics.median(a.clips_per_s / b.clips_per_s for a, b in zip(served, local, strict=True))
+        for path, rounds in (("served", served), ("local", local)):
+            m = median(rounds)
+            speedup = m.clips_per_s / base[path]
+            if variant != "fp32-dense" and path == "served":
+                gains.append(speedup)
+            label = "edgeloop, gRPC + shared memory" if path == "served" else "in-process ONNX Runtime"
+            lines.append(f"| {variant} | {label} | {m.clips_per_s:.1f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | "
+                         f"{ratio if path == 'served' else 1.0:.2f}x | {speedup:.2f}x |")
+    lines.append("")
+    lines.append(f"- the (2+1)D clip model (8 frames of 32x32, NCTHW) on a {frames}-frame video of the generated "
+                 f"actions, a window every {CLIP_STRIDE} frames, batch 1, one ONNX Runtime thread on this CPU; "
+                 f"optimized variants served: {statistics.mean(gains):.2f}x fp32-dense on average (the Jetson Nano "
+                 f"study: {STUDY_SPEEDUP:.2f}x for its video action models, on a GPU with TensorRT)")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, help=f"frames per round (default {FULL['frames']}; --quick: "
@@ -538,7 +658,8 @@ def main() -> None:
             for name, (path, model_task) in onnx.items():
                 publish_detector(store, work, name, path, model_task, inputs)
                 results.extend(measure_model(name, path, frames, rounds, patience, s3, work, problems))
-    table = tables(results, len(frames), problems)
+            clips = measure_clips(4 * count, rounds, work, s3, store)
+    table = tables(results, len(frames), problems) + "\n\n" + clips
     print(table)
     write_plot(results, run.plot)
     run.finish(table)

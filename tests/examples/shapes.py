@@ -8,12 +8,13 @@ the mean of channel c over the cell (red, green, blue in [0, 1]). On a black fra
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from examples.publish_onnx import publish_onnx_as_is
 
 SIZE = 320
 CELL = 32
@@ -92,28 +93,5 @@ def read_video(path: Path) -> list[np.ndarray]:
 def publish_detector(store, signing_key, onnx_path: Path, name: str, task, inputs: np.ndarray):
     """Publish ``onnx_path`` as the one FP32 variant of ``name`` (version v1, channel stable), validated on the
     device by detection F1 against its own outputs on ``inputs``; returns the signed manifest."""
-    import onnxruntime as ort
-
-    from components.import_onnx import tensor_specs
-    from components.publish import publish_version
-    from edgeloop_core.contract import ArtifactLayout, Manifest, Preprocessing, Validation, Variant, sha256_file
-
-    stage = onnx_path.parent / f"stage-{name}"
-    stage.mkdir()
-    (stage / "fp32.onnx").write_bytes(onnx_path.read_bytes())
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": inputs}),
-                         strict=True))
-    np.savez(stage / "validation.npz", **{"input:images": inputs},
-             **{f"reference:{k}": v for k, v in reference.items()})
-    refs = {f: dict(zip(("sha256", "size_bytes"), sha256_file(stage / f), strict=True))
-            for f in ("fp32.onnx", "validation.npz")}
-    specs_in, specs_out = tensor_specs(stage / "fp32.onnx")
-    manifest = Manifest(
-        name=name, version="v1", created_at=datetime.now(timezone.utc), inputs=specs_in, outputs=specs_out,
-        task=task, labels=list(CLASSES), preprocessing=Preprocessing(kind="image", layout="NCHW", scale=1 / 255),
-        variants=[Variant(file="fp32.onnx", name="fp32", precision="fp32", backends=["tensorrt", "onnxruntime"],
-                          **refs["fp32.onnx"])],
-        validation=Validation(file="validation.npz", metric="detection_f1", num_samples=len(inputs),
-                              reference={"fp32": 1.0}, tolerance=0.02, **refs["validation.npz"]))
-    return publish_version(store, manifest, stage, signing_key, layout=ArtifactLayout(), channel="stable")
+    return publish_onnx_as_is(store, signing_key, onnx_path, name, task, {"images": inputs}, work=onnx_path.parent,
+                              labels=list(CLASSES))
