@@ -31,6 +31,10 @@ except ImportError:  # the hub extra (SQLAlchemy) is not installed here
 if hub_app is not None and fleet_app is not None:
     app.add_typer(hub_app, name="hub")
     app.add_typer(fleet_app, name="fleet")
+if importlib.util.find_spec("pyarrow") is not None:  # `edgeloop data`: capture shards are Parquet
+    from edgeloop.data_cli import app as data_app
+
+    app.add_typer(data_app, name="data")
 
 
 @app.command("keys")
