@@ -395,8 +395,11 @@ class EdgeApp:
 
 async def serve(settings: EdgeSettings) -> None:
     """Run until SIGINT/SIGTERM."""
+    from edgeloop_core.process import settle_heap
+
     app = EdgeApp(settings)
     await app.start()
+    settle_heap()  # full collections then scan only what serving allocates, not every module loaded at start
     log.info("serving the Open Inference Protocol on %s:%d", settings.bind_address, app.grpc_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -34,7 +34,10 @@ def serve_command(
     settings = HubSettings(**overrides)
 
     async def run() -> None:
+        from edgeloop_core.process import settle_heap
+
         server, bound, _ = await start_hub(settings)
+        settle_heap()  # full collections would otherwise stall every call for ~24 ms
         logging.getLogger("edgeloop.hub").info("telemetry hub on %s:%d", settings.bind_address, bound)
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
