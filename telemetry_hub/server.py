@@ -361,7 +361,7 @@ PENDING_CALLS = 256
 """Calls gRPC holds for the event loop to pick up, at most (then it cancels the newest at once): a burst that arrives
 faster than the loop picks calls up waits here, about 0.1 s of a whole-core hub's pick-up rate (64 cancelled bursts a
 hub had the headroom for); a call that waits here longer than 1 s is cancelled anyway."""
-PAGE_SIZE, MAX_PAGE_SIZE = 500, 1000
+PAGE_SIZE = MAX_PAGE_SIZE = 1000
 """Devices per FleetStatus reply: a page of 1000 is about 1 MB, far below gRPC's 4 MiB default."""
 
 

@@ -40,6 +40,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql import Select
 
@@ -676,14 +677,14 @@ class HubStore:
         return devices.outerjoin(device_models, on)
 
     def fleet(self, *, limit: int | None = None, after: tuple[str, str] | None = None, state: str = "",
-              model_name: str = "", version: str = "", stale_since_ms: int = 0) -> list[dict[str, Any]]:
+              model_name: str = "", version: str = "", stale_since_ms: int = 0) -> list[RowMapping]:
         """One row per device and model (latest state), by device id then model name (a device with no model
         first, as model ``""``): those after ``after`` (``(device id, model name)``), at most ``limit``,
         optionally filtered. See :meth:`fleet_query`."""
         query = self.fleet_query(limit=limit, after=after, state=state, model_name=model_name, version=version,
                                  stale_since_ms=stale_since_ms)
-        with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+        with self.engine.connect() as conn:  # read-only mappings: half the cost of a dict per row
+            return list(conn.execute(query).mappings().all())
 
     def fleet_query(self, *, limit: int | None = None, after: tuple[str, str] | None = None, state: str = "",
                     model_name: str = "", version: str = "", stale_since_ms: int = 0) -> Select:
