@@ -61,10 +61,11 @@ PROBE_TURNS = 8
 BATCHING_PAYS = 1.1
 """Batching pays when a sample costs at least this much less in the largest batches run than alone (moving averages
 of seconds per sample); where it does not (a compute-bound model on a CPU), runs are kept near :data:`RUN_S`."""
-RUN_S = 4e-3
+RUN_S = 8e-3
 """Where batching does not pay: the engine time a batch is kept to (at least 2 samples). A long run makes its
 clients' answers, and so their next requests, come in bursts, and a request that just missed a run waits a whole
-one: batches of 16 of a 1.5 ms CNN left the 99th percentile at twice the median (issue 25), batches of 2 do not."""
+one: batches of 16 of a 1.5 ms CNN left the 99th percentile at twice the median (issue 25); batches of about 5 keep
+it within 1.25x and, the per-run costs shared, serve ~5% more than batches of 2 (bench/serve, large model)."""
 EMPTY_WAITS = 2
 """With ``company_delay_us``: waiting stops after this many waits in a row brought nobody (one could be the end of a
 burst, after which the next burst should not start unbatched)."""
@@ -322,7 +323,7 @@ class DynamicBatcher:
         if alone >= BATCHING_PAYS * self._sample_s[largest]:
             self.batch_limit = self.max_batch_size
         else:
-            self.batch_limit = max(2, min(self.max_batch_size, int(RUN_S / max(alone, 1e-9))))
+            self.batch_limit = max(2, min(self.max_batch_size, round(RUN_S / max(alone, 1e-9))))
 
     async def _run_one(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request, split into engine-sized runs when it is larger than the engine's batch."""
