@@ -28,9 +28,14 @@ PYTRITON_SPEC := nvidia-pytriton==0.7.0
 ULTRA_PY      := $(TOOLS)/ultralytics/bin/python
 ULTRA_READY   := $(TOOLS)/ultralytics/.ready
 ULTRA_SPEC    := ultralytics==8.4.190
+# label-studio-sdk (the Label Studio tests check exported tasks with its LabelInterface): it pins an older numpy than
+# the project's, so it gets a venv of its own.
+LS_PY    := $(TOOLS)/labelstudio/bin/python
+LS_READY := $(TOOLS)/labelstudio/.ready
+LS_SPEC  := label-studio-sdk==2.1.2
 ULTRA_TORCH   := $(if $(filter aarch64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
-.PHONY: venv tools demo test lint protos images clean
+.PHONY: venv tools demo test lint protos images clean device-check
 
 venv: $(READY)
 
@@ -75,13 +80,22 @@ $(ULTRA_READY): $(READY)
 	  || { rm -rf $(TOOLS)/ultralytics; echo "ultralytics could not be installed into $(TOOLS)/ultralytics (pip's output: $(TOOLS)/ultralytics-install.log): the YOLO import tests need it" >&2; exit 1; }
 	touch $@
 
-tools: $(HELM) $(CHECKOV) $(TRITON_READY) $(ULTRA_READY)
+$(LS_READY): $(READY)
+	$(PYTHON) -m venv $(TOOLS)/labelstudio
+	$(LS_PY) -m pip install --quiet "$(LS_SPEC)" >$(TOOLS)/labelstudio-install.log 2>&1 \
+	  || { rm -rf $(TOOLS)/labelstudio; echo "label-studio-sdk could not be installed into $(TOOLS)/labelstudio (pip's output: $(TOOLS)/labelstudio-install.log): the Label Studio tests need it" >&2; exit 1; }
+	touch $@
+
+tools: $(HELM) $(CHECKOV) $(TRITON_READY) $(ULTRA_READY) $(LS_READY)
 
 demo: $(READY)
 	$(BIN)/edgeloop demo
 
-test: $(READY) $(HELM) $(CHECKOV) $(TRITON_READY) $(ULTRA_READY)
-	$(BIN)/python -m pytest
+# Two pytest workers (pytest-xdist), a test file each at a time: most of the suite waits on servers it started
+# (SeaweedFS, the runtime, tritonserver, PostgreSQL), so two files side by side fit on two cores.
+PYTEST_WORKERS ?= 2
+test: $(READY) $(HELM) $(CHECKOV) $(TRITON_READY) $(ULTRA_READY) $(LS_READY)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: $(READY)
 	$(BIN)/ruff check .
@@ -101,3 +115,9 @@ images:
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .demo .edgeloop .pytest_cache
+
+# On a Jetson (or any NVIDIA GPU machine), once: device facts and target key, the demo model built with TensorRT in
+# fp32/fp16/int8-qdq and timed (which precision wins), the GPU conformance tests, Triton's libraries (ldd); one JSON
+# report. Runs unchanged without TensorRT or a GPU and says what it could not check (exit 1 only when a check failed).
+device-check: $(READY)
+	$(BIN)/edgeloop edge selfcheck --out device-check.json
