@@ -89,19 +89,30 @@ def test_keyword_spotting_through_pipeline_s3_runtime_and_tritonclient(speech_co
     assert manifest.inputs[0].shape == [-1, 1, 40, 98]
     assert manifest.variant("fp32-dense").accuracy >= REQUIRED_ACCURACY
 
-    edge = RunningEdge(edge_settings(store.bucket, model_name="kws-ast"))
+    assert manifest.field_baseline is not None and "input:input:c0:mean" in manifest.field_baseline.features
+
+    import json
+
+    from tests.edge_runtime.conftest import assert_captured
+
+    desired = tmp_path / "desired.json"  # field capture of every request: audio features come home as Parquet
+    desired.write_text(json.dumps({"models": [{"name": "kws-ast", "capture": {"sample_rate": 1.0}}],
+                                   "capture": {"shard_max_age_s": 0.2}}))
+    edge = RunningEdge(edge_settings(store.bucket, desired_file=desired))
     try:
         edge.wait_ready()
         client = triton.InferenceServerClient(edge.address)
         data = load_dataset(str(speech_commands))
-        correct = 0
+        correct, sent = 0, {}
         for start in range(0, len(data.y_test), 10):
             batch = data.x_test[start : start + 10].astype(np.float32)
             tensor = triton.InferInput("input", list(batch.shape), "FP32")
             tensor.set_data_from_numpy(batch)
-            logits = client.infer("kws-ast", [tensor]).as_numpy("logits")
+            logits = client.infer("kws-ast", [tensor], request_id=f"kws-{start}").as_numpy("logits")
+            sent[f"kws-{start}"] = (batch, logits)
             correct += int((logits.argmax(1) == data.y_test[start : start + 10]).sum())
         assert correct / len(data.y_test) >= REQUIRED_ACCURACY
+        assert_captured(store, sent, "kws-ast")
 
         # `edgeloop edge infer` with WAV files, features computed from the manifest's settings
         import subprocess

@@ -171,3 +171,29 @@ class RunningEdge:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+
+
+def assert_captured(store, sent: dict, model: str, device: str = "test-jetson") -> None:
+    """Field capture took every request of ``sent`` (request id -> (input batch, outputs received: one array, or a
+    dict by output name)): each arrived in S3 as a capture of ``model`` whose first input is bit-identical to what was
+    sent and whose outputs equal what the client received."""
+    import io
+
+    import pandas as pd
+
+    from edgeloop_core.contract.captures import CaptureLayout, tensor_array
+
+    def rows():
+        keys = [k for k in store.list_keys(CaptureLayout().device_prefix(device)) if k.endswith(".parquet")]
+        frames = [pd.read_parquet(io.BytesIO(store.get_bytes(k))) for k in keys]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    wait_until(lambda: len(rows()) == len(sent), timeout=30)
+    for row in rows().itertuples():
+        batch, received = sent[row.request_id]
+        assert row.model == model and tensor_array(row.inputs[0]).tobytes() == batch.tobytes()
+        outputs = {t["name"]: tensor_array(t) for t in row.outputs}
+        expected = received if isinstance(received, dict) else {next(iter(outputs)): received}
+        for name, value in expected.items():
+            np.testing.assert_array_equal(outputs[name], value)
+

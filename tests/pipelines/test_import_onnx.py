@@ -89,7 +89,16 @@ def test_import_publish_validate_serve(tmp_path, local_s3, key_dir, edge_setting
 
     # with a latency budget the device sweeps batch sizes on the imported version's own calibration inputs (an
     # import has no "inputs" array in validation.npz; that once hung the device in `validating`)
-    edge = RunningEdge(edge_settings(store.bucket, model_name="detector", batching_budget_ms=50.0))
+    import json
+
+    from tests.edge_runtime.conftest import assert_captured
+
+    desired = tmp_path / "desired.json"  # an imported model's requests come home too (field capture, every one)
+    desired.write_text(json.dumps({"models": [{"name": "detector", "capture": {"sample_rate": 1.0}}],
+                                   "capture": {"shard_max_age_s": 0.2}}))
+    assert manifest.field_baseline is not None  # the drift baseline, from the held-out rows
+    edge = RunningEdge(edge_settings(store.bucket, desired_file=desired, batching_budget_ms=50.0))
+    sent = {}
     try:
         edge.wait_ready()
         validated = edge.events("validated")[-1]
@@ -104,12 +113,14 @@ def test_import_publish_validate_serve(tmp_path, local_s3, key_dir, edge_setting
             x = np.random.default_rng(length).standard_normal((3, 4, length)).astype(np.float32)
             tensor = triton.InferInput("signal", list(x.shape), "FP32")
             tensor.set_data_from_numpy(x)
-            reply = client.infer("detector", [tensor])
+            reply = client.infer("detector", [tensor], request_id=f"len-{length}")
             with torch.no_grad():
                 scores, boxes = model(torch.from_numpy(x))
             got = {"scores": reply.as_numpy("scores"), "boxes": reply.as_numpy("boxes")}
             assert got["scores"].shape == (3, 5) and got["boxes"].shape == (3, 4)
             assert output_agreement({"scores": scores.numpy(), "boxes": boxes.numpy()}, got) >= 0.95
+            sent[f"len-{length}"] = (x, got)
+        assert_captured(store, sent, "detector")
     finally:
         edge.stop()
 
