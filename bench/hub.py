@@ -250,6 +250,9 @@ def fill_fleet(url: str, size: int) -> None:
                  "validation_result": "passed top1_accuracy 0.9944 (ref 0.9944 ± 0.0100) int8-qdq",
                  "p50_ms": 0.4, "p99_ms": 1.2, "last_seen_ms": now, "batching_json": "", "variant_json": ""}
                 for i, d in enumerate(ids, start)])
+    if store.engine.dialect.name == "postgresql":  # after a bulk load, as PostgreSQL's docs advise: fresh planner
+        with store.engine.begin() as conn:  # statistics (a fleet that grows by ingests gets them from autovacuum)
+            conn.exec_driver_sql("ANALYZE devices, device_models")
     store.engine.dispose()
 
 

@@ -58,7 +58,7 @@ def test_targets_pass_and_fail_by_the_rows():
     # 1.6x tuned KServe, but 1.33x the echo floor's CPU: neither
     assert lines[0].startswith("- target, small model at c=32") and ": FAIL (1.60x tuned KServe; 1.33x" in lines[0]
     assert ": PASS (p50 0.50 ms against 0.54 ms, p99 1.10 ms)" in lines[1]
-    assert ": FAIL (0.86x, p99 1.55x p50)" in lines[2]  # fast enough, but the tail is too long
+    assert ": FAIL (0.862x, p99 1.55x p50)" in lines[2]  # fast enough, but the tail is too long
     assert ": FAIL (1.06x)" in lines[3] and ": not measured (no rows)" in lines[4]
 
 
