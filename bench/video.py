@@ -220,6 +220,8 @@ def camera_frames(count: int, seed: int = 0) -> list[np.ndarray]:
     video and read back (so they carry a codec's artefacts, as a camera's do)."""
     import cv2
 
+    from examples.video_client import open_video, read_frames
+
     rng = np.random.default_rng(seed)
     width, height = FRAME_SIZE
     background = cv2.GaussianBlur(rng.integers(0, 255, (height, width, 3), dtype=np.uint8), (0, 0), 6)
@@ -236,15 +238,11 @@ def camera_frames(count: int, seed: int = 0) -> list[np.ndarray]:
                 cv2.circle(frame, (cx, cy), int(size) // 3, colour[::-1], -1)
             writer.write(frame)
         writer.release()
-        capture = cv2.VideoCapture(str(path))
-        frames = []
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            frames.append(frame)
-        capture.release()
-    return frames
+        capture, _, _ = open_video(path)
+        try:
+            return list(read_frames(capture))
+        finally:
+            capture.release()
 
 
 # --- publishing ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import threading
 
 import numpy as np
 import onnxruntime as ort
-import tritonclient.grpc as grpcclient
 from rich.console import Console
 
 from edgeloop_core.contract import Task
@@ -19,18 +18,7 @@ from edgeloop_core.drift import build_baseline
 from telemetry_hub.cli import fleet_table
 from telemetry_hub.server import HubSettings, fleet_status, start_hub
 from tests.edge_runtime.conftest import RunningEdge, publish_model, wait_until
-
-
-def serve(address: str, images: np.ndarray, batch: int = 4) -> None:
-    client = grpcclient.InferenceServerClient(address)
-    try:
-        for start in range(0, len(images), batch):
-            chunk = images[start:start + batch].astype(np.float32)
-            tensor = grpcclient.InferInput("input", list(chunk.shape), "FP32")
-            tensor.set_data_from_numpy(chunk)
-            client.infer("digits-cnn", [tensor])
-    finally:
-        client.close()
+from tests.edge_runtime.test_capture_drift_burst import serve
 
 
 def test_a_device_fed_a_shifted_distribution_shows_drift_in_fleet_status_and_one_fed_the_training_one_does_not(
@@ -61,8 +49,8 @@ def test_a_device_fed_a_shifted_distribution_shows_drift_in_fleet_status_and_one
     try:
         for edge in edges.values():
             edge.wait_ready()
-        serve(edges["cam-ok"].address, held_out)
-        serve(edges["cam-dark"].address, dark)
+        serve(edges["cam-ok"].address, held_out, batch=4)
+        serve(edges["cam-dark"].address, dark, batch=4)
 
         def drifts():
             rows = on_hub_loop(fleet_status(f"127.0.0.1:{port}", "reader"))

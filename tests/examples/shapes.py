@@ -76,18 +76,14 @@ def write_video(path: Path, frames: int = 60, size: tuple[int, int] = (SIZE, SIZ
 
 
 def read_video(path: Path) -> list[np.ndarray]:
-    """Every frame of a video (BGR)."""
-    import cv2
+    """Every frame of a video (BGR), read by the example client's own reader."""
+    from examples.video_client import open_video, read_frames
 
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    return frames
+    capture, _, _ = open_video(path)
+    try:
+        return list(read_frames(capture))
+    finally:
+        capture.release()
 
 
 def publish_detector(store, signing_key, onnx_path: Path, name: str, task, inputs: np.ndarray):
