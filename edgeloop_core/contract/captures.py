@@ -34,6 +34,13 @@ in a ``string_param`` (the Open Inference Protocol's parameters carry no bytes; 
 to the model, ignored when the request is not captured."""
 CAPTURE_PAYLOAD_TYPE_PARAMETER = "edgeloop.capture_payload_type"
 """Optional ``string_param``: the payload's media type (``image/jpeg``, ``audio/wav``), stored beside it."""
+CAPTURE_GROUP_PARAMETER = "edgeloop.capture_group"
+"""Optional ``string_param``: who or what the request's data came from beyond the device (a speaker, a camera id),
+stored in the capture's ``group`` column (``""`` without one). The flywheel keeps a device's and a group's items on
+one side of its split, so that no speaker is both trained on and tested on. At most :data:`CAPTURE_GROUP_MAX_CHARS`
+characters, no control characters; otherwise captured with ``""`` (logged, without the value)."""
+CAPTURE_GROUP_MAX_CHARS = 128
+"""Longest capture group, characters."""
 
 RULE_FUNCTIONS = ("abs", "max", "min", "mean", "sum", "std", "softmax", "entropy", "margin", "count")
 """Functions a policy's ``expression`` may call (see docs/capture.md); names are the model's output names."""
@@ -235,5 +242,16 @@ def tensor_array(record: dict[str, Any]) -> np.ndarray[Any, np.dtype[Any]]:
 
 CAPTURE_COLUMNS = ("capture_id", "time", "device_id", "model", "version", "variant", "target_key", "request_id",
                    "policy", "score", "inputs", "outputs", "payload", "payload_type", "label", "label_source",
-                   "label_time")
-"""The columns of a capture shard, in order (types in docs/capture.md)."""
+                   "label_time", "group")
+"""The columns of a capture shard, in order (types in docs/capture.md). ``group`` came last and later: shards
+written before it lack it, and a reader takes ``""`` for them (:data:`CAPTURE_OPTIONAL_COLUMNS`)."""
+CAPTURE_OPTIONAL_COLUMNS: dict[str, str] = {"group": ""}
+"""Columns an older shard may lack → the value a reader takes for each of its rows."""
+
+
+def capture_group(value: str) -> str | None:
+    """``value`` as a capture group (:data:`CAPTURE_GROUP_PARAMETER`), or ``None`` when it is too long or holds a
+    control character."""
+    if len(value) > CAPTURE_GROUP_MAX_CHARS or not value.isprintable():
+        return None
+    return value

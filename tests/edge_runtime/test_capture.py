@@ -21,7 +21,13 @@ import tritonclient.grpc as triton
 from edge_runtime.report.capture.client import send_label
 from edge_runtime.report.capture.service import add_capture_service
 from edge_runtime.serve.servicer import RepositoryControl
-from edgeloop_core.contract.captures import CAPTURE_COLUMNS, CAPTURE_PAYLOAD_PARAMETER, CaptureLayout, tensor_array
+from edgeloop_core.contract.captures import (
+    CAPTURE_COLUMNS,
+    CAPTURE_GROUP_PARAMETER,
+    CAPTURE_PAYLOAD_PARAMETER,
+    CaptureLayout,
+    tensor_array,
+)
 from edgeloop_core.errors import Unauthenticated
 from edgeloop_core.protos import capture_pb2 as cpb
 from edgeloop_core.protos import capture_pb2_grpc
@@ -44,12 +50,15 @@ def start_edge(store, edge_settings, tmp_path, capture: dict, device: dict | Non
     return edge
 
 
-def infer(edge: RunningEdge, x: np.ndarray, request_id: str, payload: bytes | None = None) -> np.ndarray:
+def infer(edge: RunningEdge, x: np.ndarray, request_id: str, payload: bytes | None = None,
+          group: str | None = None) -> np.ndarray:
     client = triton.InferenceServerClient(edge.address)
     tensor = triton.InferInput("input", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
-    parameters = {CAPTURE_PAYLOAD_PARAMETER: base64.b64encode(payload).decode()} if payload is not None else None
-    result = client.infer(MODEL, [tensor], request_id=request_id, parameters=parameters)
+    parameters = {CAPTURE_PAYLOAD_PARAMETER: base64.b64encode(payload).decode()} if payload is not None else {}
+    if group is not None:
+        parameters[CAPTURE_GROUP_PARAMETER] = group
+    result = client.infer(MODEL, [tensor], request_id=request_id, parameters=parameters or None)
     client.close()
     return result.as_numpy("logits")
 
@@ -73,7 +82,14 @@ def published(store, signing_key, trained):
     return store
 
 
-def test_captures_arrive_as_parquet_that_pandas_reads_back_exactly(published, edge_settings, trained, tmp_path):
+GROUPS = ("speaker-7", None, "cam/02 left", "x" * 129, "bad\ngroup")
+"""Each request's capture group parameter: two kept as sent, none, one too long and one with a control character
+(both captured with ``""``)."""
+
+
+def test_captures_arrive_as_parquet_that_pandas_reads_back_exactly(published, edge_settings, trained, tmp_path,
+                                                                   caplog):
+    caplog.set_level(logging.WARNING, logger="edge_runtime.report.capture.worker")
     edge = start_edge(published, edge_settings, tmp_path, {"sample_rate": 1.0}, {"shard_max_items": 3})
     try:
         sent = {}
@@ -82,7 +98,7 @@ def test_captures_arrive_as_parquet_that_pandas_reads_back_exactly(published, ed
             x = trained.x_val[i * 3:i * 3 + batch].astype(np.float32).copy()
             x[0, 0, 0, 0] = rng.standard_normal()  # not a value a default or a re-encoding would reproduce
             payload = rng.bytes(100 + i)  # e.g. the JPEG the tensor came from
-            sent[f"req-{i}"] = (x, infer(edge, x, f"req-{i}", payload), payload)
+            sent[f"req-{i}"] = (x, infer(edge, x, f"req-{i}", payload, GROUPS[i]), payload)
         wait_until(lambda: len(captured(published)) == len(sent), timeout=20)
         rows = captured(published).set_index("request_id")
         assert list(captured(published).columns) == list(CAPTURE_COLUMNS)
@@ -97,6 +113,9 @@ def test_captures_arrive_as_parquet_that_pandas_reads_back_exactly(published, ed
             assert row["payload"] == payload and row["policy"] == "sample" and row["device_id"] == DEVICE
             assert row["model"] == MODEL and row["version"] == "v1" and row["variant"] and row["target_key"]
         assert rows["capture_id"].is_unique and rows["time"].dt.tz is not None
+        assert [rows.loc[f"req-{i}", "group"] for i in range(5)] == ["speaker-7", "", "cam/02 left", "", ""]
+        refused = [r.getMessage() for r in caplog.records if "captured without a group" in r.getMessage()]
+        assert len(refused) == 2 and not any("xxx" in m or "bad" in m for m in refused)  # the value is not logged
         wait_until(lambda: metric(edge, "edgeloop_capture_uploaded_total", kind="items") == len(sent))
         assert metric(edge, "edgeloop_capture_items_total", model=MODEL, policy="sample") == len(sent)
         stats = edge.app.capture_stats()
@@ -188,8 +207,9 @@ def test_a_full_spool_drops_the_oldest_first_and_says_so(published, edge_setting
     edge = start_edge(published, edge_settings, tmp_path, {"sample_rate": 1.0},
                       {"spool_max_bytes": 12_000, "shard_max_age_s": 3600})
     try:
-        for i in range(12):
+        for i in range(12):  # each committed on its own (no lingering for company): the spool drops whole commits
             infer(edge, trained.x_val[i:i + 1].astype(np.float32), f"r{i:02d}")
+            edge.app.capture.flush()
         edge.app.capture.drain()
         spool = edge.app.capture.spool
         kept = sorted(spool.request_of[cid][1] for cid in spool.items[MODEL])

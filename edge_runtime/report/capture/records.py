@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from edgeloop_core.contract.captures import CAPTURE_COLUMNS
+from edgeloop_core.contract.captures import CAPTURE_COLUMNS, CAPTURE_OPTIONAL_COLUMNS
 from edgeloop_core.files import atomic_output
 
 TENSOR = pa.struct([("name", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int64())),
@@ -29,7 +29,7 @@ SCHEMA = pa.schema([
     ("version", pa.string()), ("variant", pa.string()), ("target_key", pa.string()), ("request_id", pa.string()),
     ("policy", pa.string()), ("score", pa.float64()), ("inputs", pa.list_(TENSOR)), ("outputs", pa.list_(TENSOR)),
     ("payload", pa.binary()), ("payload_type", pa.string()), ("label", pa.string()), ("label_source", pa.string()),
-    ("label_time", TIME),
+    ("label_time", TIME), ("group", pa.string()),
 ])
 assert tuple(SCHEMA.names) == CAPTURE_COLUMNS
 
@@ -82,6 +82,8 @@ class CapturedItem:
     label: str | None = None
     label_source: str | None = None
     label_time: datetime | None = None
+    group: str = ""
+    """Who or what the data came from beyond the device (request parameter ``edgeloop.capture_group``), ``""``."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
@@ -110,9 +112,21 @@ def write_items(path: Path, items: list[CapturedItem]) -> int:
 
 
 def read_table(path: Path) -> pa.Table:
-    """An item file (:func:`write_items`) as a table of :data:`SCHEMA`."""
+    """An item file (:func:`write_items`) as a table of :data:`SCHEMA` (one spooled before a column was added gets
+    the column, :func:`conform`)."""
     with pa.OSFile(str(path), "rb") as source:
-        return ipc.open_file(source).read_all()
+        return conform(ipc.open_file(source).read_all())
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """``table`` in :data:`SCHEMA`: a column it lacks (an item spooled by an older runtime) filled with its
+    :data:`~edgeloop_core.contract.captures.CAPTURE_OPTIONAL_COLUMNS` value."""
+    if table.schema.equals(SCHEMA):
+        return table
+    for name, value in CAPTURE_OPTIONAL_COLUMNS.items():
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.array([value] * table.num_rows, pa.string()))
+    return table.select(list(SCHEMA.names)).cast(SCHEMA)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -10,7 +10,8 @@ Under ``root``::
     records/<model>/<date>/<label_id>.json  labels that found no spooled item, waiting for upload
 
 Every file is written through :func:`edgeloop_core.files.atomic_output`, so a kill leaves either the old state or
-the new one; the worker commits what queued meanwhile in one file (one fsync for many items). A shard holds whole
+the new one; the worker commits what gathered in one file (one fsync for many items; an item is committed once
+its file is in ``items/``). A shard holds whole
 item files; it is written to ``staging/`` first, then its items are removed, then it moves to ``ready/``;
 start-up finishes a move a kill interrupted (items a staged shard holds are removed, not rolled again), so no
 committed item is lost and none goes into two shards. Above ``max_bytes`` the oldest data goes first (ready shards,
