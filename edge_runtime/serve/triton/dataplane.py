@@ -16,12 +16,15 @@ a supervised ``tritonserver`` serves the device's inference port.
   ``backend/model.py`` or for edgeloop's backend, with a generated ``config.pbtxt`` (:func:`model_config`: inputs,
   outputs, ``max_batch_size``, dynamic batching from the tuned limits, one instance, ONNX Runtime's thread counts,
   ``version_policy: latest 1`` so that loading a new version swaps it in only once it loaded).
+* The Python-backend model hands what it answers to field capture and field statistics through the folder
+  :attr:`TritonServer.tap_dir` (``EDGELOOP_TRITON_TAP``; :mod:`edge_runtime.report.capture.triton_tap`).
 * :class:`TritonEngine` is an :class:`~edge_runtime.build.engines.base.Engine` whose runs go through Triton: validation
   runs through it on the engine Triton serves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +34,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,6 +53,10 @@ from edgeloop_core.protos import inference_pb2_grpc
 log = logging.getLogger(__name__)
 
 BACKEND_MODEL = Path(__file__).with_name("backend") / "model.py"
+TAP_MODULE = BACKEND_MODEL.with_name("edgeloop_tap.py")
+"""The Python-backend model's half of field capture and field statistics (copied beside ``model.py``)."""
+TAP_ENV = "EDGELOOP_TRITON_TAP"
+"""Names, for tritonserver and its stubs, the folder of :attr:`TritonServer.tap_dir`."""
 CANDIDATE_SUFFIX = "__candidate"
 """Name under which a version is validated through Triton before it takes the model's name (``_`` is outside the
 model-name pattern, so no real model can collide with it)."""
@@ -231,12 +239,18 @@ class TritonServer:
         port must not unload what edgeloop validated (repository control stays edgeloop's, with its own auth)."""
         self._channel: grpc.Channel | None = None
         self._stub: inference_pb2_grpc.GRPCInferenceServiceStub | None = None
+        self.tap_dir: Path | None = None
+        """Where the Python-backend models hand what they answered to edgeloop (``tap.sock``, ``tap.json``:
+        :mod:`edge_runtime.report.capture.triton_tap`): a private (0700) folder made at the first start, kept across
+        restarts, short enough for a Unix socket's path."""
 
     # --- the process -------------------------------------------------------------------------------------------
     def start(self) -> None:
         """Start tritonserver and wait until it is live; EngineError with the end of its log if it is not."""
         self.repo.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.tap_dir is None:
+            self.tap_dir = Path(tempfile.mkdtemp(prefix="edgeloop-tap-"))
         argv = [str(self.install.binary), f"--model-repository={self.repo}", "--model-control-mode=explicit",
                 f"--backend-directory={self.install.backends}", f"--grpc-address={self.bind_address}",
                 f"--grpc-port={self.grpc_port}", "--allow-http=false", "--allow-metrics=true",
@@ -245,7 +259,8 @@ class TritonServer:
         with open(self.log_path, "ab") as out:
             self._log_from = out.seek(0, os.SEEK_END)
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, **self.install.env}, preexec_fn=_die_with_parent)
+                                            env={**os.environ, **self.install.env, TAP_ENV: str(self.tap_dir)},
+                                            preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.start_timeout_s
         while not self.live():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -261,6 +276,10 @@ class TritonServer:
         return None if self.process is None else self.process.poll()
 
     def stop(self, grace_s: float = 10.0) -> None:
+        if self.tap_dir is not None:  # nobody taps it (an empty folder): none is left behind in /tmp
+            with contextlib.suppress(OSError):
+                self.tap_dir.rmdir()
+                self.tap_dir = None
         if self._channel is not None:
             self._channel.close()
             self._channel = self._stub = None
@@ -443,6 +462,7 @@ def write_model(repo: Path, name: str, number: int, *, engine_path: Path, platfo
             if backend == "python":
                 shutil.copy(BACKEND_MODEL, staging / "model.py")
                 shutil.copy(ENGINE_MODULE, staging / ENGINE_MODULE.name)
+                shutil.copy(TAP_MODULE, staging / TAP_MODULE.name)
             write_atomic(staging / "engine.json", json.dumps({"engine": str(Path(engine_path).resolve()),
                                                               "threads": threads, "spin": spin}).encode())
         staging.rename(folder)
@@ -485,6 +505,17 @@ def model_config(name: str, backend: str, inputs: tuple[TensorInfo, ...], output
     for key, value in parameters.items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: {json.dumps(value)} }} }}')
     return "\n".join(lines) + "\n"
+
+
+def served_backend(repo: Path, name: str) -> str | None:
+    """The Triton backend model ``name`` is written for in ``repo`` (``python``, ``onnxruntime``, ``edgeloop``, or
+    ``tensorrt_plan`` for a plan), from its config.pbtxt; ``None`` when it has none."""
+    try:
+        config = (Path(repo) / name / "config.pbtxt").read_text()
+    except OSError:
+        return None
+    found = re.search(r'^(?:backend|platform): "([^"]+)"', config, re.MULTILINE)
+    return found.group(1) if found else None
 
 
 def prune_versions(repo: Path, name: str, keep: int) -> None:
