@@ -17,6 +17,7 @@ from edge_runtime.lifecycle import ModelRuntime
 from edge_runtime.report.capture import CaptureMetrics, FieldCapture, Uploader
 from edge_runtime.report.capture.service import SERVICE_NAME as CAPTURE_SERVICE
 from edge_runtime.report.capture.service import add_capture_service
+from edge_runtime.report.capture.triton_tap import TritonTap, served_models
 from edge_runtime.report.field import FieldStatistics
 from edge_runtime.report.jetson import JetsonSensors
 from edge_runtime.report.metrics import RuntimeMetrics
@@ -65,6 +66,8 @@ class EdgeApp:
     uploader: Uploader | None = None
     field: FieldStatistics | None = None
     """Field statistics for drift (what each model serves, in its baseline's bins), counted off the request path."""
+    tap: TritonTap | None = None
+    """Capture and field statistics of the models Triton's Python backend serves (engine triton)."""
 
     @property
     def runtime(self) -> ModelRuntime | None:
@@ -148,6 +151,9 @@ class EdgeApp:
             await self.repository.start_triton()  # before any model loads; a Triton that cannot start fails here
         await asyncio.to_thread(self._start_capture)
         self._start_field_statistics()
+        if triton is not None:  # apps call Triton: its Python-backend models hand what they answer to the tap
+            self.tap = TritonTap(triton, served_models(self.repository), self.capture, self.field)
+            self.tap.start()
         control = self._control()
         try:
             self._server, self.control_port = await start_server(
@@ -228,7 +234,8 @@ class EdgeApp:
         """Count a share of what each model serves into its baseline's bins (:mod:`edge_runtime.report.field`)."""
         assert self.repository is not None
         if self.settings.field_stats_rate > 0:
-            self.field = FieldStatistics(self.settings.field_stats_rate, self.settings.field_stats_min_samples)
+            self.field = FieldStatistics(self.settings.field_stats_rate, self.settings.field_stats_min_samples,
+                                         registry=self.metrics.registry)
             if self.capture is not None:  # drift bursts: capture compares the counts off the request path
                 self.field.listeners.append(self.capture.field_counts)
             self.field.start()
@@ -239,10 +246,14 @@ class EdgeApp:
         capture = self.capture
         if capture is None:
             return []
-        return [(CAPTURE_SERVICE, lambda server: add_capture_service(server, capture, control))]
+        feedback = self.field.feedback if self.field is not None else None  # feedback accuracy (report/field.py)
+        return [(CAPTURE_SERVICE, lambda server: add_capture_service(server, capture, control, feedback))]
 
     def _stop_capture(self) -> None:
         """Stop seeing requests, commit what is queued, stop the worker and the uploader (blocking: a thread)."""
+        if self.tap is not None:
+            self.tap.stop()
+            self.tap = None
         if self.repository is not None and self.capture is not None:
             observers.detach(self.repository, self.capture.offer)
         if self.capture is not None:
@@ -268,6 +279,7 @@ class EdgeApp:
                     key = sample.labels.get("reason") or sample.labels.get("kind") or sample.labels.get("model", "")
                     totals[kind][key] = totals[kind].get(key, 0.0) + sample.value
         return {"enabled": True, **totals, "bursts": self.capture.bursts(),
+                "unavailable": self.tap.unavailable() if self.tap is not None else {},
                 "spool_bytes": metrics.value("edgeloop_capture_spool_bytes"),
                 "upload_error": self.uploader.failing if self.uploader is not None else ""}
 

@@ -71,13 +71,19 @@ def drift_cell(drift_json: str, threshold: float) -> str:
     return f"{drift.get('max', 0.0):.2f} {drift.get('feature', '')}{mark}"
 
 
+def feedback_cell(known: int, correct: int) -> str:
+    """``93.1% of 120``: the serving version's feedback accuracy over the labels whose request the device knew."""
+    return f"{100 * correct / known:.1f}% of {known}" if known else ""
+
+
 def fleet_table(devices, drift_threshold: float = DRIFT_THRESHOLD) -> Table:  # noqa: ANN001 - DeviceStatus messages
     """A row per device and model: target key, desired and serving version, state, validation, p50/p99, last seen,
-    the device's clock skew, the stats the hub did not keep (stamped outside its window), and the drift of what it
-    serves from the training data (marked above ``drift_threshold``)."""
+    the device's clock skew, the stats the hub did not keep (stamped outside its window), the drift of what it
+    serves from the training data (marked above ``drift_threshold``) and the serving version's feedback accuracy."""
     table = Table(title="fleet")
     for column in ("device", "model", "target key", "desired", "serving", "state", "validation", "variant", "p50 ms",
-                   "p99 ms", "mJ/inf", "batching", "last seen (UTC)", "clock skew", "stats dropped", "drift"):
+                   "p99 ms", "mJ/inf", "batching", "last seen (UTC)", "clock skew", "stats dropped", "drift",
+                   "feedback"):
         table.add_column(column)
     for d in devices:
         batching = ""
@@ -98,7 +104,7 @@ def fleet_table(devices, drift_threshold: float = DRIFT_THRESHOLD) -> Table:  # 
                       f"{d.p99_ms:.2f}" if d.p99_ms else "", energy, batching, seen,
                       clock_skew(d.clock_skew_ms) if d.clock_skew_known else "",
                       str(d.stats_out_of_window) if d.stats_out_of_window else "",
-                      drift_cell(d.drift_json, drift_threshold))
+                      drift_cell(d.drift_json, drift_threshold), feedback_cell(d.feedback_known, d.feedback_correct))
     return table
 
 
@@ -197,3 +203,53 @@ def rollout_command(
                     sets=set_ or [], timeout_s=timeout, ring=ring, model=model, version=version)
     console.print(f"{release}: rolled out to {len(nodes)} nodes: " +
                   ", ".join(f"{n.name}={n.model(model).get('serving_version', '')}" for n in nodes))
+
+
+@fleet_app.command("promote")
+def promote_command(
+    model: Annotated[str, typer.Option(help="model name")],
+    from_: Annotated[str, typer.Option("--from", help="the channel whose version is promoted (the canary ring)")
+                     ] = "canary",
+    to: Annotated[str, typer.Option("--to", help="the channel moved to it")] = "stable",
+    window: Annotated[float, typer.Option(help="seconds the canary devices must have served it")] = 600.0,
+    min_devices: Annotated[int, typer.Option(help="canary devices that must have validated and served it")] = 1,
+    drift_margin: Annotated[float, typer.Option(
+        help="how much higher the canary's mean drift (Jensen-Shannon, 0..1) may be than stable's")] = 0.05,
+    accuracy_margin_points: Annotated[float, typer.Option(
+        help="how many points lower the canary's feedback accuracy may be than stable's")] = 1.0,
+    min_feedback: Annotated[int, typer.Option(help="feedback labels each ring needs before accuracies are compared")
+                            ] = 20,
+    hub: Annotated[str, typer.Option(envvar="EDGE_HUB_ADDRESS", help="hub host:port")] = "127.0.0.1:50052",
+    token: Annotated[str | None, typer.Option(envvar="HUB_READ_TOKEN", help="a reader token of the hub")] = None,
+    ca: Annotated[Path | None, typer.Option(help="CA (PEM) of the hub's TLS certificate; set: use TLS")] = None,
+    bucket: Annotated[str, typer.Option(envvar="EDGELOOP_S3_BUCKET", help="bucket")] = "edgeloop",
+    prefix: Annotated[str, typer.Option(envvar="EDGELOOP_S3_PREFIX", help="key prefix before models/")] = "",
+    endpoint: Annotated[str | None, typer.Option(envvar="AWS_ENDPOINT_URL_S3", help="S3 endpoint URL")] = None,
+) -> None:
+    """Move --to (stable) to --from's version (the canary) when the canary devices validated it, served it for the
+    window, and their field signals (drift; feedback accuracy where both rings have labels) are no worse than the
+    stable devices'. Exit 1 with one line `not promoted: ...` otherwise; 2 for arguments that cannot work. Signs
+    with EDGELOOP_SIGNING_KEY[_FILE]."""
+    from components.promote import PromoteRules, promote
+    from edgeloop_core.contract import ArtifactLayout, load_signing_key
+    from edgeloop_core.errors import ConfigError
+    from edgeloop_core.store import ObjectStore
+    from edgeloop_core.tls import HubTls
+
+    try:
+        if not token:
+            raise ConfigError("no token: pass --token or set HUB_READ_TOKEN (a reader token, not a device's)")
+        rules = PromoteRules(window_s=window, min_devices=min_devices, drift_margin=drift_margin,
+                             accuracy_margin_points=accuracy_margin_points, min_feedback=min_feedback).check()
+        signing_key = load_signing_key()
+        result = promote(ObjectStore(bucket, endpoint_url=endpoint), ArtifactLayout(prefix), model, hub_address=hub,
+                         hub_token=token, signing_key=signing_key, source=from_, target=to, rules=rules,
+                         tls=HubTls(ca) if ca else None)
+    except ConfigError as exc:  # arguments that cannot work: one line, exit 2 (as a usage error)
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True, highlight=False).print(f"error: {exc}", markup=False)
+        raise typer.Exit(2) from None
+    console.print(result.line(), markup=False, highlight=False, soft_wrap=True)
+    if not result.promoted:
+        raise typer.Exit(1)

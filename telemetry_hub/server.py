@@ -259,23 +259,31 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryHubServicer):
         rows = await asyncio.to_thread(self.store.fleet, limit=size + 1, after=after, **filters)
         more, rows = len(rows) > size, rows[:size]
         token = json.dumps([rows[-1]["device_id"], rows[-1]["model_name"]]) if more else ""
-        response = pb.FleetStatusResponse(next_page_token=token, devices=[
-            pb.DeviceStatus(device_id=r["device_id"], model_name=r["model_name"] or "",
-                            target_key=r["target_key"] or "",
-                            desired_version=r["desired_version"] or "", serving_version=r["serving_version"] or "",
-                            state=r["state"] or "", validation_result=r["validation_result"] or "",
-                            p50_ms=r["p50_ms"] or 0.0, p99_ms=r["p99_ms"] or 0.0, last_seen_ms=r["last_seen_ms"] or 0,
-                            facts_json=r["facts_json"] or "{}", batching_json=r["batching_json"] or "",
-                            variant_json=r["variant_json"] or "", drift_json=r["drift_json"] or "",
-                            stats_out_of_window=r["stats_out_of_window"] or 0,
-                            clock_skew_ms=r["clock_skew_ms"] or 0, clock_skew_known=r["clock_skew_ms"] is not None)
-            for r in rows])
+        response = pb.FleetStatusResponse(next_page_token=token, devices=[device_status(r) for r in rows])
         if not request.page_token:  # the summary comes first, with the first page
             counts = await asyncio.to_thread(self.store.fleet_summary, **filters)
             for state, count in counts.items():
                 response.state_counts[state] = count
             response.total = sum(counts.values())
         return response
+
+
+def device_status(r: Any) -> pb.DeviceStatus:  # noqa: ANN401 - a row mapping of HubStore.fleet
+    """One row of :meth:`HubStore.fleet` as a DeviceStatus (feedback counts only when they are of the serving
+    version: another version's are not this one's accuracy)."""
+    serving = r["serving_version"] or ""
+    feedback = r["feedback_version"] == serving != ""
+    return pb.DeviceStatus(
+        device_id=r["device_id"], model_name=r["model_name"] or "", target_key=r["target_key"] or "",
+        desired_version=r["desired_version"] or "", serving_version=serving, state=r["state"] or "",
+        validation_result=r["validation_result"] or "", p50_ms=r["p50_ms"] or 0.0, p99_ms=r["p99_ms"] or 0.0,
+        last_seen_ms=r["last_seen_ms"] or 0, facts_json=r["facts_json"] or "{}",
+        batching_json=r["batching_json"] or "", variant_json=r["variant_json"] or "",
+        drift_json=r["drift_json"] or "", stats_out_of_window=r["stats_out_of_window"] or 0,
+        clock_skew_ms=r["clock_skew_ms"] or 0, clock_skew_known=r["clock_skew_ms"] is not None,
+        serving_since_ms=(r["serving_since_ms"] or 0) if serving else 0,
+        feedback_labels=r["feedback_labels"] if feedback else 0, feedback_known=r["feedback_known"] if feedback else 0,
+        feedback_correct=r["feedback_correct"] if feedback else 0)
 
 
 async def start_hub(settings: HubSettings, store: HubStore | None = None) -> tuple[grpc.aio.Server, int, HubStore]:

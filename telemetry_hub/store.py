@@ -98,8 +98,18 @@ device_models = Table(
     Column("batching_json", Text, default=""),
     Column("variant_json", Text, default=""),
     Column("drift_json", Text, nullable=True),
+    Column("serving_since_ms", BigInteger, nullable=True),
+    Column("feedback_version", String(128), nullable=True),
+    Column("feedback_labels", BigInteger, default=0, server_default="0", nullable=False),
+    Column("feedback_known", BigInteger, default=0, server_default="0", nullable=False),
+    Column("feedback_correct", BigInteger, default=0, server_default="0", nullable=False),
 )
-"""One row per device and model it serves (a device serves several models, each with its own life cycle)."""
+"""One row per device and model it serves (a device serves several models, each with its own life cycle).
+``serving_since_ms``: when ``serving_version`` last changed (the device's stamp of the event that changed it);
+``feedback_*``: the labels apps sent for ``feedback_version``'s answers (received for requests the device still
+remembered, those naming a class it could compare, those where its top-1 was right), summed over the device's stats
+events and started anew when the version changes (migration 0008)."""
+FEEDBACK_COUNTS = ("feedback_labels", "feedback_known", "feedback_correct")
 
 
 def _rollup_table(name: str) -> Table:
@@ -181,7 +191,8 @@ raw rows read."""
 TEXT_LIMITS = {"target_key": 128, "desired_version": 128, "serving_version": 128, "state": 32}
 """The model row's string columns and their lengths: what a device sends is cut to fit (PostgreSQL refuses longer)."""
 MODEL_FIELDS = ("target_key", "desired_version", "serving_version", "state", "validation_result", "p50_ms",
-                "p99_ms", "batching_json", "variant_json", "drift_json")
+                "p99_ms", "batching_json", "variant_json", "drift_json", "serving_since_ms", "feedback_version",
+                *FEEDBACK_COUNTS)
 
 
 @dataclass(frozen=True)
@@ -272,6 +283,7 @@ def _model_changes(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         drift = field_drift(payload.get("field"))
         if drift is not None:
             changes["drift_json"] = json.dumps(drift)
+        changes.update(field_feedback(payload.get("field"), payload.get("serving_version")))
     for field, limit in TEXT_LIMITS.items():  # a device's odd value (a list, a long string) must not fail the write
         if field in changes:
             changes[field] = _text(changes[field])[:limit]
@@ -302,7 +314,40 @@ def field_drift(field: Any) -> dict[str, Any] | None:  # noqa: ANN401 - a JSON v
     if not per_feature:
         return None
     worst = max(per_feature, key=per_feature.__getitem__)
-    return {"max": per_feature[worst], "feature": worst, "features": per_feature, "samples": samples}
+    drift = {"max": per_feature[worst], "feature": worst, "features": per_feature, "samples": samples}
+    if isinstance(field.get("version"), str) and field["version"]:  # the version the counts are of
+        drift["version"] = field["version"][:128]
+    return drift
+
+
+def field_feedback(field: Any, serving_version: Any) -> dict[str, Any]:  # noqa: ANN401 - JSON values from a device
+    """The model row's feedback changes from a stats event's ``field.feedback`` (``{version: {"labels", "known",
+    "correct"}}``, the counts since the device's previous stats event): those of ``serving_version`` only (what
+    promotion compares), as ``feedback_version`` and the three counts; empty when there are none or they do not make
+    sense (0 ≤ correct ≤ known ≤ labels), never an error."""
+    if not isinstance(field, dict) or not isinstance(field.get("feedback"), dict) \
+            or not isinstance(serving_version, str) or not serving_version:
+        return {}
+    counts = field["feedback"].get(serving_version)
+    if not isinstance(counts, dict):
+        return {}
+    values = [counts.get(k) for k in ("labels", "known", "correct")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62 for v in values) \
+            or not values[0] >= values[1] >= values[2]:
+        return {}
+    return {"feedback_version": serving_version[:128], **dict(zip(FEEDBACK_COUNTS, values, strict=True))}
+
+
+def _merge_model_changes(row: dict[str, Any], update: dict[str, Any], stamp_ms: int) -> None:
+    """Merge one event's ``update`` of a model row into the ``row`` changes of this transaction: a changed serving
+    version is stamped ``serving_since_ms`` (kept while it stays the same); feedback counts of the same version add
+    up (another version's replace them)."""
+    if "serving_version" in update and (row.get("serving_version") != update["serving_version"]
+                                        or "serving_since_ms" not in row):
+        row["serving_since_ms"] = stamp_ms
+    if "feedback_version" in update and row.get("feedback_version") == update["feedback_version"]:
+        update = {**update, **{k: row[k] + update[k] for k in FEEDBACK_COUNTS}}
+    row.update(update)
 
 
 def _changes(kind: str, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -616,7 +661,7 @@ class HubStore:
                     changes.update(device)
                     for model, update in models.items():
                         row = model_rows.setdefault((device_id, model[:128]), {})
-                        row.update(update)
+                        _merge_model_changes(row, update, event.timestamp_ms)
                         row["last_seen_ms"] = max(row.get("last_seen_ms", 0), event.timestamp_ms)
                 if batch:
                     changes["last_seen_ms"] = max(changes.get("last_seen_ms", 0),
@@ -649,10 +694,28 @@ class HubStore:
                     updates["last_seen_ms"] = self._greatest(table.c.last_seen_ms, upsert.excluded.last_seen_ms)
                 if "stats_out_of_window" in changed:  # a count: this call's adds to the stored one
                     updates["stats_out_of_window"] = table.c.stats_out_of_window + upsert.excluded.stats_out_of_window
+                updates.update(self._model_updates(table, upsert.excluded, changed))
                 statement = upsert.on_conflict_do_update(index_elements=key, set_=updates)
             # RETURNING makes SQLAlchemy send the rows as one multi-row statement (its "insertmanyvalues"), not as
             # one statement per row
             conn.execute(statement.returning(table.c[key[0]]), members).all()
+
+    @staticmethod
+    def _model_updates(table: Table, excluded: Any, changed: tuple[str, ...]) -> dict[str, Any]:  # noqa: ANN401
+        """A model row's columns that do not simply take the new value: ``serving_since_ms`` stays while the stored
+        serving version is the new one; feedback counts of the stored ``feedback_version`` add up."""
+        updates: dict[str, Any] = {}
+        if table is not device_models:
+            return updates
+        if "serving_since_ms" in changed:
+            same = table.c.serving_version.is_not_distinct_from(excluded.serving_version) \
+                & table.c.serving_since_ms.is_not(None)
+            updates["serving_since_ms"] = case((same, table.c.serving_since_ms), else_=excluded.serving_since_ms)
+        if "feedback_version" in changed:
+            same = table.c.feedback_version.is_not_distinct_from(excluded.feedback_version)
+            for name in FEEDBACK_COUNTS:
+                updates[name] = case((same, table.c[name] + excluded[name]), else_=excluded[name])
+        return updates
 
     def _insert(self):  # noqa: ANN202 - the dialect's insert construct (with ON CONFLICT)
         if self.engine.dialect.name == "postgresql":

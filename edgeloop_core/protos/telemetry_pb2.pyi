@@ -57,7 +57,7 @@ class FleetStatusRequest(_message.Message):
     def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[str] = ..., model_name: _Optional[str] = ..., version: _Optional[str] = ..., stale_since_ms: _Optional[int] = ...) -> None: ...
 
 class DeviceStatus(_message.Message):
-    __slots__ = ("device_id", "model_name", "target_key", "desired_version", "serving_version", "state", "validation_result", "p50_ms", "p99_ms", "last_seen_ms", "facts_json", "batching_json", "variant_json", "stats_out_of_window", "clock_skew_ms", "clock_skew_known", "drift_json")
+    __slots__ = ("device_id", "model_name", "target_key", "desired_version", "serving_version", "state", "validation_result", "p50_ms", "p99_ms", "last_seen_ms", "facts_json", "batching_json", "variant_json", "stats_out_of_window", "clock_skew_ms", "clock_skew_known", "drift_json", "serving_since_ms", "feedback_labels", "feedback_known", "feedback_correct")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TARGET_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,10 @@ class DeviceStatus(_message.Message):
     CLOCK_SKEW_MS_FIELD_NUMBER: _ClassVar[int]
     CLOCK_SKEW_KNOWN_FIELD_NUMBER: _ClassVar[int]
     DRIFT_JSON_FIELD_NUMBER: _ClassVar[int]
+    SERVING_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_LABELS_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_CORRECT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     model_name: str
     target_key: str
@@ -92,7 +96,11 @@ class DeviceStatus(_message.Message):
     clock_skew_ms: int
     clock_skew_known: bool
     drift_json: str
-    def __init__(self, device_id: _Optional[str] = ..., model_name: _Optional[str] = ..., target_key: _Optional[str] = ..., desired_version: _Optional[str] = ..., serving_version: _Optional[str] = ..., state: _Optional[str] = ..., validation_result: _Optional[str] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., last_seen_ms: _Optional[int] = ..., facts_json: _Optional[str] = ..., batching_json: _Optional[str] = ..., variant_json: _Optional[str] = ..., stats_out_of_window: _Optional[int] = ..., clock_skew_ms: _Optional[int] = ..., clock_skew_known: bool = ..., drift_json: _Optional[str] = ...) -> None: ...
+    serving_since_ms: int
+    feedback_labels: int
+    feedback_known: int
+    feedback_correct: int
+    def __init__(self, device_id: _Optional[str] = ..., model_name: _Optional[str] = ..., target_key: _Optional[str] = ..., desired_version: _Optional[str] = ..., serving_version: _Optional[str] = ..., state: _Optional[str] = ..., validation_result: _Optional[str] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., last_seen_ms: _Optional[int] = ..., facts_json: _Optional[str] = ..., batching_json: _Optional[str] = ..., variant_json: _Optional[str] = ..., stats_out_of_window: _Optional[int] = ..., clock_skew_ms: _Optional[int] = ..., clock_skew_known: bool = ..., drift_json: _Optional[str] = ..., serving_since_ms: _Optional[int] = ..., feedback_labels: _Optional[int] = ..., feedback_known: _Optional[int] = ..., feedback_correct: _Optional[int] = ...) -> None: ...
 
 class FleetStatusResponse(_message.Message):
     __slots__ = ("devices", "next_page_token", "state_counts", "total")

@@ -201,7 +201,7 @@ def test_a_database_from_an_older_hub_gains_new_columns(tmp_path):
         db.execute("INSERT INTO devices (device_id, model_name, state) VALUES ('jetson-0', 'digits-cnn', 'serving')")
     store = HubStore(f"sqlite:///{path}")
     store.ingest("jetson-0", [event("batch_sweep", 9, chosen={"max_batch_size": 8}, points=[])])
-    assert store.migrate() == "0007"  # stamped as the first schema, then migrated to the head
+    assert store.migrate() == "0008"  # stamped as the first schema, then migrated to the head
     (row,) = store.fleet()  # the old row became the device's row for its model, and the new event updated it
     assert (row["model_name"], row["state"]) == ("digits-cnn", "serving")
     assert json.loads(row["batching_json"])["chosen"]["max_batch_size"] == 8

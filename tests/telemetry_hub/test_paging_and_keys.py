@@ -129,7 +129,7 @@ def test_the_same_event_id_from_two_devices_is_kept_for_each(backend, tmp_path, 
     engine.dispose()
     store = HubStore(url)
     try:
-        assert store.migrate() == "0007" and store.count_events("jetson-old") == 2
+        assert store.migrate() == "0008" and store.count_events("jetson-old") == 2
         batch = [event("validated", 3, version="v2", passed=True), event("serving", 4, version="v2"),
                  event("stats", 5, state="serving", p50_ms=0.4), old_change]
         assert store.ingest("jetson-a", batch)[:2] == ([e.id for e in batch], 0)

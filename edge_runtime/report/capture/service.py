@@ -15,6 +15,8 @@ from edgeloop_core.protos import capture_pb2_grpc
 from edgeloop_core.rpc_errors import ErrorMapping
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import grpc
 
     from edge_runtime.report.capture.worker import FieldCapture
@@ -43,10 +45,13 @@ def label_value(request: pb.LabelRequest) -> Any:  # noqa: ANN401 - any JSON val
 
 
 class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
-    """Labels for captured requests: checks the caller (``control``), the request, then hands it to ``capture``."""
+    """Labels for captured requests: checks the caller (``control``), the request, then hands it to ``capture`` (and,
+    once stored, to ``feedback``: told (model, request id, label value) of every label accepted; it must return at
+    once, :meth:`edge_runtime.report.field.FieldStatistics.feedback`)."""
 
-    def __init__(self, capture: FieldCapture, control: RepositoryControl) -> None:
-        self.capture, self.control = capture, control
+    def __init__(self, capture: FieldCapture, control: RepositoryControl,
+                 feedback: Callable[[str, str, Any], None] | None = None) -> None:
+        self.capture, self.control, self.feedback = capture, control, feedback
 
     async def Label(self, request: pb.LabelRequest, context: grpc.aio.ServicerContext) -> pb.LabelResponse:  # noqa: N802
         self.control.authorize(context)
@@ -60,10 +65,14 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
         value = label_value(request)
         outcome, joined = await asyncio.to_thread(self.capture.label, name, request.request_id, value,
                                                   request.source)
+        if self.feedback is not None:
+            self.feedback(name, request.request_id, value)
         return pb.LabelResponse(outcome=outcome, captures=joined)
 
 
-def add_capture_service(server: grpc.aio.Server, capture: FieldCapture, control: RepositoryControl) -> None:
-    """Serve :class:`CaptureServicer` on ``server`` (before it starts), with our error mapping."""
+def add_capture_service(server: grpc.aio.Server, capture: FieldCapture, control: RepositoryControl,
+                        feedback: Callable[[str, str, Any], None] | None = None) -> None:
+    """Serve :class:`CaptureServicer` on ``server`` (before it starts), with our error mapping; ``feedback`` is told
+    of every label stored."""
     ErrorMapping().add_servicer(capture_pb2_grpc.add_CaptureServiceServicer_to_server,
-                                CaptureServicer(capture, control), server)
+                                CaptureServicer(capture, control, feedback), server)
