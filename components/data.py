@@ -28,7 +28,13 @@ SYNTHETIC_ACTIONS = "synthetic-actions"
 @dataclass
 class DatasetSplits:
     """Preprocessed float32 NCHW inputs (clips: NCTHW) and int64 labels for each split, plus what a client must
-    know."""
+    know.
+
+    ``x_field``/``y_field`` are the **field slice** (docs/flywheel.md): captured field samples held out of training
+    (their devices' and capture groups' items are in no other split), labelled by an app or a person. Without field
+    data they are empty arrays (``(0, *sample_shape)`` float32 and ``(0,)`` int64); passing ``None`` gives those.
+    The field-train items, when there are any, are already mixed into ``x_train``/``y_train``; the lineage is in
+    ``extra["field"]``."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -40,6 +46,21 @@ class DatasetSplits:
     preprocessing: Preprocessing
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    x_field: np.ndarray | None = None
+    y_field: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.x_field is None:
+            self.x_field = np.zeros((0, *self.x_test.shape[1:]), dtype=np.float32)
+        if self.y_field is None:
+            self.y_field = np.zeros((0,), dtype=np.int64)
+        if len(self.x_field) != len(self.y_field):
+            raise ConfigError(f"the field slice has {len(self.x_field)} inputs but {len(self.y_field)} labels")
+
+    @property
+    def has_field_slice(self) -> bool:
+        """Whether a field slice is present (a run with field data and more than one connected group)."""
+        return self.x_field is not None and len(self.x_field) > 0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -58,16 +79,22 @@ class DatasetSplits:
         return str(self.extra.get("task", "classification"))
 
     def fingerprint(self) -> str:
-        """sha256 over every array and the labels: equal data gives an equal fingerprint."""
+        """sha256 over every array and the labels: equal data gives an equal fingerprint. An empty field slice
+        adds nothing, so data without field data keeps the fingerprint it had before the slice existed."""
         digest = hashlib.sha256()
-        for array in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
+        arrays = [self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test]
+        if self.has_field_slice:
+            arrays += [self.x_field, self.y_field]
+        for array in arrays:
             digest.update(str(array.shape).encode())
             digest.update(np.ascontiguousarray(array).tobytes())
         digest.update(json.dumps(self.labels).encode())
         return digest.hexdigest()
 
     def save(self, path: str | Path) -> None:
-        """Write one ``.npz`` (no pickles)."""
+        """Write one ``.npz`` (no pickles); the field slice only when it is not empty (the file is then the same as
+        before the slice existed)."""
+        field_arrays = {"x_field": self.x_field, "y_field": self.y_field} if self.has_field_slice else {}
         meta = {
             "labels": self.labels,
             "preprocessing": self.preprocessing.model_dump(mode="json"),
@@ -83,15 +110,18 @@ class DatasetSplits:
                 y_val=self.y_val,
                 x_test=self.x_test,
                 y_test=self.y_test,
+                **field_arrays,
                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
             )
 
     @classmethod
     def load(cls, path: str | Path) -> DatasetSplits:
-        """Read what :meth:`save` wrote."""
+        """Read what :meth:`save` wrote (a file without a field slice, older ones included, loads with an empty
+        one)."""
         with np.load(path, allow_pickle=False) as npz:
             meta = json.loads(npz["meta"].tobytes().decode())
             arrays = {k: npz[k] for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+            arrays.update({k: npz[k] for k in ("x_field", "y_field") if k in npz.files})
         return cls(
             **arrays,
             labels=meta["labels"],

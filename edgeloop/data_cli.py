@@ -173,3 +173,35 @@ def snapshot_command(
                   f"from {len(snapshot.devices)} devices ({', '.join(snapshot.devices)}), days "
                   f"{snapshot.days[0]}..{snapshot.days[-1]}; labels: {sources}", highlight=False, soft_wrap=True)
     console.print(f"s3://{bucket}/{layout.snapshot_key(name, snapshot.digest)}", highlight=False, soft_wrap=True)
+
+
+@app.command("teacher-label")
+def teacher_label_command(
+    model: Annotated[str, typer.Option(help="model name")],
+    teacher: Annotated[str, typer.Option(
+        help="`deployed` (the --channel version's fp32-dense model, signature- and sha256-checked) or an ONNX "
+             "classifier: a local path or s3://bucket/key")] = "deployed",
+    channel: Annotated[str, typer.Option(help="the channel whose version is the deployed teacher")] = "stable",
+    min_confidence: Annotated[float, typer.Option(
+        help="keep a pseudo-label only when the teacher's top-1 probability is at least this (0..1]")] = 0.9,
+    since: SinceOption = None,
+    bucket: BucketOption = "edgeloop",
+    prefix: PrefixOption = "",
+    endpoint: EndpointOption = None,
+) -> None:
+    """Pseudo-label the captured samples no app and no person labelled with a teacher model: one label record
+    (source teacher) per confident sample, under labels/teacher/<model>/ in the bucket. A deployed teacher's
+    manifest must be signed by a trusted key (EDGELOOP_VERIFY_KEY[_FILE], else the public half of
+    EDGELOOP_SIGNING_KEY[_FILE])."""
+    from components.teacher import run_teacher
+    from edgeloop_core.contract import ArtifactLayout
+
+    name = _model(model)
+    store, layout = _open(bucket, prefix, endpoint)
+    run = run_teacher(store, layout, ArtifactLayout(prefix), name, teacher=teacher, min_confidence=min_confidence,
+                      since=_since(since), channel=channel)
+    unknown = f", {run.unknown} in a class {name} lacks" if run.unknown else ""
+    console.print(f"wrote {len(run.records)} teacher labels of {name} by {run.identity} to "
+                  f"s3://{bucket}/{layout.labels_prefix('teacher', name)}: {run.unlabelled} samples had no app or "
+                  f"human label, {run.already} were labelled by this teacher already, {run.below} below "
+                  f"{min_confidence:g} confidence{unknown}", highlight=False, soft_wrap=True)
