@@ -200,3 +200,31 @@ def load_checkpoint(directory: str | Path) -> tuple[nn.Module, ModelSpec]:
     spec = ModelSpec.load(directory / "spec.json")
     model = mto.restore(build_model(spec), directory / "model.pth")
     return model.eval(), spec
+
+
+TRAINING_CHECKPOINT_FORMAT = "edgeloop-training-checkpoint/1"
+"""The ``format`` of the one-file training checkpoint a published version keeps for warm starts."""
+
+
+def write_training_checkpoint(model_dir: str | Path, path: str | Path) -> Path:
+    """Pack the dense FP32 model :func:`save_checkpoint` wrote in ``model_dir`` into one file: ``{"format",
+    "spec", "state_dict"}`` with tensors only (so :func:`read_training_checkpoint` loads it with
+    ``weights_only=True``: no pickled code runs when a checkpoint from the bucket is read)."""
+    model, spec = load_checkpoint(model_dir)
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": TRAINING_CHECKPOINT_FORMAT, "spec": asdict(spec), "state_dict": state}, path)
+    return path
+
+
+def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpec]:
+    """``(state_dict, spec)`` of a file :func:`write_training_checkpoint` wrote; :class:`ConfigError` (one line)
+    for anything else."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        if raw.get("format") != TRAINING_CHECKPOINT_FORMAT:
+            raise ValueError(raw.get("format"))
+        return dict(raw["state_dict"]), ModelSpec(**raw["spec"])
+    except Exception as exc:  # torch raises many kinds for a foreign or damaged file
+        raise ConfigError(f"{Path(path).name} is not an edgeloop training checkpoint "
+                          f"({TRAINING_CHECKPOINT_FORMAT})") from exc

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from components.data import DatasetSplits
-from components.evaluate import Evaluation
+from components.evaluate import Evaluation, enforce_gate
 from components.export import INPUT_NAME, OUTPUT_NAME, VariantInfo
 from edgeloop_core.contract import (
     ArtifactLayout,
@@ -43,6 +43,7 @@ from edgeloop_core.errors import (
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from components.plan import Plan
     from edgeloop_core.drift import FieldBaseline
     from edgeloop_core.store import ObjectStore
 
@@ -184,12 +185,15 @@ def publish_version(
     *,
     layout: ArtifactLayout,
     channel: str | None = None,
+    cloud_files: dict[str, Path] | None = None,
 ) -> Manifest:
     """Upload every file the manifest names from ``staging``, then the signed manifest, then move ``channel``.
 
-    Refuses (:class:`VersionExists`) when anything already exists under the version's prefix; the manifest
-    itself is written with ``If-None-Match: *`` so two racing publishers cannot both win. If an upload fails,
-    the files already uploaded are removed: without a manifest the version never existed.
+    ``cloud_files`` (S3 key → local file) are uploaded with them, before the manifest: files that only the cloud
+    reads (the training checkpoint), recorded in the manifest's ``training`` rather than its files, so devices never
+    download them. Refuses (:class:`VersionExists`) when anything already exists under the version's prefix; the
+    manifest itself is written with ``If-None-Match: *`` so two racing publishers cannot both win. If an upload
+    fails, the files already uploaded are removed: without a manifest the version never existed.
     """
     staging = Path(staging)
     prefix = layout.version_prefix(manifest.name, manifest.version)
@@ -203,6 +207,9 @@ def publish_version(
         for ref in signed.files():
             key = layout.file_key(signed.name, signed.version, ref.file)
             store.put_file(key, staging / ref.file)
+            uploaded.append(key)
+        for key, path in (cloud_files or {}).items():
+            store.put_file(key, path)
             uploaded.append(key)
         store.put_bytes(
             layout.manifest_key(signed.name, signed.version),
@@ -374,11 +381,13 @@ def publish_from_paths(
     manifest_out: str,
     manifest_meta: dict[str, Any] | None = None,
     signing_key_path: str | None = None,
+    dense_model_dir: str | None = None,
 ) -> str:
     """The publish step over the artifacts earlier steps wrote; returns the new version.
 
-    The signing key comes from the environment (``EDGELOOP_SIGNING_KEY`` or ``EDGELOOP_SIGNING_KEY_FILE``);
-    S3 credentials from boto3's usual chain.
+    With ``dense_model_dir`` (the train step's FP32 model) the version keeps its training checkpoint for later warm
+    starts (:func:`training_record`). The signing key comes from the environment (``EDGELOOP_SIGNING_KEY`` or
+    ``EDGELOOP_SIGNING_KEY_FILE``); S3 credentials from boto3's usual chain.
     """
     import os
     import shutil
@@ -386,17 +395,22 @@ def publish_from_paths(
 
     from components.export import load_variant_infos
     from components.plan import Plan
+    from components.train import CHECKPOINT_FILE
     from edgeloop_core.contract import load_signing_key
     from edgeloop_core.store import ObjectStore
 
     signing_key = load_signing_key(signing_key_path)
     data = DatasetSplits.load(dataset_path)
     evaluation = Evaluation.load(evaluation_path)
+    enforce_gate(evaluation)  # the gate step ran before; a caller that skipped it still publishes nothing that failed
     infos = load_variant_infos(onnx_dir)
     plan = Plan.load(plan_path)
     version = new_version()
+    layout = ArtifactLayout(prefix)
     with tempfile.TemporaryDirectory(prefix="edgeloop-publish-") as tmp:
         staging = Path(tmp)
+        training, cloud_files = training_record(plan, data, dense_model_dir, staging / "cloud",
+                                                layout.file_key(model_name, version, CHECKPOINT_FILE))
         for info in infos:
             shutil.copyfile(Path(onnx_dir) / info.file, staging / info.file)
         write_validation_set(data, staging / VALIDATION_FILE)
@@ -414,11 +428,11 @@ def publish_from_paths(
                 "run_id": os.environ.get("KFP_RUN_ID", ""),
                 "data_uri": data.source,
             },
-            training={"fingerprint": plan.fingerprint, "config": asdict(plan.config)},
+            training=training,
         )
         store = ObjectStore(bucket, endpoint_url=s3_endpoint or None)
-        signed = publish_version(store, manifest, staging, signing_key, layout=ArtifactLayout(prefix),
-                                 channel=channel or None)
+        signed = publish_version(store, manifest, staging, signing_key, layout=layout, channel=channel or None,
+                                 cloud_files=cloud_files)
     Path(manifest_out).write_text(signed.to_json())
     if manifest_meta is not None:
         manifest_meta.update({
@@ -426,3 +440,56 @@ def publish_from_paths(
             "version": version,
         })
     return version
+
+
+WARM_START_FILE = "warm_start.json"
+"""Written by the train step beside its model when it started from the deployed version: ``{"version",
+"checkpoint_sha256"}`` (what ``training.warm_start`` records)."""
+LINEAGE_ID_LISTS = ("ids", "device_of_row")
+"""Per-sample lists in the dataset's field lineage: the manifest keeps only their sha256 (``ids_sha256``)."""
+
+
+def field_lineage(lineage: dict[str, Any]) -> dict[str, Any]:
+    """The dataset's ``extra["field"]`` as the manifest records it: the per-sample lists of ``train`` and ``slice``
+    replaced by ``ids_sha256``, the sha256 of the compact JSON of the id list (``json.dumps(ids,
+    separators=(",", ":"))``), so a snapshot's split can be checked against a version without the manifest
+    growing with every sample."""
+    import hashlib
+    import json
+
+    record = {k: v for k, v in lineage.items() if k not in ("train", "slice")}
+    for part in ("train", "slice"):
+        if isinstance(lineage.get(part), dict):
+            side = {k: v for k, v in lineage[part].items() if k not in LINEAGE_ID_LISTS}
+            ids = lineage[part].get("ids", [])
+            side["ids_sha256"] = hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()
+            record[part] = side
+    return record
+
+
+def training_record(plan: Plan, data: DatasetSplits, dense_model_dir: str | None, workdir: Path,
+                    checkpoint_key: str) -> tuple[dict[str, Any], dict[str, Path]]:
+    """``(training, cloud files)``: the manifest's ``training`` (fingerprints, config, the plan's decision and
+    reason, the field lineage, the warm start's base version, the checkpoint's key, sha256 and size) and the S3 key
+    → local file of the training checkpoint (none without ``dense_model_dir``)."""
+    import json
+
+    from components.models import write_training_checkpoint
+
+    training: dict[str, Any] = {"fingerprint": plan.fingerprint, "config": asdict(plan.config)}
+    if plan.base_fingerprint:
+        training["base_fingerprint"] = plan.base_fingerprint
+    if plan.reason:
+        training["plan"] = {"decision": plan.decision, "reason": plan.reason}
+    if data.extra.get("field"):
+        training["field"] = field_lineage(data.extra["field"])
+    if not dense_model_dir:
+        return training, {}
+    warm = Path(dense_model_dir) / WARM_START_FILE
+    if warm.exists():
+        training["warm_start"] = json.loads(warm.read_text())
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = write_training_checkpoint(dense_model_dir, workdir / "checkpoint.pt")
+    digest, size = sha256_file(checkpoint)
+    training["checkpoint"] = {"key": checkpoint_key, "sha256": digest, "size_bytes": size}
+    return training, {checkpoint_key: checkpoint}

@@ -7,7 +7,7 @@ import html
 import io
 from pathlib import Path
 
-from components.evaluate import Evaluation
+from components.evaluate import Evaluation, SliceAccuracy, VariantComparison
 
 
 def _figure_png(fig) -> str:  # noqa: ANN001 - matplotlib figure
@@ -104,11 +104,128 @@ def _ratio(variant, figure: str) -> str:  # noqa: ANN001 - VariantEvaluation
     return "" if value is None else f"{value:.2f}x"
 
 
+def _cell(value: SliceAccuracy | float | None) -> str:
+    """A percentage cell (empty when there is no figure)."""
+    if isinstance(value, SliceAccuracy):
+        value = value.overall
+    return "<td>—</td>" if value is None else f"<td>{value * 100:.1f}</td>"
+
+
+def _delta(new: SliceAccuracy | float | None, old: SliceAccuracy | float | None) -> str:
+    """The change in points, marked better/worse by class (empty when a side is missing)."""
+    new = new.overall if isinstance(new, SliceAccuracy) else new
+    old = old.overall if isinstance(old, SliceAccuracy) else old
+    if new is None or old is None:
+        return "<td>—</td>"
+    delta = (new - old) * 100.0
+    kind = "better" if delta > 0 else "worse" if delta < 0 else "same"
+    return f'<td class="{kind}">{delta:+.1f}</td>'
+
+
+def _side_by_side(comparisons: list[VariantComparison]) -> str:
+    """Both slices, new beside deployed, one row per variant."""
+    rows = "\n".join(
+        f"<tr><td>{html.escape(c.name)}</td><td>{html.escape(c.against or '—')}</td>"
+        f"{_cell(c.curated)}{_cell(c.deployed_curated)}{_delta(c.curated, c.deployed_curated)}"
+        f"{_cell(c.field)}{_cell(c.deployed_field)}{_delta(c.field, c.deployed_field)}</tr>"
+        for c in comparisons)
+    return ('<table id="two-slices"><tr><th rowspan="2">variant</th><th rowspan="2">deployed variant</th>'
+            '<th colspan="3">curated test set, accuracy %</th><th colspan="3">field slice, accuracy %</th></tr>'
+            "<tr><th>new</th><th>deployed</th><th>Δ points</th><th>new</th><th>deployed</th><th>Δ points</th></tr>"
+            f"\n{rows}</table>")
+
+
+def _breakdown(comparisons: list[VariantComparison], kind: str, counts: dict[str, int]) -> str:
+    """The field slice per class (``kind="class"``) or per device, every variant's new and deployed accuracy."""
+    shown = [c for c in comparisons if c.field is not None]
+    if not shown or not counts:
+        return ""
+
+    def figures(side: SliceAccuracy | None, key: str) -> float | None:
+        table = (side.per_class if kind == "class" else side.per_device) if side is not None else {}
+        return table.get(key)
+
+    head = "".join(f'<th colspan="3">{html.escape(c.name)}</th>' for c in shown)
+    sub = "<th>new</th><th>deployed</th><th>Δ</th>" * len(shown)
+    rows = "\n".join(
+        f"<tr><td>{html.escape(key)}</td><td>{count}</td>" + "".join(
+            _cell(figures(c.field, key)) + _cell(figures(c.deployed_field, key))
+            + _delta(figures(c.field, key), figures(c.deployed_field, key)) for c in shown) + "</tr>"
+        for key, count in counts.items())
+    return (f'<h3>Field slice per {kind}</h3><table id="field-per-{kind}"><tr><th rowspan="2">{kind}</th>'
+            f'<th rowspan="2">samples</th>{head}</tr><tr>{sub}</tr>\n{rows}</table>')
+
+
+def _lineage(lineage: dict) -> str:
+    """Where the training data came from, one row per fact (nested facts as compact JSON)."""
+    import json
+
+    rows = []
+    for key, value in lineage.items():
+        parts = value.items() if isinstance(value, dict) else [("", value)]
+        for sub, item in parts:
+            text = item if isinstance(item, str) else json.dumps(item, sort_keys=True)
+            rows.append(f"<tr><th>{html.escape(key + ('.' + sub if sub else ''))}</th>"
+                        f"<td>{html.escape(str(text))}</td></tr>")
+    return f'<h3>Lineage</h3><table id="lineage">{"".join(rows)}</table>' if rows else ""
+
+
+def two_slice_section(evaluation: Evaluation, extra: dict | None = None) -> str:
+    """The report's comparison with the deployed version: the verdict and every failure, both slices side by side
+    per variant, the field slice per class and per device, what got better and worse, and the data's lineage
+    (``evaluation.lineage``, else the dataset's ``extra``)."""
+    from components.evaluate import field_lineage
+
+    deployed = evaluation.deployed
+    against = (f"deployed version {html.escape(deployed.get('version', ''))} (channel "
+               f"{html.escape(deployed.get('channel', ''))})" if deployed else "no deployed version")
+    gate = {"beat": "must be above the deployed version's", "off": "not judged",
+            "match": f"may be at most {evaluation.field_tolerance_points:.2f} points below the deployed version's"}
+    field_gate = html.escape(evaluation.field_gate)
+    rule = (f"<p>Against the {against}: curated test accuracy may be at most {evaluation.tolerance_points:.2f} "
+            f"points below the deployed version's; field slice accuracy (field_gate={field_gate})"
+            f" {gate.get(evaluation.field_gate, '')}.</p>")
+    note = f"<p>{html.escape(evaluation.comparison_note)}</p>" if evaluation.comparison_note else ""
+    verdict = ("<p class=\"verdict\"><strong>verdict: passed</strong></p>" if evaluation.passed else
+               "<p class=\"verdict\"><strong>verdict: FAILED</strong></p><ul class=\"failures\">"
+               + "".join(f"<li>{html.escape(f)}</li>" for f in evaluation.failures) + "</ul>")
+    changes = "".join(f"<p class=\"{kind}\">{kind}: {html.escape('; '.join(items))}</p>"
+                      for kind, items in (("better", evaluation.better), ("worse", evaluation.worse)) if items)
+    slice_info = evaluation.field_slice
+    table = _side_by_side(evaluation.comparisons) if evaluation.comparisons else ""
+    lineage = evaluation.lineage or field_lineage(extra or {})
+    return ("<h2>New vs deployed: curated test set and field slice</h2>" + rule + note + verdict
+            + (f"<p>Field slice: {slice_info.get('samples', 0)} samples held out of training, from devices "
+               f"{html.escape(', '.join(slice_info.get('device_counts', {})) or '—')}.</p>" if slice_info else "")
+            + table + (f"<p>Changes of fp32-dense (the trained model) against the deployed version:</p>{changes}"
+                       if changes else "")
+            + _breakdown(evaluation.comparisons, "class", slice_info.get("class_counts", {}))
+            + _breakdown(evaluation.comparisons, "device", slice_info.get("device_counts", {}))
+            + _lineage(lineage))
+
+
+def comparison_metrics(evaluation: Evaluation) -> dict[str, float]:
+    """KFP metrics of the two-slice gate: each variant's field-slice accuracy, the deployed counterpart's on both
+    slices and the gains in points (present sides only), the field slice's size and the verdict (1 passed)."""
+    figures: dict[str, float] = {"gate_passed": 1.0 if evaluation.passed else 0.0,
+                                 "field_slice_samples": float(evaluation.field_slice.get("samples", 0))}
+    for c in evaluation.comparisons:
+        for slice_name, new, old in (("curated", c.curated, c.deployed_curated), ("field", c.field, c.deployed_field)):
+            if new is not None and slice_name == "field":
+                figures[f"{c.name}_field_accuracy"] = new.overall
+            if old is not None:
+                figures[f"{c.name}_deployed_{slice_name}_accuracy"] = old.overall
+            if new is not None and old is not None:
+                figures[f"{c.name}_{slice_name}_gain_points"] = round((new.overall - old.overall) * 100.0, 4)
+    return figures
+
+
 def write_report(
     evaluation: Evaluation, labels: list[str], path: str | Path, *, title: str, primary: str = "int8-qdq",
-    details: dict[str, str] | None = None,
+    details: dict[str, str] | None = None, extra: dict | None = None,
 ) -> Path:
-    """Write the HTML report to ``path``."""
+    """Write the HTML report to ``path`` (``extra``: the dataset's, for the lineage of an evaluation that does not
+    carry it). Written atomically: a reader never sees half a page."""
     plots = render_plots(evaluation, labels, primary)
     detection = _is_detection(evaluation)
     rows = "\n".join(
@@ -149,7 +266,7 @@ def write_report(
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}th{{background:#f4f4f4}}
-figure{{display:inline-block;margin:.5em}}</style></head><body>
+figure{{display:inline-block;margin:.5em}}.better{{color:#176b2c}}.worse{{color:#a4161a}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <table>{info}</table>
 <h2>Variants</h2>
@@ -163,8 +280,11 @@ figure{{display:inline-block;margin:.5em}}</style></head><body>
 variant must reach {evaluation.min_speedup:.2f}x over fp32 at batch 1 and 16 to be preferred.</p>
 <ul>{notes}</ul>
 {task_text}{calibration_text}
+{two_slice_section(evaluation, extra)}
 <h2>Plots</h2>{images}
 </body></html>
 """
-    Path(path).write_text(page, encoding="utf-8")
+    from edgeloop_core.files import write_atomic
+
+    write_atomic(Path(path), page.encode("utf-8"))
     return Path(path)

@@ -31,42 +31,96 @@ def load_data(data_uri: str, seed: int, image_size: int, channels: int, dataset:
 
 
 @component
+def field_data(
+    dataset: Input[Dataset], model_name: str, bucket: str, prefix: str, s3_endpoint: str, channel: str,
+    deployed_channel: str, field_snapshot: str, field_since: str, field_ratio: float, field_slice_fraction: float,
+    teacher: str, teacher_min_confidence: float, seed: int, field_dataset: Output[Dataset],
+) -> None:
+    """Mix field data into the training split and hold out the field slice (``field_snapshot``: ``""`` copies the
+    dataset unchanged; ``latest`` builds a snapshot of the model's captures now; else a snapshot's digest). The
+    lineage (snapshot, label sources, devices, days, ids) lands in the dataset's ``extra["field"]``."""
+    from components.field_data import prepare_field_data
+
+    lineage = prepare_field_data(
+        dataset.path, field_dataset.path, model_name=model_name, bucket=bucket, prefix=prefix,
+        s3_endpoint=s3_endpoint, snapshot=field_snapshot, since=field_since, ratio=field_ratio,
+        slice_fraction=field_slice_fraction, teacher=teacher, teacher_min_confidence=teacher_min_confidence,
+        seed=seed, deployed_channel=deployed_channel or channel,
+    )
+    if lineage:
+        train, held = lineage.get("train", {}), lineage.get("slice", {})
+        print(f"field data: snapshot {lineage.get('snapshot', '')[:12]}…, {train.get('rows_in_train', 0)} rows "
+              f"mixed into training from {train.get('samples', 0)} samples, field slice {held.get('samples', 0)} "
+              f"samples from {', '.join(held.get('devices', [])) or 'no device'}")
+        if lineage.get("note"):
+            print(f"field data: {lineage['note']}")
+    field_dataset.metadata.update({"field": bool(lineage), "snapshot": lineage.get("snapshot", "") if lineage else ""})
+
+
+@component
 def plan(
     dataset: Input[Dataset], model_name: str, bucket: str, prefix: str, channel: str, s3_endpoint: str,
     arch: str, epochs: int, lr: float, seed: int, prune_constraint: str, prune_keep_fraction: float,
     prune_finetune_epochs: int, qat_epochs: int, tolerance_points: float, calibration_samples: int,
-    min_speedup: float, force_retrain: bool, plan_info: Output[Artifact],
+    min_speedup: float, force_retrain: bool, plan_info: Output[Artifact], base_dataset: Input[Dataset] = None,
+    deployed_channel: str = "", warm_start: bool = False, retrain_min_new_labels: int = 50,
+    retrain_min_new_share: float = 0.0, retrain_drift_threshold: float = 0.0, hub_address: str = "",
 ) -> str:
-    """``train``, or ``skip`` when the channel's version was trained on the same data and config (unless forced).
+    """``train``, or ``skip`` when the deployed version was trained on the same data and config (unless forced), or
+    when field data brings too little that is new (components/plan.py: the rules); prints the reason.
 
-    ``plan_info`` (JSON: fingerprint, config) goes to publish; the decision is the single ``Output`` because
+    ``dataset`` is what trains (field items mixed in), ``base_dataset`` the curated data before them. ``plan_info``
+    (JSON: decision, reason, fingerprints, config) goes to publish; the decision is the single ``Output`` because
     ``dsl.If`` under ``kfp.local`` resolves only that name.
     """
-    from components.plan import TrainingConfig, decide
+    from components.plan import FieldTriggers, TrainingConfig, decide
 
     config = TrainingConfig(arch=arch, epochs=epochs, lr=lr, seed=seed, prune_constraint=prune_constraint,
                             prune_keep_fraction=prune_keep_fraction, prune_finetune_epochs=prune_finetune_epochs,
                             qat_epochs=qat_epochs, tolerance_points=tolerance_points,
-                            calibration_samples=calibration_samples, min_speedup=min_speedup)
+                            calibration_samples=calibration_samples, min_speedup=min_speedup, warm_start=warm_start)
+    triggers = FieldTriggers(min_new_labels=retrain_min_new_labels, min_new_share=retrain_min_new_share,
+                             drift_threshold=retrain_drift_threshold, hub_address=hub_address)
     result = decide(dataset.path, config, model_name=model_name, bucket=bucket, prefix=prefix, channel=channel,
-                    s3_endpoint=s3_endpoint, force_retrain=force_retrain)
+                    s3_endpoint=s3_endpoint, force_retrain=force_retrain,
+                    base_dataset_path=base_dataset.path if base_dataset is not None else None,
+                    deployed_channel=deployed_channel, triggers=triggers)
     result.save(plan_info.path)
-    plan_info.metadata.update({"decision": result.decision, "fingerprint": result.fingerprint})
+    print(f"plan: {result.decision}: {result.reason}")
+    plan_info.metadata.update({"decision": result.decision, "fingerprint": result.fingerprint,
+                               "reason": result.reason})
     return result.decision
 
 
 @component
 def train(dataset: Input[Dataset], arch: str, epochs: int, lr: float, seed: int, model: Output[Model],
-          metrics: Output[Metrics]) -> None:
-    """Train the FP32 baseline (a detector's figure is mAP@0.5 where a classifier's is accuracy)."""
+          metrics: Output[Metrics], warm_start: bool = False, model_name: str = "", bucket: str = "",
+          prefix: str = "", s3_endpoint: str = "", channel: str = "", deployed_channel: str = "") -> None:
+    """Train the FP32 baseline (a detector's figure is mAP@0.5 where a classifier's is accuracy); with
+    ``warm_start``, from the deployed version's verified training checkpoint (``deployed_channel``, empty:
+    ``channel``) instead of from scratch."""
+    import json
+    import tempfile
+    from pathlib import Path
+
     from components.data import DatasetSplits
     from components.models import count_flops, count_params, save_checkpoint
-    from components.train import accuracy, train_model
+    from components.publish import WARM_START_FILE
+    from components.train import accuracy, fetch_warm_start, train_model
 
     data = DatasetSplits.load(dataset.path)
     figure = "map50" if data.task == "detection" else "accuracy"
-    net, spec, history = train_model(data, arch=arch, epochs=epochs, lr=lr, seed=seed)
+    base = None
+    if warm_start:
+        with tempfile.TemporaryDirectory(prefix="edgeloop-warm-") as tmp:
+            base = fetch_warm_start(model_name=model_name, bucket=bucket, prefix=prefix, s3_endpoint=s3_endpoint,
+                                    channel=deployed_channel or channel, workdir=tmp)
+        print(f"warm start from {model_name}/{base.version} (checkpoint sha256 {base.checkpoint_sha256[:12]}…)")
+    net, spec, history = train_model(data, arch=arch, epochs=epochs, lr=lr, seed=seed, warm_start=base)
     save_checkpoint(net, spec, model.path)
+    if base is not None:
+        (Path(model.path) / WARM_START_FILE).write_text(json.dumps(base.lineage()))
+        model.metadata["warm_start"] = base.version
     for row in history.epochs:
         metrics.log_metric(f"val_{figure}_epoch_{int(row['epoch']):02d}", row[history.metric])
     metrics.log_metric(f"val_{figure}", history.final_val_score)
@@ -126,7 +180,7 @@ def export(dataset: Input[Dataset], dense_model: Input[Model], pruned_model: Inp
     and its in-graph decode stays in floating point in both INT8 variants."""
     from components.data import DatasetSplits, calibration_indices, class_histogram
     from components.detection_export import export_detector_variants
-    from components.export import export_variants, save_calibration_info
+    from components.export import check_inputs, export_variants, save_calibration_info
     from components.models import load_checkpoint
 
     data = DatasetSplits.load(dataset.path)
@@ -134,8 +188,10 @@ def export(dataset: Input[Dataset], dense_model: Input[Model], pruned_model: Inp
     pruned, _ = load_checkpoint(pruned_model.path)
     quantized, _ = load_checkpoint(qat_model.path)
     rows = calibration_indices(data.y_train, calibration_samples, seed=seed)
-    exporter = export_detector_variants if data.task == "detection" else export_variants
-    infos = exporter(dense, pruned, quantized, x_check=data.x_test, x_calibration=data.x_train[rows],
+    detection = data.task == "detection"
+    exporter = export_detector_variants if detection else export_variants
+    x_check = data.x_test if detection else check_inputs(data.x_test, data.x_val, data.x_train)
+    infos = exporter(dense, pruned, quantized, x_check=x_check, x_calibration=data.x_train[rows],
                      out_dir=onnx_models.path)
     save_calibration_info(onnx_models.path, samples=len(rows), seed=seed,
                           histogram=class_histogram(data.y_train[rows], data.labels))
@@ -144,24 +200,25 @@ def export(dataset: Input[Dataset], dense_model: Input[Model], pruned_model: Inp
 
 @component
 def evaluate(dataset: Input[Dataset], onnx_models: Input[Model], tolerance_points: float, min_speedup: float,
-             evaluation: Output[Artifact], metrics: Output[Metrics], min_score: float = 0.0) -> None:
+             evaluation: Output[Artifact], metrics: Output[Metrics], min_score: float = 0.0, model_name: str = "",
+             bucket: str = "", prefix: str = "", s3_endpoint: str = "", channel: str = "", deployed_channel: str = "",
+             field_gate: str = "beat", field_tolerance_points: float = 0.0) -> None:
     """Accuracy (detectors: COCO mAP@0.5 and mAP@0.5:0.95), size, ORT CPU latency and speed-ups of every variant;
-    fail the run when the INT8 gate does not pass or a variant scores below ``min_score``; mark CPU INT8 variants
-    below ``min_speedup`` as not preferred."""
+    the INT8 gate and ``min_score``; CPU INT8 variants below ``min_speedup`` marked not preferred; for classifiers,
+    the two-slice comparison with the version deployed on ``deployed_channel`` (empty: ``channel``) in ``bucket``:
+    curated test set and field slice, ``field_gate`` ``beat``/``match``/``off``. Records the verdict and never fails
+    on it: the ``gate`` step does, after the report is written."""
     from components.data import DatasetSplits
-    from components.evaluate import enforce_gate, evaluate_detector_variants, evaluate_variants
-    from components.export import load_calibration_info, load_variant_infos
+    from components.evaluate import evaluate_run
+    from edgeloop_core.contract import ArtifactLayout
+    from edgeloop_core.store import ObjectStore
 
     data = DatasetSplits.load(dataset.path)
-    infos, calibration = load_variant_infos(onnx_models.path), load_calibration_info(onnx_models.path)
-    if data.task == "detection":
-        result = evaluate_detector_variants(onnx_models.path, infos, data.x_test, data.y_test,
-                                            tolerance_points=tolerance_points, min_score=min_score,
-                                            min_speedup=min_speedup, calibration=calibration)
-    else:
-        result = evaluate_variants(onnx_models.path, infos, data.x_test, data.y_test, data.num_classes,
-                                   tolerance_points=tolerance_points, min_speedup=min_speedup,
-                                   calibration=calibration, min_score=min_score)
+    store = ObjectStore(bucket, endpoint_url=s3_endpoint or None) if bucket else None
+    result = evaluate_run(data, onnx_models.path, tolerance_points=tolerance_points, min_speedup=min_speedup,
+                          min_score=min_score, store=store, layout=ArtifactLayout(prefix), model_name=model_name,
+                          channel=deployed_channel or channel, field_gate=field_gate,
+                          field_tolerance_points=field_tolerance_points)
     result.save(evaluation.path)
     for v in result.variants:
         if v.map50_95 is None:
@@ -174,24 +231,26 @@ def evaluate(dataset: Input[Dataset], onnx_models: Input[Model], tolerance_point
         metrics.log_metric(f"{v.name}_latency_ms_b16", v.latency_ms_b16)
         for figure, value in v.speedup.items():
             metrics.log_metric(f"{v.name}_speedup_{figure}", value)
-    evaluation.metadata.update({"passed": result.passed, "failures": result.failures,
+    evaluation.metadata.update({"passed": result.passed, "failures": result.failures, "deployed": result.deployed,
                                 "not_preferred": {v.name: v.note for v in result.variants if not v.preferred}})
-    enforce_gate(result)
 
 
 @component
 def report(dataset: Input[Dataset], evaluation: Input[Artifact], model_name: str, report_html: Output[HTML],
            metrics: Output[Metrics], confusion: Output[ClassificationMetrics]) -> None:
     """HTML report with plots, KFP metrics, and the confusion matrix of the TensorRT INT8 variant (detectors:
-    mAP@0.5 and mAP@0.5:0.95 per variant, no confusion matrix)."""
+    mAP@0.5 and mAP@0.5:0.95 per variant, no confusion matrix). Written whether the gate passed or not: it shows
+    the curated test set and the field slice side by side with the deployed version, and every failure."""
     from components.data import DatasetSplits
     from components.evaluate import Evaluation
-    from components.report import write_report
+    from components.report import comparison_metrics, write_report
 
     data = DatasetSplits.load(dataset.path)
     result = Evaluation.load(evaluation.path)
     write_report(result, data.labels, report_html.path, title=f"edgeloop: {model_name}",
-                 details={"data": data.source, "test samples": str(len(data.y_test))})
+                 details={"data": data.source, "test samples": str(len(data.y_test))}, extra=data.extra)
+    for name, value in comparison_metrics(result).items():
+        metrics.log_metric(name, value)
     for v in result.variants:
         if v.map50_95 is None:
             metrics.log_metric(f"{v.name}_accuracy", v.accuracy)
@@ -204,10 +263,22 @@ def report(dataset: Input[Dataset], evaluation: Input[Artifact], model_name: str
 
 
 @component
+def gate(evaluation: Input[Artifact]) -> None:
+    """Fail the run, after the report is written and before anything is published, when the evaluation's gate did
+    not pass: one :class:`~edgeloop_core.errors.GateFailed` line, the first failure (the report lists them all)."""
+    from components.evaluate import Evaluation, enforce_gate
+
+    enforce_gate(Evaluation.load(evaluation.path))
+
+
+@component
 def publish(dataset: Input[Dataset], onnx_models: Input[Model], evaluation: Input[Artifact],
             report_html: Input[HTML], model_name: str, bucket: str, prefix: str, channel: str, s3_endpoint: str,
-            tolerance_points: float, plan_info: Input[Artifact], manifest: Output[Artifact]) -> str:
-    """Publish a new immutable version (files, signed manifest, channel pointer); returns the version."""
+            tolerance_points: float, plan_info: Input[Artifact], manifest: Output[Artifact],
+            dense_model: Input[Model] = None) -> str:
+    """Publish a new immutable version (files, signed manifest, channel pointer); returns the version. With
+    ``dense_model`` (the train step's FP32 model) the version keeps its training checkpoint (cloud-only, for warm
+    starts) and the manifest's ``training`` records it with the field lineage, warm start and plan."""
     from components.publish import publish_from_paths
 
     return publish_from_paths(
@@ -215,6 +286,7 @@ def publish(dataset: Input[Dataset], onnx_models: Input[Model], evaluation: Inpu
         report_path=report_html.path, model_name=model_name, bucket=bucket, prefix=prefix, channel=channel,
         s3_endpoint=s3_endpoint, tolerance_points=tolerance_points, plan_path=plan_info.path,
         manifest_out=manifest.path, manifest_meta=manifest.metadata,
+        dense_model_dir=dense_model.path if dense_model is not None else None,
     )
 
 
@@ -329,3 +401,26 @@ def publish_onnx(onnx_models: Input[Model], holdout: Input[Dataset], gate: Input
     return publish_imported(onnx_dir=onnx_models.path, holdout_path=holdout.path, model_name=model_name,
                             bucket=bucket, prefix=prefix, channel=channel, s3_endpoint=s3_endpoint,
                             tolerance=tolerance, manifest_out=manifest.path)
+
+
+@component
+def promote(model_name: str, bucket: str, prefix: str, s3_endpoint: str, hub_address: str, promote_from: str,
+            promote_to: str, window_s: float, min_devices: int, drift_margin: float, accuracy_margin_points: float,
+            min_feedback: int) -> str:
+    """``edgeloop fleet promote`` as a step: move ``promote_to`` to ``promote_from``'s version when the canary
+    devices' field signals allow (components.promote). Returns the version promoted, or "" when not (the reason is
+    logged): a scheduled run must not fail because its canary is not ready, nor because the hub cannot be asked.
+    Hub reader token from ``HUB_READ_TOKEN``, signing key from ``EDGELOOP_SIGNING_KEY[_FILE]``."""
+    from components.promote import PromoteRules, promote_from_env
+    from edgeloop_core.errors import EdgeloopError
+
+    rules = PromoteRules(window_s=window_s, min_devices=min_devices, drift_margin=drift_margin,
+                         accuracy_margin_points=accuracy_margin_points, min_feedback=min_feedback)
+    try:
+        result = promote_from_env(model_name=model_name, bucket=bucket, prefix=prefix, s3_endpoint=s3_endpoint,
+                                  hub_address=hub_address, source=promote_from, target=promote_to, rules=rules)
+    except EdgeloopError as exc:
+        print(f"not promoted: {exc}")
+        return ""
+    print(result.line())
+    return result.version if result.promoted else ""

@@ -27,10 +27,15 @@ S3SecretOption = Annotated[str | None, typer.Option(
 SigningSecretOption = Annotated[str | None, typer.Option(
     help="Kubernetes Secret with signing-key.pem, mounted into the publish step")]
 TrainGpusOption = Annotated[int, typer.Option(help="nvidia.com/gpu for train, prune and QAT (0: CPU)")]
+VerifySecretOption = Annotated[str | None, typer.Option(
+    help="Kubernetes Secret with verify-key.pem, mounted into the steps that check the deployed version (field "
+         "data's teacher, warm start, the gate's comparison)")]
 
 
-def _cluster(s3_secret: str | None, signing_secret: str | None, train_gpus: int) -> dict:
-    return {"s3_secret": s3_secret, "signing_secret": signing_secret, "train_gpus": train_gpus}
+def _cluster(s3_secret: str | None, signing_secret: str | None, train_gpus: int,
+             verify_secret: str | None = None) -> dict:
+    return {"s3_secret": s3_secret, "signing_secret": signing_secret, "train_gpus": train_gpus,
+            "verify_secret": verify_secret}
 
 
 def variants_table(evaluation: Evaluation, title: str = "variants") -> Table:
@@ -84,9 +89,11 @@ def run_command(
 def print_result(result) -> None:  # noqa: ANN001 - LocalRunResult, imported lazily
     """The table of variants and where the version went."""
     if result.decision == "skip":
-        console.print("nothing changed since the channel's version (same data and config): skipped training; "
-                      "pass -p force_retrain=true to retrain anyway")
+        console.print(f"skipped training: {result.reason or 'nothing changed since the deployed version'}; "
+                      f"pass -p force_retrain=true to retrain anyway", highlight=False, markup=False)
         return
+    if result.reason:
+        console.print(f"trained: {result.reason}", highlight=False, markup=False)
     evaluation = result.evaluation()
     if evaluation is not None:
         console.print(variants_table(evaluation))
@@ -185,11 +192,12 @@ def compile_command(
     s3_secret: S3SecretOption = None,
     signing_secret: SigningSecretOption = None,
     train_gpus: TrainGpusOption = 0,
+    verify_secret: VerifySecretOption = None,
 ) -> None:
     """Compile the pipeline to KFP IR YAML for a Kubeflow cluster."""
     from pipelines.cluster import compile_pipeline
 
-    console.print(f"wrote {compile_pipeline(output, **_cluster(s3_secret, signing_secret, train_gpus))}")
+    console.print(f"wrote {compile_pipeline(output, **_cluster(s3_secret, signing_secret, train_gpus, verify_secret))}")
 
 
 @app.command("submit")
@@ -202,13 +210,14 @@ def submit_command(
     s3_secret: S3SecretOption = None,
     signing_secret: SigningSecretOption = None,
     train_gpus: TrainGpusOption = 0,
+    verify_secret: VerifySecretOption = None,
 ) -> None:
     """Submit one run to a Kubeflow Pipelines cluster."""
     from pipelines.cluster import submit_run
     from pipelines.local_run import parse_parameters
 
     run_id = submit_run(host, parse_parameters(param or []), experiment=experiment, run_name=run_name,
-                        namespace=namespace, cluster=_cluster(s3_secret, signing_secret, train_gpus))
+                        namespace=namespace, cluster=_cluster(s3_secret, signing_secret, train_gpus, verify_secret))
     console.print(f"submitted run {run_id}")
 
 
@@ -224,6 +233,7 @@ def schedule_command(
     s3_secret: S3SecretOption = None,
     signing_secret: SigningSecretOption = None,
     train_gpus: TrainGpusOption = 0,
+    verify_secret: VerifySecretOption = None,
 ) -> None:
     """Create or update (never duplicate) a recurring run of the pipeline."""
     from pipelines.cluster import connect, upsert_recurring_run
@@ -231,7 +241,7 @@ def schedule_command(
 
     run = upsert_recurring_run(connect(host, namespace), name=name, cron=cron,
                                parameters=parse_parameters(param or []), experiment=experiment, namespace=namespace,
-                               cluster=_cluster(s3_secret, signing_secret, train_gpus))
+                               cluster=_cluster(s3_secret, signing_secret, train_gpus, verify_secret))
     console.print(f"recurring run {name!r} scheduled ({getattr(run, 'recurring_run_id', '')})")
 
 

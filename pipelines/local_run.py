@@ -32,6 +32,8 @@ class LocalRunResult:
     version: str | None
     manifest: Manifest | None
     evaluation_path: Path | None
+    reason: str = ""
+    """Why the plan decided as it did (one line)."""
 
     def evaluation(self):  # noqa: ANN201 - avoids importing the cloud side at module import
         """The evaluation of every variant, when the run trained."""
@@ -153,6 +155,8 @@ def run_local(
         raise PipelineFailed(f"pipeline failed: {reason}", log_path) from exc
     plan_output = _one(run_dir, "*/plan/executor_output.json")
     decision = json.loads(plan_output.read_text())["parameterValues"]["Output"] if plan_output else "train"
+    plan_info = _one(run_dir, "*/plan/plan_info")
+    reason = str(json.loads(plan_info.read_text()).get("reason", "")) if plan_info else ""
     manifest_path = _one(run_dir, "*/publish*/manifest")
     manifest = Manifest.from_json(manifest_path.read_text()) if manifest_path else None
     return LocalRunResult(
@@ -162,4 +166,5 @@ def run_local(
         version=manifest.version if manifest else None,
         manifest=manifest,
         evaluation_path=_one(run_dir, "*/evaluate/evaluation"),
+        reason=reason,
     )

@@ -88,3 +88,15 @@ def test_unknown_architecture_and_bad_settings(digits):
         train_model(digits, arch="resnet9000", epochs=1, progress=False)
     with pytest.raises(ConfigError):
         train_model(digits, epochs=-1, progress=False)
+
+
+def test_the_export_check_tops_a_small_test_set_up_to_256_inputs():
+    from components.export import CHECK_MIN_SAMPLES, check_inputs
+
+    x_test, x_val, x_train = (np.full((n, 1, 2, 2), v, np.float32) for n, v in ((30, 0), (30, 1), (400, 2)))
+    x = check_inputs(x_test, x_val, x_train)
+    assert len(x) == CHECK_MIN_SAMPLES == 256  # 30 clips alone: one flipped answer would fail a 98% bound
+    assert (x[:30] == 0).all() and (x[30:60] == 1).all() and (x[60:] == 2).all()
+    large = np.zeros((300, 1, 2, 2), np.float32)
+    assert check_inputs(large, x_val, x_train) is large  # a large test set is used alone, as before
+    assert len(check_inputs(x_test, x_val, x_train[:10])) == 70  # all there is

@@ -134,6 +134,6 @@ def test_only_the_signing_steps_get_the_signing_key(tmp_path):
            .get("env", [])}
     assert env["EDGELOOP_SIGNING_KEY_FILE"] == "/etc/edgeloop/signing/signing-key.pem"
     signing = {step for step, conf in kube.items() if conf.get("secretAsVolume")}
-    assert signing == {"exec-publish", "exec-resign-channels"}
+    assert signing == {"exec-publish", "exec-resign-channels", "exec-promote"}  # promote moves a signed pointer
     conditions = [t.get("triggerPolicy", {}).get("condition", "") for t in spec["root"]["dag"]["tasks"].values()]
     assert any("skip" in c for c in conditions) and any("train" in c for c in conditions)  # it runs when plan skips

@@ -81,6 +81,7 @@ def clip_run(local_s3, key_dir, tmp_path_factory):
              evaluation=art["evaluation"], metrics=metrics["evaluate"], min_score=BAR)
         step("report", steps.report, dataset=art["dataset"], evaluation=art["evaluation"], model_name=MODEL,
              report_html=art["report"], metrics=metrics["report"], confusion=art["confusion"])
+        step("gate", steps.gate, evaluation=art["evaluation"])
         version = step("publish", steps.publish, dataset=art["dataset"], onnx_models=art["onnx"],
                        evaluation=art["evaluation"], report_html=art["report"], model_name=MODEL, channel="stable",
                        **s3, tolerance_points=cfg["tolerance_points"], plan_info=art["plan"],

@@ -50,6 +50,13 @@ def test_default_run_publishes_a_complete_signed_version(default_run, pipeline_e
     assert manifest.inputs[0].shape == [-1, 1, 8, 8] and manifest.outputs[0].shape == [-1, 10]
     assert manifest.validation.num_samples == 360 and manifest.validation.tolerance == pytest.approx(0.01)
     assert manifest.training["config"]["arch"] == "cnn" and len(manifest.training["fingerprint"]) == 64
+    assert manifest.training["plan"] == {"decision": "train", "reason": "no version on channel 'stable' of "
+                                                                        "'digits-cnn' yet"}
+    assert "field" not in manifest.training and "warm_start" not in manifest.training  # no field data, cold start
+    checkpoint = manifest.training["checkpoint"]  # cloud-only: signed in the manifest, not among its files
+    assert checkpoint["key"] == layout.file_key(MODEL, manifest.version, "training/checkpoint.pt")
+    assert sha256_bytes(store.get_bytes(checkpoint["key"])) == checkpoint["sha256"]
+    assert "training/checkpoint.pt" not in {ref.file for ref in manifest.files()}
     pointer = json.loads(store.get_bytes(layout.channel_key(MODEL, "stable")))
     assert pointer["version"] == manifest.version
     report = store.get_bytes(layout.file_key(MODEL, manifest.version, "report.html")).decode()
@@ -89,6 +96,7 @@ def test_unchanged_data_and_config_skip_training(default_run, pipeline_env, loca
     result = run_local({"model_name": MODEL, "bucket": store.bucket, "s3_endpoint": local_s3.endpoint_url},
                        runs_dir=runs)
     assert result.decision == "skip" and result.version is None
+    assert result.reason == f"same data and config as the deployed {default_run.version}: nothing to learn"
     versions = [v for v in store.list_prefixes(f"models/{MODEL}/") if v != "channels"]
     assert versions == [default_run.version]
 
@@ -119,3 +127,43 @@ def test_gate_fails_the_run_and_nothing_is_published(pipeline_env, local_s3):
     assert "GateFailed" in str(info.value) and "tolerance" in str(info.value)
     assert info.value.log_path is not None and info.value.log_path.exists()
     assert store.list_keys(layout.model_prefix(model)) == []
+
+
+def test_a_flywheel_run_learns_from_field_data_warm_and_records_its_lineage(default_run, pipeline_env, local_s3,
+                                                                            verify_key, tmp_path):
+    """Field captures of three devices (written by the device's shard writer, app-labelled) in the bucket of the
+    default run: a run with ``field_snapshot=latest`` and ``warm_start`` mixes them in, holds one device out as the
+    field slice, starts from the deployed (stable) version's checkpoint and publishes to canary with the lineage."""
+    from components.data import load_digits_dataset
+    from tests.edge_runtime.test_field_training_data import field_inputs, publish_model_manifest_only, put_shard
+
+    store, runs = pipeline_env
+    layout = ArtifactLayout()
+    digits = load_digits_dataset()
+    publish_model_manifest_only(store, digits)  # the version the captures name (v1): classes, input, preprocessing
+    for i, device in enumerate(("jetson-a", "jetson-b", "jetson-c")):
+        (tmp_path / device).mkdir()
+        labels = digits.y_train[100 + 8 * i:108 + 8 * i].tolist()
+        put_shard(store, tmp_path / device, device, field_inputs(digits, 100 + 8 * i, 8), labels)
+    stable = json.loads(store.get_bytes(layout.channel_key(MODEL, "stable")))["version"]
+    deployed = verify_published(store, layout, MODEL, stable, verify_key)
+    result = run_local({"model_name": MODEL, "bucket": store.bucket, "s3_endpoint": local_s3.endpoint_url, **QUICK,
+                        "field_snapshot": "latest", "warm_start": True, "channel": "canary",
+                        "deployed_channel": "stable", "field_gate": "off", "retrain_min_new_labels": 10},
+                       runs_dir=runs)
+    assert result.decision == "train" and result.reason == (  # warm_start is new config; the field is said too
+        f"curated data or config changed since the deployed {stable}; "
+        f"field: 24 new labelled field samples ({stable} had no field data) (>= 10)")
+    manifest = verify_published(store, layout, MODEL, result.version, verify_key)
+    training = manifest.training
+    assert training["warm_start"] == {"version": stable, "checkpoint_sha256": deployed.training["checkpoint"]["sha256"]}
+    assert training["config"]["warm_start"] is True and training["plan"]["reason"] == result.reason
+    field = training["field"]
+    assert len(field["snapshot"]) == 64 and field["ratio"] == 0.3
+    assert field["train"]["samples"] + field["slice"]["samples"] == 24
+    assert set(field["train"]["devices"]).isdisjoint(field["slice"]["devices"]) and field["slice"]["samples"] > 0
+    assert "ids" not in field["train"] and len(field["slice"]["ids_sha256"]) == 64
+    assert json.loads(store.get_bytes(layout.channel_key(MODEL, "canary")))["version"] == result.version
+    assert json.loads(store.get_bytes(layout.channel_key(MODEL, "stable")))["version"] == stable
+    ref = training["checkpoint"]
+    assert sha256_bytes(store.get_bytes(ref["key"])) == ref["sha256"] != deployed.training["checkpoint"]["sha256"]
