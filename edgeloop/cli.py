@@ -52,8 +52,16 @@ def keys_command(
 def demo_command(
     workdir: str = typer.Option(".demo", help="where the demo keeps its S3 data, keys and runs"),
     detection: bool = typer.Option(False, help="also train, serve and score a detector (synthetic shapes, mAP@0.5)"),
+    flywheel: bool = typer.Option(False, help="one turn of the data flywheel instead: a fleet meets a shifted field, "
+                                              "captures and labels come home, the scheduled run retrains, canary, "
+                                              "promote (docs/flywheel.md)"),
 ) -> None:
     """The whole loop on this machine (see `make demo`)."""
+    if flywheel:
+        from edgeloop.flywheel_demo import run_flywheel
+
+        run_flywheel(workdir if workdir != ".demo" else ".demo-flywheel")
+        return
     from edgeloop.demo import run_demo
 
     run_demo(workdir, detection=detection)

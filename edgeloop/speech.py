@@ -3,6 +3,13 @@
 Ten keywords, six voices, three speeds; one voice held out for validation and one for testing (never heard in
 training), plus two background-noise recordings. The tests and ``bench/variants.py`` use it; nothing here is
 downloaded.
+
+:func:`speak_field` makes the *field* for the keyword-spotting flywheel: the same words from speakers of a voice family
+the data set never uses. espeak-ng builds a voice from a language (an accent) and a variant; the data set's voices are
+the default formant synthesiser's ``m``/``f`` variants in ``en`` and ``en-us``, while a field speaker is one of
+:data:`FIELD_ACCENTS` (other English accents) with a variant of the ``klatt`` family (Dennis Klatt's cascade/parallel
+formant synthesiser, a different voice source and formant model), so neither the accent nor the family of any field
+speaker was heard in training.
 """
 
 from __future__ import annotations
@@ -19,6 +26,13 @@ WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 VOICES = ("en+m1", "en+m3", "en+f1", "en+f3", "en-us+m2", "en-us+f2")
 SPEEDS = (130, 165, 200)
 VALIDATION_VOICE, TEST_VOICE = "en+f3", "en-us+m2"
+FIELD_ACCENTS = ("en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+"""English accents of espeak-ng that :data:`VOICES` never use (Scottish, Caribbean, New York, RP, Lancaster, West
+Midlands)."""
+FIELD_FAMILY = "klatt"
+"""The held-out variant family: ``klatt``, ``klatt2`` ... ``klatt6``."""
+FIELD_SPEAKERS = tuple(f"{accent}+{FIELD_FAMILY}{'' if i == 0 else i + 1}" for i, accent in enumerate(FIELD_ACCENTS))
+"""Six field speakers (``en-gb-scotland+klatt``, ``en-029+klatt2``, ...): one accent and one Klatt variant each."""
 
 
 def espeak_available() -> bool:
@@ -42,6 +56,31 @@ def speak(word: str, voice: str, speed: int, pitch: int) -> np.ndarray:
         samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
     samples = resample_poly(samples, 16000, rate).astype(np.float32)
     return fit_length(samples, MelConfig())
+
+
+def voice_family(voice: str) -> tuple[str, str]:
+    """``(language, variant family)`` of an espeak-ng voice: ``en-us+m2`` → ``("en-us", "m")``, ``en-029+klatt2`` →
+    ``("en-029", "klatt")`` (the variant without its number; ``""`` without a variant)."""
+    language, _, variant = voice.partition("+")
+    return language, variant.rstrip("0123456789")
+
+
+def speak_field(speakers: tuple[str, ...] = FIELD_SPEAKERS, *, words: tuple[str, ...] = WORDS,
+                speeds: tuple[int, ...] = (140, 175), seed: int = 0) -> list[tuple[str, str, np.ndarray]]:
+    """Field clips, ``(speaker, word, one second of 16 kHz float32 audio)`` for each speaker, word and speed (words
+    per minute), at a seeded pitch per clip (0..99 scale, 30..70). A speaker whose language or variant family the
+    data set uses (:data:`VOICES`) is refused with a ConfigError: the field must be unheard."""
+    heard = {voice_family(v)[0] for v in VOICES}, {voice_family(v)[1] for v in VOICES}
+    for speaker in speakers:
+        language, family = voice_family(speaker)
+        if language in heard[0] or family in heard[1]:
+            raise ConfigError(f"field speaker {speaker!r} shares its accent or voice family with the training voices "
+                              f"({', '.join(VOICES)}): choose an unheard one, e.g. {FIELD_SPEAKERS[0]}")
+    if not espeak_available():
+        raise ConfigError("espeak-ng is not installed: apt-get install espeak-ng")
+    rng = np.random.default_rng(seed)
+    return [(speaker, word, speak(word, speaker, speed, int(rng.integers(30, 71))))
+            for speaker in speakers for word in words for speed in speeds]
 
 
 def make_speech_commands(root: Path, *, seed: int = 0) -> Path:
