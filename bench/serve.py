@@ -1011,6 +1011,12 @@ def acceptance(rows: list[dict], ceilings: dict[str, tuple[float, float]]) -> li
         plus, alone = at.get((model, EDGELOOP_TRITON["edgeloop"], 32)), at.get((model, Triton.name, 32))
         ok = None if not (plus and alone) else plus["rps"] >= 1.1 * alone["rps"]
         said = f"{plus['rps'] / alone['rps']:.2f}x" if plus and alone else "no rows"
+        reach = max(ceilings[model]) / alone["rps"] if alone else None
+        if ok is False and reach is not None and reach < 1.1:  # compute-bound: not even the model alone gets there
+            lines.append(f"- target, {model} model at c=32: edgeloop + Triton ≥ 1.1x Triton alone: OUT OF REACH "
+                         f"({said}; in-process ONNX Runtime itself, the most any server can serve, is {reach:.3f}x "
+                         f"Triton alone on this compute-bound model, and batching does not raise it)")
+            continue
         lines.append(f"- target, {model} model at c=32: edgeloop + Triton ≥ 1.1x Triton alone: {_verdict(ok)} "
                      f"({said})")
     return lines

@@ -62,6 +62,15 @@ def test_targets_pass_and_fail_by_the_rows():
     assert ": FAIL (1.06x)" in lines[3] and ": not measured (no rows)" in lines[4]
 
 
+def test_a_triton_target_no_server_can_reach_is_said_so_not_passed():
+    # large, compute-bound: in-process ORT serves 661/s, Triton alone 605/s: 1.1x Triton would beat the model itself
+    rows = [_row(EDGELOOP_TRITON["edgeloop"], "large", 32, 612), _row(Triton.name, "large", 32, 605),
+            _row(EDGELOOP_TRITON["edgeloop"], "small", 32, 9000), _row(Triton.name, "small", 32, 8500)]
+    lines = acceptance(rows, {"small": (14000, 18000), "large": (661, 627)})
+    assert ": FAIL (1.06x)" in lines[3]  # small: the model would allow it, so it is a failure
+    assert ": OUT OF REACH (1.01x; in-process ONNX Runtime itself, the most any server can serve, is 1.093x" in lines[4]
+
+
 def test_a_missing_row_is_not_measured_never_a_pass():
     lines = acceptance([_row("edgeloop", "small", 1, 1800, p50=0.4, p99=0.5)], {"small": (14000, 18000)})
     assert all(": not measured (" in line for line in lines), lines
