@@ -154,6 +154,7 @@ class EdgeApp:
         if triton is not None:  # apps call Triton: its Python-backend models hand what they answer to the tap
             self.tap = TritonTap(triton, served_models(self.repository), self.capture, self.field)
             self.tap.start()
+            self.repository.on_change(self.tap.publish)  # a version that starts serving is tapped from then on
         control = self._control()
         try:
             self._server, self.control_port = await start_server(

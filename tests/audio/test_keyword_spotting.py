@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from components.data import load_dataset
 from edgeloop_core.errors import InvalidInput
 from edgeloop_core.features import MelConfig, log_mel, read_wav, write_wav
+from tests.edge_runtime.test_triton import triton_python  # noqa: F401 - the fixture
 
 CHANCE = 0.10
 """Ten keywords."""
@@ -61,9 +64,10 @@ def test_audio_spectrogram_transformer_learns_the_keywords(speech_commands):
 
 @pytest.mark.integration
 def test_keyword_spotting_through_pipeline_s3_runtime_and_tritonclient(speech_commands, local_s3, key_dir,
-                                                                       edge_settings, tmp_path):
+                                                                       edge_settings, tmp_path, triton_python):  # noqa: F811
     """kfp.local publishes an AST version to the real S3; the edge runtime validates and serves it; tritonclient
-    sends held-out spectrograms and gets the keywords back."""
+    sends held-out spectrograms and gets the keywords back; every request is captured, on the builtin server and
+    with Triton as the data plane."""
     import tritonclient.grpc as triton
 
     from edgeloop_core.features import MelConfig
@@ -140,6 +144,34 @@ def test_keyword_spotting_through_pipeline_s3_runtime_and_tritonclient(speech_co
             tensor.set_data_from_numpy(x)
             expected = labels[int(client.infer("kws-ast", [tensor]).as_numpy("logits").argmax())]
             assert out.startswith(f"{Path(clip).name}: {expected} ")
+    finally:
+        edge.stop()
+
+    # the same model served by Triton (engine: triton, Python backend): its requests are captured too, through the tap
+    from tests.edge_runtime.conftest import assert_captured, free_port
+
+    edge = RunningEdge(edge_settings(store.bucket, desired_file=desired, serving_engine="triton",
+                                     triton_python=triton_python, triton_backend="python", grpc_port=free_port(),
+                                     triton_metrics_port=0, control_port=0, device_id="test-jetson-triton",
+                                     cache_dir=tmp_path / "triton-device"))  # its own spool
+    try:
+        edge.wait_ready()
+        # the runtime publishes the model's rates as it starts serving; Triton's model looks every LOOK_S
+        from edge_runtime.serve.triton.backend.edgeloop_tap import LOOK_S
+        from tests.edge_runtime.conftest import wait_until
+
+        wait_until(lambda: "kws-ast" in edge.app.tap.publish()["models"])
+        time.sleep(LOOK_S + 0.1)
+        client = triton.InferenceServerClient(edge.address)
+        sent = {}
+        for start in range(0, 30, 10):
+            batch = data.x_test[start : start + 10].astype(np.float32)
+            tensor = triton.InferInput("input", list(batch.shape), "FP32")
+            tensor.set_data_from_numpy(batch)
+            sent[f"kws-triton-{start}"] = (batch, client.infer("kws-ast", [tensor], request_id=f"kws-triton-{start}")
+                                           .as_numpy("logits"))
+        # exactly the app's requests: the runtime's own through Triton (variant timing, batch sweep) are not field data
+        assert_captured(store, sent, "kws-ast", device="test-jetson-triton")
     finally:
         edge.stop()
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from edge_runtime.report.capture.triton_tap import FRAMES, TritonTap, served_models
+from edge_runtime.report.capture.triton_tap import FRAMES, TritonTap
 from edge_runtime.serve.triton.dataplane import TritonInstall, TritonServer, model_config
 from edgeloop_core.contract import Task
 from edgeloop_core.contract.captures import CAPTURE_PAYLOAD_PARAMETER, CAPTURE_PAYLOAD_TYPE_PARAMETER
@@ -30,20 +30,15 @@ MODEL = "digits-cnn"
 
 
 def tapped(edge: RunningEdge) -> TritonTap:
-    """The runtime's tap (started by the app, or here where the app does not wire it yet)."""
-    if getattr(edge.app, "tap", None) is None:
-        tap = TritonTap(edge.app.repository.triton, served_models(edge.app.repository), edge.app.capture,
-                        edge.app.field)
-        tap.start()
-        edge.app.tap = tap
-        edge.started_tap = tap
+    """The runtime's tap: the app starts it when Triton serves."""
+    assert edge.app.tap is not None, "the runtime did not start the Triton tap"
     return edge.app.tap
 
 
 def stop(edge: RunningEdge) -> None:
-    if getattr(edge, "started_tap", None) is not None:
-        edge.started_tap.stop()
+    tap_dir = edge.app.tap.server.tap_dir if edge.app.tap is not None else None
     edge.stop()
+    assert tap_dir is None or not tap_dir.exists()  # the private socket folder goes with the runtime
 
 
 def published_rates(tap: TritonTap) -> dict:
@@ -355,3 +350,20 @@ def test_an_imported_models_inputs_and_outputs_come_home_per_request_from_batche
         tap.stop()
         capture.stop()
         server.stop()
+
+
+def test_the_runtimes_own_requests_through_triton_are_never_tapped(tmp_path):
+    # the batch sweep and the energy figures run through Triton on the serving model: they are not the field
+    from edge_runtime.serve.triton.dataplane import INTERNAL_REQUEST_ID
+
+    (tmp_path / FRAMES.CONFIG).write_text(json.dumps({"models": {"m": {"capture": 1.0, "rules": True,
+                                                                         "field": 1.0, "remember": True}}}))
+    stub = FRAMES.Tap(str(tmp_path), "m", "v1")
+    x = np.ones((1, 4), np.float32)
+    try:
+        stub.offer(Request(INTERNAL_REQUEST_ID), {"input": x}, {"logits": x})
+        assert stub._queue.qsize() == 0 and stub.dropped == {"capture": 0, "field": 0}
+        stub.offer(Request("app-1"), {"input": x}, {"logits": x})  # an app's request is taken
+        wait_until(lambda: stub.dropped["capture"] == 1, timeout=10)  # taken, then dropped: nobody listens here
+    finally:
+        stub.close()

@@ -43,6 +43,7 @@ import grpc
 import numpy as np
 
 from edge_runtime.build.engines.base import DATATYPE_TO_NUMPY, TensorInfo
+from edge_runtime.serve.triton.backend.edgeloop_tap import INTERNAL_REQUEST_ID
 from edge_runtime.serve.triton.native import ENGINE_MODULE, backend_library, install_backend
 from edge_runtime.serve.triton.native import NAME as BACKEND_NAME
 from edgeloop_core.errors import ConfigError, EngineError, InvalidInput
@@ -549,7 +550,7 @@ class TritonEngine:
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run a batch through Triton; tensors keep the model's shapes (a [batch] tensor, [batch, 1] on Triton's side,
         is reshaped both ways)."""
-        request = pb.ModelInferRequest(model_name=self.name)
+        request = pb.ModelInferRequest(model_name=self.name, id=INTERNAL_REQUEST_ID)  # not field data: never tapped
         for info in self.inputs:
             array = np.ascontiguousarray(inputs[info.name], dtype=DATATYPE_TO_NUMPY[info.datatype])
             if self._batched and array.ndim == 1:

@@ -32,6 +32,8 @@ QUEUE_ITEMS = 256
 """Requests waiting for the sender, at most; more are dropped and counted."""
 LOOK_S = 0.5
 """How often the published rates are looked at (one ``stat``), seconds."""
+INTERNAL_REQUEST_ID = "edgeloop:internal"
+"""The request id of the runtime's own requests to a serving model (the batch sweep, energy figures): never tapped."""
 PREFIX = struct.Struct("!II")
 MAX_HEADER_BYTES = 1 << 20
 MAX_BODY_BYTES = 1 << 30
@@ -102,6 +104,8 @@ class Tap:
                 self._look()
             capture_rate, rules, field_rate, remember = self.rates
             capture, field, request_id = random.random(), random.random(), request.request_id()
+            if request_id == INTERNAL_REQUEST_ID:  # the runtime's own (batch sweep, energy): not the field
+                return
             for_capture, for_field = capture < capture_rate or rules, field < field_rate
             for_remember = remember and bool(request_id)
             if not (for_capture or for_field or for_remember):
