@@ -59,6 +59,17 @@ class DeviceLabelRef:
     day: date
 
 
+def parse_since(text: str | None, what: str) -> date | None:
+    """A first capture day as given (``yyyy-mm-dd``; empty or None: all days); a ConfigError naming ``what`` (the
+    option or parameter) otherwise."""
+    if not text:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        raise ConfigError(f"{what} {text!r} is not a day (yyyy-mm-dd)") from exc
+
+
 def _parse_day(text: str, key: str) -> date:
     try:
         return date.fromisoformat(text)

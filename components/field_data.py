@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from components.datasets import CLASSIFIER_TASKS, Manifests
+from components.datasets import CLASSIFIER_TASKS, Manifests, parse_since
 from components.field_labels import app_values, class_of
 from edgeloop_core.contract.captures import tensor_array
 from edgeloop_core.contract.datasets import DatasetLayout, DatasetSnapshot, LabelRecord, SnapshotFile
@@ -418,13 +418,6 @@ def mix_field(data: DatasetSplits, field_data: FieldData, split: FieldSplit, *, 
     return mixed, {"train": train, "slice": part}
 
 
-def _since(text: str) -> date | None:
-    if not text:
-        return None
-    try:
-        return date.fromisoformat(text)
-    except ValueError as exc:
-        raise ConfigError(f"field_since {text!r} is not a day (yyyy-mm-dd)") from exc
 
 
 def deployed_version(store: ObjectStore, artifacts: ArtifactLayout, model: str, channel: str) -> str | None:
@@ -477,9 +470,9 @@ def prepare_field_data(dataset_path: str, out_path: str, *, model_name: str, buc
             from components.teacher import run_teacher
 
             identity = run_teacher(store, layout, artifacts, model_name, teacher=teacher,
-                                   min_confidence=teacher_min_confidence, since=_since(since),
+                                   min_confidence=teacher_min_confidence, since=parse_since(since, "field_since"),
                                    channel=deployed_channel or "stable").identity
-        fixed = build_snapshot(store, layout, model_name, _since(since))
+        fixed = build_snapshot(store, layout, model_name, parse_since(since, "field_since"))
     else:
         fixed = load_snapshot(store, layout, model_name, snapshot)
     field_data = FieldReader(store, artifacts, fixed, data).read()

@@ -5,7 +5,6 @@ labels back, fix a selection as a dataset snapshot (docs/flywheel.md). S3 from t
 from __future__ import annotations
 
 from collections import Counter
-from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -28,13 +27,6 @@ EndpointOption = Annotated[str | None, typer.Option(envvar="AWS_ENDPOINT_URL_S3"
 SinceOption = Annotated[str | None, typer.Option(help="first capture day, yyyy-mm-dd (UTC; default: all)")]
 
 
-def _since(text: str | None) -> date | None:
-    if not text:
-        return None
-    try:
-        return date.fromisoformat(text)
-    except ValueError as exc:
-        raise ConfigError(f"--since {text!r} is not a day (yyyy-mm-dd)") from exc
 
 
 def _model(name: str) -> str:
@@ -79,12 +71,12 @@ def captures_command(
     endpoint: EndpointOption = None,
 ) -> None:
     """Count the captured items in S3: per device, class (a classifier's top-1 per sample), policy, label source."""
-    from components.datasets import summarize_captures
+    from components.datasets import parse_since, summarize_captures
     from edgeloop_core.contract import ArtifactLayout
 
     store, layout = _open(bucket, prefix, endpoint)
     summary = summarize_captures(store, layout, ArtifactLayout(prefix), _model(model) if model else None,
-                                 _since(since))
+                                 parse_since(since, "--since"))
     if not summary.items:
         console.print(f"no captures in s3://{bucket}/{layout.captures_prefix()}"
                       + (f" of {model}" if model else "") + (f" since {since}" if since else ""))
@@ -161,11 +153,11 @@ def snapshot_command(
 ) -> None:
     """Fix the captures and labels of a model as a dataset snapshot named by its content hash, under
     datasets/<model>/snapshots/ in the bucket."""
-    from components.datasets import build_snapshot
+    from components.datasets import build_snapshot, parse_since
 
     name = _model(model)
     store, layout = _open(bucket, prefix, endpoint)
-    snapshot = build_snapshot(store, layout, name, _since(since))
+    snapshot = build_snapshot(store, layout, name, parse_since(since, "--since"))
     if out is not None:
         _write(out, snapshot.to_json())
     sources = ", ".join(f"{k} {v}" for k, v in snapshot.label_sources.items())
@@ -193,13 +185,14 @@ def teacher_label_command(
     (source teacher) per confident sample, under labels/teacher/<model>/ in the bucket. A deployed teacher's
     manifest must be signed by a trusted key (EDGELOOP_VERIFY_KEY[_FILE], else the public half of
     EDGELOOP_SIGNING_KEY[_FILE])."""
+    from components.datasets import parse_since
     from components.teacher import run_teacher
     from edgeloop_core.contract import ArtifactLayout
 
     name = _model(model)
     store, layout = _open(bucket, prefix, endpoint)
     run = run_teacher(store, layout, ArtifactLayout(prefix), name, teacher=teacher, min_confidence=min_confidence,
-                      since=_since(since), channel=channel)
+                      since=parse_since(since, "--since"), channel=channel)
     unknown = f", {run.unknown} in a class {name} lacks" if run.unknown else ""
     console.print(f"wrote {len(run.records)} teacher labels of {name} by {run.identity} to "
                   f"s3://{bucket}/{layout.labels_prefix('teacher', name)}: {run.unlabelled} samples had no app or "
