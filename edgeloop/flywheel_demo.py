@@ -67,6 +67,7 @@ class FlywheelResult:
     promote_reason: str
     variant: str = ""
     manifest: Any = None
+    old_manifest: Any = None
     figures: dict[str, dict[str, float | None]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -267,7 +268,8 @@ def run_flywheel(workdir: str | Path = ".demo-flywheel", *, seed: int = 0) -> Fl
                 fleet.flush()
                 drift_after = _drift(reader, hub_port, loop, STABLE_DEVICES)
             variant = fleet.apps[CANARY_DEVICE].repository.runtime(MODEL).status()["variant"]
-            result = FlywheelResult(old, new, promoted, reason, variant=variant, manifest=second.manifest)
+            result = FlywheelResult(old, new, promoted, reason, variant=variant, manifest=second.manifest,
+                                    old_manifest=first.manifest)
             result.figures = _figures(second, tuple(dict.fromkeys(("fp32-dense", variant))), live_before,
                                       live_after, drift_before, drift_after)
             console.print(_table(result))

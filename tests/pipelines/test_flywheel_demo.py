@@ -5,6 +5,8 @@ promoted by the canary's field signals; the stable devices follow."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from edgeloop.flywheel_demo import CANARY_DEVICE, STABLE_DEVICES, run_flywheel
@@ -37,6 +39,12 @@ def test_one_turn_of_the_flywheel_learns_the_field_and_keeps_the_curated_data(tm
     assert set(lineage["slice"]["label_sources"]) <= {"app", "human"}  # ... and never judged
     assert not set(lineage["train"]["devices"]) & set(lineage["slice"]["devices"])
     assert set(lineage["train"]["devices"]) | set(lineage["slice"]["devices"]) <= {*STABLE_DEVICES, CANARY_DEVICE}
-    assert manifest.training["warm_start"]["version"] == result.old_version
+    assert manifest.training["warm_start"] == {"version": result.old_version, "checkpoint_sha256":
+                                               result.old_manifest.training["checkpoint"]["sha256"]}
+    assert manifest.training["config"]["warm_start"] is True
+    assert re.search(r"field: \d{3,} new labelled field samples", manifest.training["plan"]["reason"])  # why, signed
+    for side in ("train", "slice"):  # the manifest keeps the split's id lists as digests only
+        assert "ids" not in lineage[side] and len(lineage[side]["ids_sha256"]) == 64
+    assert lineage["slice"]["samples"] > 0 and lineage["ratio"] == 0.2
     assert "checkpoint" in manifest.training and manifest.training["checkpoint"]["key"].endswith("checkpoint.pt")
     assert not any("checkpoint" in f.file for f in manifest.files())  # devices never download it
