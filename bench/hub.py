@@ -92,6 +92,7 @@ class Hub(ServerProcess):
         super().__init__([str(EDGELOOP), "hub", "serve"], log, env, core, cpu)
         try:
             self.wait_port(self.port, timeout_s=60)
+            self.wait_port(self.metrics_port, timeout_s=60)  # its /metrics may come up after the gRPC port
         except RuntimeError:
             self.stop()
             raise
