@@ -50,19 +50,6 @@ BATCH = 256
 """Samples per ONNX Runtime call (a teacher with a fixed batch size runs at that size)."""
 
 
-def trusted_keys() -> list[Ed25519PublicKey]:
-    """Keys a deployed teacher's manifest must be signed by: ``EDGELOOP_VERIFY_KEY[_FILE]`` when set, else the
-    public half of the pipeline's signing key (``EDGELOOP_SIGNING_KEY[_FILE]``)."""
-    import os
-
-    from edgeloop_core.contract import load_signing_key
-    from edgeloop_core.contract.signing import VERIFY_KEY_ENV, VERIFY_KEY_FILE_ENV, load_verify_keys
-
-    if os.environ.get(VERIFY_KEY_ENV) or os.environ.get(VERIFY_KEY_FILE_ENV):
-        return load_verify_keys()
-    return [load_signing_key().public_key()]
-
-
 @dataclass
 class Teacher:
     """A loaded teacher: who it is (the records' ``by``), its ONNX bytes' sha256, its session and classes (None:
@@ -164,6 +151,8 @@ def load_teacher(store: ObjectStore, artifacts: ArtifactLayout, model: str, teac
     if not teacher:
         raise ConfigError("no teacher named: use `deployed` or an ONNX path or s3:// URI")
     if teacher == DEPLOYED:
+        from components.deployed import trusted_keys
+
         return _deployed(store, artifacts, model, channel, trusted if trusted is not None else trusted_keys())
     return _uri(store, teacher)
 
