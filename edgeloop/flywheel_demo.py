@@ -142,6 +142,7 @@ def _captures_home(app: Any) -> bool:  # noqa: ANN401 - an EdgeApp
     spool = getattr(capture, "spool", None)
     if spool is None:
         return True
+    capture.flush()  # what is still gathering for a commit, then every spooled item into a shard
     capture.roll_due(force=True)
     return spool.spooled() == 0 and not spool.ready()
 
